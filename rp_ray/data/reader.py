@@ -41,12 +41,13 @@ def _is_json_array(path: Path) -> bool:
 
 
 def _read_array(path: Path, max_row_bytes: int) -> Iterator[RawRow]:
-    data = path.read_bytes().removeprefix(BOM)
+    raw = path.read_bytes()
+    data = raw.removeprefix(BOM)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataFileError(
-            f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8 "
+            f"{path}: not valid UTF-8 at byte offset {e.start + len(raw) - len(data)}; re-save the file as UTF-8 "
             f"(or as JSON Lines, where a bad row is dropped and counted instead of stopping the run)"
         ) from None
     try:
