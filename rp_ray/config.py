@@ -146,6 +146,12 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1 = unlimited).")
     logging_steps: int = Field(1, ge=1, description="Report progress every N optimizer steps.")
+    run_name: str | None = Field(
+        None, description="Ray Train run name; None = <output_dir name>-<time>. Reusing a name in the same storage resumes that run."
+    )
+    fail_at_step: int | None = Field(
+        None, ge=0, description="Testing fault tolerance: the last worker exits abruptly at this step on its first attempt."
+    )
 
 
 class SamplingConfig(StrictModel):

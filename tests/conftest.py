@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Token authentication on for every Ray process the tests start or connect to (DESIGN.md §5).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from rp_ray.models import build_tiny_model, load_tokenizer
 from rp_ray.template import get_template
@@ -42,3 +46,32 @@ def _run_from_repo_root():
     os.chdir(REPO)
     yield
     os.chdir(old)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session, started like a user would (`ray start --head`), token auth on."""
+    import subprocess
+    import sys
+
+    import ray
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dash = _free_port(), _free_port()
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=6",
+         "--disable-usage-stats", "--include-dashboard=true"],
+        check=True, cwd=REPO, capture_output=True,
+    )
+    ray.init(address=f"127.0.0.1:{gcs}")
+    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)

