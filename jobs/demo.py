@@ -1,7 +1,11 @@
-"""The main job on the embedded default: tiny model, sample data, local everything.
+"""The main job on the embedded default: tiny model, sample data, local Ray.
 
-Builds the tiny llama3 model (unless present), validates and encodes the shipped
-ChatHaruhi sample with the llama3 template and prints the data report.
+1. builds the tiny llama3 model (unless present),
+2. validates the shipped ChatHaruhi sample and prints the data report,
+3. LoRA-trains the tiny model on it with Ray Train + DeepSpeed (2 CPU workers)
+   and prints where the adapter went.
+
+    python jobs/demo.py [key=value ...]     # overrides apply to jobs/configs/tiny_llama3.yaml
 """
 
 import sys
@@ -9,7 +13,6 @@ from pathlib import Path
 
 from rp_ray.cli import run, setup_logging
 from rp_ray.config import TrainConfig, load_config
-from rp_ray.data.prepare import prepare_data
 from rp_ray.models import build_tiny_model
 
 CONFIG = "jobs/configs/tiny_llama3.yaml"
@@ -19,11 +22,16 @@ def main() -> None:
     cfg = load_config(TrainConfig, CONFIG, sys.argv[1:])
     if not (Path(cfg.model.path) / "config.json").exists():
         build_tiny_model(cfg.model.template, cfg.model.path)
-    prep = prepare_data(cfg.model, cfg.data, Path(cfg.output_dir) / "data")
+    from rp_ray.train import run_training
+
+    res = run_training(cfg)
+    s = res.summary
     print("\n== data report ==")
-    print(prep.report.summary())
-    print(f"train encoded ({cfg.model.template}, cutoff {cfg.data.cutoff_len}): {prep.train_stats.summary()}")
-    print(f"tiny model: {cfg.model.path}\ndata report: {prep.report_path}")
+    print(Path(s["data_report"]).with_suffix(".txt").read_text(encoding="utf-8"), end="")
+    print("== training ==")
+    print(f"{s['steps']} steps on {s['world_size']} workers, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
+          f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}, {s['wall_seconds']} s")
+    print(f"tiny model: {cfg.model.path}\nadapter: {res.adapter_dir}\nsummary: {res.summary_path}\nloss plot: {res.plot_path}")
 
 
 if __name__ == "__main__":

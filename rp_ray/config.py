@@ -145,7 +145,7 @@ class TrainConfig(StrictModel):
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1 = unlimited).")
-    logging_steps: int = Field(1, ge=1, description="Report progress every N optimizer steps.")
+    logging_steps: int = Field(10, ge=1, description="Log progress and report metrics to Ray every N optimizer steps.")
     run_name: str | None = Field(
         None, description="Ray Train run name; None = <output_dir name>-<time>. Reusing a name in the same storage resumes that run."
     )

@@ -64,12 +64,15 @@ def ray_cluster():
 
     import ray
 
-    ray_bin = str(Path(sys.executable).parent / "ray")
+    bin_dir = Path(sys.executable).parent
+    ray_bin = str(bin_dir / "ray")
     gcs, dash = _free_port(), _free_port()
+    # jobs run `python ...` with the cluster's PATH: start it from the project venv, as the README says
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(
         [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=6",
          "--disable-usage-stats", "--include-dashboard=true"],
-        check=True, cwd=REPO, capture_output=True,
+        check=True, cwd=REPO, capture_output=True, env=env,
     )
     ray.init(address=f"127.0.0.1:{gcs}")
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}

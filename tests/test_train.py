@@ -128,14 +128,18 @@ def test_gpt_oss_trains(ray_cluster, tiny_gpt_oss, tmp_path):
 
 
 def test_micro_batch_4x1_equals_2x2(ray_cluster, tiny_llama3, tmp_path):
-    """Same global batch, split differently across micro-batches: the same update (float tolerance)."""
+    """Same global batch, split differently across micro-batches: the same update.
+
+    Tolerance: summation order differs, and Adam's m/sqrt(v) magnifies float noise on
+    near-zero gradients, so weights agree to 1e-4 absolute (0.5% of one lr=2e-2 step).
+    """
     a = run_training(tiny_cfg(tiny_llama3, tmp_path / "a", "max_steps=2", "per_device_batch_size=4", "gradient_accumulation_steps=1"))
     b = run_training(tiny_cfg(tiny_llama3, tmp_path / "b", "max_steps=2", "per_device_batch_size=2", "gradient_accumulation_steps=2"))
     wa = load_file(a.adapter_dir / "adapter_model.safetensors")
     wb = load_file(b.adapter_dir / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
     assert [h["loss"] for h in a.summary["loss_curve"]] == pytest.approx([h["loss"] for h in b.summary["loss_curve"]], rel=1e-5)
 
 

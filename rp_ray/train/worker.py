@@ -154,6 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
 
     ds_cfg = deepspeed_config(cfg, bf16=dtype == torch.bfloat16)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # adopts Ray Train's process group
     hf_ds = None
     if cfg.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -217,7 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": loss, "lr": lr}
 
         last = step + 1 == total_steps
-        if (step + 1) % cfg.logging_steps == 0 or last:
+        log_now = (step + 1) % cfg.logging_steps == 0 or last
+        if log_now:
             now = time.perf_counter()
             metrics["tokens_per_s"] = tokens_since / (now - t_since)
             if rank == 0:
@@ -235,5 +237,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(engine, cfg, rank, Path(d), state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
+        elif log_now:  # report() is a barrier across workers: only as often as the user wants to see progress
             ray.train.report(metrics)
