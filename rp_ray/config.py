@@ -169,16 +169,38 @@ class EvalConfig(StrictModel):
     """Batch prediction + BLEU/ROUGE on the val set (`python jobs/eval.py --config ...`)."""
 
     model: ModelConfig
-    data: DataConfig = Field(default_factory=DataConfig)
-    adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter directory to evaluate besides the base.")
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(train=[]), description="Val datasets to predict on (data.val); data.train is not read."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Run name -> peft adapter directory; each adapter is one run beside the base."
+    )
+    include_base: bool = Field(True, description="Also evaluate the base model (run name `base`).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (batched engine) or hf (transformers generate).")
-    merge_adapter: bool = Field(False, description="Merge each adapter into the weights before loading (no runtime LoRA).")
-    num_actors: int = Field(1, ge=1, description="Prediction actors (engines) in the pool.")
-    batch_size: int = Field(64, ge=1, description="Rows per map_batches call.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
-    use_gpu: bool = Field(False, description="Run engines on GPUs.")
-    output_dir: str = Field("outputs/eval", description="Where predictions and metrics go.")
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm", description="vllm (batched engine, LoRA per request) or hf (transformers generate; gpt-oss + LoRA on CPU)."
+    )
+    merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
+    num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
+    shard_size: int = Field(64, ge=1, description="Rows per shard: the unit of batching, of progress and of resume.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine.")
+    use_gpu: bool = Field(False, description="Run engines on GPUs (bf16).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Engine context length; None = data.cutoff_len + sampling.max_new_tokens."
+    )
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the vLLM engine accepts.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU runs only).")
+    output_dir: str = Field("outputs/eval", description="One folder per run: predictions, metrics, per-sample scores.")
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> EvalConfig:
+        if not self.include_base and not self.adapters:
+            raise ValueError("nothing to evaluate: include_base=false and no adapters; add adapters.<name>=<dir>")
+        if "base" in self.adapters:
+            raise ValueError("adapters.base: `base` is the base model's run name; call the adapter something else")
+        if not self.data.val:
+            raise ValueError("data.val is empty; name the val dataset(s) to predict on")
+        return self
 
 
 class ServeConfig(StrictModel):

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 import ray.train
 
+from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
 from rp_ray.data.report import check_drop_ratio, load_splits
 from rp_ray.models import load_tokenizer
@@ -78,21 +79,6 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     if cfg.deepspeed.config_file:
         upd.deepspeed.config_file = os.path.abspath(cfg.deepspeed.config_file)
     return upd
-
-
-def ensure_ray(cfg: TrainConfig) -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local one.
-
-    A local cluster gets enough logical CPUs for the workers plus Ray Data, even on
-    a 2-core box: the tiny workloads here oversubscribe happily.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        need = int(cfg.num_workers * cfg.cpus_per_worker) + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, need))
 
 
 @dataclass
@@ -155,7 +141,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if not train:
         raise ValueError(f"no training conversations left in {cfg.data.train}; see {report_path}")
 
-    ensure_ray(cfg)
+    ensure_ray(cfg.num_workers * cfg.cpus_per_worker)
     t0 = time.perf_counter()
     items = [{"idx": i, "conv": json.dumps(c.to_dict(), ensure_ascii=False)} for i, c in enumerate(train)]
     ds = ray.data.from_items(items).map_batches(

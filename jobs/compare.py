@@ -1,0 +1,36 @@
+"""Evaluate the base model and one or more adapters on the same val set and sampling, side by side.
+
+    python jobs/compare.py --config jobs/configs/eval_tiny_llama3.yaml [adapters.other=path ...]
+
+Writes comparison.md (table + the 20 samples that changed most per adapter), comparison.json
+and comparison.png into output_dir, beside each run's LLaMA-Factory-named outputs.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from rp_ray.cli import run, setup_logging
+from rp_ray.config import EvalConfig, load_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="EvalConfig YAML with at least one adapter")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides")
+    a = ap.parse_args()
+    cfg = load_config(EvalConfig, a.config, [*a.overrides, "include_base=true"])
+    if not cfg.adapters:
+        raise ValueError("compare needs at least one adapter: add adapters.<name>=<adapter dir>")
+    from rp_ray.predict import run_eval
+    from rp_ray.predict.compare import markdown_table, write_comparison
+
+    res = run_eval(cfg)
+    paths = write_comparison(res.output_dir, Path(cfg.model.path).name, res.results)
+    print(markdown_table(Path(cfg.model.path).name, res.results))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run(main))

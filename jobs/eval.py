@@ -1,0 +1,35 @@
+"""Predict the val set with the base model and/or LoRA adapters and score it like LLaMA-Factory.
+
+    python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml [key=value ...]
+    ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml
+
+Writes <output_dir>/<run>/generated_predictions.jsonl and predict_results.json per run.
+Rerunning with the same output_dir resumes: finished shards are not predicted again.
+"""
+
+import argparse
+import json
+import sys
+
+from rp_ray.cli import run, setup_logging
+from rp_ray.config import EvalConfig, load_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="EvalConfig YAML (list keys: rp-ray config eval)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.greedy=true adapters.mine=path")
+    a = ap.parse_args()
+    cfg = load_config(EvalConfig, a.config, a.overrides)
+    from rp_ray.predict import run_eval
+
+    res = run_eval(cfg)
+    for name, r in res.results.items():
+        print(f"{name}: {json.dumps(r)}")
+        print(f"  -> {res.output_dir / name / 'generated_predictions.jsonl'}")
+    print(f"summary: {res.output_dir / 'eval_summary.json'}")
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run(main))

