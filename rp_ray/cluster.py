@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray(cpus_needed: float = 1) -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local one.
+    """Join a running cluster (RAY_ADDRESS, as under `ray job submit`, or one `ray start`ed on this
+    machine), else start a local one.
 
     A local cluster gets enough logical CPUs for the job's actors plus Ray Data, even
     on a 2-core box: the tiny workloads here oversubscribe happily. Token
@@ -18,5 +22,9 @@ def ensure_ray(cpus_needed: float = 1) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:
+        return
+    try:
+        ray.init(address="auto")
+        log.info("joined the running Ray cluster")
+    except ConnectionError:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed) + 2))

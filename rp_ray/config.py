@@ -189,6 +189,11 @@ class EvalConfig(StrictModel):
         None, ge=16, description="Engine context length; None = data.cutoff_len + sampling.max_new_tokens."
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the vLLM engine accepts.")
+    prefix_caching: bool = Field(
+        False,
+        description="vLLM prefix caching. Faster when rows share a long role card, but a cached prefix is computed "
+        "differently from a fresh one, so greedy outputs can change in rare near-ties; off keeps reruns and resumed runs identical.",
+    )
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU runs only).")
     output_dir: str = Field("outputs/eval", description="One folder per run: predictions, metrics, per-sample scores.")
 

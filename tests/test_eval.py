@@ -79,6 +79,13 @@ def test_adapter_predictions_differ_from_base(greedy_run):
     assert sum(b != t for b, t in zip(base, tuned)) > 50
 
 
+def test_base_in_a_lora_engine_equals_base_alone(greedy_run, tiny_llama3, tmp_path):
+    """Runs never cross: base replies from the engine that also serves the adapter equal a base-only engine's."""
+    alone = run_eval(eval_cfg(tiny_llama3, tmp_path, "shard_size=10"))
+    assert read(alone.output_dir / "base" / "generated_predictions.jsonl") == read(
+        greedy_run.output_dir / "base" / "generated_predictions.jsonl")
+
+
 def test_comparison_report(greedy_run):
     paths = write_comparison(greedy_run.output_dir, "tiny-llama3", greedy_run.results)
     md = paths["markdown"].read_text(encoding="utf-8")
@@ -96,11 +103,13 @@ def test_killed_eval_resumes_without_redoing_shards(greedy_run, tiny_llama3, ada
     out = tmp_path / "eval"
     cmd = [sys.executable, "jobs/eval.py", "--config", "jobs/configs/eval_tiny_llama3.yaml", f"model.path={tiny_llama3}",
            f"output_dir={out}", "sampling.max_new_tokens=16", "adapters={}", f"adapters.tuned={adapter}", "shard_size=10"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = (tmp_path / "first_attempt.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     shards = out / "tuned" / "shards"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(shards.glob("shard_*.jsonl"))) < 2:
+    while time.time() < deadline and len(list(shards.glob("shard_*.jsonl"))) < 2 and proc.poll() is None:
         time.sleep(0.2)
+    assert proc.poll() is None, (tmp_path / "first_attempt.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.jsonl")}

