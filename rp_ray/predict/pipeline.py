@@ -33,9 +33,18 @@ def shard_path(out: Path, run: str, shard: int) -> Path:
     return out / run / "shards" / f"shard_{shard:05d}.jsonl"
 
 
+def weights_signature(path: str | None) -> list | None:
+    """Name, size and mtime of a model/adapter folder's weight and config files: changes when it is rebuilt."""
+    if path is None:
+        return None
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json"))
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def fingerprint(cfg: EvalConfig, run: Run) -> dict[str, Any]:
     """What must match for a rerun to reuse a run's finished shards."""
-    return {"model": cfg.model.model_dump(), "adapter": run.adapter, "sampling": cfg.sampling.model_dump(),
+    return {"model": cfg.model.model_dump(), "model_files": weights_signature(cfg.model.path),
+            "adapter": run.adapter, "adapter_files": weights_signature(run.adapter), "sampling": cfg.sampling.model_dump(),
             "val": cfg.data.val, "dataset_dir": cfg.data.dataset_dir, "cutoff_len": cfg.data.cutoff_len,
             "max_samples": cfg.data.max_samples, "shard_size": cfg.shard_size, "backend": cfg.backend,
             "merge_adapter": cfg.merge_adapter, "prefix_caching": cfg.prefix_caching}
