@@ -6,20 +6,16 @@ Writes comparison.md (table + the 20 samples that changed most per adapter), com
 and comparison.png into output_dir, beside each run's LLaMA-Factory-named outputs.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-from rp_ray.cli import run, setup_logging
-from rp_ray.config import EvalConfig, load_config
+from rp_ray.cli import job_config, run, setup_logging
+from rp_ray.config import EvalConfig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="EvalConfig YAML with at least one adapter")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides")
-    a = ap.parse_args()
-    cfg = load_config(EvalConfig, a.config, [*a.overrides, "include_base=true"])
+    cfg = job_config(EvalConfig, __doc__, "adapters.other=path")
+    cfg.include_base = True
     if not cfg.adapters:
         raise ValueError("compare needs at least one adapter: add adapters.<name>=<adapter dir>")
     from rp_ray.predict import run_eval

@@ -7,20 +7,15 @@ Writes <output_dir>/<run>/generated_predictions.jsonl and predict_results.json p
 Rerunning with the same output_dir resumes: finished shards are not predicted again.
 """
 
-import argparse
 import json
 import sys
 
-from rp_ray.cli import run, setup_logging
-from rp_ray.config import EvalConfig, load_config
+from rp_ray.cli import job_config, run, setup_logging
+from rp_ray.config import EvalConfig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="EvalConfig YAML (list keys: rp-ray config eval)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.greedy=true adapters.mine=path")
-    a = ap.parse_args()
-    cfg = load_config(EvalConfig, a.config, a.overrides)
+    cfg = job_config(EvalConfig, __doc__, "sampling.greedy=true adapters.mine=path")
     from rp_ray.predict import run_eval
 
     res = run_eval(cfg)

@@ -6,19 +6,14 @@
 Joins the cluster in RAY_ADDRESS (set by `ray job submit`), else starts a local Ray.
 """
 
-import argparse
 import sys
 
-from rp_ray.cli import run, setup_logging
-from rp_ray.config import TrainConfig, load_config
+from rp_ray.cli import job_config, run, setup_logging
+from rp_ray.config import TrainConfig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="TrainConfig YAML (list keys: rp-ray config train)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 deepspeed.stage=3")
-    a = ap.parse_args()
-    cfg = load_config(TrainConfig, a.config, a.overrides)
+    cfg = job_config(TrainConfig, __doc__, "max_steps=10 deepspeed.stage=3")
     from rp_ray.train import run_training
 
     res = run_training(cfg)

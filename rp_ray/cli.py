@@ -16,6 +16,16 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def job_config(cls: type, doc: str | None, example: str, argv: list[str] | None = None):
+    """The command line every job takes: ``--config FILE`` plus ``key=value`` overrides, validated as ``cls``."""
+    kind = next(k for k, c in KINDS.items() if c is cls)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help=f"{cls.__name__} YAML (every key: rp-ray config {kind})")
+    ap.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    a = ap.parse_args(argv)
+    return cfgmod.load_config(cls, a.config, a.overrides)
+
+
 def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (e.g. jobs/configs/tiny_llama3.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cutoff_len=1024 lora.rank=16")
@@ -33,7 +43,7 @@ def cmd_data(a: argparse.Namespace) -> None:
 
     cfg = cfgmod.load_config(cfgmod.TrainConfig, a.config, a.overrides)
     prep = prepare_data(cfg.model, cfg.data, a.out)
-    print(prep.report.summary())
+    print(prep.report_path.with_suffix(".txt").read_text(encoding="utf-8"), end="")
     print(f"train encoded: {prep.train_stats.summary()}")
     print(f"data report: {prep.report_path}")
 

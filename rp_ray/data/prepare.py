@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rp_ray.config import DataConfig, ModelConfig
 from rp_ray.data.conversation import Conversation
-from rp_ray.data.report import DataReport, check_drop_ratio, load_splits
+from rp_ray.data.report import load_checked_splits
 from rp_ray.models import load_tokenizer
 from rp_ray.template import EncodeStats, encode_supervised_dataset, get_template
 
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 class PreparedData:
     train: list[Conversation]
     val: list[Conversation]
-    report: DataReport
     report_path: Path
     train_rows: list[dict[str, list[int]]]
     train_stats: EncodeStats
@@ -32,9 +31,6 @@ def prepare_data(model: ModelConfig, data: DataConfig, out_dir: str | Path) -> P
     """
     tpl = get_template(model.template)
     tok = load_tokenizer(model.path, tpl)  # fail on a bad model before reading data
-    train, val, report = load_splits(data)
-    report_path = report.write(out_dir)
-    log.info("data report written to %s", report_path)
-    check_drop_ratio(report)
+    train, val, report_path = load_checked_splits(data, out_dir)
     rows, stats = encode_supervised_dataset(tok, tpl, train, data.cutoff_len, model.enable_thinking)
-    return PreparedData(train, val, report, report_path, rows, stats)
+    return PreparedData(train, val, report_path, rows, stats)

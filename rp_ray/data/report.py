@@ -137,3 +137,15 @@ def check_drop_ratio(report: DataReport) -> None:
             f"too many rows dropped in {names}; limit data.max_drop_ratio={report.max_drop_ratio}. "
             f"Fix the data, or raise the limit with data.max_drop_ratio=<ratio>.\n{report.summary()}"
         )
+
+
+def load_checked_splits(cfg: DataConfig, report_dir: str | Path) -> tuple[list[Conversation], list[Conversation], Path]:
+    """``load_splits``, then write the data report to ``report_dir`` and refuse a drop ratio over the limit.
+
+    The report is written before the check, so a refused run leaves it behind.
+    """
+    train, val, report = load_splits(cfg)
+    path = report.write(report_dir)
+    log.info("data report: %s\n%s", path, report.summary())
+    check_drop_ratio(report)
+    return train, val, path

@@ -229,7 +229,7 @@ def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, st
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs."""
     from rp_ray.cluster import ensure_ray
-    from rp_ray.data.report import check_drop_ratio, load_splits
+    from rp_ray.data.report import load_checked_splits
     from rp_ray.models import load_tokenizer
     from rp_ray.template import get_template
 
@@ -238,10 +238,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     cfg.data.dataset_dir = os.path.abspath(cfg.data.dataset_dir)
     out = Path(cfg.output_dir).resolve()
     load_tokenizer(cfg.model.path, get_template(cfg.model.template))  # a bad model fails before any work
-    _, val, report = load_splits(cfg.data)
-    report_path = report.write(out / "data")
-    log.info("data report: %s\n%s", report_path, report.summary())
-    check_drop_ratio(report)
+    _, val, report_path = load_checked_splits(cfg.data, out / "data")
     if not val:
         raise ValueError(f"no val conversations left in {cfg.data.val}; see {report_path}")
     items = [{"index": i, "conv": c.to_dict()} for i, c in enumerate(val)]

@@ -22,7 +22,7 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
-from rp_ray.data.report import check_drop_ratio, load_splits
+from rp_ray.data.report import load_checked_splits
 from rp_ray.models import load_tokenizer
 from rp_ray.template import encode_supervised, get_template
 from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
@@ -134,10 +134,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     tpl = get_template(cfg.model.template)
     tok = load_tokenizer(cfg.model.path, tpl)  # a bad model path fails here, before any data work
-    train, _, report = load_splits(cfg.data)
-    report_path = report.write(out / "data")
-    log.info("data report: %s\n%s", report_path, report.summary())
-    check_drop_ratio(report)
+    train, _, report_path = load_checked_splits(cfg.data, out / "data")
     if not train:
         raise ValueError(f"no training conversations left in {cfg.data.train}; see {report_path}")
 
