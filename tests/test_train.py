@@ -169,3 +169,26 @@ def test_collate_masks_padding():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert label_tokens(ex) == 2  # shifted: the first position predicts nothing
+
+
+def test_deepspeed_config_generated_and_user_file(tmp_path):
+    """Our config becomes DeepSpeed's JSON; a user JSON replaces it, but batch sizes, clipping and precision
+    always come from our config so they cannot disagree with the training loop."""
+    from rp_ray.train.deepspeed_config import deepspeed_config
+
+    cfg = tiny_cfg(Path("m"), tmp_path, "deepspeed.stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
+                   "per_device_batch_size=2", "gradient_accumulation_steps=4")
+    ds = deepspeed_config(cfg, bf16=True)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 16)
+    assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "allgather_bucket_size": 123}, "train_batch_size": 999}))
+    cfg2 = tiny_cfg(Path("m"), tmp_path, f"deepspeed.config_file={user}")
+    ds2 = deepspeed_config(cfg2, bf16=False)
+    assert ds2["zero_optimization"] == {"stage": 2, "allgather_bucket_size": 123}
+    assert ds2["train_batch_size"] == 4 * 1 * 2 and ds2["bf16"] == {"enabled": False}
+    with pytest.raises(FileNotFoundError, match="deepspeed.config_file"):
+        deepspeed_config(tiny_cfg(Path("m"), tmp_path, f"deepspeed.config_file={tmp_path / 'nope.json'}"), bf16=False)
