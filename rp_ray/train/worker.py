@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["idx"])
     rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
     lengths = [len(r["input_ids"]) for r in rows]
-    steps_per_epoch = len(plan_epoch(lengths, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.seed, 0, False))
+    steps_per_epoch = len(rows) // (cfg.per_device_batch_size * cfg.gradient_accumulation_steps)  # plan_epoch's step count
     if steps_per_epoch == 0:
         raise ValueError(
             f"worker {rank} got {len(rows)} examples, fewer than one step of per_device_batch_size x "
