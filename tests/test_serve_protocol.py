@@ -1,0 +1,117 @@
+"""Serving building blocks without an engine: OpenAI request validation and limits, error bodies,
+character cards, and adapter folders that cannot escape the adapter root."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rp_ray.serve.characters import CardError, apply_card, load_cards, resolve_adapter
+from rp_ray.serve.protocol import APIError, ChatMessage, Limits, check_limits, completion_body, parse_request
+
+OK = {"model": "haruhi", "messages": [{"role": "user", "content": "阿虚:「早」"}]}
+
+
+def test_valid_request_with_unknown_extras():
+    req = parse_request(OK | {"logprobs": False, "stream_options": {"include_usage": True}, "max_completion_tokens": 8})
+    assert req.model == "haruhi" and req.requested_max_tokens == 8 and req.stream_options.include_usage
+
+
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        ([1, 2], None),
+        ({"messages": OK["messages"]}, "model"),
+        (OK | {"messages": []}, "messages"),
+        (OK | {"messages": [{"role": "narrator", "content": "x"}]}, "messages.0.role"),
+        (OK | {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        (OK | {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
+        (OK | {"temperature": "hot"}, "temperature"),
+        (OK | {"temperature": 3}, "temperature"),
+        (OK | {"n": 0}, "n"),
+        (OK | {"max_tokens": -1}, "max_tokens"),
+    ],
+)
+def test_bad_requests_are_400_with_openai_error_body(payload, param):
+    with pytest.raises(APIError) as e:
+        parse_request(payload)
+    assert e.value.status == 400
+    body = e.value.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["param"] == param and body["type"] == "invalid_request_error"
+
+
+def test_limits():
+    lim = Limits(max_messages=3, max_tokens=100, max_n=2)
+    assert check_limits(parse_request(OK), lim, context_len=1000, prompt_tokens=50) == 100
+    assert check_limits(parse_request(OK | {"max_tokens": 10}), lim, 1000, 50) == 10
+    assert check_limits(parse_request(OK), lim, 120, 50) == 70  # default capped by the room left
+    cases = [
+        (OK | {"n": 3}, 1000, 50, "n"),
+        (OK | {"max_tokens": 101}, 1000, 50, "max_tokens"),
+        (OK | {"max_tokens": 60}, 100, 50, "max_tokens"),  # does not fit the context
+        (OK, 50, 50, "messages"),  # prompt alone fills the context
+        (OK | {"messages": [{"role": "user", "content": "q"}] * 4}, 1000, 50, "messages"),
+    ]
+    for payload, ctx, prompt, param in cases:
+        with pytest.raises(APIError) as e:
+            check_limits(parse_request(payload), lim, ctx, prompt)
+        assert e.value.status == 400 and e.value.param == param
+
+
+def test_completion_body_shape():
+    body = completion_body("chatcmpl-1", "haruhi", [("「哼」", "stop")], prompt_tokens=7, completion_tokens=3)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "「哼」"}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def test_cards_load_and_apply(tmp_path):
+    p = tmp_path / "cards.yaml"
+    p.write_text("characters:\n  - name: haruhi\n    display_name: 凉宫春日\n    system_prompt: 你是凉宫春日。\n"
+                 "    adapter: haruhi-lora\n    greeting: 「我对普通的人类没有兴趣！」\n    sampling: {temperature: 0.7}\n",
+                 encoding="utf-8")
+    cards = load_cards(p)
+    card = cards["haruhi"]
+    assert card.adapter == "haruhi-lora" and card.sampling.temperature == 0.7
+    msgs = [ChatMessage(role="user", content="早")]
+    assert [m.role for m in apply_card(card, msgs)] == ["system", "user"]
+    own = [ChatMessage(role="system", content="mine"), *msgs]
+    assert apply_card(card, own) == own  # the request's own system message wins
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ([{"name": "../x", "display_name": "x", "system_prompt": "s"}], "card 0: name"),
+        ([{"name": "a", "display_name": "x", "system_prompt": "s", "colour": "red"}], "colour"),
+        ([{"name": "a", "display_name": "x", "system_prompt": "s"}] * 2, "two cards are named 'a'"),
+        ({"a": 1}, "expected a list"),
+    ],
+)
+def test_bad_cards(tmp_path, content, match):
+    p = tmp_path / "cards.json"
+    p.write_text(json.dumps(content))
+    with pytest.raises(CardError, match=match):
+        load_cards(p)
+
+
+def test_adapter_folders_stay_inside_the_root(tmp_path):
+    root = tmp_path / "adapters"
+    good = root / "haruhi"
+    good.mkdir(parents=True)
+    (good / "adapter_config.json").write_text("{}")
+    (good / "adapter_model.safetensors").write_bytes(b"")
+    assert resolve_adapter(root, "haruhi", "haruhi") == good.resolve()
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    with pytest.raises(CardError, match="outside the adapter root"):
+        resolve_adapter(root, "x", "../../etc")
+    with pytest.raises(CardError, match="outside the adapter root"):
+        resolve_adapter(root, "x", "link")
+    with pytest.raises(CardError, match="adapter name"):
+        resolve_adapter(root, "../../etc", "haruhi")
+    (good / "adapter_model.safetensors").unlink()
+    (good / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(CardError, match="pickle weights are refused"):
+        resolve_adapter(root, "haruhi", "haruhi")
