@@ -6,13 +6,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install full-data clean
+.PHONY: demo test install browser full-data clean
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The chat page's test drives Debian's Chromium headless (no browser download: playwright uses /usr/bin/chromium).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 install: $(STAMP)
 

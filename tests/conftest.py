@@ -17,6 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_HARUHI = REPO.parent / "shared" / "datasets" / "chatharuhi"
 
 
+def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A peft LoRA adapter with random non-zero weights (stands in for a trained one)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rp_ray.models import load_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(model_dir), LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                             init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama3(tmp_path_factory) -> Path:
     return build_tiny_model("llama3", tmp_path_factory.mktemp("tiny-llama3"), corpus_file=REPO / "data/sample/haruhi_train.json")

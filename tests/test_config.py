@@ -18,7 +18,7 @@ from rp_ray.config import (
     load_config,
 )
 
-KIND_BY_DIR = {"jobs/configs": TrainConfig, "serve_configs": ServeConfig}
+KIND_BY_DIR = {"jobs/configs": TrainConfig}  # serve_configs: tests/test_serve.py
 
 
 def repo_configs():

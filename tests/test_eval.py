@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, make_adapter
 from rp_ray.config import DataConfig, EvalConfig, load_config
 from rp_ray.data import load_splits
 from rp_ray.predict import run_eval
@@ -25,19 +25,6 @@ from rp_ray.predict.compare import write_comparison
 KEYS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
         "predict_samples_per_second", "predict_steps_per_second", "predict_model_preparation_time",
         "n_total", "n_scored", "n_error"}
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from rp_ray.models import load_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_model(model_dir), LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                             init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
 
 
 def eval_cfg(model: Path, out: Path, *overrides: str, config: str = "jobs/configs/eval_tiny_llama3.yaml") -> EvalConfig:

