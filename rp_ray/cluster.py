@@ -28,3 +28,12 @@ def ensure_ray(cpus_needed: float = 1) -> None:
         log.info("joined the running Ray cluster")
     except ConnectionError:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed) + 2))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for local apps and test clusters)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

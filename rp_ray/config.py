@@ -295,7 +295,10 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Read a YAML file (optional), apply dotted overrides, validate as ``cls``."""
+    """Read a YAML file (optional), apply dotted overrides, validate as ``cls``.
+
+    A Serve config file (``applications: [...]``) gives its first application's ``args``.
+    """
     tree: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
@@ -312,6 +315,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded
         source = str(p)
+        if isinstance(loaded.get("applications"), list) and loaded["applications"]:  # a Serve config file
+            tree = loaded["applications"][0].get("args") or {}
+            source = f"{p}: applications[0].args"
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     try:

@@ -10,7 +10,8 @@ import pytest
 # Token authentication on for every Ray process the tests start or connect to (DESIGN.md §5).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from rp_ray.models import build_tiny_model, load_tokenizer
+from rp_ray.cluster import free_port
+from rp_ray.models import build_tiny_model, load_tokenizer, random_lora_adapter
 from rp_ray.template import get_template
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,16 +20,7 @@ SHARED_HARUHI = REPO.parent / "shared" / "datasets" / "chatharuhi"
 
 def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
     """A peft LoRA adapter with random non-zero weights (stands in for a trained one)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from rp_ray.models import load_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_model(model_dir), LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                             init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
+    return random_lora_adapter(model_dir, out, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +54,6 @@ def _run_from_repo_root():
     os.chdir(old)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the session, started like a user would (`ray start --head`), token auth on."""
@@ -80,7 +64,7 @@ def ray_cluster():
 
     bin_dir = Path(sys.executable).parent
     ray_bin = str(bin_dir / "ray")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # jobs run `python ...` with the cluster's PATH: start it from the project venv, as the README says
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(

@@ -20,7 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, _free_port, make_adapter
+from conftest import REPO, make_adapter
+from rp_ray.cluster import free_port
 from rp_ray.config import SamplingConfig, ServeConfig, load_config
 from rp_ray.data import Message
 from rp_ray.models import load_tokenizer
@@ -62,7 +63,7 @@ def app(ray_cluster, tiny_llama3, tmp_path_factory):
     import ray
     from ray import serve
 
-    from rp_ray.serve.app import build_app
+    from rp_ray.serve.app import run_local
 
     work = tmp_path_factory.mktemp("serve")
     root = work / "adapters"
@@ -75,16 +76,14 @@ def app(ray_cluster, tiny_llama3, tmp_path_factory):
         {"name": "haruhi", "display_name": "凉宫春日", "system_prompt": SYSTEM, "adapter": "a1", "greeting": "「你好！」"}]},
         allow_unicode=True))
     out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.monotonic()
-    serve.run(build_app(serve_args(tiny_llama3, root, key_file, cards)), name="rp_ray", route_prefix="/")
+    url = run_local(ServeConfig.model_validate(serve_args(tiny_llama3, root, key_file, cards)), port=free_port())
     started = time.monotonic() - t0
     plain, card = ray.get([out_plain, out_card])
     ray.kill(engine)
     ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
     ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", ref=ref, root=root, work=work, started=started,
+    yield SimpleNamespace(url=url, ref=ref, root=root, work=work, started=started,
                           args=serve_args(tiny_llama3, root, key_file, cards))
     serve.shutdown()
 
@@ -352,3 +351,27 @@ def test_repo_serve_configs_pass_rays_schema_and_ours():
             eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatEngine")
             assert eng["ray_actor_options"]["num_gpus"] == cfg.tensor_parallel_size
             assert eng["autoscaling_config"]["max_replicas"] > eng["autoscaling_config"]["min_replicas"]
+
+
+def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
+    """Kill the vLLM engine process under the replica: /health turns 503, Serve replaces the replica, chat works again.
+
+    Runs last in this module: it costs one more engine start.
+    """
+    import psutil
+    from ray.util.state import list_actors
+
+    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                  if a.class_name == "ServeReplica:rp_ray:ChatEngine"]
+    for child in psutil.Process(replica.pid).children(recursive=True):
+        child.kill()
+    t0 = time.monotonic()
+    while httpx.get(app.url + "/health", timeout=30).status_code != 503:
+        assert time.monotonic() - t0 < 60, "/health still says ok a minute after the engine died"
+        time.sleep(1)
+    r = httpx.get(app.url + "/health", timeout=30)
+    assert "engine" in r.json()["error"]["message"]
+    while httpx.get(app.url + "/health", timeout=30).status_code != 200:
+        assert time.monotonic() - t0 < 300, "Serve did not bring a healthy engine back within 5 minutes"
+        time.sleep(2)
+    assert ask(app, "a2", PROMPTS[2]).choices[0].message.content == app.ref[("a2", PROMPTS[2])]

@@ -115,3 +115,73 @@ def test_adapter_folders_stay_inside_the_root(tmp_path):
     (good / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(CardError, match="pickle weights are refused"):
         resolve_adapter(root, "haruhi", "haruhi")
+
+
+def test_streamed_reply_deltas_concatenate_to_the_clean_reply():
+    from rp_ray.serve.reply import ReplyStream
+    from rp_ray.template import GPT_OSS, LLAMA3, clean_reply
+
+    for tpl, pieces in [
+        (LLAMA3, [" ", "「你", "好", "」 ", " \n", "再见", "  "]),
+        (GPT_OSS, ["<|channel|>", "analysis", "<|message|>", "想一想", "<|end|>", "<|start|>assistant", "<|channel|>",
+                   "final", "<|message|>", "「你", "好」", " "]),
+    ]:
+        s = ReplyStream(tpl)
+        deltas = [s.feed(p, 1) for p in pieces]
+        assert "".join(deltas) == s.text == clean_reply(tpl, "".join(pieces))
+        assert s.tokens == len(pieces)
+        assert not any("<|" in d or "想" in d for d in deltas)  # no markers, no reasoning
+    assert "".join(deltas) == "「你好」"
+
+
+def test_api_key_sources_and_header_forms(tmp_path, monkeypatch):
+    import base64
+
+    from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
+
+    monkeypatch.delenv("RP_TEST_KEY", raising=False)
+    with pytest.raises(AuthSetupError, match="no API key: set the environment variable RP_TEST_KEY"):
+        load_api_key("RP_TEST_KEY", None)
+    with pytest.raises(AuthSetupError, match="does not exist"):
+        load_api_key("RP_TEST_KEY", str(tmp_path / "missing"))
+    (tmp_path / "k").write_text("file-key-123\n")
+    assert load_api_key("RP_TEST_KEY", str(tmp_path / "k")) == "file-key-123"
+    monkeypatch.setenv("RP_TEST_KEY", "env-key-1234")
+    assert load_api_key("RP_TEST_KEY", str(tmp_path / "k")) == "env-key-1234"  # the variable wins
+    monkeypatch.setenv("RP_TEST_KEY", "short")
+    with pytest.raises(AuthSetupError, match="at least 8"):
+        load_api_key("RP_TEST_KEY", None)
+    basic = base64.b64encode(b"me:s3cret-key").decode()
+    assert presented_key("Bearer s3cret-key") == presented_key(f"Basic {basic}") == "s3cret-key"
+    assert presented_key(None) is presented_key("Bearer ") is presented_key("Basic !!!") is presented_key("s3cret-key") is None
+    assert key_matches("s3cret-key", "s3cret-key") and not key_matches("s3cret-kez", "s3cret-key")
+
+
+def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tmp_path, monkeypatch):
+    """Config mistakes fail in the process that reads the config, with the reason (no Ray needed)."""
+    from conftest import make_adapter
+    from rp_ray.config import ConfigError
+    from rp_ray.serve.app import build_app
+    from rp_ray.serve.auth import AuthSetupError
+
+    root = tmp_path / "adapters"
+    make_adapter(tiny_llama3, root / "a1")
+    (tmp_path / "outside").mkdir()
+    cards = tmp_path / "cards.yaml"
+    cards.write_text("- {name: haruhi, display_name: H, system_prompt: S, adapter: missing}\n")
+    base = {"model": {"path": str(tiny_llama3), "template": "llama3"}, "adapter_root": str(root), "adapters": {"a1": "a1"}}
+    monkeypatch.delenv("RP_RAY_API_KEY", raising=False)
+    with pytest.raises(AuthSetupError, match="RP_RAY_API_KEY"):
+        build_app(base)
+    monkeypatch.setenv("RP_RAY_API_KEY", "a-key-for-tests")
+    for change, err, match in [
+        ({"adapters": {"x": "../outside"}}, CardError, "outside the adapter root"),
+        ({"adapters": {"x": "/etc"}}, CardError, "outside the adapter root"),
+        ({"adapters": {"base": "a1"}}, ConfigError, "base model's name"),
+        ({"characters_file": str(cards)}, ConfigError, "adapter 'missing', which is not in adapters"),
+        ({"model": {"path": str(tmp_path), "template": "llama3"}}, ValueError, "config.json"),
+        ({"max_loras": 0}, ConfigError, "max_loras"),
+        ({"base_name": "../x"}, ConfigError, "base_name"),
+    ]:
+        with pytest.raises(err, match=match):
+            build_app(base | change)

@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rp_ray.config import ConfigError, ServeConfig
+from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CharacterCard, apply_card, load_cards, resolve_adapter
 from rp_ray.serve.engine import ChatEngine
@@ -285,8 +285,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     try:
         cfg = ServeConfig.model_validate(args)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise ConfigError(f"serve config args: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(format_validation_error(e, "serve config args", ServeConfig)) from None
     cfg.model.path = _abs(cfg.model.path)
     from rp_ray.models import check_model_dir
 
@@ -315,3 +314,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                               ray_actor_options={"num_cpus": 1}, health_check_period_s=10,
                               health_check_timeout_s=30).bind(conf, dirs)
     return ChatIngress.bind(engine, conf, cards)
+
+
+def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "rp_ray") -> str:
+    """Deploy the app on the connected Ray cluster (``serve run`` from Python) and return its base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg.model_dump()), name=name, route_prefix="/")
+    return f"http://{host}:{port}"
