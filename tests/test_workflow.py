@@ -3,7 +3,7 @@
 1. `ray job submit -- python jobs/train.py --config jobs/configs/tiny_llama3.yaml ...`  -> an adapter
 2. `ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml adapters.tuned=<it>` -> scores
 3. `serve deploy <serve config naming the new adapter>`                              -> the chat app
-4. a chat with the character through the official `openai` client, then `serve shutdown`.
+4. `python jobs/chat.py --model haruhi ...` (the official `openai` client), then `serve shutdown`.
 """
 
 from __future__ import annotations
@@ -82,13 +82,17 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key guards the app
 
-        # 4. chat with the fine-tuned character
-        from openai import OpenAI
-
-        client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
-        assert {m.id for m in client.models.list().data} >= {"base", "tiny-lora", "haruhi"}
-        reply = client.chat.completions.create(model="haruhi", messages=[{"role": "user", "content": "阿虚:「早」"}],
-                                               temperature=0, max_tokens=16)
-        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+        # 4. chat with the fine-tuned character (jobs/chat.py streams through the openai client)
+        env = {**os.environ, "RP_RAY_API_KEY": key}
+        listed = subprocess.run([sys.executable, "jobs/chat.py", "--url", url, "--list"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        assert {line.split("\t")[0] for line in listed.stdout.splitlines()} >= {"base", "tiny-lora", "haruhi"}
+        chat = subprocess.run([sys.executable, "jobs/chat.py", "--url", url, "--model", "haruhi", "--temperature", "0",
+                               "--max-tokens", "16", "阿虚:「早」"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        bad = subprocess.run([sys.executable, "jobs/chat.py", "--url", url, "--model", "nobody", "hi"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and "model_not_found" in bad.stderr
     finally:
         cli("serve", "shutdown", "--address", dash, "--yes")
