@@ -226,6 +226,8 @@ class ServeConfig(StrictModel):
     prefix_caching: bool = Field(False, description="vLLM prefix caching (faster with long shared role cards; "
                                  "greedy replies may then differ from an uncached run in near-ties).")
     seed: int = Field(0, description="Engine seed; a request's `seed` makes its own sampling reproducible.")
+    stream_interval_s: float = Field(0.02, ge=0, le=1, description="Streamed tokens arriving within this interval "
+                                     "go out as one chunk (fewer messages through Serve); 0 = one chunk per engine step.")
     api_key_env: str = Field("RP_RAY_API_KEY", description="Environment variable holding the bearer API key.")
     api_key_file: str | None = Field(None, description="File holding the API key (used when the variable is unset).")
     max_messages: int = Field(64, ge=1, description="Most messages one request may carry.")

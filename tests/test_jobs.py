@@ -6,8 +6,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import REPO
-
 
 def test_jobs_api_refuses_requests_without_the_token(ray_cluster):
     req = urllib.request.Request(f"{ray_cluster['dashboard']}/api/jobs/")

@@ -152,7 +152,7 @@ class ChatIngress:
         cap = check_limits(req, self.limits, self.cfg.max_model_len, len(prompt))
         params = self._params(req, card, cap)
         cid = completion_id()
-        gen = self.engine.options(stream=True).generate.remote(prompt, params, adapter, cid)
+        gen = self.engine.options(stream=True).generate.remote(prompt, params, adapter, cid, req.stream)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         first = await self._first(gen, deadline)
         if req.stream:
@@ -212,7 +212,7 @@ class ChatIngress:
     def _timeout(self) -> APIError:
         return APIError(504, f"no complete reply within {self.cfg.request_timeout_s} s", "timeout", code="timeout")
 
-    async def _first(self, gen, deadline: float) -> list[dict]:
+    async def _first(self, gen, deadline: float) -> list[list[dict]]:
         """The first engine output, awaited before any response starts, so a refused request still gets its 4xx/503."""
         try:
             return [await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())]
@@ -226,19 +226,21 @@ class ChatIngress:
         except ValueError as e:  # vLLM's own sampling/prompt checks
             raise APIError(400, f"the engine refused the request: {str(e).splitlines()[-1][:500]}") from None
 
-    async def _outputs(self, first: list[dict], gen):
-        for d in first:
-            yield d
-        async for d in gen:
-            yield d
+    async def _outputs(self, first: list[list[dict]], gen):
+        for batch in first:
+            for d in batch:
+                yield d
+        async for batch in gen:
+            for d in batch:
+                yield d
 
-    async def _collect(self, first: list[dict], gen, n: int) -> list[ReplyStream]:
+    async def _collect(self, first: list[list[dict]], gen, n: int) -> list[ReplyStream]:
         replies = [ReplyStream(self.tpl) for _ in range(n)]
         async for d in self._outputs(first, gen):
             replies[d["index"]].feed(d["text"], d["tokens"], d["finish_reason"])
         return replies
 
-    async def _sse(self, first: list[dict], gen, cid: str, req: ChatCompletionRequest, prompt_tokens: int,
+    async def _sse(self, first: list[list[dict]], gen, cid: str, req: ChatCompletionRequest, prompt_tokens: int,
                    include_usage: bool, deadline: float):
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -10,6 +10,7 @@ changed), while a zero adapter mixed with real ones gives exactly the base repli
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -35,8 +36,8 @@ def write_zero_adapter(like: Path, out: Path) -> Path:
     return out
 
 
-def sampling_params(p: dict[str, Any], stop_ids: list[int]):
-    """vLLM ``SamplingParams`` from the ingress's resolved request settings; output arrives as deltas."""
+def sampling_params(p: dict[str, Any], stop_ids: list[int], stream: bool):
+    """vLLM ``SamplingParams`` from the ingress's resolved request settings: deltas when streaming, else the end only."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -45,7 +46,7 @@ def sampling_params(p: dict[str, Any], stop_ids: list[int]):
         seed=p.get("seed"), stop=p.get("stop") or None, presence_penalty=p.get("presence_penalty", 0.0),
         frequency_penalty=p.get("frequency_penalty", 0.0), stop_token_ids=stop_ids,
         skip_special_tokens=False,  # gpt-oss channels are parsed by the ingress, never shown
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
 
 
@@ -85,16 +86,24 @@ class ChatEngine:
     def info(self) -> dict[str, Any]:
         return {"max_model_len": self.cfg.max_model_len, "adapters": sorted(n for n in self.loras if n != ZERO_ADAPTER)}
 
-    async def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: str | None,
-                       request_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Stream ``{"index", "text", "tokens", "finish_reason"}`` deltas for each choice of one request."""
+    async def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: str | None, request_id: str,
+                       stream: bool = True) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield lists of ``{"index", "text", "tokens", "finish_reason"}`` deltas, one entry per choice that moved.
+
+        While streaming, deltas that arrive within ``stream_interval_s`` of the last message are merged by vLLM
+        into the next one, so a fast engine sends fewer, larger messages through Serve; without streaming, one
+        message carries the whole reply.
+        """
         if adapter is not None and adapter not in self.loras:
             raise KeyError(f"adapter {adapter!r} is not served")
         lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sampling_params(params, self.stop_ids),
-                                              request_id, lora_request=lora):
-            for c in out.outputs:
-                yield {"index": c.index, "text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+        interval = self.cfg.stream_interval_s if stream else 0.0
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids},
+                                              sampling_params(params, self.stop_ids, stream), request_id, lora_request=lora):
+            yield [{"index": c.index, "text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                   for c in out.outputs]
+            if interval and not out.finished:
+                await asyncio.sleep(interval)
 
     async def check_health(self) -> None:
         """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
