@@ -343,7 +343,9 @@ def test_chat_page_streams_a_reply_in_headless_chromium(app):
 def test_repo_serve_configs_pass_rays_schema_and_ours():
     from ray.serve.schema import ServeDeploySchema
 
-    paths = sorted(p for p in (REPO / "serve_configs").glob("*.yaml") if p.name != "characters.yaml")
+    from rp_ray.serve.characters import load_cards
+
+    paths = sorted(p for p in (REPO / "serve_configs").glob("*.yaml") if not p.name.startswith("characters"))
     assert {p.stem for p in paths} >= {"tiny_llama3", "llama31_8b", "gpt_oss_20b"}
     for p in paths:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -354,6 +356,9 @@ def test_repo_serve_configs_pass_rays_schema_and_ours():
         assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"ChatIngress", "ChatEngine"}
         for d in raw["applications"][0]["deployments"]:
             assert "max_ongoing_requests" in d and "max_queued_requests" in d, (p.name, d["name"])
+        # the cards each config serves (the GPU ones are copied to shared storage) speak through its adapters
+        cards = load_cards(REPO / "serve_configs" / ("characters_gpu.yaml" if cfg.use_gpu else "characters.yaml"))
+        assert {c.adapter for c in cards.values()} - {None} <= set(cfg.adapters), p.name
         if cfg.use_gpu:
             eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatEngine")
             assert eng["ray_actor_options"]["num_gpus"] == cfg.tensor_parallel_size
