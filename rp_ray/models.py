@@ -74,6 +74,11 @@ def load_tokenizer(path: str | Path, template: Template | None = None):
     return tok
 
 
+def resolve_dtype(dtype: str, use_gpu: bool) -> str:
+    """``model.dtype`` as a torch dtype name: ``auto`` is bfloat16 on GPU and float32 on CPU."""
+    return dtype if dtype != "auto" else ("bfloat16" if use_gpu else "float32")
+
+
 def load_model(path: str | Path, dtype: str = "float32"):
     """A causal LM from local safetensors, never running code shipped with the weights."""
     import torch

@@ -66,3 +66,10 @@ def test_remote_code_never_runs(tiny_llama3, tmp_path):
     except ValueError:
         pass  # refusing is fine too; executing is not
     assert not marker.exists()
+
+
+def test_model_dtype_auto_means_bf16_on_gpu_fp32_on_cpu_and_explicit_wins():
+    from rp_ray.models import resolve_dtype
+
+    assert resolve_dtype("auto", True) == "bfloat16" and resolve_dtype("auto", False) == "float32"
+    assert resolve_dtype("float16", True) == "float16" and resolve_dtype("bfloat16", False) == "bfloat16"

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from rp_ray.config import SamplingConfig
+from rp_ray.models import resolve_dtype
 from rp_ray.template import Template, clean_reply, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class VllmEngine:
 
     def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], max_model_len: int, use_gpu: bool,
                  tensor_parallel_size: int, max_lora_rank: int, cpu_kv_cache_gib: float, seed: int,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, dtype: str = "auto"):
         if not use_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
         from vllm import LLM
@@ -51,7 +52,7 @@ class VllmEngine:
             model=model_path,
             tokenizer=model_path,
             trust_remote_code=False,
-            dtype="bfloat16" if use_gpu else "float32",
+            dtype=resolve_dtype(dtype, use_gpu),
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enable_lora=bool(lora_runs),
@@ -119,7 +120,8 @@ class VllmEngine:
 class HfEngine:
     """transformers ``generate`` with peft adapters switched per run (what vLLM cannot run on CPU: gpt-oss + LoRA)."""
 
-    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int):
+    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int,
+                 dtype: str = "auto"):
         import torch
 
         from rp_ray.models import load_model
@@ -128,7 +130,7 @@ class HfEngine:
         self.tok, self.tpl = tok, tpl
         self.max_model_len = max_model_len
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = load_model(model_path, "bfloat16" if self.device.type == "cuda" else "float32")
+        model = load_model(model_path, resolve_dtype(dtype, self.device.type == "cuda"))
         lora_runs = [r for r in runs if r.adapter]
         if lora_runs:
             from peft import PeftModel

@@ -87,9 +87,9 @@ class _Predictor:
         if self.cfg.backend == "vllm":
             self.engine = VllmEngine(model_path, self.tok, self.tpl, runs, max_len, self.cfg.use_gpu, self.cfg.tensor_parallel_size,
                                      self.cfg.max_lora_rank, self.cfg.cpu_kv_cache_gib, self.cfg.sampling.seed or 0,
-                                     self.cfg.prefix_caching)
+                                     self.cfg.prefix_caching, self.cfg.model.dtype)
         else:
-            self.engine = HfEngine(model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len)
+            self.engine = HfEngine(model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype)
         self.prep_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

@@ -61,7 +61,7 @@ class ChatEngine:
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rp_ray.models import load_tokenizer
+        from rp_ray.models import load_tokenizer, resolve_dtype
         from rp_ray.template import get_template, stop_token_ids
 
         tpl = get_template(self.cfg.model.template)
@@ -74,7 +74,7 @@ class ChatEngine:
         self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(dirs.items())}
         args = AsyncEngineArgs(
             model=self.cfg.model.path, tokenizer=self.cfg.model.path, trust_remote_code=False,
-            dtype="bfloat16" if self.cfg.use_gpu else "float32", max_model_len=self.cfg.max_model_len,
+            dtype=resolve_dtype(self.cfg.model.dtype, self.cfg.use_gpu), max_model_len=self.cfg.max_model_len,
             tensor_parallel_size=self.cfg.tensor_parallel_size, enable_lora=bool(dirs),
             max_loras=min(self.cfg.max_loras, max(1, len(dirs))), max_cpu_loras=max(1, len(dirs)),
             max_lora_rank=self.cfg.max_lora_rank, seed=self.cfg.seed, enable_prefix_caching=self.cfg.prefix_caching,

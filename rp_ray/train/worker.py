@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rp_ray.config import TrainConfig
+from rp_ray.models import resolve_dtype
 from rp_ray.template import IGNORE_INDEX
 from rp_ray.train.batching import PaddingStats, collate, label_tokens, plan_epoch
 from rp_ray.train.deepspeed_config import deepspeed_config
@@ -147,8 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
 
     use_gpu = cfg.use_gpu and torch.cuda.is_available()
-    dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    dtype = getattr(torch, resolve_dtype(cfg.model.dtype, use_gpu))
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
