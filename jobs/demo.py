@@ -92,7 +92,6 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
     print("app shut down")
 
 
-
 if __name__ == "__main__":
     setup_logging()
     sys.exit(run(main))

