@@ -104,13 +104,14 @@ async def read_body(request: Request, cap: int) -> Any:
 class ChatIngress:
     def __init__(self, engine, cfg: dict[str, Any], cards: dict[str, dict]):
         from rp_ray.models import load_tokenizer
-        from rp_ray.template import get_template
+        from rp_ray.template import get_template, stop_token_ids
 
         self.engine = engine
         self.cfg = ServeConfig.model_validate(cfg)
         self.cards = {n: CharacterCard.model_validate(c) for n, c in cards.items()}
         self.tpl = get_template(self.cfg.model.template)
         self.tok = load_tokenizer(self.cfg.model.path, self.tpl)
+        self.stop_ids = stop_token_ids(self.tok, self.tpl)  # sent with each request: the engine needs no tokenizer
         self.limits = Limits(max_messages=self.cfg.max_messages, max_tokens=self.cfg.max_tokens_cap,
                              max_n=self.cfg.max_n, max_body_bytes=self.cfg.max_body_bytes)
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
@@ -192,8 +193,7 @@ class ChatIngress:
                            param="model", code="model_not_found")
         return card.adapter, apply_card(card, req.messages), card
 
-    @staticmethod
-    def _params(req: ChatCompletionRequest, card: CharacterCard | None, max_tokens: int) -> dict[str, Any]:
+    def _params(self, req: ChatCompletionRequest, card: CharacterCard | None, max_tokens: int) -> dict[str, Any]:
         cs = card.sampling if card else None
 
         def pick(name: str, default):
@@ -207,7 +207,8 @@ class ChatIngress:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         return {"n": req.n, "temperature": pick("temperature", 1.0), "top_p": pick("top_p", 1.0),
                 "top_k": pick("top_k", -1), "max_tokens": max_tokens, "seed": req.seed, "stop": stop,
-                "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+                "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+                "stop_token_ids": self.stop_ids}
 
     def _timeout(self) -> APIError:
         return APIError(504, f"no complete reply within {self.cfg.request_timeout_s} s", "timeout", code="timeout")

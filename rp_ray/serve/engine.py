@@ -35,7 +35,7 @@ def write_zero_adapter(like: Path, out: Path) -> Path:
     return out
 
 
-def sampling_params(p: dict[str, Any], stop_ids: list[int], stream: bool):
+def sampling_params(p: dict[str, Any], stream: bool):
     """vLLM ``SamplingParams`` from the ingress's resolved request settings: deltas when streaming, else the end only."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -43,7 +43,7 @@ def sampling_params(p: dict[str, Any], stop_ids: list[int], stream: bool):
     return SamplingParams(
         n=p["n"], temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"], max_tokens=p["max_tokens"],
         seed=p.get("seed"), stop=p.get("stop") or None, presence_penalty=p.get("presence_penalty", 0.0),
-        frequency_penalty=p.get("frequency_penalty", 0.0), stop_token_ids=stop_ids,
+        frequency_penalty=p.get("frequency_penalty", 0.0), stop_token_ids=p["stop_token_ids"],
         skip_special_tokens=False,  # gpt-oss channels are parsed by the ingress, never shown
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
@@ -58,12 +58,8 @@ class ChatEngine:
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rp_ray.models import load_tokenizer
         from rp_ray.predict.engines import vllm_engine_kwargs
-        from rp_ray.template import get_template, stop_token_ids
 
-        tpl = get_template(self.cfg.model.template)
-        self.stop_ids = stop_token_ids(load_tokenizer(self.cfg.model.path, tpl), tpl)
         dirs = dict(adapter_dirs)
         self._tmp = None
         if dirs:
@@ -78,9 +74,6 @@ class ChatEngine:
         self.engine = AsyncLLM.from_engine_args(args)
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
-    def info(self) -> dict[str, Any]:
-        return {"max_model_len": self.cfg.max_model_len, "adapters": sorted(n for n in self.loras if n != ZERO_ADAPTER)}
-
     async def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: str | None, request_id: str,
                        stream: bool = True) -> AsyncIterator[list[dict[str, Any]]]:
         """Yield lists of ``{"index", "text", "tokens", "finish_reason"}`` deltas, one entry per choice that moved.
@@ -94,7 +87,7 @@ class ChatEngine:
         lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)
         interval = self.cfg.stream_interval_s if stream else 0.0
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids},
-                                              sampling_params(params, self.stop_ids, stream), request_id, lora_request=lora):
+                                              sampling_params(params, stream), request_id, lora_request=lora):
             yield [{"index": c.index, "text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
                    for c in out.outputs]
             if interval and not out.finished:
