@@ -57,7 +57,7 @@ def main() -> None:
         cfg = load_config(EvalConfig, "jobs/configs/eval_tiny_llama3.yaml", [
             f"model.path={model}", f"output_dir={Path(tmp) / 'eval'}", "adapters={}", f"data.dataset_dir={dataset_dir}",
             f"data.max_samples={a.rows}", f"sampling.max_new_tokens={a.max_new_tokens}", "shard_size=50"])
-        from rp_ray.predict import run_eval
+        from rp_ray.eval import run_eval
 
         t0 = time.perf_counter()
         res = run_eval(cfg).results["base"]

@@ -18,8 +18,8 @@ def main() -> None:
     cfg.include_base = True
     if not cfg.adapters:
         raise ValueError("compare needs at least one adapter: add adapters.<name>=<adapter dir>")
-    from rp_ray.predict import run_eval
-    from rp_ray.predict.compare import markdown_table, write_comparison
+    from rp_ray.eval import run_eval
+    from rp_ray.eval.compare import markdown_table, write_comparison
 
     res = run_eval(cfg)
     paths = write_comparison(res.output_dir, Path(cfg.model.path).name, res.results)

@@ -44,8 +44,8 @@ def main() -> None:
           f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}, {s['wall_seconds']} s")
     print(f"tiny model: {cfg.model.path}\nadapter: {res.adapter_dir}\nsummary: {res.summary_path}\nloss plot: {res.plot_path}")
 
-    from rp_ray.predict import run_eval
-    from rp_ray.predict.compare import markdown_table, write_comparison
+    from rp_ray.eval import run_eval
+    from rp_ray.eval.compare import markdown_table, write_comparison
 
     ecfg = load_config(EvalConfig, EVAL_CONFIG, [f"model.path={cfg.model.path}", "adapters={}",
                                                  f"adapters.tiny-lora={res.adapter_dir}",

@@ -16,7 +16,7 @@ from rp_ray.config import EvalConfig
 
 def main() -> None:
     cfg = job_config(EvalConfig, __doc__, "sampling.greedy=true adapters.mine=path")
-    from rp_ray.predict import run_eval
+    from rp_ray.eval import run_eval
 
     res = run_eval(cfg)
     for name, r in res.results.items():

@@ -177,6 +177,12 @@ class VllmSettings(StrictModel):
         "differently from a fresh one, so greedy outputs can change in rare near-ties; off keeps reruns and resumed runs identical.",
     )
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU runs only).")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Most sequences one engine step holds; None = vLLM's OpenAI-server default on GPU "
+        "(1024) and vLLM's own default on CPU.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Most tokens one engine step computes (prefill chunks included); None = vLLM's "
+        "OpenAI-server default on GPU (8192) and vLLM's own default on CPU. Raised to max_model_len when lower.")
 
 
 class EvalConfig(VllmSettings):

@@ -273,41 +273,6 @@ def stop_token_ids(tok: PreTrainedTokenizerBase, tpl: Template) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-_END_MARKERS = ("<|end|>", "<|return|>", "<|call|>")
-_FINAL = "<|channel|>final<|message|>"
-# what harmony text looks like once its special tokens were stripped by a decoder
-_STRIPPED_REASONING = re.compile(r"^\s*analysis.*?assistantfinal", re.DOTALL)
-
-
-def parse_harmony(text: str) -> str:
-    """The clean final-channel reply of gpt-oss output.
-
-    Accepts text decoded with special tokens kept (preferred): the reply is what
-    follows the last ``<|channel|>final<|message|>`` (or the whole text when the
-    prompt already opened the final channel), cut at ``<|end|>``/``<|return|>``/``<|call|>``.
-    Reasoning that never reached a final channel yields "". Text whose special
-    tokens were stripped (``analysis...assistantfinal...``) is cleaned too, so such
-    literal text never reaches a score or a chat reply.
-    """
-    if _FINAL in text:
-        text = text.rsplit(_FINAL, 1)[1]
-    elif text.lstrip().startswith("<|channel|>"):
-        return ""  # reasoning or another channel, no final answer
-    elif _STRIPPED_REASONING.match(text):
-        return _STRIPPED_REASONING.sub("", text, count=1).strip()
-    cut = min((text.find(m) for m in _END_MARKERS if m in text), default=len(text))
-    return text[:cut].strip()
-
-
-def clean_reply(tpl: Template, text: str) -> str:
-    """Generated text (special tokens kept) to the reply a user or a metric sees."""
-    if tpl.name == "gpt_oss":
-        return parse_harmony(text)
-    for w in (*tpl.stop_words, "<|end_of_text|>"):
-        text = text.split(w, 1)[0]
-    return text.strip()
-
-
 def chat_template_jinja(tpl: Template) -> str:
     """A Jinja chat template that renders the same layout as ``chat_prompt_ids`` (thinking off)."""
     if tpl.name == "llama3":

@@ -19,8 +19,8 @@ import pytest
 from conftest import REPO, make_adapter
 from rp_ray.config import DataConfig, EvalConfig, load_config
 from rp_ray.data import load_splits
-from rp_ray.predict import run_eval
-from rp_ray.predict.compare import write_comparison
+from rp_ray.eval import run_eval
+from rp_ray.eval.compare import write_comparison
 
 KEYS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
         "predict_samples_per_second", "predict_steps_per_second", "predict_model_preparation_time",

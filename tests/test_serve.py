@@ -25,7 +25,7 @@ from rp_ray.cluster import free_port
 from rp_ray.config import SamplingConfig, ServeConfig, VllmSettings
 from rp_ray.data import Message
 from rp_ray.models import load_tokenizer
-from rp_ray.predict.engines import Run, VllmEngine
+from rp_ray.eval.engines import Run, VllmEngine
 from rp_ray.template import LLAMA3, chat_prompt_ids
 
 KEY = "test-" + secrets.token_hex(12)

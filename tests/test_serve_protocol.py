@@ -117,22 +117,6 @@ def test_adapter_folders_stay_inside_the_root(tmp_path):
         resolve_adapter(root, "haruhi", "haruhi")
 
 
-def test_streamed_reply_deltas_concatenate_to_the_clean_reply():
-    from rp_ray.serve.reply import ReplyStream
-    from rp_ray.template import GPT_OSS, LLAMA3, clean_reply
-
-    for tpl, pieces in [
-        (LLAMA3, [" ", "「你", "好", "」 ", " \n", "再见", "  "]),
-        (GPT_OSS, ["<|channel|>", "analysis", "<|message|>", "想一想", "<|end|>", "<|start|>assistant", "<|channel|>",
-                   "final", "<|message|>", "「你", "好」", " "]),
-    ]:
-        s = ReplyStream(tpl)
-        deltas = [s.feed(p, 1) for p in pieces]
-        assert "".join(deltas) == s.text == clean_reply(tpl, "".join(pieces))
-        assert s.tokens == len(pieces)
-        assert not any("<|" in d or "想" in d for d in deltas)  # no markers, no reasoning
-    assert "".join(deltas) == "「你好」"
-
 
 def test_api_key_sources_and_header_forms(tmp_path, monkeypatch):
     import base64

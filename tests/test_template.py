@@ -17,11 +17,9 @@ from rp_ray.template import (
     IGNORE_INDEX,
     LLAMA3,
     chat_prompt_ids,
-    clean_reply,
     encode_prediction,
     encode_supervised,
     infer_seqlen,
-    parse_harmony,
     stop_token_ids,
 )
 
@@ -216,24 +214,3 @@ def test_chat_prompt_needs_user_last(llama3_tok):
 def test_stop_tokens(llama3_tok, gpt_oss_tok):
     assert set(stop_token_ids(llama3_tok, LLAMA3)) == {llama3_tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>")}
     assert set(stop_token_ids(gpt_oss_tok, GPT_OSS)) == {gpt_oss_tok.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")}
-
-
-@pytest.mark.parametrize(
-    "raw, want",
-    [
-        ("「哼」<|end|>", "「哼」"),  # thinking off: prompt opened the final channel
-        ("「哼」<|return|>", "「哼」"),
-        ("「哼」", "「哼」"),
-        ("<|channel|>analysis<|message|>想一想<|end|><|start|>assistant<|channel|>final<|message|>「哼」<|return|>", "「哼」"),
-        ("<|channel|>analysis<|message|>想一想，还没想完", ""),  # reasoning cut off: no answer, never the reasoning
-        ("analysis想一想assistantfinal「哼」", "「哼」"),  # special tokens stripped by a decoder
-        ("analysis of the plot", "analysis of the plot"),  # a real reply that starts with the word
-    ],
-)
-def test_parse_harmony(raw, want):
-    assert parse_harmony(raw) == want
-    assert clean_reply(GPT_OSS, raw) == want
-
-
-def test_clean_reply_llama3():
-    assert clean_reply(LLAMA3, "「哼」<|eot_id|>junk") == "「哼」"

@@ -30,7 +30,7 @@ from rp_ray.serve.characters import CharacterCard, apply_card, load_cards, resol
 from rp_ray.serve.engine import ChatEngine
 from rp_ray.serve.protocol import (APIError, ChatCompletionRequest, Limits, check_limits, chunk_body, completion_body,
                                    completion_id, parse_request)
-from rp_ray.serve.reply import ReplyStream
+from rp_ray.reply import ReplyStream
 
 log = logging.getLogger(__name__)
 

