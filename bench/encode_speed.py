@@ -8,10 +8,10 @@ import argparse
 import tempfile
 import time
 
-from rp_ray.config import DataConfig
+from rp_ray.config import DataConfig, ModelConfig
 from rp_ray.data import load_splits
-from rp_ray.models import build_tiny_model, load_tokenizer
-from rp_ray.template import encode_supervised_dataset, get_template
+from rp_ray.models import build_tiny_model
+from rp_ray.preparation import encode_locally
 
 
 def main() -> None:
@@ -22,12 +22,10 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         build_tiny_model(a.family, d)
-        tpl = get_template(a.family)
-        tok = load_tokenizer(d, tpl)
         t0 = time.perf_counter()
         train, val, report = load_splits(DataConfig(dataset_dir=a.data, cutoff_len=a.cutoff_len))
         t1 = time.perf_counter()
-        _, stats = encode_supervised_dataset(tok, tpl, train, a.cutoff_len)
+        _, stats = encode_locally(ModelConfig(path=d, template=a.family), a.cutoff_len, train)
         t2 = time.perf_counter()
     print(report.summary())
     print(f"load+validate: {t1 - t0:.2f} s ({len(train)} train + {len(val)} val conversations)")

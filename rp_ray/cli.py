@@ -7,6 +7,7 @@ import logging
 import sys
 
 from rp_ray import config as cfgmod
+from rp_ray.preparation import absolute_paths, encode_locally, prepare
 
 KINDS = {"train": cfgmod.TrainConfig, "eval": cfgmod.EvalConfig, "serve": cfgmod.ServeConfig}
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
@@ -39,12 +40,11 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
 
 
 def cmd_data(a: argparse.Namespace) -> None:
-    from rp_ray.data.prepare import prepare_data
-
-    cfg = cfgmod.load_config(cfgmod.TrainConfig, a.config, a.overrides)
-    prep = prepare_data(cfg.model, cfg.data, a.out)
+    cfg = absolute_paths(cfgmod.load_config(cfgmod.TrainConfig, a.config, a.overrides))
+    prep = prepare(cfg.model, cfg.data, a.out, need=())
+    _, stats = encode_locally(cfg.model, cfg.data.cutoff_len, prep.train)
     print(prep.report_path.with_suffix(".txt").read_text(encoding="utf-8"), end="")
-    print(f"train encoded: {prep.train_stats.summary()}")
+    print(f"train encoded: {stats.summary()}")
     print(f"data report: {prep.report_path}")
 
 

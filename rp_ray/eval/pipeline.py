@@ -23,9 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rp_ray.cluster import ensure_ray
 from rp_ray.config import EvalConfig
+from rp_ray.data import Conversation
 from rp_ray.eval.engines import HfEngine, Run, VllmEngine
+from rp_ray.metrics import mean_scores, score_pairs_parallel
+from rp_ray.models import load_model, load_tokenizer
+from rp_ray.preparation import absolute_paths, prepare
 from rp_ray.reply import clean_reply
+from rp_ray.template import encode_prediction, get_template
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +82,6 @@ class _Predictor:
     """Ray Data actor: one engine; each call predicts one shard for every run and writes its shard files."""
 
     def __init__(self, cfg: dict[str, Any], model_path: str, runs: list[Run], out: str):
-        from rp_ray.models import load_tokenizer
-        from rp_ray.template import get_template
-
         t0 = time.perf_counter()
         self.cfg = EvalConfig.model_validate(cfg)
         self.runs, self.out = runs, Path(out)
@@ -93,9 +96,6 @@ class _Predictor:
         self.prep_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from rp_ray.data import Conversation
-        from rp_ray.template import encode_prediction
-
         stats: dict[str, list] = {"shard": [], "rows": [], "errors": [], "prep_s": []}
         for shard, blob in zip(batch["shard"], batch["convs"]):
             items = json.loads(blob)
@@ -129,8 +129,6 @@ class _Predictor:
 def merge_adapter(base: str, adapter: str, dest: Path) -> str:
     """Write base + adapter as one plain model (merge_and_unload) for engines without runtime LoRA."""
     from peft import PeftModel
-
-    from rp_ray.models import load_model
 
     if (dest / "config.json").exists():
         return str(dest)
@@ -200,9 +198,7 @@ def _predict_group(
     return time.perf_counter() - t0, prep, len(todo), made
 
 
-def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, steps: int, samples: int) -> dict[str, Any]:
-    from rp_ray.metrics import mean_scores, score_pairs_parallel
-
+def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, shards_done: int, samples: int) -> dict[str, Any]:
     lines = []
     for s in range(n_shards):
         lines += shard_path(out, run.name, s).read_text(encoding="utf-8").splitlines(keepends=True)
@@ -214,9 +210,9 @@ def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, st
                  [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)])
     runtime = max(wall - prep, 1e-9)
     results = mean_scores(scores) | {
-        "predict_runtime": round(runtime, 4) if steps else 0.0,
-        "predict_samples_per_second": round(samples / runtime, 3) if steps else 0.0,
-        "predict_steps_per_second": round(steps / runtime, 3) if steps else 0.0,
+        "predict_runtime": round(runtime, 4) if shards_done else 0.0,
+        "predict_samples_per_second": round(samples / runtime, 3) if shards_done else 0.0,
+        "predict_steps_per_second": round(shards_done / runtime, 3) if shards_done else 0.0,  # a step = a shard
         "predict_model_preparation_time": round(prep, 4),
         "n_total": len(recs),
         "n_scored": len(ok),
@@ -228,19 +224,9 @@ def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, st
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs."""
-    from rp_ray.cluster import ensure_ray
-    from rp_ray.data.report import load_checked_splits
-    from rp_ray.models import load_tokenizer
-    from rp_ray.template import get_template
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.path = os.path.abspath(cfg.model.path)
-    cfg.data.dataset_dir = os.path.abspath(cfg.data.dataset_dir)
-    out = Path(cfg.output_dir).resolve()
-    load_tokenizer(cfg.model.path, get_template(cfg.model.template))  # a bad model fails before any work
-    _, val, report_path = load_checked_splits(cfg.data, out / "data")
-    if not val:
-        raise ValueError(f"no val conversations left in {cfg.data.val}; see {report_path}")
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.output_dir)
+    val = prepare(cfg.model, cfg.data, out / "data", need=("val",)).val
     items = [{"index": i, "conv": c.to_dict()} for i, c in enumerate(val)]
 
     ensure_ray(cfg.num_actors + 1)
@@ -250,9 +236,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     for model_path, runs in groups:
         for r in runs:
             check_or_write_fingerprint(out, cfg, r)
-        wall, prep, steps, samples = _predict_group(cfg, items, model_path, runs, out)
+        wall, prep, shards_done, samples = _predict_group(cfg, items, model_path, runs, out)
         for r in runs:
-            results[r.name] = _finish_run(out, r, n_shards, wall, prep, steps, samples)
+            results[r.name] = _finish_run(out, r, n_shards, wall, prep, shards_done, samples)
             log.info("%s: %s", r.name, {k: v for k, v in results[r.name].items() if k.startswith(("predict_b", "predict_r", "n_"))})
     (out / "eval_summary.json").write_text(json.dumps(results, indent=2))
     return EvalResult(out, results)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,9 +21,7 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
-from rp_ray.data.report import load_checked_splits
-from rp_ray.models import load_tokenizer
-from rp_ray.template import encode_supervised, get_template
+from rp_ray.preparation import SupervisedEncoder, absolute_paths, conversation_items, prepare
 from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -45,40 +42,6 @@ class OrderedSplit(ray.train.DataConfig):
                 shard.context.enable_progress_bars = False  # workers read their shard once; no bar per worker
                 out[i][name] = shard.iterator()
         return out
-
-
-class _Encoder:
-    """Ray Data map_batches actor: conversations -> token ids and labels with the model's template."""
-
-    def __init__(self, model_path: str, template: str, cutoff_len: int, enable_thinking: bool):
-        self.tpl = get_template(template)
-        self.tok = load_tokenizer(model_path, self.tpl)
-        self.cutoff_len, self.thinking = cutoff_len, enable_thinking
-
-    def __call__(self, batch):
-        from rp_ray.data import Conversation
-
-        ids, labels = [], []
-        for raw in batch["conv"]:
-            i, lab = encode_supervised(self.tok, self.tpl, Conversation.from_dict(json.loads(raw)), self.cutoff_len, self.thinking)
-            ids.append(i)
-            labels.append(lab)
-        out = batch[["idx"]].copy()
-        out["input_ids"], out["labels"] = ids, labels
-        out["n_tokens"] = [len(i) for i in ids]
-        return out
-
-
-def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute paths, so workers (whatever their working directory) find the same files."""
-    upd = cfg.model_copy(deep=True)
-    upd.model.path = os.path.abspath(cfg.model.path)
-    upd.data.dataset_dir = os.path.abspath(cfg.data.dataset_dir)
-    upd.output_dir = os.path.abspath(cfg.output_dir)
-    upd.storage_path = os.path.abspath(cfg.storage_path or os.path.join(cfg.output_dir, "ray"))
-    if cfg.deepspeed.config_file:
-        upd.deepspeed.config_file = os.path.abspath(cfg.deepspeed.config_file)
-    return upd
 
 
 @dataclass
@@ -129,20 +92,16 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = resolve_paths(cfg)
+    cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tpl = get_template(cfg.model.template)
-    tok = load_tokenizer(cfg.model.path, tpl)  # a bad model path fails here, before any data work
-    train, _, report_path = load_checked_splits(cfg.data, out / "data")
-    if not train:
-        raise ValueError(f"no training conversations left in {cfg.data.train}; see {report_path}")
+    prep = prepare(cfg.model, cfg.data, out / "data", need=("train",))
+    train, report_path = prep.train, prep.report_path
 
     ensure_ray(cfg.num_workers * cfg.cpus_per_worker)
     t0 = time.perf_counter()
-    items = [{"idx": i, "conv": json.dumps(c.to_dict(), ensure_ascii=False)} for i, c in enumerate(train)]
-    ds = ray.data.from_items(items).map_batches(
-        _Encoder,
+    ds = ray.data.from_items(conversation_items(train)).map_batches(
+        SupervisedEncoder,
         fn_constructor_kwargs=dict(model_path=cfg.model.path, template=cfg.model.template,
                                    cutoff_len=cfg.data.cutoff_len, enable_thinking=cfg.model.enable_thinking),
         batch_size=256,
@@ -154,7 +113,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     name = cfg.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "pad_id": tok.pad_token_id},
+        train_loop_config={"cfg": cfg.model_dump(), "pad_id": prep.tok.pad_token_id},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,

@@ -19,6 +19,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,9 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rp_ray.config import TrainConfig
-from rp_ray.models import resolve_dtype
+from rp_ray.models import load_model, resolve_dtype
 from rp_ray.template import IGNORE_INDEX
-from rp_ray.train.batching import PaddingStats, collate, label_tokens, plan_epoch
+from rp_ray.train.batching import PaddingStats, collate, plan_epoch
 from rp_ray.train.deepspeed_config import deepspeed_config
 
 log = logging.getLogger("rp_ray.train")
@@ -52,8 +53,6 @@ def lora_targets(model: torch.nn.Module, target: str | list[str]) -> list[str] |
 def build_peft_model(cfg: TrainConfig, dtype: torch.dtype):
     from peft import LoraConfig, get_peft_model
 
-    from rp_ray.models import load_model
-
     model = load_model(cfg.model.path, str(dtype).removeprefix("torch."))
     model.config.use_cache = False
     lora = LoraConfig(
@@ -72,8 +71,48 @@ def step_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="sum"
     )
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the training group: rank, size and the device its tensors live on."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+
+def optimizer_step(engine, micro_batches: list[dict[str, torch.Tensor]], world: World,
+                   accumulation: int) -> tuple[float, int]:
+    """One optimizer step over this rank's micro-batches; returns (loss, non-pad tokens), both over all ranks.
+
+    The loss is the token-weighted mean over the whole global batch (every micro-batch on every rank), so the
+    update does not depend on how the batch is split into micro-batches or ranks. Every tensor handed to a
+    collective lives on ``world.device``: NCCL maps collectives for CUDA tensors only, and a CPU tensor there
+    fails the first step of every GPU run. The loss is summed on the device and read once per step.
+    ``micro_batches`` come from :func:`~rp_ray.train.batching.collate` (any device; moved here).
+    """
+    dev = world.device
+    n_label = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    counts = torch.tensor([n_label, n_tokens], dtype=torch.float64, device=dev)
+    dist.all_reduce(counts)
+    total_label, total_tokens = counts.tolist()
+    # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over ranks;
+    # the scale undoes both, so the gradient is that of (sum of token losses) / (labelled tokens in the batch)
+    scale = world.size * accumulation / max(total_label, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+    for mb in micro_batches:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in mb.items()}
+        s = step_loss_sum(engine, batch)
+        engine.backward(s * scale)
+        engine.step()
+        loss_sum += s.detach()
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(total_label, 1.0), int(total_tokens)
 
 
 def adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:
@@ -88,11 +127,26 @@ def adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def rng_state() -> dict[str, Any]:
+    """Every RNG that dropout and sampling draw from: torch's CPU and (when present) CUDA generators, Python's."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+
+
 def save_checkpoint(engine, cfg: TrainConfig, rank: int, out: Path, state: dict[str, Any]) -> None:
     """Every rank writes its DeepSpeed shard and RNG; rank 0 adds the adapter and the train state."""
     adapter = adapter_state(engine, cfg.deepspeed.stage)
     engine.save_checkpoint(str(out / DS_DIR), tag="state", exclude_frozen_parameters=True)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, out / f"rng_rank{rank}.pt")
+    torch.save(rng_state(), out / f"rng_rank{rank}.pt")
     if rank == 0:
         engine.module.save_pretrained(out / ADAPTER_DIR, state_dict=adapter, safe_serialization=True)
         (out / STATE_FILE).write_text(json.dumps(state))
@@ -100,9 +154,7 @@ def save_checkpoint(engine, cfg: TrainConfig, rank: int, out: Path, state: dict[
 
 def restore_checkpoint(engine, rank: int, ckpt_dir: Path) -> dict[str, Any]:
     engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag="state", load_module_strict=False)
-    rng = torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    set_rng_state(torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=True))
     return json.loads((ckpt_dir / STATE_FILE).read_text())
 
 
@@ -121,24 +173,68 @@ def _fmt_eta(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``loop_config = {"cfg": TrainConfig.model_dump(), "pad_id": int}``."""
+def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: bool):
+    """DeepSpeed engine and LR scheduler around a peft model (AdamW on the LoRA weights, cosine with warmup).
+
+    Adopts the process group that is already up: Ray Train's, or a plain ``torch.distributed`` one started the way
+    ``torchrun`` does (``LOCAL_RANK`` set, which DeepSpeed requires).
+    """
     import deepspeed
-    import ray.train
-    import transformers
     from transformers import get_cosine_schedule_with_warmup
+
+    deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.optim.warmup_ratio * total_steps), total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16=bf16),
+        dist_init_required=False,
+    )
+    return engine, scheduler
+
+
+def setup(cfg: TrainConfig, world: World, total_steps: int):
+    """Model and DeepSpeed engine for this rank: (engine, scheduler). The same LoRA init on every rank."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    dtype = getattr(torch, resolve_dtype(cfg.model.dtype, world.device.type == "cuda"))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    hf_ds = None
+    if cfg.deepspeed.stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(deepspeed_config(cfg, bf16=dtype == torch.bfloat16))  # noqa: F841 -- zero.Init on load
+    model = build_peft_model(cfg, dtype)
+    engine, scheduler = build_engine(cfg, model, total_steps, world, bf16=dtype == torch.bfloat16)
+    del hf_ds
+    return engine, scheduler
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``loop_config = {"cfg": TrainConfig.model_dump(), "pad_id": int}``.
+
+    The Ray glue around :func:`setup` and :func:`optimizer_step`: this rank's rows, the batch plan, resume,
+    and the logging / checkpoint cadence.
+    """
+    import ray.train
+    import ray.train.torch
 
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     pad_id = loop_config["pad_id"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = cfg.use_gpu and torch.cuda.is_available()
+    world = World(ctx.get_world_rank(), ctx.get_world_size(),
+                  ray.train.torch.get_device() if use_gpu else torch.device("cpu"))
+    rank = world.rank
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    transformers.utils.logging.disable_progress_bar()
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["idx"])
     rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
     lengths = [len(r["input_ids"]) for r in rows]
-    steps_per_epoch = len(rows) // (cfg.per_device_batch_size * cfg.gradient_accumulation_steps)  # plan_epoch's step count
+    steps_per_epoch = len(rows) // (cfg.per_device_batch_size * cfg.gradient_accumulation_steps)  # plan_epoch's count
     if steps_per_epoch == 0:
         raise ValueError(
             f"worker {rank} got {len(rows)} examples, fewer than one step of per_device_batch_size x "
@@ -146,29 +242,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"lower them or add data"
         )
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
-
-    use_gpu = cfg.use_gpu and torch.cuda.is_available()
-    dtype = getattr(torch, resolve_dtype(cfg.model.dtype, use_gpu))
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # same LoRA init on every rank
-
-    ds_cfg = deepspeed_config(cfg, bf16=dtype == torch.bfloat16)
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # adopts Ray Train's process group
-    hf_ds = None
-    if cfg.deepspeed.stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 -- keeps zero.Init active while the weights load
-    model = build_peft_model(cfg, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
-    warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
-    )
-    del hf_ds
+    engine, scheduler = setup(cfg, world, total_steps)
 
     state: dict[str, Any] = {"step": 0, "history": [], "tokens": 0, "train_seconds": 0.0}
     ckpt = ray.train.get_checkpoint()
@@ -177,7 +251,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = restore_checkpoint(engine, rank, Path(d))
         if rank == 0:
             log.info("resumed from checkpoint at step %d", state["step"])
-    elif cfg.fail_at_step is not None and rank == world - 1:
+    elif cfg.fail_at_step is not None and rank == world.size - 1:
         log.warning("fail_at_step=%d: this worker will exit abruptly at that step (first attempt only)", cfg.fail_at_step)
 
     padding = PaddingStats()
@@ -188,31 +262,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokens_since = 0
     engine.train()
     for step in range(state["step"], total_steps):
-        epoch, k = divmod(step, steps_per_epoch)
+        epoch, in_epoch = divmod(step, steps_per_epoch)
         if epoch not in plans:
             plans = {epoch: plan_epoch(lengths, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
                                        cfg.seed + 7919 * rank, epoch, cfg.group_by_length)}
             padding.add_plan(plans[epoch], lengths)
-        if cfg.fail_at_step == step and ckpt is None and rank == world - 1:
+        if cfg.fail_at_step == step and ckpt is None and rank == world.size - 1:
             os._exit(1)  # simulate a crashed worker process
-        micro_batches = [[rows[i] for i in mb] for mb in plans[epoch][k]]
-        counts = torch.tensor([float(sum(label_tokens(mb) for mb in micro_batches)),
-                               float(sum(len(e["input_ids"]) for mb in micro_batches for e in mb))])
-        dist.all_reduce(counts)
-        n_label, n_tokens = counts.tolist()
-        scale = world * cfg.gradient_accumulation_steps / max(n_label, 1.0)
-        loss_sum = torch.zeros(())
-        for mb in micro_batches:
-            batch = {k_: v.to(device) for k_, v in collate(mb, pad_id).items()}
-            s = step_loss_sum(engine, batch)
-            engine.backward(s * scale)  # DeepSpeed divides by accumulation and averages ranks; scale undoes both
-            engine.step()
-            loss_sum += s.detach().cpu()
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / max(n_label, 1.0)
+        micro_batches = [collate([rows[i] for i in mb], pad_id) for mb in plans[epoch][in_epoch]]
+        loss, n_tokens = optimizer_step(engine, micro_batches, world, cfg.gradient_accumulation_steps)
         lr = scheduler.get_last_lr()[0]
         state["step"] = step + 1
-        state["tokens"] += int(n_tokens)
+        state["tokens"] += n_tokens
         state["history"].append({"step": step + 1, "loss": loss, "lr": lr})
         tokens_since += n_tokens
         metrics = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": loss, "lr": lr}
@@ -222,10 +283,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if log_now:
             now = time.perf_counter()
             metrics["tokens_per_s"] = tokens_since / (now - t_since)
+            metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / world.size
             if rank == 0:
                 eta = (now - t_attempt) / (step + 1 - start_step) * (total_steps - step - 1)
-                log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s | eta %s",
-                         step + 1, total_steps, metrics["epoch"], loss, lr, metrics["tokens_per_s"], _fmt_eta(eta))
+                log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s",
+                         step + 1, total_steps, metrics["epoch"], loss, lr, metrics["tokens_per_s"],
+                         metrics["tokens_per_s_per_worker"], "GPU" if use_gpu else "worker", _fmt_eta(eta))
                 for key, g in gauges.items():
                     g.set(metrics[key])
             tokens_since, t_since = 0, now
@@ -233,7 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state["train_seconds"] += time.perf_counter() - t_start
             t_start = time.perf_counter()
             state["padding_ratio"] = padding.ratio
-            state |= {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world}
+            state |= {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world.size}
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(engine, cfg, rank, Path(d), state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
