@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from rp_ray import config as cfgmod
+from rp_ray.cluster import wait_for_job_agent
 from rp_ray.preparation import absolute_paths, encode_locally, prepare
 
 KINDS = {"train": cfgmod.TrainConfig, "eval": cfgmod.EvalConfig, "serve": cfgmod.ServeConfig}
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, TimeoutError)
 
 
 def setup_logging() -> None:
@@ -54,6 +56,11 @@ def cmd_config(a: argparse.Namespace) -> None:
     print("\n".join(cfgmod.describe(cls)))
 
 
+def cmd_wait_jobs(a: argparse.Namespace) -> None:
+    waited = wait_for_job_agent(a.address, a.timeout)
+    print(f"the cluster at {a.address} accepts jobs (waited {waited:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rp-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -70,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", default="outputs/data", help="where data_report.json/.txt go")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("wait-jobs", help="wait until a fresh `ray start` cluster accepts `ray job submit` (bounded)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                   help="the cluster's dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default 300)")
+    p.set_defaults(func=cmd_wait_jobs)
 
     p = sub.add_parser("config", help="list every key of a config kind with its default and meaning")
     p.add_argument("kind", choices=sorted(KINDS))

@@ -1,39 +1,122 @@
-"""Joining or starting Ray the same way for every job."""
+"""Joining or starting Ray the same way for every job, and failing loudly when the cluster goes away.
+
+A job joins a cluster only when it was told which one: ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or the
+cluster a ``ray start`` on this machine recorded as current. It never joins a cluster that another job's driver
+started in-process with ``ray.init()`` (Ray's ``address="auto"`` would): such a cluster dies with that driver and
+takes the joined job with it. Otherwise the job starts a private local cluster that lives as long as it does.
+
+A driver whose cluster dies does not fail by itself: its next ``ray.get`` waits forever, and a Ray Data
+iteration can end early with no error. :func:`ensure_ray` therefore starts a watchdog that checks the cluster's
+GCS every few seconds and ends the job with exit code 3 and a message saying what happened and how to resume.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
+import time
+
+import ray
 
 log = logging.getLogger(__name__)
 
+CLUSTER_LOST_EXIT = 3
+_watch: dict[str, str] = {}  # the resume hint of the running job (set by ensure_ray, read by the watchdog)
 
-def ensure_ray(cpus_needed: float = 1) -> None:
-    """Join a running cluster (RAY_ADDRESS, as under `ray job submit`, or one `ray start`ed on this
-    machine), else start a local one.
 
-    A local cluster gets enough logical CPUs for the job's actors plus Ray Data, even
-    on a 2-core box: the tiny workloads here oversubscribe happily. Token
-    authentication stays at Ray's default (on for local clusters).
+def recorded_cluster() -> str | None:
+    """The GCS address a ``ray start`` on this machine recorded as current (``ray stop`` clears it), or None."""
+    from ray._private.services import find_bootstrap_address  # the lookup `ray.init()` itself uses
+
+    return find_bootstrap_address(None)
+
+
+def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command again") -> None:
+    """Join the cluster named by RAY_ADDRESS or recorded by ``ray start``, else start a private local one.
+
+    A private cluster gets enough logical CPUs for the job's actors plus Ray Data, even on a 2-core box: the tiny
+    workloads here oversubscribe happily. Token authentication stays at Ray's default (on for local clusters).
+    ``resume_hint`` completes the message printed if the cluster dies under the job.
     """
-    import ray
-
+    _watch["hint"] = resume_hint
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-        log.info("joined the running Ray cluster")
-    except ConnectionError:
+    address = os.environ.get("RAY_ADDRESS") or recorded_cluster()
+    if address:
+        ray.init(address=address)
+        log.info("joined the Ray cluster at %s", address)
+    else:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed) + 2))
+        log.info("started a private local Ray cluster for this job")
+    start_watchdog(ray.get_runtime_context().gcs_address)
+
+
+def gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def start_watchdog(gcs_address: str, period_s: float = 5.0, misses: int = 3) -> threading.Thread:
+    """A daemon thread that ends the process (exit 3) once the GCS refused ``misses`` checks in a row."""
+
+    def watch() -> None:
+        failed = 0
+        while True:
+            time.sleep(period_s)
+            if not ray.is_initialized():
+                return  # the job shut Ray down itself
+            failed = 0 if gcs_reachable(gcs_address) else failed + 1
+            if failed >= misses:
+                sys.stderr.write(
+                    f"\nerror: the Ray cluster at {gcs_address} went away while this job was running (it was stopped, "
+                    f"or the process that started it exited). Nothing after the last saved state is kept. To resume: "
+                    f"{_watch.get('hint', 'run the same command again')}.\n"
+                )
+                sys.stderr.flush()
+                os._exit(CLUSTER_LOST_EXIT)  # the main thread may be blocked in ray.get forever
+
+    t = threading.Thread(target=watch, name="rp_ray-cluster-watchdog", daemon=True)
+    t.start()
+    return t
+
+
+def wait_for_job_agent(address: str, timeout_s: float = 300.0, poll_s: float = 2.0) -> float:
+    """Block until the cluster at ``address`` (its dashboard URL) accepts a job; returns the seconds waited.
+
+    Right after ``ray start`` the dashboard answers before the head node's job agent has registered, and a
+    submission then fails with "No available agent to submit job". The probe is the real thing: a no-op job,
+    resubmitted until it is accepted and has run (bounded by ``timeout_s``).
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    t0 = time.monotonic()
+    last: Exception | None = None
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            client = JobSubmissionClient(address)
+            job = client.submit_job(entrypoint="true", metadata={"rp_ray": "job agent probe"})
+            while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                if time.monotonic() - t0 > timeout_s:
+                    break
+                time.sleep(poll_s)
+            else:
+                return time.monotonic() - t0
+        except (RuntimeError, ConnectionError, OSError) as e:  # not up yet, or no agent yet
+            last = e
+        time.sleep(poll_s)
+    raise TimeoutError(f"the Ray cluster at {address} did not accept a job within {timeout_s:.0f} s (last error: {last}); "
+                       f"check `ray status` and the dashboard logs under /tmp/ray/session_latest/logs")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for local apps and test clusters)."""
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -54,6 +54,15 @@ def _run_from_repo_root():
     os.chdir(old)
 
 
+def ray_start_args(num_cpus: int) -> list[str]:
+    """`ray start --head` with every port free, so it starts beside any other Ray cluster on the machine."""
+    ports = {flag: free_port() for flag in ("port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "metrics-export-port", "node-manager-port", "object-manager-port")}
+    args = ["start", "--head", *(f"--{k}={v}" for k, v in ports.items()), "--dashboard-agent-listen-port=0",
+            f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+    return args
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the session, started like a user would (`ray start --head`), token auth on."""
@@ -64,14 +73,12 @@ def ray_cluster():
 
     bin_dir = Path(sys.executable).parent
     ray_bin = str(bin_dir / "ray")
-    gcs, dash = free_port(), free_port()
+    dash = free_port()
     # jobs run `python ...` with the cluster's PATH: start it from the project venv, as the README says
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=6",
-         "--disable-usage-stats", "--include-dashboard=true"],
-        check=True, cwd=REPO, capture_output=True, env=env,
-    )
+    args = ray_start_args(6) + [f"--dashboard-port={dash}", "--include-dashboard=true"]
+    gcs = next(a.split("=", 1)[1] for a in args if a.startswith("--port="))
+    subprocess.run([ray_bin, *args], check=True, cwd=REPO, capture_output=True, env=env)
     ray.init(address=f"127.0.0.1:{gcs}")
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
     ray.shutdown()

@@ -36,6 +36,10 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
     dash = ray_cluster["dashboard"]
     train_out, eval_out = tmp_path / "train", tmp_path / "eval"
 
+    # 0. what the README tells users to run after `ray start`: wait until the job agent accepts jobs
+    r = cli("rp-ray", "wait-jobs", "--address", dash, "--timeout", "600")
+    assert "accepts jobs" in r.stdout
+
     # 1. training job
     r = cli("ray", "job", "submit", "--address", dash, "--", "python", "jobs/train.py", "--config", "jobs/configs/tiny_llama3.yaml",
             f"model.path={tiny_llama3}", f"output_dir={train_out}", "max_steps=4", "data.cutoff_len=256")

@@ -229,7 +229,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     val = prepare(cfg.model, cfg.data, out / "data", need=("val",)).val
     items = [{"index": i, "conv": c.to_dict()} for i, c in enumerate(val)]
 
-    ensure_ray(cfg.num_actors + 1)
+    ensure_ray(cfg.num_actors + 1, resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept")
     groups = engine_groups(cfg, out)
     results: dict[str, dict[str, Any]] = {}
     n_shards = -(-len(items) // cfg.shard_size)

@@ -98,7 +98,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     prep = prepare(cfg.model, cfg.data, out / "data", need=("train",))
     train, report_path = prep.train, prep.report_path
 
-    ensure_ray(cfg.num_workers * cfg.cpus_per_worker)
+    name = cfg.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ensure_ray(cfg.num_workers * cfg.cpus_per_worker,
+               resume_hint=f"rerun with run_name={name} (and the same storage_path) to continue from its last checkpoint")
     t0 = time.perf_counter()
     ds = ray.data.from_items(conversation_items(train)).map_batches(
         SupervisedEncoder,
@@ -110,7 +112,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     ).materialize()
     log.info("encoded %d conversations in %.1fs", len(train), time.perf_counter() - t0)
 
-    name = cfg.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "pad_id": prep.tok.pad_token_id},

@@ -1,0 +1,98 @@
+"""Jobs and the clusters they run on: a job joins only a cluster it was told about (RAY_ADDRESS or `ray start`),
+never one that another job's driver started in-process, and a job whose cluster dies under it fails loudly.
+
+Each job here is a real `jobs/train.py` subprocess with its own Ray temp dir, so it sees no cluster the test
+session started; the jobs are tiny (2 optimizer steps) but start real Ray clusters, hence `slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, ray_start_args
+
+from rp_ray.cluster import CLUSTER_LOST_EXIT, free_port
+
+BIN = Path(sys.executable).parent
+TRAIN = ["jobs/train.py", "--config", "jobs/configs/tiny_llama3.yaml", "data.cutoff_len=128",
+         "checkpoint_every_steps=100", "per_device_batch_size=2"]
+
+
+def job_env(ray_tmp: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def kill_cluster(ray_tmp: str) -> int:
+    """SIGKILL every process of the cluster whose temp dir is ``ray_tmp`` (not `ray stop`, which would stop every
+    Ray cluster on the machine, the test session's too); returns how many were killed."""
+    import signal
+
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ray_tmp in cmd and "train.py" not in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+@pytest.mark.slow
+def test_two_embedded_jobs_at_once_both_finish(tiny_llama3, tmp_path):
+    """Two jobs started together on one machine, with no `ray start` cluster: each starts and keeps its own, and
+    neither rides on the other's (which would die with it)."""
+    procs = []
+    for name in ("a", "b"):
+        procs.append(subprocess.Popen(
+            [sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path / name}", "max_steps=2"],
+            cwd=REPO, env=job_env(tempfile.mkdtemp(prefix="rt", dir="/tmp")), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    for name, p in zip("ab", procs):
+        out, _ = p.communicate(timeout=1800)
+        assert p.returncode == 0, f"job {name}:\n{out[-4000:]}"
+        assert "started a private local Ray cluster" in out, out[-2000:]
+        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / name / "training_summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_job_whose_cluster_is_killed_exits_non_zero_with_a_clear_message(tiny_llama3, tmp_path):
+    """A job on a `ray start` cluster whose processes are all killed mid-run: the job ends with exit code 3 and says what
+    happened and how to resume, instead of hanging in ray.get or ending with no output."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = job_env(ray_tmp)
+    subprocess.run([str(BIN / "ray"), *ray_start_args(4), "--include-dashboard=false"], check=True, cwd=REPO,
+                   env=env, capture_output=True)
+    job = subprocess.Popen([sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path}",
+                            "max_steps=100000", "run_name=killed"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        t0 = time.monotonic()
+        for line in job.stdout:  # wait until training runs on the joined cluster
+            lines.append(line)
+            if "step " in line and "loss" in line:
+                break
+            assert time.monotonic() - t0 < 900, "".join(lines[-50:])
+        assert any("joined the Ray cluster" in x for x in lines), "".join(lines[-50:])
+    finally:
+        kill_cluster(ray_tmp)
+    out, _ = job.communicate(timeout=600)
+    text = "".join(lines) + out
+    assert job.returncode == CLUSTER_LOST_EXIT, text[-4000:]
+    assert "went away while this job was running" in text and "run_name=killed" in text, text[-4000:]
