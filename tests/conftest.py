@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Token authentication on for every Ray process the tests start or connect to (DESIGN.md §5).
+# Token authentication on for every Ray process the tests start or connect to (the Ray dashboard and jobs API stay protected).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from rp_ray.cluster import free_port

@@ -17,7 +17,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def markdown_table(model_name: str, results: dict[str, dict[str, Any]]) -> str:
-    """The DESIGN.md §1 table: one row per run."""
+    """The comparison table users know from LLaMA-Factory model cards: one row per run."""
     lines = ["| model | run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | predict samples/s | scored / total |",
              "|---|---|---|---|---|---|---|---|"]
     for run, r in results.items():
