@@ -33,8 +33,8 @@ esac
 
 {
     echo "# The \`gpu\` extra (pip install -e '.[gpu]': vllm==0.32.0 with CUDA torch), fully resolved for Linux x86_64"
-    echo "# (manylinux_2_28, glibc >= 2.28) and CPython 3.11, without a GPU: $("$uv" --version) pip compile of"
-    echo "# pyproject.toml --extra gpu --python-version 3.11 --python-platform x86_64-manylinux_2_28, on $(date -u +%F)."
+    echo "# (manylinux_2_28, glibc >= 2.28) and CPython 3.11, without a GPU, on $(date -u +%F) by $("$uv" --version | cut -d" " -f1-2):"
+    echo "#   uv pip compile pyproject.toml --extra gpu --python-version 3.11 --python-platform x86_64-manylinux_2_28"
     echo "# cluster.yaml's setup applies it as constraints: pip install -c requirements/gpu.lock -e '.[gpu]'."
     echo "# torch here is PyPI's CUDA $cuda build: it needs an NVIDIA driver of branch R$driver or newer"
     echo "# (cluster.yaml's worker setup checks nvidia-smi before Ray starts)."

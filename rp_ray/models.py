@@ -109,7 +109,9 @@ def resolve_attn_implementation(family: Family, requested: AttnImplementation, u
     return requested
 
 
-def load_kwargs(config: dict[str, Any], dtype: str = "float32", attn_implementation: str | None = None) -> dict[str, Any]:
+def load_kwargs(
+    config: dict[str, Any], dtype: str = "float32", attn_implementation: str | None = None
+) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments for a model whose config.json is ``config``.
 
     MXFP4 checkpoints (gpt-oss ships its experts that way) load dequantized, explicitly:

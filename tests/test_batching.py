@@ -128,7 +128,8 @@ def test_leftovers_differ_between_epochs():
     lengths = [(i * 37) % 101 + 5 for i in range(203)]  # 203 = 12 steps of 16 + 11 left over
     dropped = []
     for epoch in range(3):
-        used = {i for step in plan_epoch(lengths, 2, 2, 4, seed=3, epoch=epoch) for rank in step for mb in rank for i in mb}
+        plan = plan_epoch(lengths, 2, 2, 4, seed=3, epoch=epoch)
+        used = {i for step in plan for rank in step for mb in rank for i in mb}
         dropped.append(set(range(len(lengths))) - used)
     assert all(len(d) == 11 for d in dropped) and len({frozenset(d) for d in dropped}) == 3
 
@@ -157,7 +158,8 @@ def test_plan_shape_and_each_example_at_most_once(lengths, size, seed, epoch, gr
     world_size, micro_batch, accumulation = size
     plan = plan_epoch(lengths, world_size, micro_batch, accumulation, seed, epoch, grouped)
     step_size = world_size * micro_batch * accumulation
-    assert len(plan) == steps_per_epoch(len(lengths), world_size, micro_batch, accumulation) == len(lengths) // step_size
+    n_steps = steps_per_epoch(len(lengths), world_size, micro_batch, accumulation)
+    assert len(plan) == n_steps == len(lengths) // step_size
     for step in plan:
         assert len(step) == world_size
         assert all(len(rank) == accumulation and all(len(mb) == micro_batch for mb in rank) for rank in step)
@@ -192,7 +194,8 @@ def test_ranks_stay_within_one_length_gap_and_micro_batches_hold_neighbours(leng
         step_lengths = [lengths[i] for i in flat(step)]
         assert max(positions) - min(positions) <= micro_batch * (max(step_lengths) - min(step_lengths))
         for j in range(accumulation - 1):
-            assert min(lengths[i] for rank in step for i in rank[j]) >= max(lengths[i] for rank in step for i in rank[j + 1])
+            shortest_here = min(lengths[i] for rank in step for i in rank[j])
+            assert shortest_here >= max(lengths[i] for rank in step for i in rank[j + 1])
 
 
 @settings(max_examples=100, deadline=None)

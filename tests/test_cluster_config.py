@@ -349,7 +349,8 @@ def _driver_check(raw) -> str:
 def test_gpu_lock_freezes_the_gpu_extra_and_the_cluster_installs_with_it(raw):
     lines = GPU_LOCK.read_text(encoding="utf-8").splitlines()
     header = "\n".join(ln for ln in lines if ln.startswith("#"))
-    assert "make_gpu_lock.sh" in header and f"R{MIN_DRIVER}" in header and (REPO / "requirements/make_gpu_lock.sh").is_file()
+    assert "make_gpu_lock.sh" in header and f"R{MIN_DRIVER}" in header
+    assert (REPO / "requirements/make_gpu_lock.sh").is_file()
     pins = dict(ln.split("==", 1) for ln in lines if ln and not ln.startswith("#"))
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     for req in project["dependencies"] + project["optional-dependencies"]["gpu"]:
@@ -378,13 +379,14 @@ def test_driver_check_refuses_drivers_older_than_r580(raw, tmp_path, version, ok
     bin_dir.mkdir()
     if version is not None:
         fake = bin_dir / "nvidia-smi"
-        fake.write_text(f'#!/bin/sh\n[ "$1" = "--query-gpu=driver_version" ] || exit 9\necho "{version}"\necho "{version}"\n')
+        # answers the query the check makes, one line per GPU (two here)
+        fake.write_text(f'#!/bin/sh\n[ "$1" = "--query-gpu=driver_version" ] || exit 9\n' + f"echo {version}\n" * 2)
         fake.chmod(0o755)
     tools = [shutil.which(t) for t in ("head", "hostname")]
     for t in filter(None, tools):  # a PATH with only our fake and the few tools the check uses
         os.symlink(t, bin_dir / Path(t).name)
-    res = subprocess.run([shutil.which("bash"), "-c", _driver_check(raw)], env={"PATH": str(bin_dir)}, capture_output=True, text=True,
-                         timeout=30)
+    res = subprocess.run([shutil.which("bash"), "-c", _driver_check(raw)], env={"PATH": str(bin_dir)},
+                         capture_output=True, text=True, timeout=30)
     if ok:
         assert res.returncode == 0, res.stderr
     else:

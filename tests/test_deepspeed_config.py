@@ -41,7 +41,8 @@ def test_generated_json(stage, bf16, overlap, accum):
     assert ds["zero_optimization"].get("overlap_comm") == overlap
     assert ds.get("data_types") == ({"grad_accum_dtype": accum} if accum else None)
     assert ds["bf16"] == {"enabled": bf16} and ds["fp16"] == {"enabled": False}
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
+    sizes = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert sizes == (2, 2, 8)
     json.dumps(ds)  # DeepSpeed gets it as JSON-able data
 
 

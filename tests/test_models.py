@@ -186,7 +186,8 @@ def test_lora_all_on_gpt_oss_reaches_only_the_attention_projections(tiny_gpt_oss
     attention projections; the router and the experts are bare parameters."""
     model = load_model(tiny_gpt_oss)
     head = model.get_output_embeddings()
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and m is not head}
     assert linear == {"q_proj", "k_proj", "v_proj", "o_proj"}
     mlp = model.model.layers[0].mlp
     assert not isinstance(mlp.router, torch.nn.Linear) and mlp.experts.down_proj.dim() == 3
