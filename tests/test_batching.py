@@ -81,7 +81,8 @@ def micro_imbalance(plan, lengths) -> float:
 @pytest.mark.parametrize("world_size", [4, 8])
 def test_haruhi_ranks_do_even_work(haruhi_train_lengths, world_size, micro_batch, accumulation):
     lengths = haruhi_train_lengths
-    plan = plan_epoch(lengths, world_size, micro_batch, accumulation, seed=42, epoch=0)
+    plan = plan_epoch(lengths, world_size=world_size, micro_batch=micro_batch, accumulation=accumulation,
+                      seed=42, epoch=0)
     old = per_rank_baseline(lengths, world_size, micro_batch, accumulation)
     new_pad, old_pad = PaddingStats(), PaddingStats()
     new_pad.add_plan(plan, lengths)
@@ -119,7 +120,7 @@ def test_deal_step_pairs_long_with_short_across_micro_batches():
 
 def test_sizes_are_checked():
     with pytest.raises(ValueError, match="world_size must be at least 1"):
-        plan_epoch([5, 6], 0, 1, 1, seed=0, epoch=0)
+        plan_epoch([5, 6], world_size=0, micro_batch=1, accumulation=1, seed=0, epoch=0)
     with pytest.raises(ValueError, match="world_size x micro_batch x accumulation = 4"):
         deal_step([0, 1, 2], [1, 2, 3], 2, 2, 1)
 
@@ -128,17 +129,26 @@ def test_leftovers_differ_between_epochs():
     lengths = [(i * 37) % 101 + 5 for i in range(203)]  # 203 = 12 steps of 16 + 11 left over
     dropped = []
     for epoch in range(3):
-        plan = plan_epoch(lengths, 2, 2, 4, seed=3, epoch=epoch)
+        plan = plan_epoch(lengths, world_size=2, micro_batch=2, accumulation=4, seed=3, epoch=epoch)
         used = {i for step in plan for rank in step for mb in rank for i in mb}
         dropped.append(set(range(len(lengths))) - used)
     assert all(len(d) == 11 for d in dropped) and len({frozenset(d) for d in dropped}) == 3
 
 
+def test_sizes_are_keyword_only():
+    """A call in the per-rank planner's positional order (micro_batch, accumulation, seed, epoch) fails loudly."""
+    with pytest.raises(TypeError):
+        plan_epoch([5, 6, 7, 8], 2, 1, 42, 0)
+
+
+SIZES = {"world_size": 2, "micro_batch": 4, "accumulation": 2}
+
+
 def test_length_grouping_cuts_padding():
     lengths = [(i * 7919) % 1000 + 10 for i in range(1024)]
     grouped, plain = PaddingStats(), PaddingStats()
-    grouped.add_plan(plan_epoch(lengths, 2, 4, 2, 0, 0, group_by_length=True), lengths)
-    plain.add_plan(plan_epoch(lengths, 2, 4, 2, 0, 0, group_by_length=False), lengths)
+    grouped.add_plan(plan_epoch(lengths, **SIZES, seed=0, epoch=0, group_by_length=True), lengths)
+    plain.add_plan(plan_epoch(lengths, **SIZES, seed=0, epoch=0, group_by_length=False), lengths)
     assert grouped.ratio < plain.ratio / 3
 
 
@@ -146,6 +156,10 @@ def test_length_grouping_cuts_padding():
 
 sizes = st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4))  # world_size, micro_batch, accumulation
 lengths_st = st.lists(st.integers(1, 2048), min_size=0, max_size=300)
+
+
+def sized(size) -> dict[str, int]:
+    return dict(zip(("world_size", "micro_batch", "accumulation"), size, strict=True))
 
 
 def flat(step) -> list[int]:
@@ -156,7 +170,7 @@ def flat(step) -> list[int]:
 @given(lengths_st, sizes, st.integers(0, 10**6), st.integers(0, 5), st.booleans())
 def test_plan_shape_and_each_example_at_most_once(lengths, size, seed, epoch, grouped):
     world_size, micro_batch, accumulation = size
-    plan = plan_epoch(lengths, world_size, micro_batch, accumulation, seed, epoch, grouped)
+    plan = plan_epoch(lengths, **sized(size), seed=seed, epoch=epoch, group_by_length=grouped)
     step_size = world_size * micro_batch * accumulation
     n_steps = steps_per_epoch(len(lengths), world_size, micro_batch, accumulation)
     assert len(plan) == n_steps == len(lengths) // step_size
@@ -166,7 +180,7 @@ def test_plan_shape_and_each_example_at_most_once(lengths, size, seed, epoch, gr
     used = [i for step in plan for i in flat(step)]
     assert len(used) == len(set(used)) == len(lengths) - len(lengths) % step_size
     assert all(0 <= i < len(lengths) for i in used)
-    assert plan == plan_epoch(list(lengths), world_size, micro_batch, accumulation, seed, epoch, grouped)  # pure
+    assert plan == plan_epoch(list(lengths), **sized(size), seed=seed, epoch=epoch, group_by_length=grouped)  # pure
 
 
 @settings(max_examples=200, deadline=None)
@@ -178,8 +192,8 @@ def test_step_sets_depend_only_on_the_global_batch_size(lengths, size, seed, epo
     other = [1, 1, 1]
     for f in factors:  # the same product, factors moved around at random
         other[rnd.randrange(3)] *= f
-    a = plan_epoch(lengths, *factors, seed, epoch, grouped)
-    b = plan_epoch(lengths, *other, seed, epoch, grouped)
+    a = plan_epoch(lengths, **sized(factors), seed=seed, epoch=epoch, group_by_length=grouped)
+    b = plan_epoch(lengths, **sized(other), seed=seed, epoch=epoch, group_by_length=grouped)
     assert [sorted(flat(s)) for s in a] == [sorted(flat(s)) for s in b]
 
 
@@ -189,7 +203,7 @@ def test_ranks_stay_within_one_length_gap_and_micro_batches_hold_neighbours(leng
     """Per step: the busiest and idlest rank differ by at most micro_batch x (longest - shortest example of the
     step), however many micro-batches accumulate; and micro-batch j on any rank is never shorter than j + 1."""
     world_size, micro_batch, accumulation = size
-    plan = plan_epoch(lengths, world_size, micro_batch, accumulation, seed, 0, grouped)
+    plan = plan_epoch(lengths, **sized(size), seed=seed, epoch=0, group_by_length=grouped)
     for step, positions in zip(plan, rank_positions(plan, lengths), strict=True):
         step_lengths = [lengths[i] for i in flat(step)]
         assert max(positions) - min(positions) <= micro_batch * (max(step_lengths) - min(step_lengths))
@@ -201,7 +215,7 @@ def test_ranks_stay_within_one_length_gap_and_micro_batches_hold_neighbours(leng
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 2048), min_size=64, max_size=300), st.integers(0, 10**6))
 def test_epochs_reshuffle(lengths, seed):
-    a, b = plan_epoch(lengths, 2, 2, 2, seed, 0), plan_epoch(lengths, 2, 2, 2, seed, 1)
+    a, b = (plan_epoch(lengths, **sized((2, 2, 2)), seed=seed, epoch=e) for e in (0, 1))
     assert [sorted(flat(s)) for s in a] != [sorted(flat(s)) for s in b]
     counts = Counter(i for step in a for i in flat(step))
     assert set(counts.values()) == {1}

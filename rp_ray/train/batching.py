@@ -38,6 +38,7 @@ def steps_per_epoch(n_examples: int, world_size: int, micro_batch: int, accumula
 
 def plan_epoch(
     lengths: list[int],
+    *,
     world_size: int,
     micro_batch: int,
     accumulation: int,
@@ -52,7 +53,9 @@ def plan_epoch(
     ``len % step_size`` of that order are left out of the epoch. With
     ``group_by_length``, each window of ``MEGABATCH_STEPS`` steps is sorted by length
     before it is cut into steps, and the steps are shuffled, so a step holds examples
-    of similar length. Each step is then dealt to ranks by ``deal_step``.
+    of similar length. Each step is then dealt to ranks by ``deal_step``. The sizes are
+    keyword-only: the per-rank planner this replaced took (micro_batch, accumulation, seed,
+    epoch) positionally, and such a call must fail, not plan something else.
     """
     for name, value in (("world_size", world_size), ("micro_batch", micro_batch), ("accumulation", accumulation)):
         if value < 1:
