@@ -273,7 +273,12 @@ def encode_prediction(
 def chat_prompt_ids(
     tok: PreTrainedTokenizerBase, tpl: Template, system: str, messages: list[Message], enable_thinking: bool = False
 ) -> list[int]:
-    """Generation prompt for a chat that ends with a user message (serving and live chat)."""
+    """Generation prompt for a chat that ends with a user message (serving and live chat).
+
+    The history is replayed as ``encode_oneturn`` lays out a prediction prompt (for gpt_oss:
+    earlier replies bare, the empty reasoning block only after the last user turn), the
+    layout a LoRA trained here saw.
+    """
     if not messages or messages[-1].role != "user":
         raise ValueError("a chat prompt needs messages that end with a user message")
     prompt, _ = encode_oneturn(tok, tpl, system, [*messages, Message("assistant", "")], enable_thinking)
