@@ -18,6 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Family = Literal["llama3", "gpt_oss"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"]
+
+# What lora.target=all reaches on each family (nn.Linear layers but the output head), for the descriptions below.
+LORA_ALL_MODULES = (
+    "llama3: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. gpt_oss: the attention projections "
+    "q_proj, k_proj, v_proj, o_proj only: its MoE router (GptOssTopKRouter) holds a bare weight parameter and its "
+    "experts are 3-D parameters, neither is an nn.Linear, so both stay frozen"
+)
 
 
 class StrictModel(BaseModel):
@@ -46,6 +54,14 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
+    attn_implementation: AttnImplementation = Field(
+        "auto",
+        description="Attention kernel when transformers loads the model (training, and eval with backend=hf; "
+        "vLLM picks its own). auto = sdpa for llama3; for gpt_oss flex_attention on GPU (it supports gpt-oss's "
+        "attention sinks; gpt-oss has no sdpa path) and eager on CPU (transformers runs sinks under flex "
+        "attention on CUDA only). MXFP4 checkpoints (gpt-oss experts) are always loaded dequantized. "
+        f"LoRA with lora.target=all adapts, per family: {LORA_ALL_MODULES}.",
+    )
 
     @model_validator(mode="after")
     def _thinking_only_for_gpt_oss(self) -> ModelConfig:
@@ -53,6 +69,11 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"model.enable_thinking=true only applies to model.template=gpt_oss "
                 f"(got template={self.template}); remove model.enable_thinking"
+            )
+        if self.template == "gpt_oss" and self.attn_implementation == "sdpa":
+            raise ValueError(
+                "model.attn_implementation=sdpa: gpt-oss has no SDPA attention in transformers (attention sinks); "
+                "use auto, flex_attention (GPU) or eager"
             )
         return self
 
@@ -92,7 +113,9 @@ class LoraConfig(StrictModel):
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; None = 2 * rank, as LLaMA-Factory.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target: Literal["all"] | list[str] = Field(
-        "all", description="Modules to adapt: `all` = every linear layer but the output head, or a list of names."
+        "all",
+        description="Modules to adapt: `all` = every nn.Linear layer but the output head (LLaMA-Factory's meaning), "
+        f"or a list of module names. `all` adapts, per family: {LORA_ALL_MODULES}.",
     )
 
 

@@ -13,8 +13,9 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from rp_ray.config import Family
+from rp_ray.config import AttnImplementation, Family
 from rp_ray.template import Template, chat_template_jinja, get_template
 
 log = logging.getLogger(__name__)
@@ -79,19 +80,75 @@ def resolve_dtype(dtype: str, use_gpu: bool) -> str:
     return dtype if dtype != "auto" else ("bfloat16" if use_gpu else "float32")
 
 
-def load_model(path: str | Path, dtype: str = "float32"):
-    """A causal LM from local safetensors, never running code shipped with the weights."""
+def resolve_attn_implementation(family: Family, requested: AttnImplementation, use_gpu: bool) -> str:
+    """The transformers ``attn_implementation`` to load a model with.
+
+    ``auto``: llama3 -> ``sdpa``. gpt_oss has no SDPA path (its attention sinks, a learned
+    logit per head, do not fit SDPA's softmax) and needs ``flex_attention`` on GPU, which
+    applies the sinks by renormalising with flex's log-sum-exp; transformers 5.19 cannot
+    return that log-sum-exp on CPU and refuses sinks there, so gpt_oss on CPU is ``eager``.
+    An explicit choice is kept, but the combinations that cannot load fail here, before any
+    weights are read, naming the setting to change.
+    """
+    if requested == "auto":
+        if family == "llama3":
+            return "sdpa"
+        return "flex_attention" if use_gpu else "eager"
+    if family == "gpt_oss" and requested == "sdpa":
+        raise ValueError(
+            "model.attn_implementation=sdpa: gpt-oss has no SDPA attention in transformers (attention sinks); "
+            "use auto, flex_attention (GPU) or eager"
+        )
+    if not use_gpu and requested == "flash_attention_2":
+        raise ValueError("model.attn_implementation=flash_attention_2 needs a GPU; use auto on CPU")
+    if not use_gpu and family == "gpt_oss" and requested == "flex_attention":
+        raise ValueError(
+            "model.attn_implementation=flex_attention: transformers runs gpt-oss's attention sinks with flex "
+            "attention on CUDA only; use auto or eager on CPU"
+        )
+    return requested
+
+
+def load_kwargs(
+    config: dict[str, Any], dtype: str = "float32", attn_implementation: str | None = None
+) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a model whose config.json is ``config``.
+
+    MXFP4 checkpoints (gpt-oss ships its experts that way) load dequantized, explicitly:
+    left to itself transformers keeps them quantized when Triton and the ``kernels``
+    package are present, and quantized experts are frozen blocks that DeepSpeed cannot
+    partition and peft cannot train through; without those packages it dequantizes anyway.
+    Asking for it makes the result the same on every machine.
+    """
     import torch
+
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "trust_remote_code": False,
+        "use_safetensors": True,
+        "local_files_only": True,
+    }
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    return kwargs
+
+
+def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str | None = None):
+    """A causal LM from local safetensors, never running code shipped with the weights.
+
+    ``attn_implementation``: what ``resolve_attn_implementation`` chose; None leaves
+    transformers' own default for the architecture.
+    """
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(
-        p,
-        dtype=getattr(torch, dtype),
-        trust_remote_code=False,
-        use_safetensors=True,
-        local_files_only=True,
-    )
+    config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    return AutoModelForCausalLM.from_pretrained(p, **load_kwargs(config, dtype, attn_implementation))
 
 
 def _train_tokenizer(texts: Iterable[str], tpl: Template, vocab_size: int):

@@ -9,20 +9,26 @@ are comparable.
 - ``llama3``: ``<bos>`` then ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
   per message; the user slot carries the assistant header, so the generation
   prompt is ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``. No default system.
-- ``gpt_oss`` (harmony, LLaMA-Factory's ``gpt`` template): ``<|start|>{role}<|message|>{content}<|end|>``,
-  user slot ends with ``<|start|>assistant``, default system "You are ChatGPT, ...",
-  and an empty reasoning block ``<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>``:
-  with thinking off (our default) it closes the prompt; with thinking on
-  (LLaMA-Factory's default) it opens the reply. ``<|return|>`` ends each
-  supervised sequence (LLaMA-Factory's ``efficient_eos``).
+- ``gpt_oss`` (LLaMA-Factory 0.9.5's ``gpt_oss``, not OpenAI's own harmony rendering):
+  system ``<|start|>system<|message|>{content}<|end|>`` (default "You are ChatGPT, ..."),
+  user ``<|start|>user<|message|>{content}<|end|><|start|>assistant`` (it opens the reply),
+  assistant ``{content}`` alone: a reply has no ``<|end|>``, the next user turn follows it
+  directly. The reasoning block is ``<|channel|>analysis<|message|>`` ...
+  ``<|end|><|start|>assistant<|channel|>final<|message|>``; an empty one closes each prompt
+  with thinking off (our default, unlabelled) or opens each reply with thinking on
+  (LLaMA-Factory's default, labelled).
+- ``efficient_eos`` (gpt_oss): the eos ``<|return|>`` is appended once, at the end of a
+  training example and of a prediction label, and is what ends a reply. Since a reply has
+  no end token of its own, LLaMA-Factory teaches "the reply is over" by labelling the first
+  token of every later user turn with the eos (``[eos] + [-100] * (len(source) - 1)``);
+  we do the same, so the loss matches LLaMA-Factory's token for token.
 
-Prediction prompts follow LLaMA-Factory's ``encode_oneturn`` to the token, including
-its gpt_oss history layout (earlier replies appear as ``<|start|>assistant{reply}<|end|>``
-without a channel), so scores stay comparable.
-
-One deliberate difference from LLaMA-Factory: for ``efficient_eos`` templates it
-also puts an eos label on the first prompt token of every later turn; here
-labels sit only on assistant tokens (DESIGN.md §4).
+Prediction prompts follow LLaMA-Factory's ``encode_oneturn`` to the token: only the last
+turn gets the empty reasoning block, earlier replies appear bare
+(``<|start|>assistant{reply}<|start|>user...``), so scores stay comparable. A LoRA trained
+with this layout must be served with it (``chat_prompt_ids`` replays chat history the same
+way); the base gpt-oss was trained on OpenAI's rendering, where history replies end in
+``<|end|>`` and carry ``<|channel|>final``.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ class Template:
     assistant_slot: str
     default_system: str
     thought_words: tuple[str, str] | None
-    end_of_sequence: str | None  # appended, labelled, after the last assistant turn
+    # LLaMA-Factory's efficient_eos: this token ends the last reply (labelled) and labels the first token of every
+    # later user turn; None = each reply carries its own end token in assistant_slot
+    efficient_eos: str | None
     stop_words: tuple[str, ...]
     special_tokens: tuple[str, ...]  # the family's special tokens that a tokenizer must know
 
@@ -67,7 +75,7 @@ LLAMA3 = Template(
     assistant_slot="{content}<|eot_id|>",
     default_system="",
     thought_words=None,
-    end_of_sequence=None,
+    efficient_eos=None,
     stop_words=("<|eot_id|>", "<|eom_id|>"),
     special_tokens=(
         "<|begin_of_text|>",
@@ -86,10 +94,10 @@ GPT_OSS = Template(
     bos=False,
     system_slot="<|start|>system<|message|>{content}<|end|>",
     user_slot="<|start|>user<|message|>{content}<|end|><|start|>assistant",
-    assistant_slot="{content}<|end|>",
+    assistant_slot="{content}",
     default_system="You are ChatGPT, a large language model trained by OpenAI.",
     thought_words=("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>"),
-    end_of_sequence="<|return|>",
+    efficient_eos="<|return|>",
     stop_words=("<|return|>", "<|call|>"),
     special_tokens=(
         "<|startoftext|>",
@@ -186,23 +194,28 @@ def encode_pairs(
 def encode_supervised(
     tok: PreTrainedTokenizerBase, tpl: Template, conv: Conversation, cutoff_len: int, enable_thinking: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Training ids and labels: every assistant reply (and its end token) is labelled, the rest is -100.
+    """Training ids and labels: every assistant reply is labelled, prompts are -100.
 
     Turns are added in order until ``cutoff_len`` is reached, each cut by ``infer_seqlen``
-    against the remaining budget (LLaMA-Factory ``SupervisedDatasetProcessor``).
+    against the remaining budget (LLaMA-Factory ``SupervisedDatasetProcessor``). With
+    ``efficient_eos`` the budget starts at 1 (the final eos always fits), the eos ends the
+    example, labelled, and the first token of every user turn after the first is labelled
+    with the eos: there the model learns that the previous reply is over.
     """
-    eos = [tok.convert_tokens_to_ids(tpl.end_of_sequence)] if tpl.end_of_sequence else []
+    eos = [tok.convert_tokens_to_ids(tpl.efficient_eos)] if tpl.efficient_eos else []
     input_ids: list[int] = []
     labels: list[int] = []
     total = len(eos)
-    for source, target in encode_pairs(tok, tpl, conv, enable_thinking):
+    for turn, (source, target) in enumerate(encode_pairs(tok, tpl, conv, enable_thinking)):
         if total >= cutoff_len:
             break
         s_len, t_len = infer_seqlen(len(source), len(target), cutoff_len - total)
         source, target = source[:s_len], target[:t_len]
         total += s_len + t_len
+        # LLaMA-Factory writes [eos] + [-100] * (s_len - 1); the slice keeps labels aligned when s_len is 0
+        source_labels = (eos if turn > 0 else []) + [IGNORE_INDEX] * s_len
         input_ids += source + target
-        labels += [IGNORE_INDEX] * s_len + target
+        labels += source_labels[:s_len] + target
     return input_ids + eos, labels + eos
 
 
@@ -250,8 +263,8 @@ def encode_prediction(
     The head of the prompt is kept (LLaMA-Factory ``UnsupervisedDatasetProcessor``).
     """
     prompt, reply = encode_oneturn(tok, tpl, conv.system, list(conv.messages), enable_thinking)
-    if tpl.end_of_sequence:
-        reply = reply + [tok.convert_tokens_to_ids(tpl.end_of_sequence)]
+    if tpl.efficient_eos:
+        reply = reply + [tok.convert_tokens_to_ids(tpl.efficient_eos)]
     s_len, t_len = infer_seqlen(len(prompt), len(reply), cutoff_len)
     truncated = s_len < len(prompt) or t_len < len(reply)
     return PredictionExample(prompt[:s_len], reply[:t_len], conv.messages[-1].content, truncated)
@@ -260,7 +273,12 @@ def encode_prediction(
 def chat_prompt_ids(
     tok: PreTrainedTokenizerBase, tpl: Template, system: str, messages: list[Message], enable_thinking: bool = False
 ) -> list[int]:
-    """Generation prompt for a chat that ends with a user message (serving and live chat)."""
+    """Generation prompt for a chat that ends with a user message (serving and live chat).
+
+    The history is replayed as ``encode_oneturn`` lays out a prediction prompt (for gpt_oss:
+    earlier replies bare, the empty reasoning block only after the last user turn), the
+    layout a LoRA trained here saw.
+    """
     if not messages or messages[-1].role != "user":
         raise ValueError("a chat prompt needs messages that end with a user message")
     prompt, _ = encode_oneturn(tok, tpl, system, [*messages, Message("assistant", "")], enable_thinking)

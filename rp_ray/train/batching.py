@@ -1,10 +1,19 @@
-"""Deterministic batch plans: which examples go into which micro-batch of which optimizer step.
+"""Deterministic global batch plans: which examples each rank takes in each micro-batch of each optimizer step.
 
-Pure functions of (lengths, sizes, seed, epoch), so every worker, and a worker that
-resumes after a crash, builds exactly the same plan. Length grouping works at the
-level of a whole optimizer step (micro_batch x accumulation examples): the same
-examples make up a step whatever the micro-batch split, so 4 x 1 and 2 x 2 apply
-the same update.
+One plan covers all ranks. Every rank computes it from the lengths of *all* rows with
+the same seed, so ranks agree on it without talking, and a rank that resumes after a
+crash rebuilds it exactly. Planning globally matters because every collective of a
+step (ZeRO's gradient reduce, ZeRO-3's parameter gathers, the loss all-reduce) waits
+for the slowest rank: when each rank planned its own shard, one rank could hold
+2,000-token examples while another held 200-token ones in the same step.
+
+So all ranks take the same length bucket in the same step, and within a step the
+examples are dealt so that every rank computes about as many positions (padding
+included) as the others, while each micro-batch holds examples of similar length.
+
+The examples of a global step depend only on ``world_size x micro_batch x
+accumulation``, never on how that product is split, so 4 x 1 and 2 x 2 (same world
+size), or 2 ranks x 2 and 4 ranks x 1, apply the same update.
 """
 
 from __future__ import annotations
@@ -16,30 +25,105 @@ import torch
 
 from rp_ray.template import IGNORE_INDEX
 
-MEGABATCH_STEPS = 16  # steps whose examples are sorted by length together
+MEGABATCH_STEPS = 16  # global steps whose examples are sorted by length together
+
+# plan[step][rank][micro][k] = index of an example in the full list of rows
+Plan = list[list[list[list[int]]]]
+
+
+def steps_per_epoch(n_examples: int, world_size: int, micro_batch: int, accumulation: int) -> int:
+    """Whole global steps in one epoch (the examples left over are dropped, a different few each epoch)."""
+    return n_examples // (world_size * micro_batch * accumulation)
 
 
 def plan_epoch(
-    lengths: list[int], micro_batch: int, accumulation: int, seed: int, epoch: int, group_by_length: bool = True
-) -> list[list[list[int]]]:
-    """Steps -> micro-batches -> example indices for one epoch.
+    lengths: list[int],
+    *,
+    world_size: int,
+    micro_batch: int,
+    accumulation: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+) -> Plan:
+    """Global steps -> ranks -> micro-batches -> example indices, for one epoch.
 
-    Shuffles with ``seed`` and ``epoch``; with ``group_by_length``, sorts each window
-    of ``MEGABATCH_STEPS`` steps by length before cutting it into steps, then
-    shuffles the steps. Examples that do not fill a last whole step are left out of
-    this epoch (a different few each epoch).
+    ``lengths`` are the token counts of all rows (every rank passes the same list and
+    the same ``seed``). The rows are shuffled with ``seed`` and ``epoch``; the last
+    ``len % step_size`` of that order are left out of the epoch. With
+    ``group_by_length``, each window of ``MEGABATCH_STEPS`` steps is sorted by length
+    before it is cut into steps, and the steps are shuffled, so a step holds examples
+    of similar length. Each step is then dealt to ranks by ``deal_step``. The sizes are
+    keyword-only: the per-rank planner this replaced took (micro_batch, accumulation, seed,
+    epoch) positionally, and such a call must fail, not plan something else.
     """
+    for name, value in (("world_size", world_size), ("micro_batch", micro_batch), ("accumulation", accumulation)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    step_size = world_size * micro_batch * accumulation
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    step_size = micro_batch * accumulation
+    del order[len(order) - len(order) % step_size :]  # random leftovers: a different few each epoch
     if group_by_length:
         window = step_size * MEGABATCH_STEPS
         order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda j: -lengths[j])]
-    steps = [order[s : s + step_size] for s in range(0, len(order) - step_size + 1, step_size)]
+    steps = [order[s : s + step_size] for s in range(0, len(order), step_size)]
     if group_by_length:
-        rng.shuffle(steps)
-    return [[step[m : m + micro_batch] for m in range(0, step_size, micro_batch)] for step in steps]
+        rng.shuffle(steps)  # long and short steps interleaved, not one epoch-long ramp
+    return [deal_step(step, lengths, world_size, micro_batch, accumulation) for step in steps]
+
+
+def deal_step(
+    examples: list[int], lengths: list[int], world_size: int, micro_batch: int, accumulation: int
+) -> list[list[list[int]]]:
+    """One global step's examples -> ranks -> micro-batches, balancing the positions each rank computes.
+
+    The examples are sorted longest first and cut into ``accumulation`` chunks of
+    ``world_size x micro_batch``: chunk j is micro-batch j on every rank, so the ranks
+    run micro-batches of similar cost side by side (ZeRO syncs on each one). Within a
+    chunk, consecutive examples form a micro-batch (similar lengths, little padding),
+    and the costliest micro-batch goes to the rank that has computed least so far in
+    this step. That keeps the spread between ranks within the largest cost gap inside
+    one chunk, whatever the number of chunks.
+    """
+    if len(examples) != world_size * micro_batch * accumulation:
+        raise ValueError(
+            f"a step holds world_size x micro_batch x accumulation = {world_size * micro_batch * accumulation} "
+            f"examples, got {len(examples)}"
+        )
+    ranked = sorted(examples, key=lambda i: (-lengths[i], i))
+    chunk_size = world_size * micro_batch
+    plan: list[list[list[int]]] = [[[] for _ in range(accumulation)] for _ in range(world_size)]
+    load = [0] * world_size  # positions (padding included) each rank computes in this step so far
+    for j in range(accumulation):
+        chunk = ranked[j * chunk_size : (j + 1) * chunk_size]
+        blocks = [chunk[k : k + micro_batch] for k in range(0, chunk_size, micro_batch)]  # costliest first
+        for block, rank in zip(blocks, sorted(range(world_size), key=lambda r: (load[r], r)), strict=True):
+            plan[rank][j] = block
+            load[rank] += _positions(block, lengths)
+    return plan
+
+
+def _positions(micro_batch: list[int], lengths: list[int]) -> int:
+    """Positions a right-padded micro-batch computes: its size x its longest example."""
+    return len(micro_batch) * max(lengths[i] for i in micro_batch)
+
+
+def rank_positions(plan: Plan, lengths: list[int]) -> list[list[int]]:
+    """Per step, per rank: the positions (padding included) that rank computes in that step."""
+    return [[sum(_positions(mb, lengths) for mb in rank) for rank in step] for step in plan]
+
+
+def imbalance(plan: Plan, lengths: list[int]) -> float:
+    """Mean over steps of (the busiest rank's positions / the mean over ranks); 1.0 = perfectly even.
+
+    Positions include padding, which is what a rank computes; with micro-batches of one
+    they are the tokens. Each step lasts as long as its busiest rank, so the share of
+    GPU time doing useful work is about ``1 / imbalance``.
+    """
+    ratios = [max(step) * len(step) / sum(step) for step in rank_positions(plan, lengths) if sum(step)]
+    return sum(ratios) / len(ratios) if ratios else 1.0
 
 
 @dataclass
@@ -52,11 +136,13 @@ class PaddingStats:
         """Share of computed positions that are padding."""
         return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
-    def add_plan(self, plan: list[list[list[int]]], lengths: list[int]) -> None:
+    def add_plan(self, plan: Plan, lengths: list[int]) -> None:
+        """Count every micro-batch of every rank of a global plan."""
         for step in plan:
-            for mb in step:
-                self.real_tokens += sum(lengths[i] for i in mb)
-                self.padded_tokens += max(lengths[i] for i in mb) * len(mb)
+            for rank in step:
+                for mb in rank:
+                    self.real_tokens += sum(lengths[i] for i in mb)
+                    self.padded_tokens += _positions(mb, lengths)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

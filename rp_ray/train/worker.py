@@ -27,9 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rp_ray.config import TrainConfig
-from rp_ray.models import load_model, resolve_dtype
+from rp_ray.models import load_model, resolve_attn_implementation, resolve_dtype
 from rp_ray.template import IGNORE_INDEX
-from rp_ray.train.batching import PaddingStats, collate, plan_epoch
+from rp_ray.train.batching import PaddingStats, Plan, collate, imbalance, plan_epoch, steps_per_epoch
 from rp_ray.train.deepspeed_config import deepspeed_config
 
 log = logging.getLogger("rp_ray.train")
@@ -50,10 +50,11 @@ def lora_targets(model: torch.nn.Module, target: str | list[str]) -> list[str] |
     return sorted(names)
 
 
-def build_peft_model(cfg: TrainConfig, dtype: torch.dtype):
+def build_peft_model(cfg: TrainConfig, dtype: torch.dtype, use_gpu: bool):
     from peft import LoraConfig, get_peft_model
 
-    model = load_model(cfg.model.path, str(dtype).removeprefix("torch."))
+    attn = resolve_attn_implementation(cfg.model.template, cfg.model.attn_implementation, use_gpu)
+    model = load_model(cfg.model.path, str(dtype).removeprefix("torch."), attn_implementation=attn)
     model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora.rank,
@@ -207,7 +208,7 @@ def setup(cfg: TrainConfig, world: World, total_steps: int):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(deepspeed_config(cfg, bf16=dtype == torch.bfloat16))  # noqa: F841 -- zero.Init on load
-    model = build_peft_model(cfg, dtype)
+    model = build_peft_model(cfg, dtype, use_gpu=world.device.type == "cuda")
     engine, scheduler = build_engine(cfg, model, total_steps, world, bf16=dtype == torch.bfloat16)
     del hf_ds
     return engine, scheduler
@@ -234,14 +235,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["idx"])
     rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
     lengths = [len(r["input_ids"]) for r in rows]
-    steps_per_epoch = len(rows) // (cfg.per_device_batch_size * cfg.gradient_accumulation_steps)  # plan_epoch's count
-    if steps_per_epoch == 0:
+    sizes = dict(world_size=world.size, micro_batch=cfg.per_device_batch_size,
+                 accumulation=cfg.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(len(rows), **sizes)
+    if per_epoch == 0:
         raise ValueError(
-            f"worker {rank} got {len(rows)} examples, fewer than one step of per_device_batch_size x "
-            f"gradient_accumulation_steps = {cfg.per_device_batch_size * cfg.gradient_accumulation_steps}; "
+            f"{len(rows)} training examples are fewer than one optimizer step of num_workers x "
+            f"per_device_batch_size x gradient_accumulation_steps = {world.size * cfg.per_device_batch_size * cfg.gradient_accumulation_steps}; "
             f"lower them or add data"
         )
-    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
+    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * per_epoch)
     engine, scheduler = setup(cfg, world, total_steps)
 
     state: dict[str, Any] = {"step": 0, "history": [], "tokens": 0, "train_seconds": 0.0}
@@ -256,27 +259,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     padding = PaddingStats()
     gauges = _gauges() if rank == 0 else {}
-    plans: dict[int, list] = {}
+    plans: dict[int, Plan] = {}
+    imbalances: list[float] = []
     start_step = state["step"]
     t_start = t_attempt = t_since = time.perf_counter()
     tokens_since = 0
     engine.train()
     for step in range(state["step"], total_steps):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if epoch not in plans:
-            plans = {epoch: plan_epoch(lengths, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
-                                       cfg.seed + 7919 * rank, epoch, cfg.group_by_length)}
+        epoch, in_epoch = divmod(step, per_epoch)
+        if epoch not in plans:  # the same plan on every rank: same rows, same seed
+            plans = {epoch: plan_epoch(lengths, **sizes, seed=cfg.seed, epoch=epoch,
+                                       group_by_length=cfg.group_by_length)}
             padding.add_plan(plans[epoch], lengths)
+            imbalances.append(imbalance(plans[epoch], lengths))
         if cfg.fail_at_step == step and ckpt is None and rank == world.size - 1:
             os._exit(1)  # simulate a crashed worker process
-        micro_batches = [collate([rows[i] for i in mb], pad_id) for mb in plans[epoch][in_epoch]]
+        micro_batches = [collate([rows[i] for i in mb], pad_id) for mb in plans[epoch][in_epoch][rank]]
         loss, n_tokens = optimizer_step(engine, micro_batches, world, cfg.gradient_accumulation_steps)
         lr = scheduler.get_last_lr()[0]
         state["step"] = step + 1
         state["tokens"] += n_tokens
         state["history"].append({"step": step + 1, "loss": loss, "lr": lr})
         tokens_since += n_tokens
-        metrics = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": loss, "lr": lr}
+        metrics = {"step": step + 1, "epoch": (step + 1) / per_epoch, "loss": loss, "lr": lr}
 
         last = step + 1 == total_steps
         log_now = (step + 1) % cfg.logging_steps == 0 or last
@@ -296,7 +301,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state["train_seconds"] += time.perf_counter() - t_start
             t_start = time.perf_counter()
             state["padding_ratio"] = padding.ratio
-            state |= {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world.size}
+            state["rank_imbalance"] = sum(imbalances) / len(imbalances)
+            state |= {"steps_per_epoch": per_epoch, "total_steps": total_steps, "world_size": world.size}
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(engine, cfg, rank, Path(d), state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
