@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-if TYPE_CHECKING:
-    from rp_ray.config import ServeConfig
+from rp_ray.config import ServeConfig
+
+if TYPE_CHECKING:  # for annotations only: rp_ray.serve.characters imports this module
     from rp_ray.serve.characters import CardSampling
 
 # OpenAI's defaults, used when neither the request nor its character card sets a value
