@@ -379,8 +379,9 @@ def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
     import psutil
     from ray.util.state import list_actors
 
-    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                  if a.class_name == "ServeReplica:rp_ray:ChatEngine"]
+    # this cluster's address: other Ray clusters may run on the same machine
+    alive = list_actors(address=app.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+    (replica,) = [a for a in alive if a.class_name == "ServeReplica:rp_ray:ChatEngine"]
     for child in psutil.Process(replica.pid).children(recursive=True):
         child.kill()
     t0 = time.monotonic()
