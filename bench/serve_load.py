@@ -5,7 +5,8 @@ clients send N streaming chat requests in total (half to the base model, half to
 max_tokens, prompts from the val split), and record per request the latency and the time to the first content
 token. The load runs --rounds times on the same warm server; the round with the median requests/s is reported
 (single rounds on 2 shared cores vary by 2x). Prints requests/s, p50/p99 latency, p50/p99 TTFT for both, and
-ours/vLLM ratios.
+ours/vLLM ratios. Our app is deployed by run_local: the deployment options of `serve run serve_configs/tiny_llama3.yaml`
+(the defaults in rp_ray/serve/deployments.py).
 
 Usage: .venv/bin/python bench/serve_load.py [--clients 16] [--requests 200] [--max-tokens 32] [--rounds 3]
 """
@@ -29,15 +30,15 @@ import httpx
 
 from rp_ray.cluster import free_port
 from rp_ray.config import DataConfig, ServeConfig
+from rp_ray.data import load_splits
 from rp_ray.models import build_tiny_model, random_lora_adapter
+from rp_ray.serve.app import run_local
 
 KEY = secrets.token_hex(16)
 MAX_MODEL_LEN = 1024
 
 
 def prompts(n: int) -> list[str]:
-    from rp_ray.data import load_splits
-
     data = DataConfig(dataset_dir="data", train=[], val=["haruhi_val"], cutoff_len=MAX_MODEL_LEN)
     _, val, _ = load_splits(data)
     users = [next(m.content for m in reversed(c.messages) if m.role == "user")[:200] for c in val]
@@ -63,7 +64,8 @@ async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens:
             "max_tokens": max_tokens}
     t0 = time.perf_counter()
     ttft, pieces = None, 0
-    async with c.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with c.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {await r.aread()}")
         async for line in r.aiter_lines():
@@ -78,8 +80,10 @@ async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens:
     return total, ttft if ttft is not None else total, pieces
 
 
-def median_round(url: str, models: tuple[str, str], texts: list[str], clients: int, max_tokens: int, rounds: int) -> dict:
-    results = sorted((asyncio.run(load(url, models, texts, clients, max_tokens)) for _ in range(rounds)), key=lambda r: r["rps"])
+def median_round(url: str, models: tuple[str, str], texts: list[str], clients: int, max_tokens: int,
+                 rounds: int) -> dict:
+    results = sorted((asyncio.run(load(url, models, texts, clients, max_tokens)) for _ in range(rounds)),
+                     key=lambda r: r["rps"])
     return {**results[len(results) // 2], "rounds_rps": [r["rps"] for r in results]}
 
 
@@ -113,8 +117,9 @@ async def load(url: str, models: tuple[str, str], texts: list[str], clients: int
 
 def run_vllm(model: Path, adapter: Path, texts, clients, max_tokens, rounds) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", "base",
-           "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
+           "--max-model-len", str(MAX_MODEL_LEN),
            "--enable-lora", "--lora-modules", f"tuned={adapter}", "--max-lora-rank", "8", "--no-enable-prefix-caching",
            "--api-key", KEY, "--disable-uvicorn-access-log", "--disable-log-stats", "--seed", "0"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -131,8 +136,6 @@ def run_vllm(model: Path, adapter: Path, texts, clients, max_tokens, rounds) -> 
 def run_ours(model: Path, adapter: Path, texts, clients, max_tokens, rounds) -> dict:
     import ray
     from ray import serve
-
-    from rp_ray.serve.app import run_local
 
     key_file = adapter.parent / "api_key"
     key_file.write_text(KEY)

