@@ -11,6 +11,8 @@ from pathlib import Path
 
 from rp_ray.cli import job_config, run, setup_logging
 from rp_ray.config import EvalConfig
+from rp_ray.eval import run_eval
+from rp_ray.eval.compare import markdown_table, write_comparison
 
 
 def main() -> None:
@@ -18,9 +20,6 @@ def main() -> None:
     cfg.include_base = True
     if not cfg.adapters:
         raise ValueError("compare needs at least one adapter: add adapters.<name>=<adapter dir>")
-    from rp_ray.eval import run_eval
-    from rp_ray.eval.compare import markdown_table, write_comparison
-
     res = run_eval(cfg)
     paths = write_comparison(res.output_dir, Path(cfg.model.path).name, res.results)
     print(markdown_table(Path(cfg.model.path).name, res.results))

@@ -12,12 +12,11 @@ import sys
 
 from rp_ray.cli import job_config, run, setup_logging
 from rp_ray.config import EvalConfig
+from rp_ray.eval import run_eval
 
 
 def main() -> None:
     cfg = job_config(EvalConfig, __doc__, "sampling.greedy=true adapters.mine=path")
-    from rp_ray.eval import run_eval
-
     res = run_eval(cfg)
     for name, r in res.results.items():
         print(f"{name}: {json.dumps(r)}")

@@ -3,19 +3,19 @@
     python jobs/train.py --config jobs/configs/tiny_llama3.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/tiny_llama3.yaml
 
-Joins the cluster in RAY_ADDRESS (set by `ray job submit`), else starts a local Ray.
+Joins the cluster in RAY_ADDRESS (set by `ray job submit`) or the one `ray start` recorded on this machine,
+else starts a private local Ray cluster that lives as long as the job.
 """
 
 import sys
 
 from rp_ray.cli import job_config, run, setup_logging
 from rp_ray.config import TrainConfig
+from rp_ray.train import run_training
 
 
 def main() -> None:
     cfg = job_config(TrainConfig, __doc__, "max_steps=10 deepspeed.stage=3")
-    from rp_ray.train import run_training
-
     res = run_training(cfg)
     s = res.summary
     print(f"trained {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Token authentication on for every Ray process the tests start or connect to (the Ray dashboard and jobs API stay protected).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# This session's Ray processes (and the jobs it starts) live under a temp dir of their own: the session never joins,
+# nor stops, another Ray cluster on the machine, and tears down only its own.
+SESSION_RAY_TMP = tempfile.mkdtemp(prefix="rpt", dir="/tmp")
+os.environ["RAY_TMPDIR"] = SESSION_RAY_TMP
 
 from rp_ray.cluster import free_port
 from rp_ray.models import build_tiny_model, load_tokenizer, random_lora_adapter
@@ -54,6 +60,26 @@ def _run_from_repo_root():
     os.chdir(old)
 
 
+def kill_ray_processes(ray_tmp: str) -> int:
+    """SIGKILL every process whose command line names ``ray_tmp`` (one Ray cluster's processes; `ray stop` would stop
+    every Ray cluster on the machine); returns how many were killed."""
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ray_tmp in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
 def ray_start_args(num_cpus: int) -> list[str]:
     """`ray start --head` with every port free, so it starts beside any other Ray cluster on the machine."""
     ports = {flag: free_port() for flag in ("port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -82,4 +108,4 @@ def ray_cluster():
     ray.init(address=f"127.0.0.1:{gcs}")
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
     ray.shutdown()
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+    kill_ray_processes(SESSION_RAY_TMP)

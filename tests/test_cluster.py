@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, ray_start_args
+from conftest import REPO, kill_ray_processes, ray_start_args
 
-from rp_ray.cluster import CLUSTER_LOST_EXIT, free_port
+from rp_ray.cluster import CLUSTER_LOST_EXIT
 
 BIN = Path(sys.executable).parent
 TRAIN = ["jobs/train.py", "--config", "jobs/configs/tiny_llama3.yaml", "data.cutoff_len=128",
@@ -28,28 +28,6 @@ def job_env(ray_tmp: str) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def kill_cluster(ray_tmp: str) -> int:
-    """SIGKILL every process of the cluster whose temp dir is ``ray_tmp`` (not `ray stop`, which would stop every
-    Ray cluster on the machine, the test session's too); returns how many were killed."""
-    import signal
-
-    killed = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if ray_tmp in cmd and "train.py" not in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-    return killed
 
 
 @pytest.mark.slow
@@ -91,7 +69,7 @@ def test_job_whose_cluster_is_killed_exits_non_zero_with_a_clear_message(tiny_ll
             assert time.monotonic() - t0 < 900, "".join(lines[-50:])
         assert any("joined the Ray cluster" in x for x in lines), "".join(lines[-50:])
     finally:
-        kill_cluster(ray_tmp)
+        kill_ray_processes(ray_tmp)
     out, _ = job.communicate(timeout=600)
     text = "".join(lines) + out
     assert job.returncode == CLUSTER_LOST_EXIT, text[-4000:]
