@@ -10,7 +10,8 @@ import time
 
 from rp_ray.config import DataConfig
 from rp_ray.data import load_splits
-from rp_ray.models import build_tiny_model, load_tokenizer
+from rp_ray.models import load_tokenizer
+from rp_ray.tiny_model import build_tiny_model
 from rp_ray.template import encode_supervised_dataset, get_template
 
 

@@ -308,29 +308,6 @@ def clean_reply(tpl: Template, text: str) -> str:
     return text.strip()
 
 
-def chat_template_jinja(tpl: Template) -> str:
-    """A Jinja chat template that renders the same layout as ``chat_prompt_ids`` (thinking off)."""
-    if tpl.name == "llama3":
-        return (
-            "{{ bos_token }}"
-            "{% for m in messages if m['role'] != 'system' or m['content'] %}"
-            "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-        )
-    return (
-        "{% set ns = namespace(system='" + tpl.default_system + "') %}"
-        "{% if messages and messages[0]['role'] == 'system' and messages[0]['content'] %}"
-        "{% set ns.system = messages[0]['content'] %}{% endif %}"
-        "{{ '<|start|>system<|message|>' + ns.system + '<|end|>' }}"
-        "{% for m in messages if m['role'] != 'system' %}"
-        "{% if m['role'] == 'user' %}{{ '<|start|>user<|message|>' + m['content'] + '<|end|>' }}"
-        "{% else %}{{ '<|start|>assistant' + m['content'] + '<|end|>' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start|>assistant" + tpl.empty_thought + "' }}{% endif %}"
-    )
-
-
 @dataclass
 class EncodeStats:
     """What supervised encoding of a split produced."""
