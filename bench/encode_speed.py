@@ -10,8 +10,8 @@ import time
 
 from rp_ray.config import DataConfig, ModelConfig
 from rp_ray.data import load_splits
-from rp_ray.models import build_tiny_model
 from rp_ray.preparation import encode_locally
+from rp_ray.tiny_model import build_tiny_model
 
 
 def main() -> None:

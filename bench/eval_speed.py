@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rp_ray.cli import setup_logging
 from rp_ray.config import DataConfig, EvalConfig, load_config
-from rp_ray.models import build_tiny_model
+from rp_ray.tiny_model import build_tiny_model
 
 
 def hf_loop(model_dir: Path, data: DataConfig, max_new_tokens: int, batch: int) -> tuple[float, int]:

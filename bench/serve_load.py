@@ -31,8 +31,9 @@ import httpx
 from rp_ray.cluster import free_port
 from rp_ray.config import DataConfig, ServeConfig
 from rp_ray.data import load_splits
-from rp_ray.models import build_tiny_model, random_lora_adapter
+from rp_ray.models import random_lora_adapter
 from rp_ray.serve.app import run_local
+from rp_ray.tiny_model import build_tiny_model
 
 KEY = secrets.token_hex(16)
 MAX_MODEL_LEN = 1024

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rp_ray.cli import setup_logging
 from rp_ray.config import TrainConfig, load_config
-from rp_ray.models import build_tiny_model
+from rp_ray.tiny_model import build_tiny_model
 from rp_ray.train import run_training
 
 

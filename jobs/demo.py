@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rp_ray.cli import run, setup_logging
 from rp_ray.config import EvalConfig, ServeConfig, TrainConfig, load_config
-from rp_ray.models import build_tiny_model
+from rp_ray.tiny_model import build_tiny_model
 
 CONFIG = "jobs/configs/tiny_llama3.yaml"
 EVAL_CONFIG = "jobs/configs/eval_tiny_llama3.yaml"

@@ -8,6 +8,7 @@ import os
 import sys
 
 from rp_ray import config as cfgmod
+from rp_ray import tiny_model
 from rp_ray.cluster import wait_for_job_agent
 from rp_ray.preparation import absolute_paths, encode_locally, prepare
 
@@ -35,10 +36,14 @@ def config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tiny_model(a: argparse.Namespace) -> None:
-    from rp_ray.models import build_tiny_model
-
-    out = build_tiny_model(a.family, a.out, corpus_file=a.corpus, vocab_size=a.vocab_size, seed=a.seed)
-    print(f"tiny {a.family} model written to {out}")
+    sizes = tiny_model.DEFAULT_SIZES if a.pretrain else {"vocab_size": 4096, "hidden_size": 128, "num_layers": 2}
+    pretrain = tiny_model.DEFAULT_PRETRAIN.model_copy(update={"steps": a.pretrain_steps}) if a.pretrain else None
+    out = tiny_model.build_tiny_model(
+        a.family, a.out, corpus_file=a.corpus, vocab_size=a.vocab_size or sizes["vocab_size"],
+        hidden_size=a.hidden_size or sizes["hidden_size"], num_layers=a.num_layers or sizes["num_layers"],
+        seed=a.seed, pretrain=pretrain,
+    )
+    print(f"tiny {a.family} model written to {out} (model card: {out / 'README.md'})")
 
 
 def cmd_data(a: argparse.Namespace) -> None:
@@ -65,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rp-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("tiny-model", help="build a tiny random-weight model in Hugging Face layout (seconds)")
+    p = sub.add_parser("tiny-model", help="build a tiny model in Hugging Face layout: random weights (seconds) "
+                                          "or, with --pretrain, pretrained on --corpus (about a minute)")
     p.add_argument("--family", choices=["llama3", "gpt_oss"], required=True)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--corpus", default="data/sample/haruhi_train.json", help="sharegpt file the tokenizer is trained on")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--out", required=True, help="output directory (rebuilt only when an input changed)")
+    p.add_argument("--corpus", default=tiny_model.DEFAULT_CORPUS,
+                   help="sharegpt train file the tokenizer (and, with --pretrain, the model) is trained on")
+    p.add_argument("--pretrain", action="store_true",
+                   help="pretrain as a plain language model on the corpus's text, with the demo's sizes "
+                        f"({tiny_model.DEFAULT_SIZES}); this is the demo's default base model")
+    p.add_argument("--pretrain-steps", type=int, default=tiny_model.DEFAULT_PRETRAIN.steps,
+                   help="optimizer steps of --pretrain (batch 16 x 256 tokens)")
+    p.add_argument("--vocab-size", type=int, default=None, help="default 4096")
+    p.add_argument("--hidden-size", type=int, default=None, help="default 128, or 256 with --pretrain")
+    p.add_argument("--num-layers", type=int, default=None, help="default 2, or 4 with --pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 

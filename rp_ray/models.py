@@ -1,37 +1,17 @@
-"""Loading local models safely, and building tiny ones for tests and the demo.
+"""Loading local models safely.
 
-Real models load only from a local directory, only from safetensors, with
-``trust_remote_code=False``. Tiny models are random-weight Llama / GPT-OSS
-configs in Hugging Face layout whose byte-level BPE tokenizer is trained
-in-process on role-play text and carries the family's real special tokens, so
-the templates encode them exactly as they would the real model.
+Models load only from a local directory, only from safetensors, with
+``trust_remote_code=False``. Tiny models for the tests and the demo are built
+by ``rp_ray.tiny_model``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from rp_ray.config import AttnImplementation, Family
-from rp_ray.template import Template, chat_template_jinja, get_template
-
-log = logging.getLogger(__name__)
-
-# Llama-3's pre-tokenizer split (tiktoken cl100k-style), so text is segmented like the real tokenizer.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# Which special token plays which part, per family (as in the real tokenizer_config / generation_config).
-ROLES = {
-    "llama3": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>",
-               "gen_eos": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]},
-    "gpt_oss": {"bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>",
-                "gen_eos": ["<|return|>", "<|endoftext|>", "<|call|>"]},
-}
+from rp_ray.template import Template
 
 
 class ModelDirError(ValueError):
@@ -149,115 +129,6 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     p = check_model_dir(path)
     config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     return AutoModelForCausalLM.from_pretrained(p, **load_kwargs(config, dtype, attn_implementation))
-
-
-def _train_tokenizer(texts: Iterable[str], tpl: Template, vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from tokenizers import AddedToken
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(tpl.special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    # special tokens after the learned vocab, as in the real tokenizers
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tpl.special_tokens])
-    if tpl.bos:
-        bos = ROLES[tpl.name]["bos"]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        )
-    return tok
-
-
-def _corpus(train_file: Path) -> list[str]:
-    from rp_ray.data import read_rows
-
-    texts = []
-    for row in read_rows(train_file):
-        for m in (row.value or {}).get("conversations", []):
-            if isinstance(m, dict) and isinstance(m.get("value"), str):
-                texts.append(m["value"])
-    return texts
-
-
-def build_tiny_model(
-    family: Family,
-    out_dir: str | Path,
-    corpus_file: str | Path = "data/sample/haruhi_train.json",
-    vocab_size: int = 4096,
-    hidden_size: int = 128,
-    num_layers: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Write a small random-weight model in Hugging Face layout; seconds on a CPU."""
-    import torch
-    from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
-
-    tpl = get_template(family)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = Path(corpus_file)
-    raw_tok = _train_tokenizer(_corpus(corpus), tpl, vocab_size)
-    roles = ROLES[family]
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw_tok,
-        bos_token=roles["bos"],
-        eos_token=roles["eos"],
-        pad_token=roles["pad"],
-        chat_template=chat_template_jinja(tpl),
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-    )
-    ids = {k: tok.convert_tokens_to_ids(v) for k, v in roles.items() if k != "gen_eos"}
-    gen_eos = [tok.convert_tokens_to_ids(t) for t in roles["gen_eos"]]
-    heads, head_dim = 4, hidden_size // 4
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    if family == "llama3":
-        cfg = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GptOssConfig(
-            **common,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            sliding_window=128,
-            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2),
-            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
-        )
-        model = GptOssForCausalLM(cfg)
-    model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=gen_eos, pad_token_id=ids["pad"])
-    model.to(torch.float32).save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "rp_ray_tiny.json").write_text(
-        json.dumps({"family": family, "corpus": str(corpus), "vocab_size": len(tok), "seed": seed}, indent=2)
-    )
-    log.info("tiny %s model (%d params) written to %s", family, sum(p.numel() for p in model.parameters()), out)
-    return out
 
 
 def random_lora_adapter(model_dir: str | Path, out: str | Path, seed: int = 0, rank: int = 8,

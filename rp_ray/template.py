@@ -289,26 +289,3 @@ def stop_token_ids(tok: PreTrainedTokenizerBase, tpl: Template) -> list[int]:
     """eos plus the template's stop words, as LLaMA-Factory's ``get_stop_token_ids``."""
     ids = {tok.eos_token_id} | {tok.convert_tokens_to_ids(w) for w in tpl.stop_words}
     return sorted(i for i in ids if i is not None)
-
-
-def chat_template_jinja(tpl: Template) -> str:
-    """A Jinja chat template that renders the same layout as ``chat_prompt_ids`` (thinking off)."""
-    if tpl.name == "llama3":
-        return (
-            "{{ bos_token }}"
-            "{% for m in messages if m['role'] != 'system' or m['content'] %}"
-            "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-        )
-    return (
-        "{% set ns = namespace(system='" + tpl.default_system + "') %}"
-        "{% if messages and messages[0]['role'] == 'system' and messages[0]['content'] %}"
-        "{% set ns.system = messages[0]['content'] %}{% endif %}"
-        "{{ '<|start|>system<|message|>' + ns.system + '<|end|>' }}"
-        "{% for m in messages if m['role'] != 'system' %}"
-        "{% if m['role'] == 'user' %}{{ '<|start|>user<|message|>' + m['content'] + '<|end|>' }}"
-        "{% else %}{{ '<|start|>assistant' + m['content'] + '<|end|>' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start|>assistant" + tpl.empty_thought + "' }}{% endif %}"
-    )

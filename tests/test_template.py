@@ -305,12 +305,7 @@ def test_supervised_truncation_fits_cutoff_and_keeps_alignment(llama3_tok):
     assert all(lab in (X, tok) for lab, tok in zip(labels, ids))
 
 
-@pytest.mark.parametrize("family", [
-    "llama3",
-    pytest.param("gpt_oss", marks=pytest.mark.xfail(
-        strict=True, reason="chat_template_jinja still ends gpt_oss history replies in <|end|>; "
-        "it must render them bare, as chat_prompt_ids does")),
-])
+@pytest.mark.parametrize("family", ["llama3", "gpt_oss"])
 def test_chat_template_matches_prompt_encoding(family, llama3_tok, gpt_oss_tok):
     """The jinja chat template shipped in a tiny model renders the same prompt as our encoder."""
     tok, tpl = (llama3_tok, LLAMA3) if family == "llama3" else (gpt_oss_tok, GPT_OSS)

@@ -3,27 +3,57 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rp_ray.metrics import METRIC_KEYS
 
+log = logging.getLogger(__name__)
+
 TOP_CHANGES = 20
 HEADERS = ("BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L")
+# Above this share of empty replies a run's scores measure silence, not quality: the table says so.
+MAX_EMPTY_SHARE = 0.2
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def markdown_table(model_name: str, results: dict[str, dict[str, Any]]) -> str:
-    """The comparison table users know from LLaMA-Factory model cards: one row per run."""
-    lines = ["| model | run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | predict samples/s | scored / total |",
-             "|---|---|---|---|---|---|---|---|"]
+def empty_share(predictions: list[dict[str, Any]]) -> float:
+    """Share of predicted rows (rows with an ``error`` are not predictions) whose reply is blank."""
+    preds = [p for p in predictions if "error" not in p]
+    return sum(1 for p in preds if not str(p.get("predict", "")).strip()) / len(preds) if preds else 0.0
+
+
+def empty_shares(out: Path, runs: list[str]) -> dict[str, float]:
+    """``empty_share`` of each run's ``generated_predictions.jsonl`` in ``out``."""
+    return {run: empty_share(_read_jsonl(out / run / "generated_predictions.jsonl")) for run in runs}
+
+
+def empty_warnings(empty: Mapping[str, float]) -> list[str]:
+    """One line per run whose replies are mostly empty: its scores are no measure of the model."""
+    return [f"WARNING: {run}: {share:.0%} of its replies are empty (over {MAX_EMPTY_SHARE:.0%}); its scores measure "
+            f"silence, not role-play quality. The model ends its turn at once: train longer or with a higher "
+            f"learning rate, or check the base model" for run, share in empty.items() if share > MAX_EMPTY_SHARE]
+
+
+def markdown_table(model_name: str, results: dict[str, dict[str, Any]], empty: Mapping[str, float] | None = None) -> str:
+    """The comparison table: one row per run; with ``empty`` (run -> share of empty replies), a column
+    for it and a warning line under the table for every run over ``MAX_EMPTY_SHARE``."""
+    head = "| model | run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | predict samples/s | scored / total |"
+    lines = [head + (" empty replies |" if empty is not None else ""), "|---" * (8 + (empty is not None)) + "|"]
     for run, r in results.items():
         vals = " | ".join(f"{r[f'predict_{k}']:.2f}" for k in METRIC_KEYS)
-        lines.append(f"| {model_name} | {run} | {vals} | {r['predict_samples_per_second']:.1f} | {r['n_scored']} / {r['n_total']} |")
-    return "\n".join(lines)
+        row = f"| {model_name} | {run} | {vals} | {r['predict_samples_per_second']:.1f} | {r['n_scored']} / {r['n_total']} |"
+        if empty is not None:
+            share = empty.get(run, 0.0)
+            row += f" {share:.0%}{' (WARNING)' if share > MAX_EMPTY_SHARE else ''} |"
+        lines.append(row)
+    warnings = empty_warnings(empty or {})
+    return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
 def top_changes(out: Path, base: str, run: str, k: int = TOP_CHANGES) -> list[dict[str, Any]]:
@@ -66,8 +96,14 @@ def bar_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> Pat
 
 
 def write_comparison(out: Path, model_name: str, results: dict[str, dict[str, Any]]) -> dict[str, Path]:
-    """comparison.md / comparison.json / comparison.png in ``out``; the base run is compared with every other run."""
-    table = markdown_table(model_name, results)
+    """comparison.md / comparison.json / comparison.png in ``out``; the base run is compared with every other run.
+
+    Runs whose replies are mostly empty are flagged in the table and logged as warnings.
+    """
+    empty = empty_shares(out, list(results))
+    for w in empty_warnings(empty):
+        log.warning("%s", w)
+    table = markdown_table(model_name, results, empty)
     changes = {run: top_changes(out, "base", run) for run in results if run != "base" and "base" in results}
     md = [f"# Base vs fine-tuned: {model_name}", "", table, ""]
     for run, rows in changes.items():
@@ -80,7 +116,8 @@ def write_comparison(out: Path, model_name: str, results: dict[str, dict[str, An
         md.append("")
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json", "png": out / "comparison.png"}
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
-    paths["json"].write_text(json.dumps({"model": model_name, "results": results, "top_changes": changes},
+    paths["json"].write_text(json.dumps({"model": model_name, "results": results, "empty_reply_share": empty,
+                                         "empty_reply_warnings": empty_warnings(empty), "top_changes": changes},
                                         indent=2, ensure_ascii=False), encoding="utf-8")
     bar_chart(results, paths["png"], f"{model_name}: base vs fine-tuned on the val set")
     return paths

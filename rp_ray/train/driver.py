@@ -22,6 +22,7 @@ import ray.train
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
 from rp_ray.preparation import SupervisedEncoder, absolute_paths, conversation_items, prepare
+from rp_ray.train.summary import write_summary
 from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -51,42 +52,6 @@ class TrainResult:
     summary_path: Path
     plot_path: Path
     summary: dict[str, Any]
-
-
-def write_summary(state: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any], out: Path) -> tuple[Path, Path, dict]:
-    """training_summary.json and loss.png from the final checkpoint's train state."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hist = state["history"]
-    summary = {
-        "steps": state["step"],
-        "total_steps": state["total_steps"],
-        "steps_per_epoch": state["steps_per_epoch"],
-        "tokens": state["tokens"],
-        "train_seconds": round(state["train_seconds"], 2),
-        "tokens_per_s": round(state["tokens"] / state["train_seconds"], 1) if state["train_seconds"] else None,
-        "padding_ratio": round(state["padding_ratio"], 4),
-        "rank_imbalance": round(state.get("rank_imbalance", 1.0), 4),  # max over mean tokens per rank, mean of steps
-        "first_loss": hist[0]["loss"] if hist else None,
-        "final_loss": hist[-1]["loss"] if hist else None,
-        "loss_curve": hist,
-        "world_size": state["world_size"],
-        "config": cfg.model_dump(),
-    } | extra
-    summary_path = out / "training_summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1.5)
-    ax.set(xlabel="optimizer step", ylabel="loss", title=f"LoRA on {Path(cfg.model.path).name} ({cfg.model.template})")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    plot_path = out / "loss.png"
-    fig.savefig(plot_path, dpi=100)
-    plt.close(fig)
-    return summary_path, plot_path, summary
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:

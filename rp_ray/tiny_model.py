@@ -1,0 +1,378 @@
+"""Tiny models in Hugging Face layout, built locally: for the tests, the benchmarks and the demo.
+
+A tiny model is a small Llama / GPT-OSS config whose byte-level BPE tokenizer is
+trained in-process on role-play text and carries the family's real special
+tokens, so the templates encode them exactly as they would the real model.
+
+Two kinds are built here:
+
+- random weights (``pretrain=None``): seconds on a CPU; what the tests use, where
+  only shapes, token layouts and plumbing matter;
+- pretrained (``pretrain=PretrainConfig(...)``): the same architecture trained as a
+  plain language model on the text of a train split (each conversation's messages
+  joined by newlines, no chat layout, no special tokens but the document-opening
+  bos). The demo's default base model is built this way (``build_default_model``):
+  a random-weight model cannot learn a character in a few minutes of LoRA on a
+  CPU, a model that already knows the corpus's words can. The val split is never
+  read, so the base model has not seen the rows it is evaluated on.
+
+Every build is cached: the folder's ``rp_ray_tiny.json`` holds a hash of all of its
+inputs (corpus bytes, family, sizes, seed, pretraining settings, ``BUILD_VERSION``),
+and a build whose hash matches the folder's returns at once. A ``README.md`` model
+card in the folder says what the model is, how it was made and how long it took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import Field
+
+from rp_ray.config import Family, StrictModel
+from rp_ray.data import read_rows
+from rp_ray.template import Template, get_template
+
+log = logging.getLogger(__name__)
+
+# Bump when a change to this module changes what a build writes: every cached model is rebuilt.
+BUILD_VERSION = 2
+STAMP = "rp_ray_tiny.json"
+DEFAULT_CORPUS = "data/sample/haruhi_train.json"
+
+# Llama-3's pre-tokenizer split (tiktoken cl100k-style), so text is segmented like the real tokenizer.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Which special token fills which slot, per family (as in the real tokenizer_config / generation_config).
+SPECIAL_TOKEN_SLOTS = {
+    "llama3": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>",
+               "gen_eos": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]},
+    "gpt_oss": {"bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>",
+                "gen_eos": ["<|return|>", "<|endoftext|>", "<|call|>"]},
+}
+
+
+class PretrainConfig(StrictModel):
+    """Plain language-model pretraining of a tiny model on a train split's text (one CPU process)."""
+
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    seq_len: int = Field(256, ge=16, description="Tokens per packed training sequence.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Learning rate at the last step, relative to the peak.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+
+
+# The demo's default base model: big enough to learn the sample corpus's words, small enough that
+# pretraining (about a minute) and the LoRA run after it fit in a few minutes on 2 CPU cores.
+DEFAULT_SIZES = {"vocab_size": 4096, "hidden_size": 256, "num_layers": 4}
+DEFAULT_PRETRAIN = PretrainConfig(steps=300)
+
+
+def chat_template_jinja(tpl: Template) -> str:
+    """A Jinja chat template that renders the same layout as ``chat_prompt_ids`` (thinking off)."""
+    if tpl.name == "llama3":
+        return (
+            "{{ bos_token }}"
+            "{% for m in messages if m['role'] != 'system' or m['content'] %}"
+            "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+        )
+    return (
+        "{% set ns = namespace(system='" + tpl.default_system + "') %}"
+        "{% if messages and messages[0]['role'] == 'system' and messages[0]['content'] %}"
+        "{% set ns.system = messages[0]['content'] %}{% endif %}"
+        "{{ '<|start|>system<|message|>' + ns.system + '<|end|>' }}"
+        "{% for m in messages if m['role'] != 'system' %}"
+        "{% if m['role'] == 'user' %}{{ '<|start|>user<|message|>' + m['content'] + '<|end|>' }}"
+        "{% else %}{{ '<|start|>assistant' + m['content'] }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start|>assistant" + tpl.empty_thought + "' }}{% endif %}"
+    )
+
+
+def _train_tokenizer(texts: Iterable[str], tpl: Template, vocab_size: int):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(tpl.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    # special tokens after the learned vocab, as in the real tokenizers
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tpl.special_tokens])
+    if tpl.bos:
+        bos = SPECIAL_TOKEN_SLOTS[tpl.name]["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return tok
+
+
+def _documents(train_file: Path) -> list[list[str]]:
+    """The message texts of every conversation in a sharegpt file, one list per conversation."""
+    docs = []
+    for row in read_rows(train_file):
+        texts = [m["value"] for m in (row.value or {}).get("conversations", [])
+                 if isinstance(m, dict) and isinstance(m.get("value"), str)]
+        if texts:
+            docs.append(texts)
+    return docs
+
+
+def build_key(family: Family, corpus_file: str | Path, vocab_size: int, hidden_size: int, num_layers: int,
+              seed: int, pretrain: PretrainConfig | None) -> str:
+    """Hash of everything a build depends on: a folder stamped with the same hash needs no rebuild."""
+    inputs = {
+        "version": BUILD_VERSION,
+        "family": family,
+        "corpus_sha256": hashlib.sha256(Path(corpus_file).read_bytes()).hexdigest(),
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "seed": seed,
+        "pretrain": pretrain.model_dump() if pretrain else None,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def built_key(out_dir: str | Path) -> str | None:
+    """The build hash a folder was stamped with, or None when it holds no finished tiny-model build."""
+    stamp = Path(out_dir) / STAMP
+    if not stamp.is_file() or not (Path(out_dir) / "model.safetensors").is_file():
+        return None
+    try:
+        return json.loads(stamp.read_text()).get("build_key")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse to write into a folder that holds something other than a tiny-model build."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give --out (or model.path) a folder for the tiny model")
+    if out.is_dir() and any(out.iterdir()) and not (out / STAMP).is_file():
+        raise ValueError(
+            f"{out} is not empty and was not written by `rp-ray tiny-model` (no {STAMP}); "
+            f"pick another output folder or remove this one"
+        )
+
+
+def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: int) -> list[float]:
+    """Train ``model`` in place as a plain causal LM on ``docs``; return the loss of every step.
+
+    Each conversation becomes one document: bos, then its messages joined by newlines.
+    Documents are concatenated and cut into ``seq_len + 1``-token blocks; each step
+    draws ``batch_size`` blocks in a seeded order (a fresh permutation per pass), so
+    a build is reproducible. AdamW with linear warmup and cosine decay; gradients
+    are clipped at 1.0.
+    """
+    import torch
+
+    bos = tok.bos_token_id
+    ids: list[int] = []
+    for enc in tok(["\n".join(d) for d in docs], add_special_tokens=False)["input_ids"]:
+        ids += [bos, *enc]
+    block = cfg.seq_len + 1
+    n_blocks = len(ids) // block
+    if n_blocks < cfg.batch_size:
+        raise ValueError(f"pretraining corpus has {len(ids)} tokens, fewer than one batch of "
+                         f"{cfg.batch_size} x {block}; lower batch_size / seq_len or use a bigger corpus")
+    data = torch.tensor(ids[: n_blocks * block]).view(n_blocks, block)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        while len(order) < cfg.batch_size:
+            order += torch.randperm(n_blocks, generator=gen).tolist()
+        batch = data[order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+        if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
+            log.info("pretrain step %d/%d | loss %.4f | %.0f s", step + 1, cfg.steps, losses[-1], time.perf_counter() - t0)
+    model.eval()
+    return losses
+
+
+def _model_card(meta: dict, params: int, out: Path) -> str:
+    mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
+    pre = meta["pretrain"]
+    if pre:
+        how = (
+            f"Pretrained from random init as a plain causal language model for {pre['steps']} steps "
+            f"(batch {pre['batch_size']} x {pre['seq_len']} tokens, {meta['pretrain_tokens']:,} tokens seen; "
+            f"the corpus has {meta['corpus_tokens']:,}), AdamW lr {pre['learning_rate']} with {pre['warmup_steps']} "
+            f"warmup steps and cosine decay to {pre['min_lr_ratio']:.0%}, seed {meta['seed']}. "
+            f"Loss {meta['loss_first']:.3f} -> {meta['loss_last']:.3f} (mean of the last 10 steps).\n\n"
+            "Text: each train conversation is one document, `<bos>` then its messages (system prompt, "
+            "user lines, character lines) joined by newlines. No chat layout, no other special token: "
+            "the chat format and the end-of-turn token are what a LoRA fine-tune teaches it."
+        )
+    else:
+        how = "Random weights (not trained): for tests and plumbing only; it cannot hold a conversation."
+    return f"""# {out.name}: tiny {meta['family']} model built by rp_ray
+
+| | |
+|---|---|
+| architecture | {meta['architecture']}: hidden {meta['hidden_size']}, {meta['num_layers']} layers, vocab {meta['vocab_size']} |
+| parameters | {params:,} ({mb:.1f} MiB on disk, float32 safetensors) |
+| tokenizer | byte-level BPE trained on the corpus below, with the family's real special tokens |
+| corpus | `{meta['corpus']}` (sha256 {meta['corpus_sha256'][:16]}...), train split only |
+| build time | {meta['build_seconds']:.1f} s on {meta['machine']} |
+
+## How it was made
+
+{how}
+
+The val split is never read by the build, so the model has not seen the rows it is evaluated on.
+Built by `rp_ray.tiny_model.build_tiny_model` (build version {BUILD_VERSION}); rebuilt only when one of its
+inputs changes (build key `{meta['build_key'][:16]}...` in `{STAMP}`).
+"""
+
+
+def build_tiny_model(
+    family: Family,
+    out_dir: str | Path,
+    corpus_file: str | Path = DEFAULT_CORPUS,
+    vocab_size: int = 4096,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    seed: int = 0,
+    pretrain: PretrainConfig | None = None,
+) -> Path:
+    """Write a small model in Hugging Face layout, random-weight (seconds) or pretrained on ``corpus_file``.
+
+    Returns at once when ``out_dir`` already holds a build with the same inputs.
+    """
+    import torch
+    from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import PreTrainedTokenizerFast
+
+    out, corpus = Path(out_dir), Path(corpus_file)
+    key = build_key(family, corpus, vocab_size, hidden_size, num_layers, seed, pretrain)
+    if built_key(out) == key:
+        log.info("tiny %s model in %s is up to date (build key %s...)", family, out, key[:12])
+        return out
+    _check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STAMP).unlink(missing_ok=True)  # a build killed halfway must not look finished
+    t0 = time.perf_counter()
+
+    tpl = get_template(family)
+    docs = _documents(corpus)
+    raw_tok = _train_tokenizer((t for doc in docs for t in doc), tpl, vocab_size)
+    slots = SPECIAL_TOKEN_SLOTS[family]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tok,
+        bos_token=slots["bos"],
+        eos_token=slots["eos"],
+        pad_token=slots["pad"],
+        chat_template=chat_template_jinja(tpl),
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in slots.items() if k != "gen_eos"}
+    gen_eos = [tok.convert_tokens_to_ids(t) for t in slots["gen_eos"]]
+    heads, head_dim = 4, hidden_size // 4
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    if family == "llama3":
+        cfg = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GptOssConfig(
+            **common,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2),
+            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+        )
+        model = GptOssForCausalLM(cfg)
+    meta = {"family": family, "architecture": type(model).__name__, "corpus": str(corpus),
+            "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(), "vocab_size": len(tok),
+            "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed,
+            "pretrain": pretrain.model_dump() if pretrain else None}
+    if pretrain is not None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            losses = pretrain_lm(model, tok, docs, pretrain, seed)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        n_tokens = sum(len(x) + 1 for x in tok(["\n".join(d) for d in docs], add_special_tokens=False)["input_ids"])
+        meta |= {"corpus_tokens": n_tokens, "pretrain_tokens": pretrain.steps * pretrain.batch_size * pretrain.seq_len,
+                 "loss_first": losses[0], "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+                 "loss_curve": losses}
+    model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=gen_eos, pad_token_id=ids["pad"])
+    model.to(torch.float32).save_pretrained(out)
+    tok.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    meta |= {"params": params, "build_seconds": round(time.perf_counter() - t0, 1),
+             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+             "build_key": key}
+    (out / "README.md").write_text(_model_card(meta, params, out), encoding="utf-8")
+    (out / STAMP).write_text(json.dumps(meta, indent=2, ensure_ascii=False))  # last: marks the build finished
+    log.info("tiny %s model (%d params, %s) written to %s in %.1f s", family, params,
+             "pretrained" if pretrain else "random weights", out, meta["build_seconds"])
+    return out
+
+
+def build_default_model(out_dir: str | Path, corpus_file: str | Path = DEFAULT_CORPUS) -> Path:
+    """The demo's default base model: llama3, ``DEFAULT_SIZES``, pretrained with ``DEFAULT_PRETRAIN`` (cached)."""
+    return build_tiny_model("llama3", out_dir, corpus_file=corpus_file, **DEFAULT_SIZES, pretrain=DEFAULT_PRETRAIN)

@@ -1,0 +1,82 @@
+"""The training run's summary: ``training_summary.json``, ``loss.png`` and the warnings a user should see.
+
+A run can finish without error and still have learned nothing (a learning rate
+too low, too few steps, a model that cannot fit the data). The loss curve says
+so, and the summary says it in words instead of leaving it to a glance at a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from rp_ray.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# A run whose mean loss fell by less than 5% from its first to its last tenth of steps has learned next
+# to nothing: its adapter answers much like the base model, or worse (a random-weight tiny model that
+# only learns to end its turn at once moves about 2%). Averaged over a tenth of the steps, the loss's
+# step-to-step noise stays well under 5%, while a run that learns drops far more.
+FLAT_LOSS_RATIO = 0.95
+# The first and the last tenth of the steps are averaged, so one noisy step cannot raise or hide the warning.
+LOSS_WINDOW = 0.1
+
+
+def loss_warnings(history: list[dict[str, Any]]) -> list[str]:
+    """Warnings about the loss curve (``[{"step", "loss", ...}]``): empty when the loss fell clearly."""
+    losses = [h["loss"] for h in history]
+    if len(losses) < 2:
+        return [f"only {len(losses)} optimizer step(s): too few to tell whether the model learned anything"]
+    k = max(1, round(len(losses) * LOSS_WINDOW))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    if first > 0 and last / first > FLAT_LOSS_RATIO:
+        return [
+            f"loss barely moved: {first:.4f} -> {last:.4f} (mean of the first / last {k} of {len(losses)} steps, "
+            f"{1 - last / first:+.1%} drop; under {1 - FLAT_LOSS_RATIO:.0%} means the adapter learned little). "
+            f"Raise optim.learning_rate or num_epochs / max_steps, or check the data report"
+        ]
+    return []
+
+
+def write_summary(state: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any], out: Path) -> tuple[Path, Path, dict]:
+    """training_summary.json and loss.png from the final checkpoint's train state; warnings are logged too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = state["history"]
+    warnings = loss_warnings(hist)
+    for w in warnings:
+        log.warning("%s", w)
+    summary = {
+        "steps": state["step"],
+        "total_steps": state["total_steps"],
+        "steps_per_epoch": state["steps_per_epoch"],
+        "tokens": state["tokens"],
+        "train_seconds": round(state["train_seconds"], 2),
+        "tokens_per_s": round(state["tokens"] / state["train_seconds"], 1) if state["train_seconds"] else None,
+        "padding_ratio": round(state["padding_ratio"], 4),
+        "rank_imbalance": round(state.get("rank_imbalance", 1.0), 4),  # max over mean tokens per rank, mean of steps
+        "first_loss": hist[0]["loss"] if hist else None,
+        "final_loss": hist[-1]["loss"] if hist else None,
+        "warnings": warnings,
+        "loss_curve": hist,
+        "world_size": state["world_size"],
+        "config": cfg.model_dump(),
+    } | extra
+    summary_path = out / "training_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1.5)
+    title = f"LoRA on {Path(cfg.model.path).name} ({cfg.model.template})"
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title + ("\nWARNING: loss barely moved" if warnings else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plot_path = out / "loss.png"
+    fig.savefig(plot_path, dpi=100)
+    plt.close(fig)
+    return summary_path, plot_path, summary
