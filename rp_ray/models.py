@@ -7,6 +7,7 @@ by ``rp_ray.tiny_model``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 

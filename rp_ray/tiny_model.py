@@ -287,8 +287,14 @@ def build_tiny_model(
     Returns at once when ``out_dir`` already holds a build with the same inputs.
     """
     import torch
-    from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        GptOssConfig,
+        GptOssForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     out, corpus = Path(out_dir), Path(corpus_file)
     key = build_key(family, corpus, vocab_size, hidden_size, num_layers, seed, pretrain)

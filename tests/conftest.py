@@ -18,8 +18,8 @@ os.environ["RAY_TMPDIR"] = SESSION_RAY_TMP
 
 from rp_ray.cluster import free_port
 from rp_ray.models import load_tokenizer, random_lora_adapter
-from rp_ray.tiny_model import build_tiny_model
 from rp_ray.template import get_template
+from rp_ray.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HARUHI = REPO.parent / "shared" / "datasets" / "chatharuhi"

@@ -11,10 +11,10 @@ import random
 from collections import Counter
 
 import pytest
+from conftest import SHARED_HARUHI
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_HARUHI
 from rp_ray.train.batching import (
     MEGABATCH_STEPS,
     PaddingStats,

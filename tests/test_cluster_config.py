@@ -25,9 +25,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
-
 import ray.autoscaler
+import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,7 +379,7 @@ def test_driver_check_refuses_drivers_older_than_r580(raw, tmp_path, version, ok
     if version is not None:
         fake = bin_dir / "nvidia-smi"
         # answers the query the check makes, one line per GPU (two here)
-        fake.write_text(f'#!/bin/sh\n[ "$1" = "--query-gpu=driver_version" ] || exit 9\n' + f"echo {version}\n" * 2)
+        fake.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=driver_version" ] || exit 9\n' + f"echo {version}\n" * 2)
         fake.chmod(0o755)
     tools = [shutil.which(t) for t in ("head", "hostname")]
     for t in filter(None, tools):  # a PATH with only our fake and the few tools the check uses

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_HARUHI
+
 from rp_ray.config import DataConfig
 from rp_ray.data import (
     DataFileError,

@@ -13,8 +13,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
+
 from rp_ray.cluster import free_port
 from rp_ray.config import TrainConfig
 from rp_ray.train.deepspeed_config import deepspeed_config

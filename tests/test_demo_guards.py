@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from rp_ray.cli import main as rp_ray_main
 from rp_ray.config import TrainConfig, load_config
-from rp_ray.predict.compare import MAX_EMPTY_SHARE, empty_share, markdown_table, write_comparison
+from rp_ray.eval.compare import MAX_EMPTY_SHARE, empty_share, markdown_table, write_comparison
 from rp_ray.tiny_model import STAMP, PretrainConfig, build_tiny_model, built_key
 from rp_ray.train.summary import loss_warnings, write_summary
 
@@ -50,7 +50,7 @@ def test_table_warns_about_a_run_with_mostly_empty_replies(tmp_path, caplog):
     _write_run(tmp_path, "tuned", [""] * 7 + ["「好。」"] * 3)
     _write_run(tmp_path, "edge", [""] * 2 + ["「好。」"] * 8)  # exactly 20%: not over the line
     results = {"base": RESULT, "tuned": RESULT | {"predict_rouge-1": 0.0}, "edge": RESULT}
-    with caplog.at_level(logging.WARNING, logger="rp_ray.predict.compare"):
+    with caplog.at_level(logging.WARNING, logger="rp_ray.eval.compare"):
         paths = write_comparison(tmp_path, "tiny", results)
     md = paths["markdown"].read_text(encoding="utf-8")
     assert "| tiny | tuned |" in md and "| 70% (WARNING) |" in md

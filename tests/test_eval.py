@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_adapter
+
 from rp_ray.config import DataConfig, EvalConfig, load_config
 from rp_ray.data import load_splits
 from rp_ray.eval import run_eval

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from test_template import CONV
 
 from rp_ray.models import ModelDirError, check_model_dir, load_model, load_tokenizer
 from rp_ray.template import GPT_OSS, LLAMA3, encode_supervised
-from test_template import CONV
 
 
 @pytest.mark.parametrize("family", ["llama3", "gpt_oss"])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO
 from rp_ray.data import Dropped, load_registry, to_conversation
 from rp_ray.template import GPT_OSS, IGNORE_INDEX, LLAMA3, encode_prediction, encode_supervised
 

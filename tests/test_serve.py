@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
-
 from conftest import REPO, make_adapter
+
 from rp_ray.cluster import free_port
 from rp_ray.config import SamplingConfig, ServeConfig, VllmSettings
 from rp_ray.data import Message

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import REPO
 from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.serve.characters import check_cards, load_cards
-from rp_ray.serve.deployments import (APP_IMPORT_PATH, DEPLOYMENT_DEFAULTS, ENGINE_TARGET_SHARE, deployment_overrides,
-                                      engine_concurrency, load_serve_config, merged_options)
+from rp_ray.serve.deployments import (
+    APP_IMPORT_PATH,
+    DEPLOYMENT_DEFAULTS,
+    ENGINE_TARGET_SHARE,
+    deployment_overrides,
+    engine_concurrency,
+    load_serve_config,
+    merged_options,
+)
 
 CONFIGS = sorted(p for p in (REPO / "serve_configs").glob("*.yaml") if not p.name.startswith("characters"))
 

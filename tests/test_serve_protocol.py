@@ -7,14 +7,23 @@ import base64
 import json
 
 import pytest
-
 from conftest import make_adapter
+
 from rp_ray.config import ConfigError
 from rp_ray.serve.app import build_app
 from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CardError, apply_card, load_cards, resolve_adapter
-from rp_ray.serve.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionResponse,
-                                   ChatMessage, Limits, Usage, check_limits, parse_request)
+from rp_ray.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionResponse,
+    ChatMessage,
+    Limits,
+    Usage,
+    check_limits,
+    parse_request,
+)
 
 OK = {"model": "haruhi", "messages": [{"role": "user", "content": "阿虚:「早」"}]}
 

@@ -11,8 +11,16 @@ import pytest
 from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.data import Message
 from rp_ray.serve.characters import CardSampling, CharacterCard, check_cards
-from rp_ray.serve.protocol import (APIError, ChatCompletionChunk, ChatSampling, Delta, DeltaMessage, Limits, Usage,
-                                   parse_request)
+from rp_ray.serve.protocol import (
+    APIError,
+    ChatCompletionChunk,
+    ChatSampling,
+    Delta,
+    DeltaMessage,
+    Limits,
+    Usage,
+    parse_request,
+)
 from rp_ray.serve.serving import DONE, ChatServing, split_system
 from rp_ray.template import LLAMA3, chat_prompt_ids
 

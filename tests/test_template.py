@@ -14,7 +14,6 @@ import json
 from itertools import groupby
 
 import pytest
-
 from conftest import REPO
 
 from rp_ray.data import Conversation, Message

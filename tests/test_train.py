@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from rp_ray.config import TrainConfig, load_config
 from rp_ray.train import run_training
 from rp_ray.train.batching import collate, label_tokens

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import make_adapter
 from safetensors.torch import load_file
 
-from conftest import make_adapter
 from rp_ray.config import VllmSettings
 from rp_ray.vllm_engine import (
     GPU_MAX_NUM_BATCHED_TOKENS,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 import yaml
-
 from conftest import REPO
+
 from rp_ray.cluster import free_port
 
 BIN = Path(sys.executable).parent

@@ -17,8 +17,14 @@ from rp_ray.config import SamplingConfig, VllmSettings
 from rp_ray.models import load_model, resolve_dtype
 from rp_ray.reply import clean_reply
 from rp_ray.template import Template, stop_token_ids
-from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_crossing_workaround, lora_requests, \
-    with_zero_adapter
+from rp_ray.vllm_engine import (
+    ZERO_ADAPTER,
+    apply_engine_env,
+    engine_kwargs,
+    lora_crossing_workaround,
+    lora_requests,
+    with_zero_adapter,
+)
 
 log = logging.getLogger(__name__)
 

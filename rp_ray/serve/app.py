@@ -31,10 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.models import check_model_dir
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
-from rp_ray.serve.characters import (CharacterCard, check_cards, load_cards, resolve_adapter)
-from rp_ray.serve.deployments import (APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options)
+from rp_ray.serve.characters import CharacterCard, check_cards, load_cards, resolve_adapter
+from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.protocol import (APIError, ChatCompletionRequest, Delta, completion_id, parse_request)
+from rp_ray.serve.protocol import APIError, ChatCompletionRequest, Delta, completion_id, parse_request
 from rp_ray.serve.serving import ChatServing
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 
 from rp_ray.config import ServeConfig
 from rp_ray.serve.protocol import ChatSampling, Delta
-from rp_ray.vllm_engine import (ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter)
+from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter
 
 log = logging.getLogger(__name__)
 

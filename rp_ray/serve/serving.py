@@ -20,9 +20,22 @@ from rp_ray.data import Message
 from rp_ray.models import load_tokenizer
 from rp_ray.reply import ReplyStream
 from rp_ray.serve.characters import CharacterCard, apply_card
-from rp_ray.serve.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
-                                   ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatSampling, Delta,
-                                   DeltaMessage, Limits, Usage, check_limits, finish_reason)
+from rp_ray.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatSampling,
+    Delta,
+    DeltaMessage,
+    Limits,
+    Usage,
+    check_limits,
+    finish_reason,
+)
 from rp_ray.template import chat_prompt_ids, get_template, stop_token_ids
 
 log = logging.getLogger(__name__)
