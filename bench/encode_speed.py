@@ -16,7 +16,9 @@ from rp_ray.tiny_model import build_tiny_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="../shared/datasets/chatharuhi", help="folder with dataset_info.json + the full splits")
+    ap.add_argument(
+        "--data", default="../shared/datasets/chatharuhi", help="folder with dataset_info.json + the full splits"
+    )
     ap.add_argument("--family", default="llama3", choices=["llama3", "gpt_oss"])
     ap.add_argument("--cutoff-len", type=int, default=2048)
     a = ap.parse_args()

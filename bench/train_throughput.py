@@ -29,18 +29,32 @@ def main() -> None:
         model = build_tiny_model("llama3", Path(tmp) / "model")
         results = {}
         for grouped in (False, True):
-            cfg = load_config(TrainConfig, "jobs/configs/tiny_llama3.yaml", [
-                f"model.path={model}", f"output_dir={Path(tmp) / str(grouped)}", f"max_steps={a.steps}",
-                f"data.cutoff_len={a.cutoff_len}", f"per_device_batch_size={a.batch}", "gradient_accumulation_steps=1",
-                f"group_by_length={str(grouped).lower()}", "checkpoint_every_steps=1000", "logging_steps=5",
-            ])
+            cfg = load_config(
+                TrainConfig,
+                "jobs/configs/tiny_llama3.yaml",
+                [
+                    f"model.path={model}",
+                    f"output_dir={Path(tmp) / str(grouped)}",
+                    f"max_steps={a.steps}",
+                    f"data.cutoff_len={a.cutoff_len}",
+                    f"per_device_batch_size={a.batch}",
+                    "gradient_accumulation_steps=1",
+                    f"group_by_length={str(grouped).lower()}",
+                    "checkpoint_every_steps=1000",
+                    "logging_steps=5",
+                ],
+            )
             results[grouped] = run_training(cfg).summary
-    rows = {("grouped" if g else "plain"): {k: s[k] for k in ("tokens_per_s", "padding_ratio", "tokens", "train_seconds")}
-            for g, s in results.items()}
+    rows = {
+        ("grouped" if g else "plain"): {k: s[k] for k in ("tokens_per_s", "padding_ratio", "tokens", "train_seconds")}
+        for g, s in results.items()
+    }
     print(json.dumps(rows, indent=2))
     ratio = results[True]["tokens_per_s"] / results[False]["tokens_per_s"]
-    print(f"non-pad tokens/s: plain {results[False]['tokens_per_s']}, length-grouped {results[True]['tokens_per_s']}, "
-          f"ratio {ratio:.2f}x (padding {results[False]['padding_ratio']:.1%} -> {results[True]['padding_ratio']:.1%})")
+    print(
+        f"non-pad tokens/s: plain {results[False]['tokens_per_s']}, length-grouped {results[True]['tokens_per_s']}, "
+        f"ratio {ratio:.2f}x (padding {results[False]['padding_ratio']:.1%} -> {results[True]['padding_ratio']:.1%})"
+    )
 
 
 if __name__ == "__main__":

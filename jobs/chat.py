@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--list", action="store_true", help="list the served models and characters, then exit")
     a = ap.parse_args(argv)
-    key = Path(a.api_key_file).read_text(encoding="utf-8").strip() if a.api_key_file else os.environ.get("RP_RAY_API_KEY")
+    key = (
+        Path(a.api_key_file).read_text(encoding="utf-8").strip() if a.api_key_file else os.environ.get("RP_RAY_API_KEY")
+    )
     if not key:
         ap.error("no API key: set RP_RAY_API_KEY or pass --api-key-file")
     from openai import APIError, OpenAI
@@ -37,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not a.message:
             ap.error("give a message (or --list)")
-        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.message}]
-        stream = client.chat.completions.create(model=a.model, messages=messages, temperature=a.temperature,
-                                                max_tokens=a.max_tokens, stream=True)
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": a.message}
+        ]
+        stream = client.chat.completions.create(
+            model=a.model, messages=messages, temperature=a.temperature, max_tokens=a.max_tokens, stream=True
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)

@@ -18,8 +18,10 @@ def main() -> None:
     cfg = job_config(TrainConfig, __doc__, "max_steps=10 deepspeed.stage=3")
     res = run_training(cfg)
     s = res.summary
-    print(f"trained {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
-          f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}")
+    print(
+        f"trained {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
+        f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}"
+    )
     print(f"adapter: {res.adapter_dir}\nsummary: {res.summary_path}\nloss plot: {res.plot_path}")
 
 

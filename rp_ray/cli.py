@@ -17,7 +17,9 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, T
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def job_config(cls: type, doc: str | None, example: str, argv: list[str] | None = None):
@@ -39,9 +41,14 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
     sizes = tiny_model.DEFAULT_SIZES if a.pretrain else {"vocab_size": 4096, "hidden_size": 128, "num_layers": 2}
     pretrain = tiny_model.DEFAULT_PRETRAIN.model_copy(update={"steps": a.pretrain_steps}) if a.pretrain else None
     out = tiny_model.build_tiny_model(
-        a.family, a.out, corpus_file=a.corpus, vocab_size=a.vocab_size or sizes["vocab_size"],
-        hidden_size=a.hidden_size or sizes["hidden_size"], num_layers=a.num_layers or sizes["num_layers"],
-        seed=a.seed, pretrain=pretrain,
+        a.family,
+        a.out,
+        corpus_file=a.corpus,
+        vocab_size=a.vocab_size or sizes["vocab_size"],
+        hidden_size=a.hidden_size or sizes["hidden_size"],
+        num_layers=a.num_layers or sizes["num_layers"],
+        seed=a.seed,
+        pretrain=pretrain,
     )
     print(f"tiny {a.family} model written to {out} (model card: {out / 'README.md'})")
 
@@ -70,17 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rp-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("tiny-model", help="build a tiny model in Hugging Face layout: random weights (seconds) "
-                                          "or, with --pretrain, pretrained on --corpus (about a minute)")
+    p = sub.add_parser(
+        "tiny-model",
+        help="build a tiny model in Hugging Face layout: random weights (seconds) "
+        "or, with --pretrain, pretrained on --corpus (about a minute)",
+    )
     p.add_argument("--family", choices=["llama3", "gpt_oss"], required=True)
     p.add_argument("--out", required=True, help="output directory (rebuilt only when an input changed)")
-    p.add_argument("--corpus", default=tiny_model.DEFAULT_CORPUS,
-                   help="sharegpt train file the tokenizer (and, with --pretrain, the model) is trained on")
-    p.add_argument("--pretrain", action="store_true",
-                   help="pretrain as a plain language model on the corpus's text, with the demo's sizes "
-                        f"({tiny_model.DEFAULT_SIZES}); this is the demo's default base model")
-    p.add_argument("--pretrain-steps", type=int, default=tiny_model.DEFAULT_PRETRAIN.steps,
-                   help="optimizer steps of --pretrain (batch 16 x 256 tokens)")
+    p.add_argument(
+        "--corpus",
+        default=tiny_model.DEFAULT_CORPUS,
+        help="sharegpt train file the tokenizer (and, with --pretrain, the model) is trained on",
+    )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pretrain as a plain language model on the corpus's text, with the demo's sizes "
+        f"({tiny_model.DEFAULT_SIZES}); this is the demo's default base model",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=tiny_model.DEFAULT_PRETRAIN.steps,
+        help="optimizer steps of --pretrain (batch 16 x 256 tokens)",
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="default 4096")
     p.add_argument("--hidden-size", type=int, default=None, help="default 128, or 256 with --pretrain")
     p.add_argument("--num-layers", type=int, default=None, help="default 2, or 4 with --pretrain")
@@ -93,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("wait-jobs", help="wait until a fresh `ray start` cluster accepts `ray job submit` (bounded)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
-                   help="the cluster's dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the cluster's dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default 300)")
     p.set_defaults(func=cmd_wait_jobs)
 

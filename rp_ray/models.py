@@ -132,15 +132,21 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     return AutoModelForCausalLM.from_pretrained(p, **load_kwargs(config, dtype, attn_implementation))
 
 
-def random_lora_adapter(model_dir: str | Path, out: str | Path, seed: int = 0, rank: int = 8,
-                        target: list[str] | str = ("q_proj", "v_proj", "o_proj")) -> Path:
+def random_lora_adapter(
+    model_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    rank: int = 8,
+    target: list[str] | str = ("q_proj", "v_proj", "o_proj"),
+) -> Path:
     """A peft LoRA adapter with random non-zero weights: a stand-in for a trained one in tests and benchmarks."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     target = target if isinstance(target, str) else list(target)
-    model = get_peft_model(load_model(model_dir), LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=target,
-                                                             init_lora_weights=False))
+    model = get_peft_model(
+        load_model(model_dir), LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=target, init_lora_weights=False)
+    )
     model.save_pretrained(out)
     return Path(out)

@@ -131,8 +131,9 @@ class EncodeStats:
         )
 
 
-def encode_locally(model: ModelConfig, cutoff_len: int, convs: list[Conversation],
-                   batch_size: int = 256) -> tuple[list[dict[str, list[int]]], EncodeStats]:
+def encode_locally(
+    model: ModelConfig, cutoff_len: int, convs: list[Conversation], batch_size: int = 256
+) -> tuple[list[dict[str, list[int]]], EncodeStats]:
     """Run :class:`SupervisedEncoder` in this process over ``convs`` (what training runs in Ray Data), with stats."""
     import pandas as pd
     from tqdm.auto import tqdm
@@ -143,7 +144,7 @@ def encode_locally(model: ModelConfig, cutoff_len: int, convs: list[Conversation
     stats, rows = EncodeStats(), []
     with tqdm(total=len(items), desc="encode", unit="conv", mininterval=2.0, disable=len(items) < 2000) as bar:
         for start in range(0, len(items), batch_size):
-            out = enc(pd.DataFrame(items[start:start + batch_size]))
+            out = enc(pd.DataFrame(items[start : start + batch_size]))
             stats.add(out)
             rows += [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
             bar.update(len(out))

@@ -68,7 +68,7 @@ class ReplyStream:
         clean = clean_reply(self.tpl, self.raw)
         if not clean.startswith(self.sent):
             return ""  # cannot happen with the templates' cleaning; never resend what the client already has
-        delta, self.sent = clean[len(self.sent):], clean
+        delta, self.sent = clean[len(self.sent) :], clean
         return delta
 
     @property

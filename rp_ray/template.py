@@ -155,7 +155,9 @@ def _has_thought(tpl: Template, content: str) -> bool:
     return tpl.thought_words[0].strip() in content or tpl.thought_words[1].strip() in content
 
 
-def _encode_messages(tok: PreTrainedTokenizerBase, tpl: Template, system: str, messages: list[Message]) -> list[list[int]]:
+def _encode_messages(
+    tok: PreTrainedTokenizerBase, tpl: Template, system: str, messages: list[Message]
+) -> list[list[int]]:
     """One id list per message: the first carries bos and the system slot (LLaMA-Factory ``_encode``)."""
     system = system or tpl.default_system
     out = []

@@ -52,17 +52,26 @@ def apply_engine_env(settings: VllmSettings) -> None:
         os.environ.setdefault(key, value)
 
 
-def engine_kwargs(model_path: str, settings: VllmSettings, dtype: str, max_model_len: int, n_loras: int,
-                  seed: int) -> dict[str, Any]:
+def engine_kwargs(
+    model_path: str, settings: VllmSettings, dtype: str, max_model_len: int, n_loras: int, seed: int
+) -> dict[str, Any]:
     """Keyword arguments of vLLM's ``LLM`` / ``AsyncEngineArgs`` for our engines (LoRA on when ``n_loras``).
 
     ``n_loras`` counts every adapter the engine may load, the zero adapter included.
     """
     kwargs: dict[str, Any] = dict(
-        model=model_path, tokenizer=model_path, trust_remote_code=False, dtype=resolve_dtype(dtype, settings.use_gpu),
-        max_model_len=max_model_len, tensor_parallel_size=settings.tensor_parallel_size, enable_lora=n_loras > 0,
-        max_loras=max(1, n_loras), max_lora_rank=settings.max_lora_rank, seed=seed,
-        enable_prefix_caching=settings.prefix_caching, disable_log_stats=True,
+        model=model_path,
+        tokenizer=model_path,
+        trust_remote_code=False,
+        dtype=resolve_dtype(dtype, settings.use_gpu),
+        max_model_len=max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        enable_lora=n_loras > 0,
+        max_loras=max(1, n_loras),
+        max_lora_rank=settings.max_lora_rank,
+        seed=seed,
+        enable_prefix_caching=settings.prefix_caching,
+        disable_log_stats=True,
     )
     seqs, tokens = settings.max_num_seqs, settings.max_num_batched_tokens
     if settings.use_gpu:
@@ -93,7 +102,7 @@ def write_zero_adapter(like: Path, out: Path) -> Path:
 
 
 def with_zero_adapter(adapters: dict[str, str], settings: VllmSettings, workdir: Path) -> dict[str, str]:
-    """The adapters to load: ``adapters`` plus, on CPU engines that serve any, the zero adapter (written to ``workdir``)."""
+    """The adapters to load: ``adapters``, plus (on CPU engines serving any) the zero adapter written to ``workdir``."""
     if not adapters or not lora_crossing_workaround(settings):
         return dict(adapters)
     zero = write_zero_adapter(Path(next(iter(adapters.values()))), workdir / ZERO_ADAPTER)

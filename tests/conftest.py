@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# Token authentication on for every Ray process the tests start or connect to (the Ray dashboard and jobs API stay protected).
+# Token authentication on for every Ray process the tests start or connect to (dashboard and jobs API stay protected).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 # This session's Ray processes (and the jobs it starts) live under a temp dir of their own: the session never joins,
 # nor stops, another Ray cluster on the machine, and tears down only its own.
@@ -32,12 +32,16 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama3(tmp_path_factory) -> Path:
-    return build_tiny_model("llama3", tmp_path_factory.mktemp("tiny-llama3"), corpus_file=REPO / "data/sample/haruhi_train.json")
+    return build_tiny_model(
+        "llama3", tmp_path_factory.mktemp("tiny-llama3"), corpus_file=REPO / "data/sample/haruhi_train.json"
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt_oss(tmp_path_factory) -> Path:
-    return build_tiny_model("gpt_oss", tmp_path_factory.mktemp("tiny-gpt-oss"), corpus_file=REPO / "data/sample/haruhi_train.json")
+    return build_tiny_model(
+        "gpt_oss", tmp_path_factory.mktemp("tiny-gpt-oss"), corpus_file=REPO / "data/sample/haruhi_train.json"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +87,25 @@ def kill_ray_processes(ray_tmp: str) -> int:
 
 def ray_start_args(num_cpus: int) -> list[str]:
     """`ray start --head` with every port free, so it starts beside any other Ray cluster on the machine."""
-    ports = {flag: free_port() for flag in ("port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "metrics-export-port", "node-manager-port", "object-manager-port")}
-    args = ["start", "--head", *(f"--{k}={v}" for k, v in ports.items()), "--dashboard-agent-listen-port=0",
-            f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+    ports = {
+        flag: free_port()
+        for flag in (
+            "port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    args = [
+        "start",
+        "--head",
+        *(f"--{k}={v}" for k, v in ports.items()),
+        "--dashboard-agent-listen-port=0",
+        f"--num-cpus={num_cpus}",
+        "--disable-usage-stats",
+    ]
     return args
 
 

@@ -60,8 +60,10 @@ def per_rank_baseline(lengths, world_size, micro_batch, accumulation, seed=42, e
     random.Random(seed).shuffle(rows)
     size = len(rows) // world_size
     shards = [rows[r * size : (r + 1) * size] for r in range(world_size)]
-    plans = [per_rank_plan([lengths[i] for i in shard], micro_batch, accumulation, seed + 7919 * r, epoch)
-             for r, shard in enumerate(shards)]
+    plans = [
+        per_rank_plan([lengths[i] for i in shard], micro_batch, accumulation, seed + 7919 * r, epoch)
+        for r, shard in enumerate(shards)
+    ]
     n_steps = min(len(p) for p in plans)
     return [[[[shards[r][i] for i in mb] for mb in plans[r][k]] for r in range(world_size)] for k in range(n_steps)]
 
@@ -81,8 +83,9 @@ def micro_imbalance(plan, lengths) -> float:
 @pytest.mark.parametrize("world_size", [4, 8])
 def test_haruhi_ranks_do_even_work(haruhi_train_lengths, world_size, micro_batch, accumulation):
     lengths = haruhi_train_lengths
-    plan = plan_epoch(lengths, world_size=world_size, micro_batch=micro_batch, accumulation=accumulation,
-                      seed=42, epoch=0)
+    plan = plan_epoch(
+        lengths, world_size=world_size, micro_batch=micro_batch, accumulation=accumulation, seed=42, epoch=0
+    )
     old = per_rank_baseline(lengths, world_size, micro_batch, accumulation)
     new_pad, old_pad = PaddingStats(), PaddingStats()
     new_pad.add_plan(plan, lengths)

@@ -22,7 +22,9 @@ def test_tiny_model_command(tmp_path):
 
 
 def test_data_command_reports(tiny_llama3, tmp_path):
-    r = run(RP_RAY, "data", "--config", "jobs/configs/tiny_llama3.yaml", f"model.path={tiny_llama3}", "--out", str(tmp_path))
+    r = run(
+        RP_RAY, "data", "--config", "jobs/configs/tiny_llama3.yaml", f"model.path={tiny_llama3}", "--out", str(tmp_path)
+    )
     assert r.returncode == 0, r.stderr
     assert "haruhi_train: 300 rows read" in r.stdout and "train encoded: 300 examples" in r.stdout
     assert (tmp_path / "data_report.json").is_file() and (tmp_path / "data_report.txt").is_file()

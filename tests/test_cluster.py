@@ -20,8 +20,14 @@ from conftest import REPO, kill_ray_processes, ray_start_args
 from rp_ray.cluster import CLUSTER_LOST_EXIT
 
 BIN = Path(sys.executable).parent
-TRAIN = ["jobs/train.py", "--config", "jobs/configs/tiny_llama3.yaml", "data.cutoff_len=128",
-         "checkpoint_every_steps=100", "per_device_batch_size=2"]
+TRAIN = [
+    "jobs/train.py",
+    "--config",
+    "jobs/configs/tiny_llama3.yaml",
+    "data.cutoff_len=128",
+    "checkpoint_every_steps=100",
+    "per_device_batch_size=2",
+]
 
 
 def job_env(ray_tmp: str) -> dict[str, str]:
@@ -36,10 +42,16 @@ def test_two_embedded_jobs_at_once_both_finish(tiny_llama3, tmp_path):
     neither rides on the other's (which would die with it)."""
     procs = []
     for name in ("a", "b"):
-        procs.append(subprocess.Popen(
-            [sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path / name}", "max_steps=2"],
-            cwd=REPO, env=job_env(tempfile.mkdtemp(prefix="rt", dir="/tmp")), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path / name}", "max_steps=2"],
+                cwd=REPO,
+                env=job_env(tempfile.mkdtemp(prefix="rt", dir="/tmp")),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for name, p in zip("ab", procs):
         out, _ = p.communicate(timeout=1800)
         assert p.returncode == 0, f"job {name}:\n{out[-4000:]}"
@@ -50,15 +62,32 @@ def test_two_embedded_jobs_at_once_both_finish(tiny_llama3, tmp_path):
 
 @pytest.mark.slow
 def test_job_whose_cluster_is_killed_exits_non_zero_with_a_clear_message(tiny_llama3, tmp_path):
-    """A job on a `ray start` cluster whose processes are all killed mid-run: the job ends with exit code 3 and says what
-    happened and how to resume, instead of hanging in ray.get or ending with no output."""
+    """A job on a `ray start` cluster whose processes are all killed mid-run: the job ends with exit code 3 and says
+    what happened and how to resume, instead of hanging in ray.get or ending with no output."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     env = job_env(ray_tmp)
-    subprocess.run([str(BIN / "ray"), *ray_start_args(4), "--include-dashboard=false"], check=True, cwd=REPO,
-                   env=env, capture_output=True)
-    job = subprocess.Popen([sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path}",
-                            "max_steps=100000", "run_name=killed"],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    subprocess.run(
+        [str(BIN / "ray"), *ray_start_args(4), "--include-dashboard=false"],
+        check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+    )
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            *TRAIN,
+            f"model.path={tiny_llama3}",
+            f"output_dir={tmp_path}",
+            "max_steps=100000",
+            "run_name=killed",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines: list[str] = []
         t0 = time.monotonic()

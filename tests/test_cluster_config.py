@@ -55,8 +55,14 @@ def _gpu_types(cfg: dict) -> dict:
 
 
 def _all_commands(cfg: dict) -> list[str]:
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     return [c for k in keys for c in cfg.get(k, [])]
 
 
@@ -77,6 +83,7 @@ def _yaml(rel: str) -> dict:
 
 
 # --- Ray's own validation -------------------------------------------------------------------------
+
 
 def test_ray_schema_accepts_the_file_as_written(raw):
     validate_config(raw)
@@ -100,6 +107,7 @@ def _set(path: tuple, value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return mutate
 
 
@@ -109,15 +117,28 @@ def _worker(cfg) -> str:
 
 BROKEN = [
     ("top-level typo", lambda c: c.update(max_worker=3), jsonschema.ValidationError),
-    ("node-type typo", lambda c: c["available_node_types"][_worker(c)].update(min_worker=0), jsonschema.ValidationError),
-    ("GPU count as string", lambda c: c["available_node_types"][_worker(c)]["resources"].update(GPU="8"),
-     jsonschema.ValidationError),
-    ("fractional CPU", lambda c: c["available_node_types"][_worker(c)]["resources"].update(CPU=191.5),
-     jsonschema.ValidationError),
+    (
+        "node-type typo",
+        lambda c: c["available_node_types"][_worker(c)].update(min_worker=0),
+        jsonschema.ValidationError,
+    ),
+    (
+        "GPU count as string",
+        lambda c: c["available_node_types"][_worker(c)]["resources"].update(GPU="8"),
+        jsonschema.ValidationError,
+    ),
+    (
+        "fractional CPU",
+        lambda c: c["available_node_types"][_worker(c)]["resources"].update(CPU=191.5),
+        jsonschema.ValidationError,
+    ),
     ("commands not a list", _set(("head_start_ray_commands",), "ray start --head"), jsonschema.ValidationError),
     ("negative idle timeout", _set(("idle_timeout_minutes",), -1), jsonschema.ValidationError),
-    ("node type without resources", lambda c: c["available_node_types"][_worker(c)].pop("resources"),
-     jsonschema.ValidationError),
+    (
+        "node type without resources",
+        lambda c: c["available_node_types"][_worker(c)].pop("resources"),
+        jsonschema.ValidationError,
+    ),
     ("min_workers over max_workers", lambda c: c["available_node_types"][_worker(c)].update(min_workers=5), ValueError),
     ("unknown head node type", _set(("head_node_type",), "ray.head.gpu"), ValueError),
 ]
@@ -135,9 +156,21 @@ def test_ray_rejects_a_broken_copy(raw, mutate, error):
 # EC2 RunInstances parameters (plus Ray's SubnetIds) that a node_config here may use; Ray passes
 # node_config to boto3 unchecked, so a misspelt key only fails at launch time.
 EC2_NODE_CONFIG_KEYS = {
-    "InstanceType", "ImageId", "SecurityGroupIds", "SubnetIds", "KeyName", "IamInstanceProfile",
-    "BlockDeviceMappings", "InstanceMarketOptions", "CapacityReservationSpecification", "Placement",
-    "TagSpecifications", "NetworkInterfaces", "LaunchTemplate", "MetadataOptions", "UserData",
+    "InstanceType",
+    "ImageId",
+    "SecurityGroupIds",
+    "SubnetIds",
+    "KeyName",
+    "IamInstanceProfile",
+    "BlockDeviceMappings",
+    "InstanceMarketOptions",
+    "CapacityReservationSpecification",
+    "Placement",
+    "TagSpecifications",
+    "NetworkInterfaces",
+    "LaunchTemplate",
+    "MetadataOptions",
+    "UserData",
 }
 
 
@@ -210,7 +243,9 @@ def test_dashboard_and_serve_are_not_exposed(raw):
         assert (rule.get("FromPort"), rule.get("ToPort")) == (22, 22), rule
         assert all(r.get("CidrIp") != "0.0.0.0/0" for r in rule.get("IpRanges", [])), rule
     # the documented group: SSH from one CIDR, all traffic inside the group, nothing else
-    rules = [ln for ln in CLUSTER_YAML.read_text(encoding="utf-8").splitlines() if "authorize-security-group-ingress" in ln]
+    rules = [
+        ln for ln in CLUSTER_YAML.read_text(encoding="utf-8").splitlines() if "authorize-security-group-ingress" in ln
+    ]
     assert len(rules) == 2, rules
     for ln in rules:
         assert ("--port 22 " in ln and "0.0.0.0/0" not in ln) or "--source-group $SG" in ln, ln
@@ -251,7 +286,9 @@ def test_job_and_serve_configs_use_the_shared_storage(raw):
             assert path.startswith(SHARED + "/"), (rel, path)
     for rel in ("jobs/configs/llama31_8b_4gpu.yaml", "jobs/configs/eval_llama31_8b.yaml"):
         cfg = _yaml(rel)
-        assert cfg["model"]["path"].startswith(SHARED + "/models/") and cfg["output_dir"].startswith(SHARED + "/rp_ray/")
+        assert cfg["model"]["path"].startswith(SHARED + "/models/") and cfg["output_dir"].startswith(
+            SHARED + "/rp_ray/"
+        )
 
 
 def test_no_secret_values_in_the_file():
@@ -270,8 +307,9 @@ def test_every_command_is_valid_bash(raw):
 def _sh(cmd: str, home: Path, shared: Path) -> None:
     """Run one of the config's commands with HOME and /mnt/shared pointed at temp dirs."""
     env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    res = subprocess.run(["bash", "-c", cmd.replace(SHARED, str(shared))], env=env, capture_output=True, text=True,
-                         timeout=30)
+    res = subprocess.run(
+        ["bash", "-c", cmd.replace(SHARED, str(shared))], env=env, capture_output=True, text=True, timeout=30
+    )
     assert res.returncode == 0, f"{cmd}\n{res.stderr}"
 
 
@@ -279,9 +317,11 @@ def _fake_ray(home: Path) -> None:
     """~/venv/bin/ray that only knows `get-auth-token --generate` (writes a token like Ray: ~/.ray/auth_token)."""
     ray_bin = home / "venv" / "bin" / "ray"
     ray_bin.parent.mkdir(parents=True)
-    ray_bin.write_text('#!/bin/sh\n[ "$1 $2" = "get-auth-token --generate" ] || exit 2\n'
-                       'mkdir -p "$HOME/.ray"; test -s "$HOME/.ray/auth_token" || '
-                       'od -An -tx1 -N16 /dev/urandom | tr -d " \\n" > "$HOME/.ray/auth_token"; cat "$HOME/.ray/auth_token"\n')
+    ray_bin.write_text(
+        '#!/bin/sh\n[ "$1 $2" = "get-auth-token --generate" ] || exit 2\n'
+        'mkdir -p "$HOME/.ray"; test -s "$HOME/.ray/auth_token" || '
+        'od -An -tx1 -N16 /dev/urandom | tr -d " \\n" > "$HOME/.ray/auth_token"; cat "$HOME/.ray/auth_token"\n'
+    )
     ray_bin.chmod(0o755)
 
 
@@ -370,8 +410,9 @@ def test_driver_check_runs_on_gpu_workers_only(raw):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-@pytest.mark.parametrize("version, ok", [("575.57.08", False), ("580.65.06", True), ("590.10", True),
-                                         ("470.256.02", False), (None, False)])
+@pytest.mark.parametrize(
+    "version, ok", [("575.57.08", False), ("580.65.06", True), ("590.10", True), ("470.256.02", False), (None, False)]
+)
 def test_driver_check_refuses_drivers_older_than_r580(raw, tmp_path, version, ok):
     """The setup command run against a fake nvidia-smi (None: no nvidia-smi at all)."""
     bin_dir = tmp_path / "bin"
@@ -384,8 +425,13 @@ def test_driver_check_refuses_drivers_older_than_r580(raw, tmp_path, version, ok
     tools = [shutil.which(t) for t in ("head", "hostname")]
     for t in filter(None, tools):  # a PATH with only our fake and the few tools the check uses
         os.symlink(t, bin_dir / Path(t).name)
-    res = subprocess.run([shutil.which("bash"), "-c", _driver_check(raw)], env={"PATH": str(bin_dir)},
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [shutil.which("bash"), "-c", _driver_check(raw)],
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if ok:
         assert res.returncode == 0, res.stderr
     else:

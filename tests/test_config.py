@@ -35,7 +35,11 @@ def test_repo_config_validates(path: Path, cls):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(TrainConfig, REPO / "jobs/configs/tiny_llama3.yaml", ["lora.rank=16", "data.train=[a, b]", "optim.learning_rate=2e-4"])
+    cfg = load_config(
+        TrainConfig,
+        REPO / "jobs/configs/tiny_llama3.yaml",
+        ["lora.rank=16", "data.train=[a, b]", "optim.learning_rate=2e-4"],
+    )
     assert cfg.lora.rank == 16 and cfg.data.train == ["a", "b"] and cfg.optim.learning_rate == 2e-4
 
 
@@ -76,4 +80,6 @@ def test_missing_and_malformed_files(tmp_path):
 def test_every_field_is_described():
     for cls in (TrainConfig, EvalConfig, ServeConfig, ModelConfig, DeepSpeedConfig):
         lines = describe(cls)
-        assert lines and all(not line.rstrip().endswith(":") for line in lines), [l for l in lines if l.rstrip().endswith(":")]
+        assert lines and all(not line.rstrip().endswith(":") for line in lines), [
+            ln for ln in lines if ln.rstrip().endswith(":")
+        ]

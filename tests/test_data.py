@@ -20,7 +20,13 @@ from rp_ray.data import (
     resolve,
 )
 
-TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+}
 
 
 def conv(*pairs, system="你是凉宫春日。"):
@@ -34,8 +40,10 @@ def good(i: int):
 
 
 def write_registry(d: Path, **entries):
-    info = {name: {"file_name": f, "formatting": "sharegpt", "columns": {"messages": "conversations"}, "tags": TAGS}
-            for name, f in entries.items()}
+    info = {
+        name: {"file_name": f, "formatting": "sharegpt", "columns": {"messages": "conversations"}, "tags": TAGS}
+        for name, f in entries.items()
+    }
     (d / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
 
 
@@ -48,24 +56,38 @@ def malformed(tmp_path):
     """A train JSONL with every defect (and a BOM and blank lines), and a clean val file."""
     val_rows = [good(100), good(101)]
     train = jsonl(
-        good(1), good(2), good(3), good(4), good(5),                     # 5 kept
-        b"\xff\xfe{\"conversations\": []}",                              # invalid_utf8
-        b"{\"conversations\": [", b"not json at all",                    # invalid_json x2
+        good(1),
+        good(2),
+        good(3),
+        good(4),
+        good(5),  # 5 kept
+        b'\xff\xfe{"conversations": []}',  # invalid_utf8
+        b'{"conversations": [',
+        b"not json at all",  # invalid_json x2
         json.dumps(conv(("user", "x" * 5000), ("assistant", "y"))).encode(),  # too_long (max_row_bytes=4096)
-        [1, 2], "a string",                                              # not_object x2
-        {"messages": []}, {"conversations": "hello"},                    # missing_messages x2
-        {"conversations": ["just text"]},                                # bad_message
+        [1, 2],
+        "a string",  # not_object x2
+        {"messages": []},
+        {"conversations": "hello"},  # missing_messages x2
+        {"conversations": ["just text"]},  # bad_message
         {"conversations": [{"from": "user", "value": 3}, {"from": "assistant", "value": "a"}]},  # bad_message
-        conv(("narrator", "旁白"), ("assistant", "a")),                   # unknown_role
-        conv(("user", "q"), ("function_call", "{}")),                    # tool_turn
-        conv(("assistant", "a"), ("user", "q")),                         # role_order
-        {"conversations": [{"from": "user", "value": "q"}, {"from": "system", "value": "s"}, {"from": "assistant", "value": "a"}]},  # role_order
-        conv(),                                                          # no_turns (system only)
-        {"conversations": []},                                           # no_turns
-        conv(("user", "q"), ("assistant", "a"), ("user", "q2")),         # odd_turn_count
-        conv(("user", "q"), ("assistant", "   ")),                       # empty_content
-        good(1), good(2),                                                # duplicate x2
-        good(100),                                                       # train_val_overlap
+        conv(("narrator", "旁白"), ("assistant", "a")),  # unknown_role
+        conv(("user", "q"), ("function_call", "{}")),  # tool_turn
+        conv(("assistant", "a"), ("user", "q")),  # role_order
+        {
+            "conversations": [
+                {"from": "user", "value": "q"},
+                {"from": "system", "value": "s"},
+                {"from": "assistant", "value": "a"},
+            ]
+        },  # role_order
+        conv(),  # no_turns (system only)
+        {"conversations": []},  # no_turns
+        conv(("user", "q"), ("assistant", "a"), ("user", "q2")),  # odd_turn_count
+        conv(("user", "q"), ("assistant", "   ")),  # empty_content
+        good(1),
+        good(2),  # duplicate x2
+        good(100),  # train_val_overlap
     )
     (tmp_path / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + train.replace(b"\n", b"\n\n", 3))
     (tmp_path / "val.json").write_text(json.dumps(val_rows, ensure_ascii=False), encoding="utf-8")
@@ -74,9 +96,20 @@ def malformed(tmp_path):
 
 
 EXPECTED = {
-    "invalid_utf8": 1, "invalid_json": 2, "too_long": 1, "not_object": 2, "missing_messages": 2,
-    "bad_message": 2, "unknown_role": 1, "tool_turn": 1, "role_order": 2, "no_turns": 2,
-    "odd_turn_count": 1, "empty_content": 1, "duplicate": 2, "train_val_overlap": 1,
+    "invalid_utf8": 1,
+    "invalid_json": 2,
+    "too_long": 1,
+    "not_object": 2,
+    "missing_messages": 2,
+    "bad_message": 2,
+    "unknown_role": 1,
+    "tool_turn": 1,
+    "role_order": 2,
+    "no_turns": 2,
+    "odd_turn_count": 1,
+    "empty_content": 1,
+    "duplicate": 2,
+    "train_val_overlap": 1,
 }
 
 
@@ -149,7 +182,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_registry_defaults_are_llama_factory_sharegpt(tmp_path):
     """No `tags`/`columns`: role_tag from, content_tag value, human/gpt/system; messages column conversations."""
     (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", "formatting": "sharegpt"}}))
-    (tmp_path / "d.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    (tmp_path / "d.json").write_text(
+        json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    )
     cfg = DataConfig(dataset_dir=str(tmp_path), train=["d"], val=[])
     train, _, report = load_splits(cfg)
     assert len(train) == 1 and train[0].messages[1].content == "a" and report.datasets[0].dropped == {}

@@ -21,8 +21,15 @@ from rp_ray.train.deepspeed_config import deepspeed_config
 
 
 def train_cfg(**kw) -> TrainConfig:
-    return TrainConfig.model_validate({"model": {"path": "m", "template": "llama3"}, "num_workers": 2,
-                                       "per_device_batch_size": 2, "gradient_accumulation_steps": 2, **kw})
+    return TrainConfig.model_validate(
+        {
+            "model": {"path": "m", "template": "llama3"},
+            "num_workers": 2,
+            "per_device_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            **kw,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,17 +57,19 @@ def test_user_file_keeps_its_data_types(tmp_path):
     own = tmp_path / "own.json"
     own.write_text(json.dumps({"zero_optimization": {"stage": 3}, "data_types": {"grad_accum_dtype": "bf16"}}))
     assert deepspeed_config(train_cfg(deepspeed={"config_file": str(own)}), bf16=True)["data_types"] == {
-        "grad_accum_dtype": "bf16"}
+        "grad_accum_dtype": "bf16"
+    }
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     assert deepspeed_config(train_cfg(deepspeed={"config_file": str(plain)}), bf16=True)["data_types"] == {
-        "grad_accum_dtype": "fp32"}
+        "grad_accum_dtype": "fp32"
+    }
     bare = tmp_path / "bare.json"
     bare.write_text("{}")  # no ZeRO section: stage 0, bf16 accumulates in bf16
     assert "data_types" not in deepspeed_config(train_cfg(deepspeed={"config_file": str(bare)}), bf16=True)
 
 
-RUN = textwrap.dedent('''
+RUN = textwrap.dedent("""
     import json, os, sys
     import torch, torch.multiprocessing as mp
 
@@ -91,18 +100,25 @@ RUN = textwrap.dedent('''
     if __name__ == "__main__":
         configs = json.load(open(sys.argv[1]))
         mp.spawn(run, args=(int(sys.argv[2]), configs, sys.argv[3]), nprocs=2, join=True)
-''')
+""")
 
 
 @pytest.mark.slow
 def test_deepspeed_runs_the_generated_json_on_two_gloo_ranks(tmp_path):
-    configs = {f"stage{s}-{'bf16' if b else 'fp32'}": deepspeed_config(train_cfg(deepspeed={"stage": s}), bf16=b)
-               for s, b in ((3, True), (3, False), (2, True), (0, True))}
+    configs = {
+        f"stage{s}-{'bf16' if b else 'fp32'}": deepspeed_config(train_cfg(deepspeed={"stage": s}), bf16=b)
+        for s, b in ((3, True), (3, False), (2, True), (0, True))
+    }
     (tmp_path / "configs.json").write_text(json.dumps(configs))
     (tmp_path / "run.py").write_text(RUN)
     out = tmp_path / "out.json"
-    res = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "configs.json"), str(free_port()),
-                          str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "configs.json"), str(free_port()), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(out.read_text())
     assert {k: v["steps"] for k, v in got.items()} == dict.fromkeys(configs, 2)  # 2 optimizer steps of 2 micro-batches

@@ -22,14 +22,27 @@ from rp_ray.data import load_splits
 from rp_ray.eval import run_eval
 from rp_ray.eval.compare import write_comparison
 
-KEYS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
-        "predict_samples_per_second", "predict_steps_per_second", "predict_model_preparation_time",
-        "n_total", "n_scored", "n_error"}
+KEYS = {
+    "predict_bleu-4",
+    "predict_rouge-1",
+    "predict_rouge-2",
+    "predict_rouge-l",
+    "predict_runtime",
+    "predict_samples_per_second",
+    "predict_steps_per_second",
+    "predict_model_preparation_time",
+    "n_total",
+    "n_scored",
+    "n_error",
+}
 
 
 def eval_cfg(model: Path, out: Path, *overrides: str, config: str = "jobs/configs/eval_tiny_llama3.yaml") -> EvalConfig:
-    return load_config(EvalConfig, REPO / config, [f"model.path={model}", f"output_dir={out}", "sampling.max_new_tokens=16",
-                                                   "adapters={}", *overrides])
+    return load_config(
+        EvalConfig,
+        REPO / config,
+        [f"model.path={model}", f"output_dir={out}", "sampling.max_new_tokens=16", "adapters={}", *overrides],
+    )
 
 
 def read(path: Path) -> list[dict]:
@@ -70,7 +83,8 @@ def test_base_in_a_lora_engine_equals_base_alone(greedy_run, tiny_llama3, tmp_pa
     """Runs never cross: base replies from the engine that also serves the adapter equal a base-only engine's."""
     alone = run_eval(eval_cfg(tiny_llama3, tmp_path, "shard_size=10"))
     assert read(alone.output_dir / "base" / "generated_predictions.jsonl") == read(
-        greedy_run.output_dir / "base" / "generated_predictions.jsonl")
+        greedy_run.output_dir / "base" / "generated_predictions.jsonl"
+    )
 
 
 def test_comparison_report(greedy_run):
@@ -88,8 +102,18 @@ def test_killed_eval_resumes_without_redoing_shards(greedy_run, tiny_llama3, ada
     """Kill the eval job after its first shards; the rerun skips finished shards, writes every row once,
     and (greedy) reproduces the uninterrupted run exactly."""
     out = tmp_path / "eval"
-    cmd = [sys.executable, "jobs/eval.py", "--config", "jobs/configs/eval_tiny_llama3.yaml", f"model.path={tiny_llama3}",
-           f"output_dir={out}", "sampling.max_new_tokens=16", "adapters={}", f"adapters.tuned={adapter}", "shard_size=10"]
+    cmd = [
+        sys.executable,
+        "jobs/eval.py",
+        "--config",
+        "jobs/configs/eval_tiny_llama3.yaml",
+        f"model.path={tiny_llama3}",
+        f"output_dir={out}",
+        "sampling.max_new_tokens=16",
+        "adapters={}",
+        f"adapters.tuned={adapter}",
+        "shard_size=10",
+    ]
     log = (tmp_path / "first_attempt.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     shards = out / "tuned" / "shards"
@@ -113,15 +137,28 @@ def test_killed_eval_resumes_without_redoing_shards(greedy_run, tiny_llama3, ada
 
 def test_changed_settings_refuse_to_mix_with_old_shards(greedy_run, tiny_llama3, adapter):
     with pytest.raises(ValueError, match="different settings.*sampling"):
-        run_eval(eval_cfg(tiny_llama3, greedy_run.output_dir, f"adapters.tuned={adapter}", "shard_size=10",
-                          "sampling.greedy=false"))
+        run_eval(
+            eval_cfg(
+                tiny_llama3,
+                greedy_run.output_dir,
+                f"adapters.tuned={adapter}",
+                "shard_size=10",
+                "sampling.greedy=false",
+            )
+        )
 
 
 def test_hf_backend_lora_equals_merged_and_counts_too_long_rows(ray_cluster, tiny_llama3, adapter, tmp_path):
     """transformers backend: runtime LoRA and the merged model agree (greedy); prompts that do not fit
     max_model_len are written with their error and counted, never dropped."""
-    common = [f"adapters.tuned={adapter}", "backend=hf", "include_base=false", "data.max_samples=12", "shard_size=6",
-              "max_model_len=600"]
+    common = [
+        f"adapters.tuned={adapter}",
+        "backend=hf",
+        "include_base=false",
+        "data.max_samples=12",
+        "shard_size=6",
+        "max_model_len=600",
+    ]
     lora = run_eval(eval_cfg(tiny_llama3, tmp_path / "lora", *common))
     merged = run_eval(eval_cfg(tiny_llama3, tmp_path / "merged", *common, "merge_adapter=true"))
     a = read(lora.output_dir / "tuned" / "generated_predictions.jsonl")
@@ -136,9 +173,19 @@ def test_hf_backend_lora_equals_merged_and_counts_too_long_rows(ray_cluster, tin
 def test_gpt_oss_replies_are_clean_final_channel(ray_cluster, tiny_gpt_oss, tmp_path):
     """gpt-oss + LoRA on CPU goes through the transformers backend; no harmony markup reaches a reply or a label."""
     adapter = make_adapter(tiny_gpt_oss, tmp_path / "a")
-    res = run_eval(eval_cfg(tiny_gpt_oss, tmp_path / "out", f"adapters.tuned={adapter}", "backend=hf", "data.max_samples=6",
-                            "model.template=gpt_oss", "model.enable_thinking=true", "shard_size=6",
-                            config="jobs/configs/eval_tiny_llama3.yaml"))
+    res = run_eval(
+        eval_cfg(
+            tiny_gpt_oss,
+            tmp_path / "out",
+            f"adapters.tuned={adapter}",
+            "backend=hf",
+            "data.max_samples=6",
+            "model.template=gpt_oss",
+            "model.enable_thinking=true",
+            "shard_size=6",
+            config="jobs/configs/eval_tiny_llama3.yaml",
+        )
+    )
     for run in ("base", "tuned"):
         for r in read(res.output_dir / run / "generated_predictions.jsonl"):
             for text in (r["predict"], r["label"]):

@@ -18,4 +18,3 @@ def test_jobs_api_refuses_requests_without_the_token(ray_cluster):
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     req.add_header("Authorization", f"Bearer {token}")
     assert urllib.request.urlopen(req, timeout=10).status == 200
-

@@ -27,14 +27,19 @@ def llama_factory_reference(pred: str, label: str) -> dict[str, float]:
     else:
         result = Rouge().get_scores(" ".join(hyp), " ".join(ref))[0]
     out = {k: round(v["f"] * 100, 4) for k, v in result.items()}
-    out["bleu-4"] = round(sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3) * 100, 4)
+    out["bleu-4"] = round(
+        sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3) * 100, 4
+    )
     return out
 
 
 def test_design_golden_case():
-    """The numbers LLaMA-Factory 0.9.5 reports for this pair (its compute_metrics: jieba + rouge-chinese, nltk BLEU-4)."""
+    """The numbers LLaMA-Factory 0.9.5 reports for this pair (compute_metrics: jieba + rouge-chinese, nltk BLEU-4)."""
     assert score_pair("哼，阿虚你又迟到了！", "阿虚，你怎么又迟到了？") == {
-        "bleu-4": 30.3744, "rouge-1": 75.0, "rouge-2": 28.5714, "rouge-l": 62.5,
+        "bleu-4": 30.3744,
+        "rouge-1": 75.0,
+        "rouge-2": 28.5714,
+        "rouge-l": 62.5,
     }
 
 
@@ -63,8 +68,12 @@ def test_matches_llama_factory(pred, label):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.lists(st.sampled_from(list("哼阿虚你又迟到了！？。，我们 the cat a.…”’?!\n") + ["......", "……"]), max_size=30).map("".join),
-    st.lists(st.sampled_from(list("哼阿虚你怎么又迟到了？。，他 the dog a.…”’?!\n") + ["......", "……"]), max_size=30).map("".join),
+    st.lists(
+        st.sampled_from(list("哼阿虚你又迟到了！？。，我们 the cat a.…”’?!\n") + ["......", "……"]), max_size=30
+    ).map("".join),
+    st.lists(
+        st.sampled_from(list("哼阿虚你怎么又迟到了？。，他 the dog a.…”’?!\n") + ["......", "……"]), max_size=30
+    ).map("".join),
 )
 def test_matches_llama_factory_on_random_text(pred, label):
     ours, ref = score_pair(pred, label), llama_factory_reference(pred, label)
@@ -75,8 +84,10 @@ def test_matches_llama_factory_on_random_text(pred, label):
 def test_mean_is_over_rounded_per_sample_scores():
     scores = score_pairs(["哼，阿虚你又迟到了！", ""], ["阿虚，你怎么又迟到了？", "「好」"])
     assert mean_scores(scores) == {
-        "predict_bleu-4": pytest.approx(30.3744 / 2), "predict_rouge-1": 37.5,
-        "predict_rouge-2": pytest.approx(28.5714 / 2), "predict_rouge-l": 31.25,
+        "predict_bleu-4": pytest.approx(30.3744 / 2),
+        "predict_rouge-1": 37.5,
+        "predict_rouge-2": pytest.approx(28.5714 / 2),
+        "predict_rouge-l": 31.25,
     }
 
 
@@ -97,8 +108,11 @@ def test_rouge_chinese_does_not_shadow_other_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
-    owners = [d.metadata["Name"] for d in importlib.metadata.distributions()
-              if any(str(f).startswith("rouge/") for f in (d.files or []))]
+    owners = [
+        d.metadata["Name"]
+        for d in importlib.metadata.distributions()
+        if any(str(f).startswith("rouge/") for f in (d.files or []))
+    ]
     assert owners == ["rouge_chinese"] or owners == ["rouge-chinese"], owners
     import rouge
     import rouge_score.rouge_scorer  # noqa: F401  (Google's rouge-score, used by `evaluate`)

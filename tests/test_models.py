@@ -16,7 +16,14 @@ from rp_ray.template import GPT_OSS, LLAMA3, encode_supervised
 @pytest.mark.parametrize("family", ["llama3", "gpt_oss"])
 def test_tiny_model_layout_and_forward(family, tiny_llama3, tiny_gpt_oss):
     path, tpl = (tiny_llama3, LLAMA3) if family == "llama3" else (tiny_gpt_oss, GPT_OSS)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ):
         assert (path / name).is_file(), name
     tok = load_tokenizer(path, tpl)
     assert set(tpl.special_tokens) <= set(tok.get_vocab())
@@ -57,7 +64,9 @@ def test_remote_code_never_runs(tiny_llama3, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(tiny_llama3, d)
     marker = tmp_path / "pwned"
-    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaForCausalLM as Evil\n")
+    (d / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaForCausalLM as Evil\n"
+    )
     cfg = json.loads((d / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Evil", "AutoConfig": "evil.Evil"}
     (d / "config.json").write_text(json.dumps(cfg))
@@ -148,8 +157,15 @@ def _mxfp4_dir(src, tmp_path):
     shutil.copytree(src, d)
     cfg = json.loads((d / "config.json").read_text())
     # as gpt-oss-20b's config.json declares it
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     return d
 
@@ -186,8 +202,9 @@ def test_lora_all_on_gpt_oss_reaches_only_the_attention_projections(tiny_gpt_oss
     attention projections; the router and the experts are bare parameters."""
     model = load_model(tiny_gpt_oss)
     head = model.get_output_embeddings()
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and m is not head}
+    linear = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
     assert linear == {"q_proj", "k_proj", "v_proj", "o_proj"}
     mlp = model.model.layers[0].mlp
     assert not isinstance(mlp.router, torch.nn.Linear) and mlp.experts.down_proj.dim() == 3

@@ -39,13 +39,17 @@ def test_validation_accepts_exactly_the_allowed(msgs):
         accepted = False
     assert accepted == allowed(msgs)
     if accepted:
-        assert [m.content for m in conv.messages] == [m["value"] for m in msgs if not (m is msgs[0] and m["from"] == "system")]
+        assert [m.content for m in conv.messages] == [
+            m["value"] for m in msgs if not (m is msgs[0] and m["from"] == "system")
+        ]
 
 
 # Only valid shapes, so encoding is exercised on many accepted conversations.
 valid_conversation = st.builds(
-    lambda system, pairs: ([{"from": "system", "value": system}] if system is not None else [])
-    + [{"from": r, "value": c} for p in pairs for r, c in zip(("user", "assistant"), p)],
+    lambda system, pairs: (
+        ([{"from": "system", "value": system}] if system is not None else [])
+        + [{"from": r, "value": c} for p in pairs for r, c in zip(("user", "assistant"), p)]
+    ),
     st.one_of(st.none(), text),
     st.lists(st.tuples(text.filter(str.strip), text.filter(str.strip)), min_size=1, max_size=4),
 )

@@ -15,7 +15,10 @@ from rp_ray.template import GPT_OSS, LLAMA3
         ("「哼」<|end|>", "「哼」"),  # thinking off: prompt opened the final channel
         ("「哼」<|return|>", "「哼」"),
         ("「哼」", "「哼」"),
-        ("<|channel|>analysis<|message|>想一想<|end|><|start|>assistant<|channel|>final<|message|>「哼」<|return|>", "「哼」"),
+        (
+            "<|channel|>analysis<|message|>想一想<|end|><|start|>assistant<|channel|>final<|message|>「哼」<|return|>",
+            "「哼」",
+        ),
         ("<|channel|>analysis<|message|>想一想，还没想完", ""),  # reasoning cut off: no answer, never the reasoning
         ("analysis想一想assistantfinal「哼」", "「哼」"),  # special tokens stripped by a decoder
         ("analysis of the plot", "analysis of the plot"),  # a real reply that starts with the word
@@ -33,8 +36,23 @@ def test_clean_reply_llama3():
 def test_streamed_reply_deltas_concatenate_to_the_clean_reply():
     for tpl, pieces in [
         (LLAMA3, [" ", "「你", "好", "」 ", " \n", "再见", "  "]),
-        (GPT_OSS, ["<|channel|>", "analysis", "<|message|>", "想一想", "<|end|>", "<|start|>assistant", "<|channel|>",
-                   "final", "<|message|>", "「你", "好」", " "]),
+        (
+            GPT_OSS,
+            [
+                "<|channel|>",
+                "analysis",
+                "<|message|>",
+                "想一想",
+                "<|end|>",
+                "<|start|>assistant",
+                "<|channel|>",
+                "final",
+                "<|message|>",
+                "「你",
+                "好」",
+                " ",
+            ],
+        ),
     ]:
         s = ReplyStream(tpl)
         deltas = [s.feed(p, 1) for p in pieces]

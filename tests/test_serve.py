@@ -43,10 +43,18 @@ SERVE_CONFIG = REPO / "serve_configs" / "tiny_llama3.yaml"
 
 def serve_args(model: Path, root: Path, key_file: Path, cards: Path) -> dict:
     """The keys of the YAML's args the tests replace: their model, adapters, cards and key, and limits."""
-    return {"model": {"path": str(model), "template": "llama3"}, "adapter_root": str(root),
-            "adapters": {"a1": "a1", "a2": "a2"}, "characters_file": str(cards), "max_lora_rank": 8,
-            "max_model_len": 1024, "max_tokens_cap": 2048, "max_n": 4, "api_key_file": str(key_file),
-            "request_timeout_s": 60}
+    return {
+        "model": {"path": str(model), "template": "llama3"},
+        "adapter_root": str(root),
+        "adapters": {"a1": "a1", "a2": "a2"},
+        "characters_file": str(cards),
+        "max_lora_rank": 8,
+        "max_model_len": 1024,
+        "max_tokens_cap": 2048,
+        "max_n": 4,
+        "api_key_file": str(key_file),
+        "request_timeout_s": 60,
+    }
 
 
 def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
@@ -58,8 +66,9 @@ def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
 
     tok = load_tokenizer(model, LLAMA3)
     runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
-    engine = ray.remote(num_cpus=1)(VllmEngine).remote(str(model), tok, LLAMA3, runs, 1024,
-                                                       VllmSettings(max_lora_rank=8), 0)
+    engine = ray.remote(num_cpus=1)(VllmEngine).remote(
+        str(model), tok, LLAMA3, runs, 1024, VllmSettings(max_lora_rank=8), 0
+    )
     sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
     plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
     carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]
@@ -80,9 +89,22 @@ def app(ray_cluster, tiny_llama3, tmp_path_factory):
     key_file = work / "api_key"
     key_file.write_text(KEY + "\n")
     cards = work / "characters.yaml"
-    cards.write_text(yaml.safe_dump({"characters": [
-        {"name": "haruhi", "display_name": "凉宫春日", "system_prompt": SYSTEM, "adapter": "a1", "greeting": "「你好！」"}]},
-        allow_unicode=True))
+    cards.write_text(
+        yaml.safe_dump(
+            {
+                "characters": [
+                    {
+                        "name": "haruhi",
+                        "display_name": "凉宫春日",
+                        "system_prompt": SYSTEM,
+                        "adapter": "a1",
+                        "greeting": "「你好！」",
+                    }
+                ]
+            },
+            allow_unicode=True,
+        )
+    )
     out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
     t0 = time.monotonic()
     args = serve_args(tiny_llama3, root, key_file, cards)
@@ -92,8 +114,15 @@ def app(ray_cluster, tiny_llama3, tmp_path_factory):
     ray.kill(engine)
     ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
     ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
-    yield SimpleNamespace(url=url, ref=ref, root=root, work=work, started=started, dashboard=ray_cluster["dashboard"],
-                          args=load_serve_config(SERVE_CONFIG, args).applications[0].args)  # the YAML's, replaced
+    yield SimpleNamespace(
+        url=url,
+        ref=ref,
+        root=root,
+        work=work,
+        started=started,
+        dashboard=ray_cluster["dashboard"],
+        args=load_serve_config(SERVE_CONFIG, args).applications[0].args,
+    )  # the YAML's, replaced
     serve.shutdown()
 
 
@@ -104,8 +133,9 @@ def client(app, **kw):
 
 
 def ask(app, model: str, prompt: str, **kw):
-    return client(app).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                               temperature=0, max_tokens=MAX_TOKENS, **kw)
+    return client(app).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS, **kw
+    )
 
 
 def test_replies_differ_between_models_so_crossing_would_show(app):
@@ -138,24 +168,36 @@ def test_streaming_reply_equals_non_streaming(app, model):
 
 def test_long_replies_stream_in_many_chunks(app):
     """Deltas are merged per stream_interval_s (20 ms), yet a long reply still arrives in pieces, as they are made."""
-    stream = client(app).chat.completions.create(model="a1", messages=[{"role": "user", "content": PROMPTS[3]}],
-                                                 temperature=0, max_tokens=300, stream=True)
+    stream = client(app).chat.completions.create(
+        model="a1", messages=[{"role": "user", "content": PROMPTS[3]}], temperature=0, max_tokens=300, stream=True
+    )
     stamps = [time.monotonic() for c in stream if c.choices and c.choices[0].delta.content]
     assert len(stamps) > 3 and stamps[-1] - stamps[0] > 0.05
 
 
 def test_a_system_message_in_the_request_replaces_the_card(app):
     r = client(app).chat.completions.create(
-        model="haruhi", temperature=0, max_tokens=MAX_TOKENS,
-        messages=[{"role": "system", "content": ""}, {"role": "user", "content": PROMPTS[1]}])
+        model="haruhi",
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        messages=[{"role": "system", "content": ""}, {"role": "user", "content": PROMPTS[1]}],
+    )
     assert r.choices[0].message.content == app.ref[("a1", PROMPTS[1])]
 
 
 def test_n_choices_and_multi_turn(app):
     r = client(app).chat.completions.create(
-        model="a2", n=3, temperature=1.0, seed=7, max_tokens=8,
-        messages=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "「嗯」"},
-                  {"role": "user", "content": PROMPTS[0]}])
+        model="a2",
+        n=3,
+        temperature=1.0,
+        seed=7,
+        max_tokens=8,
+        messages=[
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "「嗯」"},
+            {"role": "user", "content": PROMPTS[0]},
+        ],
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.finish_reason in ("stop", "length") for c in r.choices)
 
@@ -167,8 +209,9 @@ def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
         model, p = (*MODELS, "haruhi")[i % 4], PROMPTS[(i // 4) % len(PROMPTS)]
         msgs = [{"role": "user", "content": p}]
         if i % 5 == 0:
-            s = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS,
-                                                stream=True)
+            s = await c.chat.completions.create(
+                model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS, stream=True
+            )
             text = "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
         else:
             r = await c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
@@ -194,8 +237,13 @@ def test_models_lists_base_adapters_and_characters(app):
 
 def _post(app, body, headers=AUTH, **kw):
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{app.url}/v1/chat/completions", content=content,
-                      headers={**headers, "Content-Type": "application/json"}, timeout=60, **kw)
+    return httpx.post(
+        f"{app.url}/v1/chat/completions",
+        content=content,
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=60,
+        **kw,
+    )
 
 
 def _ok(app):
@@ -206,29 +254,32 @@ def _ok(app):
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    (b"\xff\xfe", 400, None),
-    ([1, 2], 400, None),
-    ({"model": "base", "messages": "hi"}, 400, "messages"),
-    ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),
-    ({"model": "base", "messages": USER, "max_tokens": -3}, 400, "max_tokens"),
-    ({"model": 7, "messages": USER}, 400, "model"),
-    ({"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
-    ({"model": "base", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
-    ({"model": "base", "messages": []}, 400, "messages"),
-    ({"messages": USER}, 400, "model"),
-    ({"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
-    ({"model": "base", "messages": [*USER, {"role": "system", "content": "x"}, *USER]}, 400, "messages"),
-    ({"model": "base", "messages": USER, "max_tokens": 1500}, 400, "max_tokens"),
-    ({"model": "base", "messages": USER, "max_tokens": 5000}, 400, "max_tokens"),
-    ({"model": "base", "messages": [{"role": "user", "content": "你好" * 2000}]}, 400, "messages"),
-    ({"model": "base", "messages": USER, "n": 50}, 400, "n"),
-    ({"model": "base", "messages": USER * 70}, 400, "messages"),
-    ({"model": "nope", "messages": USER}, 404, "model"),
-    ({"model": "../../etc", "messages": USER}, 404, "model"),
-    ({"model": "../../etc/passwd", "messages": USER}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b"\xff\xfe", 400, None),
+        ([1, 2], 400, None),
+        ({"model": "base", "messages": "hi"}, 400, "messages"),
+        ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),
+        ({"model": "base", "messages": USER, "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": 7, "messages": USER}, 400, "model"),
+        ({"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+        ({"model": "base", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+        ({"model": "base", "messages": []}, 400, "messages"),
+        ({"messages": USER}, 400, "model"),
+        ({"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+        ({"model": "base", "messages": [*USER, {"role": "system", "content": "x"}, *USER]}, 400, "messages"),
+        ({"model": "base", "messages": USER, "max_tokens": 1500}, 400, "max_tokens"),
+        ({"model": "base", "messages": USER, "max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": "base", "messages": [{"role": "user", "content": "你好" * 2000}]}, 400, "messages"),
+        ({"model": "base", "messages": USER, "n": 50}, 400, "n"),
+        ({"model": "base", "messages": USER * 70}, 400, "messages"),
+        ({"model": "nope", "messages": USER}, 404, "model"),
+        ({"model": "../../etc", "messages": USER}, 404, "model"),
+        ({"model": "../../etc/passwd", "messages": USER}, 404, "model"),
+    ],
+)
 def test_bad_input_gets_a_4xx_error_body_and_the_next_request_works(app, body, status, param):
     r = _post(app, body)
     assert r.status_code == status, r.text
@@ -281,10 +332,26 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
     """Property-based requests generated from the app's own OpenAPI schema: no 5xx, ever."""
     st = Path(sys.executable).parent / "st"
     r = subprocess.run(
-        [str(st), "run", f"{app.url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", "--checks",
-         "not_a_server_error", "--max-examples", "25", "--generation-deterministic", "--request-timeout", "60",
-         "--no-color"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its example cache stays out of the repo
+        [
+            str(st),
+            "run",
+            f"{app.url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--generation-deterministic",
+            "--request-timeout",
+            "60",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )  # its example cache stays out of the repo
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     _ok(app)
 
@@ -325,9 +392,18 @@ def test_chat_page_streams_a_reply_in_headless_chromium(app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_context(http_credentials={"username": "me", "password": KEY}).new_page()
             page.goto(app.url + "/")
@@ -339,9 +415,12 @@ def test_chat_page_streams_a_reply_in_headless_chromium(app):
             page.fill("#max_tokens", str(MAX_TOKENS))
             page.fill("#input", PROMPTS[0])
             page.click("#send-button")
-            page.wait_for_function("document.querySelectorAll('#log-main .assistant').length == 2 "
-                                   "&& document.querySelectorAll('#log-base .assistant').length == 1 "
-                                   "&& !document.querySelector('#send-button').disabled", timeout=60_000)
+            page.wait_for_function(
+                "document.querySelectorAll('#log-main .assistant').length == 2 "
+                "&& document.querySelectorAll('#log-base .assistant').length == 1 "
+                "&& !document.querySelector('#send-button').disabled",
+                timeout=60_000,
+            )
             main = page.locator("#log-main .msg").all_inner_texts()
             base = page.locator("#log-base .msg").all_inner_texts()
         finally:
@@ -357,8 +436,13 @@ def test_running_deployments_have_the_options_of_the_yaml_over_the_defaults(app)
     from ray.serve.schema import ServeInstanceDetails
 
     expected = merged_options(deployment_overrides(load_serve_config(SERVE_CONFIG).applications[0]))
-    assert set(expected["ChatEngine"]) >= {"max_ongoing_requests", "max_queued_requests", "ray_actor_options",
-                                           "health_check_period_s", "health_check_timeout_s"}
+    assert set(expected["ChatEngine"]) >= {
+        "max_ongoing_requests",
+        "max_queued_requests",
+        "ray_actor_options",
+        "health_check_period_s",
+        "health_check_timeout_s",
+    }
     details = ServeInstanceDetails(**ServeSubmissionClient(app.dashboard).get_serve_details())
     running = details.applications["rp_ray"].deployments
     assert set(running) == set(expected)

@@ -53,8 +53,9 @@ def test_repo_serve_configs_pass_rays_schema_and_ours():
             assert eng["autoscaling_config"]["max_replicas"] > eng["autoscaling_config"]["min_replicas"]
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if ServeConfig.model_validate(_app(p).args).use_gpu],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if ServeConfig.model_validate(_app(p).args).use_gpu], ids=lambda p: p.stem
+)
 def test_gpu_engine_concurrency_follows_from_max_num_seqs(path):
     """A GPU engine replica admits what one vLLM batch holds and autoscales at 3/4 of it."""
     appl = _app(path)
@@ -86,8 +87,11 @@ def test_config_options_replace_default_options_whole_as_serve_does():
 
 
 def test_load_serve_config_replaces_args_keys_and_the_port(tmp_path):
-    schema = load_serve_config(REPO / "serve_configs" / "tiny_llama3.yaml",
-                               {"model": {"path": "/m", "template": "llama3"}, "max_n": 2}, port=1234)
+    schema = load_serve_config(
+        REPO / "serve_configs" / "tiny_llama3.yaml",
+        {"model": {"path": "/m", "template": "llama3"}, "max_n": 2},
+        port=1234,
+    )
     (appl,) = schema.applications
     assert schema.http_options.port == 1234 and schema.http_options.host == "127.0.0.1"
     assert appl.args["model"] == {"path": "/m", "template": "llama3"} and appl.args["max_n"] == 2

@@ -77,7 +77,9 @@ def test_limits():
 
 def test_completion_body_shape():
     body = ChatCompletionResponse(
-        id="chatcmpl-1", model="haruhi", usage=Usage.of(prompt_tokens=7, completion_tokens=3),
+        id="chatcmpl-1",
+        model="haruhi",
+        usage=Usage.of(prompt_tokens=7, completion_tokens=3),
         choices=[ChatCompletionChoice(index=0, message=AssistantMessage(content="「哼」"), finish_reason="stop")],
     ).model_dump(mode="json")
     assert body["object"] == "chat.completion"
@@ -87,9 +89,11 @@ def test_completion_body_shape():
 
 def test_cards_load_and_apply(tmp_path):
     p = tmp_path / "cards.yaml"
-    p.write_text("characters:\n  - name: haruhi\n    display_name: 凉宫春日\n    system_prompt: 你是凉宫春日。\n"
-                 "    adapter: haruhi-lora\n    greeting: 「我对普通的人类没有兴趣！」\n    sampling: {temperature: 0.7}\n",
-                 encoding="utf-8")
+    p.write_text(
+        "characters:\n  - name: haruhi\n    display_name: 凉宫春日\n    system_prompt: 你是凉宫春日。\n"
+        "    adapter: haruhi-lora\n    greeting: 「我对普通的人类没有兴趣！」\n    sampling: {temperature: 0.7}\n",
+        encoding="utf-8",
+    )
     cards = load_cards(p)
     card = cards["haruhi"]
     assert card.adapter == "haruhi-lora" and card.sampling.temperature == 0.7
@@ -137,7 +141,6 @@ def test_adapter_folders_stay_inside_the_root(tmp_path):
         resolve_adapter(root, "haruhi", "haruhi")
 
 
-
 def test_api_key_sources_and_header_forms(tmp_path, monkeypatch):
     monkeypatch.delenv("RP_TEST_KEY", raising=False)
     with pytest.raises(AuthSetupError, match="no API key: set the environment variable RP_TEST_KEY"):
@@ -153,8 +156,13 @@ def test_api_key_sources_and_header_forms(tmp_path, monkeypatch):
         load_api_key("RP_TEST_KEY", None)
     basic = base64.b64encode(b"me:s3cret-key").decode()
     assert presented_key("Bearer s3cret-key") == presented_key(f"Basic {basic}") == "s3cret-key"
-    assert (presented_key(None) is presented_key("Bearer ") is presented_key("Basic !!!")
-            is presented_key("s3cret-key") is None)
+    assert (
+        presented_key(None)
+        is presented_key("Bearer ")
+        is presented_key("Basic !!!")
+        is presented_key("s3cret-key")
+        is None
+    )
     assert key_matches("s3cret-key", "s3cret-key") and not key_matches("s3cret-kez", "s3cret-key")
 
 
@@ -165,8 +173,11 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
     (tmp_path / "outside").mkdir()
     cards = tmp_path / "cards.yaml"
     cards.write_text("- {name: haruhi, display_name: H, system_prompt: S, adapter: missing}\n")
-    base = {"model": {"path": str(tiny_llama3), "template": "llama3"}, "adapter_root": str(root),
-            "adapters": {"a1": "a1"}}
+    base = {
+        "model": {"path": str(tiny_llama3), "template": "llama3"},
+        "adapter_root": str(root),
+        "adapters": {"a1": "a1"},
+    }
     monkeypatch.delenv("RP_RAY_API_KEY", raising=False)
     with pytest.raises(AuthSetupError, match="RP_RAY_API_KEY"):
         build_app(base)

@@ -52,9 +52,21 @@ def test_to_sampling_takes_the_request_then_the_card_then_openai_defaults():
 
 def test_to_sampling_carries_the_rest_of_the_request():
     s = req(n=2, seed=3, stop="」", presence_penalty=0.5, frequency_penalty=-0.5, stream=True).to_sampling(
-        None, 64, STOP_IDS)
-    assert s == ChatSampling(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=64, seed=3, stop=["」"],
-                             presence_penalty=0.5, frequency_penalty=-0.5, stop_token_ids=STOP_IDS, stream=True)
+        None, 64, STOP_IDS
+    )
+    assert s == ChatSampling(
+        n=2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        max_tokens=64,
+        seed=3,
+        stop=["」"],
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        stop_token_ids=STOP_IDS,
+        stream=True,
+    )
     assert req(stop=["a", "b"]).to_sampling(None, 8, []).stop == ["a", "b"]
     assert req(stop=[]).to_sampling(None, 8, []).stop is None
     with pytest.raises(Exception):  # noqa: B017 -- frozen: what crosses the handle is not changed on the way
@@ -77,11 +89,13 @@ def test_sampling_becomes_vllm_sampling_params():
 
 def test_limits_come_from_the_serve_config():
     cfg = ServeConfig(model={"path": "m", "template": "llama3"}, max_messages=3, max_tokens_cap=100, max_n=2)
-    assert Limits.from_config(cfg) == Limits(max_messages=3, max_tokens_cap=100, max_n=2,
-                                             max_body_bytes=cfg.max_body_bytes)
+    assert Limits.from_config(cfg) == Limits(
+        max_messages=3, max_tokens_cap=100, max_n=2, max_body_bytes=cfg.max_body_bytes
+    )
     default = ServeConfig(model={"path": "m", "template": "llama3"})
     assert Limits.from_config(default).model_dump() == {
-        name: ServeConfig.model_fields[name].default for name in Limits.model_fields}
+        name: ServeConfig.model_fields[name].default for name in Limits.model_fields
+    }
 
 
 def test_adapter_names_may_not_be_the_base_name():
@@ -97,8 +111,9 @@ def card(name: str, adapter: str | None = None) -> CharacterCard:
 
 
 def test_check_cards_messages():
-    check_cards({"haruhi": card("haruhi", "a1"), "plain": card("plain")}, served_adapters={"a1": "/x"},
-                reserved={"base"})
+    check_cards(
+        {"haruhi": card("haruhi", "a1"), "plain": card("plain")}, served_adapters={"a1": "/x"}, reserved={"base"}
+    )
     for cards, match in [
         ({"base": card("base")}, "character 'base' has the name of the base model or an adapter"),
         ({"a1": card("a1")}, "character 'a1' has the name of the base model or an adapter"),
@@ -116,11 +131,15 @@ def test_chunks_have_openais_exact_json():
     role = json.loads(first.model_dump_json())
     created = role.pop("created")
     assert isinstance(created, int)
-    assert role == {"id": "c1", "object": "chat.completion.chunk", "model": "m",
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    assert role == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+    }
     text = ChatCompletionChunk.of("c1", "m", 1, DeltaMessage(content="「哼」")).sse()
     assert text.startswith("data: {") and text.endswith("}\n\n") and "「哼」" in text  # UTF-8, not \u escapes
-    body = json.loads(text[len("data: "):])
+    body = json.loads(text[len("data: ") :])
     assert body["choices"] == [{"index": 1, "delta": {"content": "「哼」"}, "finish_reason": None}]
     assert "usage" not in body
     end = json.loads(ChatCompletionChunk.of("c1", "m", 0, DeltaMessage(), "stop").model_dump_json())
@@ -131,10 +150,21 @@ def test_chunks_have_openais_exact_json():
 
 @pytest.fixture(scope="module")
 def serving(tiny_llama3):
-    cfg = ServeConfig(model={"path": str(tiny_llama3), "template": "llama3"}, adapters={"a1": "a1"},
-                      max_model_len=256, max_tokens_cap=64)
-    cards = {"haruhi": CharacterCard(name="haruhi", display_name="H", system_prompt="你是凉宫春日。", adapter="a1",
-                                     sampling=CardSampling(temperature=0.7, max_tokens=32))}
+    cfg = ServeConfig(
+        model={"path": str(tiny_llama3), "template": "llama3"},
+        adapters={"a1": "a1"},
+        max_model_len=256,
+        max_tokens_cap=64,
+    )
+    cards = {
+        "haruhi": CharacterCard(
+            name="haruhi",
+            display_name="H",
+            system_prompt="你是凉宫春日。",
+            adapter="a1",
+            sampling=CardSampling(temperature=0.7, max_tokens=32),
+        )
+    }
     return ChatServing(cfg, cards)
 
 
@@ -167,8 +197,11 @@ async def _deltas(*batches):
             yield d
 
 
-RAW = [[Delta(0, "「你", 1), Delta(1, "好", 1)], [Delta(0, "好」 ", 2)],
-       [Delta(0, "<|eot_id|>", 1, "stop"), Delta(1, "」<|eot_id|>", 2, "length")]]
+RAW = [
+    [Delta(0, "「你", 1), Delta(1, "好", 1)],
+    [Delta(0, "好」 ", 2)],
+    [Delta(0, "<|eot_id|>", 1, "stop"), Delta(1, "」<|eot_id|>", 2, "length")],
+]
 
 
 def test_stream_and_response_agree(serving):
@@ -177,12 +210,13 @@ def test_stream_and_response_agree(serving):
     cancelled = []
 
     async def run():
-        return [e async for e in serving.stream(_deltas(*RAW), "c1", r, chat, float("inf"),
-                                                lambda: cancelled.append(1))]
+        return [
+            e async for e in serving.stream(_deltas(*RAW), "c1", r, chat, float("inf"), lambda: cancelled.append(1))
+        ]
 
     events = asyncio.run(run())
     assert events[-1] == DONE and not cancelled
-    bodies = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    bodies = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     texts = {0: "", 1: ""}
     finishes = {}
     for b in bodies[:-1]:
@@ -191,13 +225,19 @@ def test_stream_and_response_agree(serving):
         if c["finish_reason"]:
             finishes[c["index"]] = c["finish_reason"]
     assert texts == {0: "「你好」", 1: "好」"} and finishes == {0: "stop", 1: "length"}
-    assert bodies[-1]["usage"] == {"prompt_tokens": len(chat.prompt), "completion_tokens": 7,
-                                   "total_tokens": len(chat.prompt) + 7}
+    assert bodies[-1]["usage"] == {
+        "prompt_tokens": len(chat.prompt),
+        "completion_tokens": 7,
+        "total_tokens": len(chat.prompt) + 7,
+    }
     replies = asyncio.run(serving.collect(_deltas(*RAW), 2))
     body = json.loads(serving.response("c1", req(n=2), chat, replies).model_dump_json())
     assert [c["message"]["content"] for c in body["choices"]] == [texts[0], texts[1]]
-    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "「你好」"},
-                                  "finish_reason": "stop"}
+    assert body["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "「你好」"},
+        "finish_reason": "stop",
+    }
     assert body["usage"]["completion_tokens"] == 7 and body["object"] == "chat.completion" and body["id"] == "c1"
 
 
@@ -206,9 +246,11 @@ def test_stream_past_the_deadline_cancels_and_reports_a_timeout(serving):
     cancelled = []
 
     async def run():
-        return [e async for e in serving.stream(_deltas(*RAW), "c1", r, serving.prepare(r), 0.0,
-                                                lambda: cancelled.append(1))]
+        return [
+            e
+            async for e in serving.stream(_deltas(*RAW), "c1", r, serving.prepare(r), 0.0, lambda: cancelled.append(1))
+        ]
 
     events = asyncio.run(run())
     assert cancelled == [1] and events[-1] == DONE
-    assert json.loads(events[-2][len("data: "):])["error"]["code"] == "timeout"
+    assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "timeout"

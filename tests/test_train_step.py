@@ -54,12 +54,22 @@ def fixed_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1234)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg).to(torch.float32)
     model.config.use_cache = False
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
 
 
 def examples(seed: int, n: int) -> list[dict[str, list[int]]]:
@@ -75,9 +85,14 @@ def examples(seed: int, n: int) -> list[dict[str, list[int]]]:
 
 
 def train_cfg(accumulation: int, micro: int) -> TrainConfig:
-    return TrainConfig(model=ModelConfig(path="unused", template="llama3"), num_workers=1,
-                       per_device_batch_size=micro, gradient_accumulation_steps=accumulation,
-                       deepspeed={"stage": 0}, optim={"learning_rate": 1e-2, "warmup_ratio": 0.0})
+    return TrainConfig(
+        model=ModelConfig(path="unused", template="llama3"),
+        num_workers=1,
+        per_device_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        deepspeed={"stage": 0},
+        optim={"learning_rate": 1e-2, "warmup_ratio": 0.0},
+    )
 
 
 def mean_loss_by_hand(model, batches: list[dict[str, torch.Tensor]]) -> float:

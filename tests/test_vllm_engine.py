@@ -34,7 +34,10 @@ def test_crossing_workarounds_only_on_cpu(tiny_llama3, tmp_path):
 
     cpu = with_zero_adapter({"a1": str(a1)}, CPU, tmp_path / "cpu")
     assert list(cpu) == ["a1", ZERO_ADAPTER]
-    zero, real = load_file(f"{cpu[ZERO_ADAPTER]}/adapter_model.safetensors"), load_file(f"{a1}/adapter_model.safetensors")
+    zero, real = (
+        load_file(f"{cpu[ZERO_ADAPTER]}/adapter_model.safetensors"),
+        load_file(f"{a1}/adapter_model.safetensors"),
+    )
     assert zero.keys() == real.keys() and all(t.abs().sum() == 0 for t in zero.values())
     assert any(t.abs().sum() > 0 for t in real.values())
 
@@ -48,7 +51,9 @@ def test_gpu_engines_get_vllm_server_sizing_and_explicit_values_win():
     assert (gpu["max_num_seqs"], gpu["max_num_batched_tokens"]) == (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)
     assert gpu["dtype"] == "bfloat16" and gpu["enable_lora"] and gpu["max_loras"] == 2
 
-    mine = engine_kwargs("m", VllmSettings(use_gpu=True, max_num_seqs=256, max_num_batched_tokens=2048), "auto", 4096, 0, 0)
+    mine = engine_kwargs(
+        "m", VllmSettings(use_gpu=True, max_num_seqs=256, max_num_batched_tokens=2048), "auto", 4096, 0, 0
+    )
     assert mine["max_num_seqs"] == 256
     assert mine["max_num_batched_tokens"] == 4096  # raised to max_model_len: a whole prompt fits one step
     assert not mine["enable_lora"]

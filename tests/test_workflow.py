@@ -27,7 +27,9 @@ BIN = Path(sys.executable).parent
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    r = subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert r.returncode == 0, f"{' '.join(args[:4])} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -41,8 +43,22 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
     assert "accepts jobs" in r.stdout
 
     # 1. training job
-    r = cli("ray", "job", "submit", "--address", dash, "--", "python", "jobs/train.py", "--config", "jobs/configs/tiny_llama3.yaml",
-            f"model.path={tiny_llama3}", f"output_dir={train_out}", "max_steps=4", "data.cutoff_len=256")
+    r = cli(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        dash,
+        "--",
+        "python",
+        "jobs/train.py",
+        "--config",
+        "jobs/configs/tiny_llama3.yaml",
+        f"model.path={tiny_llama3}",
+        f"output_dir={train_out}",
+        "max_steps=4",
+        "data.cutoff_len=256",
+    )
     assert "succeeded" in r.stdout + r.stderr
     adapter = train_out / "adapter"
     assert f"adapter: {adapter}" in r.stdout
@@ -50,9 +66,25 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
     assert (train_out / "training_summary.json").is_file() and (train_out / "loss.png").is_file()
 
     # 2. evaluation job: base vs the new adapter on 20 val rows
-    r = cli("ray", "job", "submit", "--address", dash, "--", "python", "jobs/eval.py", "--config", "jobs/configs/eval_tiny_llama3.yaml",
-            f"model.path={tiny_llama3}", "adapters={}", f"adapters.tuned={adapter}", f"output_dir={eval_out}",
-            "data.max_samples=20", "sampling.max_new_tokens=16", "shard_size=10")
+    r = cli(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        dash,
+        "--",
+        "python",
+        "jobs/eval.py",
+        "--config",
+        "jobs/configs/eval_tiny_llama3.yaml",
+        f"model.path={tiny_llama3}",
+        "adapters={}",
+        f"adapters.tuned={adapter}",
+        f"output_dir={eval_out}",
+        "data.max_samples=20",
+        "sampling.max_new_tokens=16",
+        "shard_size=10",
+    )
     assert "succeeded" in r.stdout + r.stderr
     for run in ("base", "tuned"):
         res = json.loads((eval_out / run / "predict_results.json").read_text())
@@ -66,9 +98,12 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
     port = free_port()
     conf["http_options"]["port"] = port
     conf["applications"][0]["args"].update(
-        model={"path": str(tiny_llama3), "template": "llama3"}, adapter_root=str(train_out),
-        adapters={"tiny-lora": "adapter"}, api_key_file=str(tmp_path / "api_key"),
-        characters_file=str(REPO / "serve_configs/characters.yaml"))
+        model={"path": str(tiny_llama3), "template": "llama3"},
+        adapter_root=str(train_out),
+        adapters={"tiny-lora": "adapter"},
+        api_key_file=str(tmp_path / "api_key"),
+        characters_file=str(REPO / "serve_configs/characters.yaml"),
+    )
     deploy = tmp_path / "serve.yaml"
     deploy.write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
     cli("serve", "deploy", "--address", dash, str(deploy))
@@ -88,15 +123,45 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
 
         # 4. chat with the fine-tuned character (jobs/chat.py streams through the openai client)
         env = {**os.environ, "RP_RAY_API_KEY": key}
-        listed = subprocess.run([sys.executable, "jobs/chat.py", "--url", url, "--list"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
+        listed = subprocess.run(
+            [sys.executable, "jobs/chat.py", "--url", url, "--list"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert listed.returncode == 0, listed.stderr
         assert {line.split("\t")[0] for line in listed.stdout.splitlines()} >= {"base", "tiny-lora", "haruhi"}
-        chat = subprocess.run([sys.executable, "jobs/chat.py", "--url", url, "--model", "haruhi", "--temperature", "0",
-                               "--max-tokens", "16", "阿虚:「早」"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        chat = subprocess.run(
+            [
+                sys.executable,
+                "jobs/chat.py",
+                "--url",
+                url,
+                "--model",
+                "haruhi",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "16",
+                "阿虚:「早」",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
-        bad = subprocess.run([sys.executable, "jobs/chat.py", "--url", url, "--model", "nobody", "hi"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=120)
+        bad = subprocess.run(
+            [sys.executable, "jobs/chat.py", "--url", url, "--model", "nobody", "hi"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert bad.returncode == 1 and "404" in bad.stderr and "does not exist" in bad.stderr
     finally:
         cli("serve", "shutdown", "--address", dash, "--yes")

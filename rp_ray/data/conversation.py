@@ -73,11 +73,17 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
     col = attr.columns.messages
     messages = row.get(col)
     if not isinstance(messages, list):
-        raise Dropped("missing_messages", f"column {col!r} is {'missing' if col not in row else type(messages).__name__}")
+        raise Dropped(
+            "missing_messages", f"column {col!r} is {'missing' if col not in row else type(messages).__name__}"
+        )
     t = attr.tags
     pairs: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get(t.role_tag), str) or not isinstance(m.get(t.content_tag), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get(t.role_tag), str)
+            or not isinstance(m.get(t.content_tag), str)
+        ):
             raise Dropped("bad_message", f"message {i} needs string {t.role_tag!r} and {t.content_tag!r}")
         pairs.append((m[t.role_tag], m[t.content_tag]))
 
@@ -87,18 +93,20 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
     elif attr.columns.system:
         value = row.get(attr.columns.system)
         if value is not None and not isinstance(value, str):
-            raise Dropped("bad_message", f"system column {attr.columns.system!r} is {type(value).__name__}, not a string")
+            raise Dropped(
+                "bad_message", f"system column {attr.columns.system!r} is {type(value).__name__}, not a string"
+            )
         system = value or ""
 
     known = {t.user_tag, t.assistant_tag, t.observation_tag, t.function_tag, t.system_tag} - {None}
-    for i, (role, _) in enumerate(pairs):
+    for role, _ in pairs:
         if role not in known:
             raise Dropped("unknown_role", f"message role {role!r}; registered tags: {sorted(known)}")
     for role, _ in pairs:
         if role in (t.observation_tag, t.function_tag):
             raise Dropped("tool_turn", f"role {role!r}")
     expected = (t.user_tag, t.assistant_tag)
-    for i, (role, _) in enumerate(pairs):
+    for role, _ in pairs:
         if role != expected[i % 2]:
             raise Dropped("role_order", f"turn {i} is {role!r}, expected {expected[i % 2]!r}")
     if not pairs:

@@ -58,11 +58,15 @@ def _read_array(path: Path, max_row_bytes: int) -> Iterator[RawRow]:
             f"(a JSON array file must parse as a whole; JSON Lines files drop bad rows instead)"
         ) from None
     if not isinstance(items, list):
-        raise DataFileError(f"{path}: a .json dataset must be a JSON array of conversations, got {type(items).__name__}")
+        raise DataFileError(
+            f"{path}: a .json dataset must be a JSON array of conversations, got {type(items).__name__}"
+        )
     for i, item in enumerate(items):
         size = len(json.dumps(item, ensure_ascii=False).encode("utf-8"))
         if size > max_row_bytes:
-            yield RawRow(i, f"item {i}", drop="too_long", detail=f"{size} bytes > max_row_bytes={max_row_bytes}", size=size)
+            yield RawRow(
+                i, f"item {i}", drop="too_long", detail=f"{size} bytes > max_row_bytes={max_row_bytes}", size=size
+            )
         else:
             yield RawRow(i, f"item {i}", value=item, size=size)
 
@@ -78,12 +82,16 @@ def _read_lines(path: Path, max_row_bytes: int) -> Iterator[RawRow]:
             where = f"line {line_no}"
             size = len(line)
             if size > max_row_bytes:
-                yield RawRow(index, where, drop="too_long", detail=f"{size} bytes > max_row_bytes={max_row_bytes}", size=size)
+                yield RawRow(
+                    index, where, drop="too_long", detail=f"{size} bytes > max_row_bytes={max_row_bytes}", size=size
+                )
             else:
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield RawRow(index, where, drop="invalid_utf8", detail=f"bad byte at column {e.start + 1}", size=size)
+                    yield RawRow(
+                        index, where, drop="invalid_utf8", detail=f"bad byte at column {e.start + 1}", size=size
+                    )
                 else:
                     try:
                         yield RawRow(index, where, value=json.loads(text), size=size)
@@ -97,11 +105,11 @@ def read_rows(path: str | Path, max_row_bytes: int = 1_048_576) -> Iterator[RawR
     p = Path(path)
     if not p.exists():
         raise DataFileError(
-            f"{p} not found; put the file there or fix \"file_name\" in dataset_info.json "
+            f'{p} not found; put the file there or fix "file_name" in dataset_info.json '
             f"(the full ChatHaruhi splits: make full-data)"
         )
     if p.is_dir():
-        raise DataFileError(f"{p} is a directory; \"file_name\" must name a .json or .jsonl file")
+        raise DataFileError(f'{p} is a directory; "file_name" must name a .json or .jsonl file')
     empty = DataFileError(f"{p} is empty; it must hold a JSON array or JSON Lines of sharegpt conversations")
     if p.stat().st_size == 0:
         raise empty

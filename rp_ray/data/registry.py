@@ -108,17 +108,23 @@ def resolve(dataset_dir: str | Path, name: str) -> tuple[DatasetAttr, Path]:
     registry = load_registry(dataset_dir)
     if name not in registry:
         known = ", ".join(sorted(registry)) or "none"
-        raise RegistryError(f"dataset {name!r} is not registered in {Path(dataset_dir) / 'dataset_info.json'} (registered: {known})")
+        raise RegistryError(
+            f"dataset {name!r} is not registered in {Path(dataset_dir) / 'dataset_info.json'} (registered: {known})"
+        )
     attr = registry[name]
     if attr.file_name is None:
         raise RegistryError(
             f"dataset {name!r} has no file_name (hub/script datasets cannot be reached offline); "
-            f"download the file into {dataset_dir} and set \"file_name\""
+            f'download the file into {dataset_dir} and set "file_name"'
         )
     if attr.formatting != "sharegpt":
-        raise RegistryError(f"dataset {name!r}: formatting {attr.formatting!r} is not supported; rp_ray reads sharegpt role-play data")
+        raise RegistryError(
+            f"dataset {name!r}: formatting {attr.formatting!r} is not supported; rp_ray reads sharegpt role-play data"
+        )
     if attr.ranking:
-        raise RegistryError(f"dataset {name!r}: ranking (preference) data is not supported; remove \"ranking\" or use SFT data")
+        raise RegistryError(
+            f'dataset {name!r}: ranking (preference) data is not supported; remove "ranking" or use SFT data'
+        )
     path = Path(dataset_dir) / attr.file_name
     if not path.exists():
         sample = Path(dataset_dir) / SAMPLE_SUBDIR / attr.file_name

@@ -54,8 +54,17 @@ class VllmEngine:
     a mixed batch (``rp_ray.vllm_engine``).
     """
 
-    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], max_model_len: int, settings: VllmSettings,
-                 seed: int, dtype: str = "auto"):
+    def __init__(
+        self,
+        model_path: str,
+        tok,
+        tpl: Template,
+        runs: list[Run],
+        max_model_len: int,
+        settings: VllmSettings,
+        seed: int,
+        dtype: str = "auto",
+    ):
         from vllm import LLM
 
         self.tok, self.tpl = tok, tpl
@@ -70,8 +79,9 @@ class VllmEngine:
     def _lora_for(self, run: Run):
         return self.lora.get(run.name if run.adapter else ZERO_ADAPTER)
 
-    def generate(self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run],
-                 sampling: SamplingConfig) -> dict[str, list[Output]]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run], sampling: SamplingConfig
+    ) -> dict[str, list[Output]]:
         from vllm import SamplingParams
 
         stops = stop_token_ids(self.tok, self.tpl)
@@ -84,16 +94,18 @@ class VllmEngine:
                     out[r.name][i] = too_long_output(len(ids), self.max_model_len)
                     continue
                 reqs.append({"prompt_token_ids": ids})
-                params.append(SamplingParams(
-                    n=1,
-                    temperature=0.0 if sampling.greedy else sampling.temperature,
-                    top_p=1.0 if sampling.greedy else sampling.top_p,
-                    top_k=-1 if sampling.greedy else sampling.top_k,
-                    max_tokens=min(sampling.max_new_tokens, room),
-                    seed=seed,
-                    stop_token_ids=stops,
-                    skip_special_tokens=False,  # harmony markers are parsed, never scored
-                ))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=0.0 if sampling.greedy else sampling.temperature,
+                        top_p=1.0 if sampling.greedy else sampling.top_p,
+                        top_k=-1 if sampling.greedy else sampling.top_k,
+                        max_tokens=min(sampling.max_new_tokens, room),
+                        seed=seed,
+                        stop_token_ids=stops,
+                        skip_special_tokens=False,  # harmony markers are parsed, never scored
+                    )
+                )
                 loras.append(self._lora_for(r))
                 where.append((r.name, i))
         if self.split_runs:
@@ -127,8 +139,16 @@ class VllmEngine:
 class HfEngine:
     """transformers ``generate`` with peft adapters switched per run (what vLLM cannot run on CPU: gpt-oss + LoRA)."""
 
-    def __init__(self, model_path: str, tok, tpl: Template, runs: list[Run], use_gpu: bool, max_model_len: int,
-                 dtype: str = "auto"):
+    def __init__(
+        self,
+        model_path: str,
+        tok,
+        tpl: Template,
+        runs: list[Run],
+        use_gpu: bool,
+        max_model_len: int,
+        dtype: str = "auto",
+    ):
         import torch
 
         self.torch = torch
@@ -152,12 +172,15 @@ class HfEngine:
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, p in enumerate(prompts):  # left padding for generation
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
         if seed is not None:
             torch.manual_seed(seed)
-        kwargs = dict(max_new_tokens=min(sampling.max_new_tokens, self.max_model_len - width),
-                      eos_token_id=stop_token_ids(self.tok, self.tpl), pad_token_id=pad)
+        kwargs = dict(
+            max_new_tokens=min(sampling.max_new_tokens, self.max_model_len - width),
+            eos_token_id=stop_token_ids(self.tok, self.tpl),
+            pad_token_id=pad,
+        )
         if sampling.greedy:
             kwargs |= dict(do_sample=False)
         else:
@@ -166,8 +189,9 @@ class HfEngine:
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         return [Output(text=clean_reply(self.tpl, self.tok.decode(g[width:], skip_special_tokens=False))) for g in gen]
 
-    def generate(self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run],
-                 sampling: SamplingConfig) -> dict[str, list[Output]]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run], sampling: SamplingConfig
+    ) -> dict[str, list[Output]]:
         out: dict[str, list[Output]] = {}
         seed = seeds[0] if seeds and seeds[0] is not None else None
         fits = [i for i, p in enumerate(prompts) if len(p) < self.max_model_len]
@@ -179,11 +203,12 @@ class HfEngine:
             ctx = self.model.disable_adapter() if base_of_peft else contextlib.nullcontext()
             try:
                 with ctx:
-                    for i, o in zip(fits, self._generate_batch([prompts[i] for i in fits], sampling, seed) if fits else []):
+                    for i, o in zip(
+                        fits, self._generate_batch([prompts[i] for i in fits], sampling, seed) if fits else []
+                    ):
                         res[i] = o
             except Exception as e:  # noqa: BLE001 -- a failed batch is recorded per row
                 for i in fits:
                     res[i] = Output(error=f"engine_error: {type(e).__name__}: {e}")
             out[r.name] = res
         return out
-

@@ -50,11 +50,21 @@ def weights_signature(path: str | None) -> list | None:
 
 def fingerprint(cfg: EvalConfig, run: Run) -> dict[str, Any]:
     """What must match for a rerun to reuse a run's finished shards."""
-    return {"model": cfg.model.model_dump(), "model_files": weights_signature(cfg.model.path),
-            "adapter": run.adapter, "adapter_files": weights_signature(run.adapter), "sampling": cfg.sampling.model_dump(),
-            "val": cfg.data.val, "dataset_dir": cfg.data.dataset_dir, "cutoff_len": cfg.data.cutoff_len,
-            "max_samples": cfg.data.max_samples, "shard_size": cfg.shard_size, "backend": cfg.backend,
-            "merge_adapter": cfg.merge_adapter, "prefix_caching": cfg.prefix_caching}
+    return {
+        "model": cfg.model.model_dump(),
+        "model_files": weights_signature(cfg.model.path),
+        "adapter": run.adapter,
+        "adapter_files": weights_signature(run.adapter),
+        "sampling": cfg.sampling.model_dump(),
+        "val": cfg.data.val,
+        "dataset_dir": cfg.data.dataset_dir,
+        "cutoff_len": cfg.data.cutoff_len,
+        "max_samples": cfg.data.max_samples,
+        "shard_size": cfg.shard_size,
+        "backend": cfg.backend,
+        "merge_adapter": cfg.merge_adapter,
+        "prefix_caching": cfg.prefix_caching,
+    }
 
 
 def check_or_write_fingerprint(out: Path, cfg: EvalConfig, run: Run) -> None:
@@ -89,10 +99,20 @@ class _Predictor:
         self.tok = load_tokenizer(model_path, self.tpl)
         max_len = self.cfg.max_model_len or self.cfg.data.cutoff_len + self.cfg.sampling.max_new_tokens
         if self.cfg.backend == "vllm":
-            self.engine = VllmEngine(model_path, self.tok, self.tpl, runs, max_len, self.cfg, self.cfg.sampling.seed or 0,
-                                     self.cfg.model.dtype)
+            self.engine = VllmEngine(
+                model_path,
+                self.tok,
+                self.tpl,
+                runs,
+                max_len,
+                self.cfg,
+                self.cfg.sampling.seed or 0,
+                self.cfg.model.dtype,
+            )
         else:
-            self.engine = HfEngine(model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype)
+            self.engine = HfEngine(
+                model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype
+            )
         self.prep_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -101,8 +121,13 @@ class _Predictor:
             items = json.loads(blob)
             prompts, labels, texts, seeds = [], [], [], []
             for item in items:
-                ex = encode_prediction(self.tok, self.tpl, Conversation.from_dict(item["conv"]), self.cfg.data.cutoff_len,
-                                       self.cfg.model.enable_thinking)
+                ex = encode_prediction(
+                    self.tok,
+                    self.tpl,
+                    Conversation.from_dict(item["conv"]),
+                    self.cfg.data.cutoff_len,
+                    self.cfg.model.enable_thinking,
+                )
                 prompts.append(ex.prompt_ids)
                 texts.append(self.tok.decode(ex.prompt_ids, skip_special_tokens=True))
                 labels.append(clean_reply(self.tpl, self.tok.decode(ex.label_ids, skip_special_tokens=False)))
@@ -146,7 +171,9 @@ def engine_groups(cfg: EvalConfig, out: Path) -> list[tuple[str, list[Run]]]:
     adapters = [Run(name, os.path.abspath(path)) for name, path in cfg.adapters.items()]
     for r in adapters:
         if not (Path(r.adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapters.{r.name}: {r.adapter} is not a peft adapter folder (no adapter_config.json)")
+            raise FileNotFoundError(
+                f"adapters.{r.name}: {r.adapter} is not a peft adapter folder (no adapter_config.json)"
+            )
     if not cfg.merge_adapter:
         return [(cfg.model.path, ([base] if cfg.include_base else []) + adapters)]
     groups = [(cfg.model.path, [base])] if cfg.include_base else []
@@ -175,10 +202,17 @@ def _predict_group(
     if not todo:
         log.info("runs %s: all %d shards already done", [r.name for r in runs], len(shards))
         return 0.0, 0.0, 0, 0
-    log.info("runs %s: %d of %d shards to predict (%d rows each)", [r.name for r in runs], len(todo), len(shards), cfg.shard_size)
+    log.info(
+        "runs %s: %d of %d shards to predict (%d rows each)",
+        [r.name for r in runs],
+        len(todo),
+        len(shards),
+        cfg.shard_size,
+    )
     t0 = time.perf_counter()
-    ds = ray.data.from_items([{"shard": s, "convs": json.dumps(shards[s], ensure_ascii=False)} for s in todo],
-                             override_num_blocks=len(todo))
+    ds = ray.data.from_items(
+        [{"shard": s, "convs": json.dumps(shards[s], ensure_ascii=False)} for s in todo], override_num_blocks=len(todo)
+    )
     ds = ds.map_batches(
         _Predictor,
         fn_constructor_kwargs={"cfg": cfg.model_dump(), "model_path": model_path, "runs": runs, "out": str(out)},
@@ -198,7 +232,9 @@ def _predict_group(
     return time.perf_counter() - t0, prep, len(todo), made
 
 
-def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, shards_done: int, samples: int) -> dict[str, Any]:
+def _finish_run(
+    out: Path, run: Run, n_shards: int, wall: float, prep: float, shards_done: int, samples: int
+) -> dict[str, Any]:
     lines = []
     for s in range(n_shards):
         lines += shard_path(out, run.name, s).read_text(encoding="utf-8").splitlines(keepends=True)
@@ -206,8 +242,9 @@ def _finish_run(out: Path, run: Run, n_shards: int, wall: float, prep: float, sh
     recs = [json.loads(x) for x in lines]
     ok = [i for i, r in enumerate(recs) if "error" not in r]
     scores = score_pairs_parallel([recs[i]["predict"] for i in ok], [recs[i]["label"] for i in ok])
-    write_atomic(out / run.name / "sample_scores.jsonl",
-                 [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)])
+    write_atomic(
+        out / run.name / "sample_scores.jsonl", [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)]
+    )
     runtime = max(wall - prep, 1e-9)
     results = mean_scores(scores) | {
         "predict_runtime": round(runtime, 4) if shards_done else 0.0,
@@ -239,7 +276,10 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         wall, prep, shards_done, samples = _predict_group(cfg, items, model_path, runs, out)
         for r in runs:
             results[r.name] = _finish_run(out, r, n_shards, wall, prep, shards_done, samples)
-            log.info("%s: %s", r.name, {k: v for k, v in results[r.name].items() if k.startswith(("predict_b", "predict_r", "n_"))})
+            log.info(
+                "%s: %s",
+                r.name,
+                {k: v for k, v in results[r.name].items() if k.startswith(("predict_b", "predict_r", "n_"))},
+            )
     (out / "eval_summary.json").write_text(json.dumps(results, indent=2))
     return EvalResult(out, results)
-

@@ -47,8 +47,11 @@ def _error(status: int, message: str, type_: str, code: str | None = None, heade
 
 
 def make_fastapi() -> FastAPI:
-    api = FastAPI(title="rp_ray chat", version="0.1.0",
-                  description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.")
+    api = FastAPI(
+        title="rp_ray chat",
+        version="0.1.0",
+        description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
+    )
 
     @api.middleware("http")
     async def require_key(request: Request, call_next):
@@ -59,8 +62,13 @@ def make_fastapi() -> FastAPI:
         if presented is None:
             # the page is opened by a browser: ask it for the key (Basic auth, key as password)
             challenge = 'Basic realm="rp_ray", charset="UTF-8"' if request.url.path == "/" else "Bearer"
-            return _error(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error",
-                          "missing_api_key", {"WWW-Authenticate": challenge})
+            return _error(
+                401,
+                "missing API key: send `Authorization: Bearer <key>`",
+                "authentication_error",
+                "missing_api_key",
+                {"WWW-Authenticate": challenge},
+            )
         if key is None or not key_matches(presented, key):
             return _error(401, "invalid API key", "authentication_error", "invalid_api_key")
         return await call_next(request)
@@ -81,8 +89,16 @@ def make_fastapi() -> FastAPI:
 
 
 api = make_fastapi()
-_REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+_REQUEST_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            }
+        },
+    }
+}
 
 
 async def read_body(request: Request, cap: int) -> Any:
@@ -134,8 +150,9 @@ class ChatIngress:
         deadline = time.monotonic() + self.cfg.request_timeout_s
         outputs = await self._peek(gen, deadline)
         if req.stream:
-            return StreamingResponse(self.serving.stream(outputs, cid, req, chat, deadline, gen.cancel),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self.serving.stream(outputs, cid, req, chat, deadline, gen.cancel), media_type="text/event-stream"
+            )
         try:
             replies = await asyncio.wait_for(self.serving.collect(outputs, req.n), deadline - time.monotonic())
         except TimeoutError:
@@ -161,8 +178,9 @@ class ChatIngress:
             gen.cancel()
             raise self.serving.timeout_error() from None
         except BackPressureError:
-            raise APIError(503, "the engine is at capacity; retry later", "service_unavailable",
-                           code="overloaded") from None
+            raise APIError(
+                503, "the engine is at capacity; retry later", "service_unavailable", code="overloaded"
+            ) from None
         except ValueError as e:  # vLLM's own sampling/prompt checks
             raise APIError(400, f"the engine refused the request: {str(e).splitlines()[-1][:500]}") from None
 
@@ -220,8 +238,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return bind_app(args)
 
 
-def deploy_config(config: str | Path | dict[str, Any], args: dict[str, Any] | None = None, *,
-                  host: str | None = None, port: int | None = None) -> str:
+def deploy_config(
+    config: str | Path | dict[str, Any],
+    args: dict[str, Any] | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> str:
     """Deploy a serve config (a YAML file or its dict) on the connected Ray cluster as ``serve run <config>`` does,
     with keys of its ``args`` replaced by ``args`` and its HTTP host/port by ``host``/``port``; the base URL.
 
@@ -233,8 +256,9 @@ def deploy_config(config: str | Path | dict[str, Any], args: dict[str, Any] | No
     serve.start(proxy_location=schema.proxy_location, http_options=http.model_dump())
     for appl in schema.applications:
         extra = {"logging_config": appl.logging_config} if "logging_config" in appl.model_fields_set else {}
-        serve.run(bind_app(appl.args, deployment_overrides(appl)), name=appl.name, route_prefix=appl.route_prefix,
-                  **extra)
+        serve.run(
+            bind_app(appl.args, deployment_overrides(appl)), name=appl.name, route_prefix=appl.route_prefix, **extra
+        )
     host_ = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
     prefix = (schema.applications[0].route_prefix or "/").rstrip("/") if schema.applications else ""
     return f"http://{host_}:{http.port}{prefix}"
@@ -243,5 +267,11 @@ def deploy_config(config: str | Path | dict[str, Any], args: dict[str, Any] | No
 def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "rp_ray") -> str:
     """Deploy the app for ``cfg`` with the default deployment options (what ``serve run`` of a serve config
     without ``deployments:`` overrides, such as serve_configs/tiny_llama3.yaml, deploys); its base URL."""
-    return deploy_config({"http_options": {"host": host, "port": port}, "applications": [
-        {"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": cfg.model_dump()}]})
+    return deploy_config(
+        {
+            "http_options": {"host": host, "port": port},
+            "applications": [
+                {"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": cfg.model_dump()}
+            ],
+        }
+    )

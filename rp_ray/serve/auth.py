@@ -29,9 +29,11 @@ def load_api_key(env_var: str, key_file: str | None) -> str:
         key = p.read_text(encoding="utf-8").strip()
     if not key:
         where = f"the environment variable {env_var}" + (f" or the file {key_file}" if key_file else "")
-        raise AuthSetupError(f"no API key: set {where} on the machines running the app "
-                             f"(e.g. export {env_var}=$(openssl rand -hex 16) "
-                             "before `ray start` / `serve run`)")
+        raise AuthSetupError(
+            f"no API key: set {where} on the machines running the app "
+            f"(e.g. export {env_var}=$(openssl rand -hex 16) "
+            "before `ray start` / `serve run`)"
+        )
     if len(key) < MIN_KEY_LEN:
         raise AuthSetupError(f"the API key is {len(key)} characters; use at least {MIN_KEY_LEN}")
     return key

@@ -38,8 +38,9 @@ class CharacterCard(BaseModel):
     name: str = Field(pattern=NAME.pattern, description="The `model` a request names to talk to this character.")
     display_name: str = Field(min_length=1, description="Shown in the chat page.")
     system_prompt: str = Field(min_length=1, description="Used unless the request brings its own system message.")
-    adapter: str | None = Field(None, description="Served adapter name (a key of the serve config's adapters); "
-                                "None = base.")
+    adapter: str | None = Field(
+        None, description="Served adapter name (a key of the serve config's adapters); None = base."
+    )
     greeting: str = Field("", description="First line shown in the chat page.")
     sampling: CardSampling = Field(default_factory=CardSampling)
 
@@ -71,16 +72,19 @@ def load_cards(path: str | Path) -> dict[str, CharacterCard]:
     return cards
 
 
-def check_cards(cards: Mapping[str, CharacterCard], served_adapters: Collection[str],
-                reserved: Collection[str]) -> None:
+def check_cards(
+    cards: Mapping[str, CharacterCard], served_adapters: Collection[str], reserved: Collection[str]
+) -> None:
     """Every card has a name of its own (not ``reserved``: the base model's, nor a served adapter's) and speaks
     through a served adapter or the base model; a ``ConfigError`` says which card does not."""
     for name, card in cards.items():
         if name in reserved or name in served_adapters:
             raise ConfigError(f"character {name!r} has the name of the base model or an adapter")
         if card.adapter is not None and card.adapter not in served_adapters:
-            raise ConfigError(f"character {name!r} speaks through adapter {card.adapter!r}, which is not in adapters: "
-                              f"{sorted(served_adapters)}")
+            raise ConfigError(
+                f"character {name!r} speaks through adapter {card.adapter!r}, which is not in adapters: "
+                f"{sorted(served_adapters)}"
+            )
 
 
 def apply_card(card: CharacterCard, messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -93,8 +97,9 @@ def apply_card(card: CharacterCard, messages: list[ChatMessage]) -> list[ChatMes
 def resolve_adapter(root: str | Path, name: str, folder: str) -> Path:
     """The adapter folder ``folder`` under ``root``: a peft folder with safetensors weights, never outside root."""
     if not NAME.match(name):
-        raise CardError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), "
-                        "starting with a letter or digit")
+        raise CardError(
+            f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit"
+        )
     base = Path(root).resolve()
     path = (base / folder).resolve()
     if path != base and base not in path.parents:

@@ -48,8 +48,10 @@ ENGINE_TARGET_SHARE = 0.75
 
 def engine_concurrency(max_num_seqs: int) -> dict[str, int]:
     """The ChatEngine ``max_ongoing_requests`` and autoscaling ``target_ongoing_requests`` for a vLLM batch size."""
-    return {"max_ongoing_requests": max_num_seqs,
-            "target_ongoing_requests": max(1, round(ENGINE_TARGET_SHARE * max_num_seqs))}
+    return {
+        "max_ongoing_requests": max_num_seqs,
+        "target_ongoing_requests": max(1, round(ENGINE_TARGET_SHARE * max_num_seqs)),
+    }
 
 
 def deployment_overrides(app: ServeApplicationSchema) -> dict[str, dict[str, Any]]:
@@ -57,8 +59,10 @@ def deployment_overrides(app: ServeApplicationSchema) -> dict[str, dict[str, Any
     out: dict[str, dict[str, Any]] = {}
     for d in app.deployments:
         if d.name not in DEPLOYMENT_DEFAULTS:
-            raise ConfigError(f"deployments: {d.name!r} is not a deployment of {APP_IMPORT_PATH}; "
-                              f"it has {sorted(DEPLOYMENT_DEFAULTS)}")
+            raise ConfigError(
+                f"deployments: {d.name!r} is not a deployment of {APP_IMPORT_PATH}; "
+                f"it has {sorted(DEPLOYMENT_DEFAULTS)}"
+            )
         options = d.model_dump(exclude_unset=True)
         options.pop("name")
         out[d.name] = options
@@ -68,8 +72,10 @@ def deployment_overrides(app: ServeApplicationSchema) -> dict[str, dict[str, Any
 def merged_options(overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Every deployment's options: the defaults with ``overrides`` applied as Serve applies a config's."""
     overrides = overrides or {}
-    return {name: {**copy.deepcopy(opts), **copy.deepcopy(overrides.get(name, {}))}
-            for name, opts in DEPLOYMENT_DEFAULTS.items()}
+    return {
+        name: {**copy.deepcopy(opts), **copy.deepcopy(overrides.get(name, {}))}
+        for name, opts in DEPLOYMENT_DEFAULTS.items()
+    }
 
 
 def read_serve_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -88,8 +94,12 @@ def read_serve_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def load_serve_config(source: str | Path | dict[str, Any], args: dict[str, Any] | None = None,
-                      host: str | None = None, port: int | None = None) -> ServeDeploySchema:
+def load_serve_config(
+    source: str | Path | dict[str, Any],
+    args: dict[str, Any] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> ServeDeploySchema:
     """A serve config validated by Ray's own schema, with keys of every application's ``args`` replaced by
     ``args`` and the HTTP host/port replaced when given."""
     raw = read_serve_config(source)
@@ -103,10 +113,17 @@ def load_serve_config(source: str | Path | dict[str, Any], args: dict[str, Any] 
         raise ConfigError(f"not a valid serve config: {e}") from None
     for appl in schema.applications:
         if appl.import_path != APP_IMPORT_PATH:
-            raise ConfigError(f"application {appl.name!r}: import_path {appl.import_path!r}; this deploys "
-                              f"{APP_IMPORT_PATH} only")
+            raise ConfigError(
+                f"application {appl.name!r}: import_path {appl.import_path!r}; this deploys {APP_IMPORT_PATH} only"
+            )
         unsupported = set(appl.model_dump(exclude_unset=True)) - {
-            "name", "route_prefix", "import_path", "args", "deployments", "logging_config"}
+            "name",
+            "route_prefix",
+            "import_path",
+            "args",
+            "deployments",
+            "logging_config",
+        }
         if unsupported:
             raise ConfigError(f"application {appl.name!r}: {sorted(unsupported)} are applied by `serve run` only")
         deployment_overrides(appl)  # unknown deployment names fail here

@@ -37,16 +37,19 @@ class ChatEngine:
         dirs = with_zero_adapter(adapter_dirs, self.cfg, Path(self._tmp))
         self.loras = lora_requests(dirs)
         apply_engine_env(self.cfg)
-        kwargs = engine_kwargs(self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len, len(dirs),
-                               self.cfg.seed)
+        kwargs = engine_kwargs(
+            self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len, len(dirs), self.cfg.seed
+        )
         # every adapter stays loadable (CPU-side); at most max_loras of them are resident in one batch
-        args = AsyncEngineArgs(**kwargs | {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]),
-                                           "max_cpu_loras": max(1, len(dirs))})
+        args = AsyncEngineArgs(
+            **kwargs | {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(dirs))}
+        )
         self.engine = AsyncLLM.from_engine_args(args)
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
-    async def generate(self, prompt_ids: list[int], sampling: ChatSampling, adapter: str | None,
-                       request_id: str) -> AsyncIterator[list[Delta]]:
+    async def generate(
+        self, prompt_ids: list[int], sampling: ChatSampling, adapter: str | None, request_id: str
+    ) -> AsyncIterator[list[Delta]]:
         """Yield lists of deltas, one per choice that moved since the last message.
 
         While streaming, deltas that arrive within ``stream_interval_s`` of the last message are merged by vLLM
@@ -57,8 +60,9 @@ class ChatEngine:
             raise KeyError(f"adapter {adapter!r} is not served")
         lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)  # no zero adapter: None, no LoRA
         interval = self.cfg.stream_interval_s if sampling.stream else 0.0
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sampling.to_sampling_params(),
-                                              request_id, lora_request=lora):
+        async for out in self.engine.generate(
+            {"prompt_token_ids": prompt_ids}, sampling.to_sampling_params(), request_id, lora_request=lora
+        ):
             yield [Delta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
             if interval and not out.finished:
                 await asyncio.sleep(interval)
@@ -75,4 +79,3 @@ class ChatEngine:
             engine.shutdown()
         if getattr(self, "_tmp", None):
             shutil.rmtree(self._tmp, ignore_errors=True)
-

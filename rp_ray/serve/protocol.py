@@ -29,8 +29,14 @@ DEFAULT_TOP_K = -1  # off
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -75,9 +81,17 @@ class ChatSampling(BaseModel):
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens,
-            seed=self.seed, stop=self.stop or None, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, stop_token_ids=self.stop_token_ids, skip_special_tokens=False,
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            stop=self.stop or None,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop_token_ids=self.stop_token_ids,
+            skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -131,11 +145,18 @@ class ChatCompletionRequest(BaseModel):
         if self.requested_max_tokens is None and card is not None and card.max_tokens:
             max_tokens = min(max_tokens, card.max_tokens)
         return ChatSampling(
-            n=self.n, temperature=pick("temperature", DEFAULT_TEMPERATURE), top_p=pick("top_p", DEFAULT_TOP_P),
-            top_k=pick("top_k", DEFAULT_TOP_K), max_tokens=max_tokens, seed=self.seed,
+            n=self.n,
+            temperature=pick("temperature", DEFAULT_TEMPERATURE),
+            top_p=pick("top_p", DEFAULT_TOP_P),
+            top_k=pick("top_k", DEFAULT_TOP_K),
+            max_tokens=max_tokens,
+            seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else (self.stop or None),
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            stop_token_ids=list(stop_token_ids), stream=self.stream)
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop_token_ids=list(stop_token_ids),
+            stream=self.stream,
+        )
 
 
 def parse_request(payload: Any) -> ChatCompletionRequest:
@@ -178,11 +199,19 @@ def check_limits(req: ChatCompletionRequest, limits: Limits, context_len: int, p
         raise APIError(400, f"max_tokens={asked}; at most {limits.max_tokens_cap}", param="max_tokens")
     room = context_len - prompt_tokens
     if room < 1:
-        raise APIError(400, f"the prompt has {prompt_tokens} tokens; the context holds {context_len}",
-                       param="messages", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {prompt_tokens} tokens; the context holds {context_len}",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if asked is not None and asked > room:
-        raise APIError(400, f"max_tokens={asked} does not fit: {prompt_tokens} prompt tokens + max_tokens > "
-                       f"context {context_len}", param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens={asked} does not fit: {prompt_tokens} prompt tokens + max_tokens > context {context_len}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return min(asked or limits.max_tokens_cap, room)
 
 
@@ -229,8 +258,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class AssistantMessage(BaseModel):
@@ -280,10 +312,14 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = Field(None, exclude_if=_none)
 
     @classmethod
-    def of(cls, cid: str, model: str, index: int, delta: DeltaMessage,
-           finish_reason: str | None = None) -> ChatCompletionChunk:
-        return cls(id=cid, model=model,
-                   choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)])
+    def of(
+        cls, cid: str, model: str, index: int, delta: DeltaMessage, finish_reason: str | None = None
+    ) -> ChatCompletionChunk:
+        return cls(
+            id=cid,
+            model=model,
+            choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
+        )
 
     def sse(self) -> str:
         return f"data: {self.model_dump_json()}\n\n"

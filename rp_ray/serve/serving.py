@@ -91,8 +91,12 @@ class ChatServing:
     def _model(self, name: str, kind: str, card: CharacterCard | None) -> dict[str, Any]:
         m = {"id": name, "object": "model", "created": self.created, "owned_by": "rp_ray", "kind": kind}
         if card is not None:
-            m.update(display_name=card.display_name, greeting=card.greeting, system_prompt=card.system_prompt,
-                     adapter=card.adapter)
+            m.update(
+                display_name=card.display_name,
+                greeting=card.greeting,
+                system_prompt=card.system_prompt,
+                adapter=card.adapter,
+            )
         return m
 
     # -- request -> engine input ---------------------------------------------------------------------------
@@ -105,8 +109,12 @@ class ChatServing:
             return req.model, req.messages, None
         card = self.cards.get(req.model)
         if card is None:
-            raise APIError(404, f"model {req.model!r} does not exist; GET /v1/models lists the served ones",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; GET /v1/models lists the served ones",
+                param="model",
+                code="model_not_found",
+            )
         return card.adapter, apply_card(card, req.messages), card
 
     def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
@@ -114,8 +122,9 @@ class ChatServing:
         adapter, messages, card = self.resolve(req)
         system, turns = split_system(messages)
         try:
-            prompt = chat_prompt_ids(self.tok, self.tpl, system, [Message(m.role, m.content) for m in turns],
-                                     self.cfg.model.enable_thinking)
+            prompt = chat_prompt_ids(
+                self.tok, self.tpl, system, [Message(m.role, m.content) for m in turns], self.cfg.model.enable_thinking
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = check_limits(req, self.limits, self.cfg.max_model_len, len(prompt))
@@ -134,15 +143,28 @@ class ChatServing:
             replies[d.index].feed(d.text, d.tokens, d.finish_reason)
         return replies
 
-    def response(self, cid: str, req: ChatCompletionRequest, chat: PreparedChat,
-                 replies: list[ReplyStream]) -> ChatCompletionResponse:
-        choices = [ChatCompletionChoice(index=i, message=AssistantMessage(content=r.text),
-                                        finish_reason=finish_reason(r.finish_reason)) for i, r in enumerate(replies)]
-        return ChatCompletionResponse(id=cid, model=req.model, choices=choices,
-                                      usage=Usage.of(len(chat.prompt), sum(r.tokens for r in replies)))
+    def response(
+        self, cid: str, req: ChatCompletionRequest, chat: PreparedChat, replies: list[ReplyStream]
+    ) -> ChatCompletionResponse:
+        choices = [
+            ChatCompletionChoice(
+                index=i, message=AssistantMessage(content=r.text), finish_reason=finish_reason(r.finish_reason)
+            )
+            for i, r in enumerate(replies)
+        ]
+        return ChatCompletionResponse(
+            id=cid, model=req.model, choices=choices, usage=Usage.of(len(chat.prompt), sum(r.tokens for r in replies))
+        )
 
-    async def stream(self, outputs: AsyncIterator[Delta], cid: str, req: ChatCompletionRequest, chat: PreparedChat,
-                     deadline: float, cancel: Callable[[], None]) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        outputs: AsyncIterator[Delta],
+        cid: str,
+        req: ChatCompletionRequest,
+        chat: PreparedChat,
+        deadline: float,
+        cancel: Callable[[], None],
+    ) -> AsyncIterator[str]:
         """Server-sent events: a role chunk per choice, clean content deltas (their concatenation is the reply the
         same request gets unstreamed), a closing chunk per choice, the usage chunk if asked, ``[DONE]``.
 
@@ -157,8 +179,9 @@ class ChatServing:
                 if delta:
                     yield ChatCompletionChunk.of(cid, req.model, d.index, DeltaMessage(content=delta)).sse()
                 if d.finish_reason is not None:
-                    yield ChatCompletionChunk.of(cid, req.model, d.index, DeltaMessage(),
-                                                 finish_reason(d.finish_reason)).sse()
+                    yield ChatCompletionChunk.of(
+                        cid, req.model, d.index, DeltaMessage(), finish_reason(d.finish_reason)
+                    ).sse()
                 if time.monotonic() > deadline:
                     cancel()
                     yield error_event(self.timeout_error())

@@ -67,7 +67,9 @@ def plan_epoch(
     del order[len(order) - len(order) % step_size :]  # random leftovers: a different few each epoch
     if group_by_length:
         window = step_size * MEGABATCH_STEPS
-        order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda j: -lengths[j])]
+        order = [
+            i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda j: -lengths[j])
+        ]
     steps = [order[s : s + step_size] for s in range(0, len(order), step_size)]
     if group_by_length:
         rng.shuffle(steps)  # long and short steps interleaved, not one epoch-long ramp

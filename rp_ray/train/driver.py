@@ -66,17 +66,27 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     train, report_path = prep.train, prep.report_path
 
     name = cfg.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ensure_ray(cfg.num_workers * cfg.cpus_per_worker,
-               resume_hint=f"rerun with run_name={name} (and the same storage_path) to continue from its last checkpoint")
+    ensure_ray(
+        cfg.num_workers * cfg.cpus_per_worker,
+        resume_hint=f"rerun with run_name={name} (and the same storage_path) to continue from its last checkpoint",
+    )
     t0 = time.perf_counter()
-    ds = ray.data.from_items(conversation_items(train)).map_batches(
-        SupervisedEncoder,
-        fn_constructor_kwargs=dict(model_path=cfg.model.path, template=cfg.model.template,
-                                   cutoff_len=cfg.data.cutoff_len, enable_thinking=cfg.model.enable_thinking),
-        batch_size=256,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    ).materialize()
+    ds = (
+        ray.data.from_items(conversation_items(train))
+        .map_batches(
+            SupervisedEncoder,
+            fn_constructor_kwargs=dict(
+                model_path=cfg.model.path,
+                template=cfg.model.template,
+                cutoff_len=cfg.data.cutoff_len,
+                enable_thinking=cfg.model.enable_thinking,
+            ),
+            batch_size=256,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )
+        .materialize()
+    )
     log.info("encoded %d conversations in %.1fs", len(train), time.perf_counter() - t0)
 
     trainer = TorchTrainer(
@@ -108,8 +118,12 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             shutil.rmtree(adapter_dir)
         shutil.copytree(Path(d) / ADAPTER_DIR, adapter_dir)
         state = json.loads((Path(d) / STATE_FILE).read_text())
-    extra = {"wall_seconds": round(time.perf_counter() - t0, 2), "checkpoint": result.checkpoint.path,
-             "examples": len(train), "data_report": str(report_path)}
+    extra = {
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "checkpoint": result.checkpoint.path,
+        "examples": len(train),
+        "data_report": str(report_path),
+    }
     summary_path, plot_path, summary = write_summary(state, cfg, extra, out)
     log.info("adapter: %s | summary: %s | loss plot: %s", adapter_dir, summary_path, plot_path)
     return TrainResult(adapter_dir, summary_path, plot_path, summary)

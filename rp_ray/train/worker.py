@@ -46,7 +46,10 @@ def lora_targets(model: torch.nn.Module, target: str | list[str]) -> list[str] |
     head = model.get_output_embeddings()
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     if not names:
-        raise ValueError("lora.target=all found no nn.Linear layers to adapt (MoE experts are not nn.Linear); list lora.target modules")
+        raise ValueError(
+            "lora.target=all found no nn.Linear layers to adapt (MoE experts are not nn.Linear); "
+            "list lora.target modules"
+        )
     return sorted(names)
 
 
@@ -72,8 +75,10 @@ def step_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-        reduction="sum"
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -86,8 +91,9 @@ class World:
     device: torch.device
 
 
-def optimizer_step(engine, micro_batches: list[dict[str, torch.Tensor]], world: World,
-                   accumulation: int) -> tuple[float, int]:
+def optimizer_step(
+    engine, micro_batches: list[dict[str, torch.Tensor]], world: World, accumulation: int
+) -> tuple[float, int]:
     """One optimizer step over this rank's micro-batches; returns (loss, non-pad tokens), both over all ranks.
 
     The loss is the token-weighted mean over the whole global batch (every micro-batch on every rank), so the
@@ -123,7 +129,9 @@ def adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:
 
     model = engine.module
     trainable = [p for p in model.parameters() if p.requires_grad]
-    gather = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if stage == 3 else contextlib.nullcontext()
+    gather = (
+        deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if stage == 3 else contextlib.nullcontext()
+    )
     with gather:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
@@ -164,8 +172,12 @@ def _gauges():
 
     return {
         k: Gauge(f"rp_ray_train_{k}", description=d)
-        for k, d in (("loss", "training loss of the last step"), ("tokens_per_s", "non-pad tokens per second"),
-                     ("step", "optimizer steps done"), ("lr", "learning rate"))
+        for k, d in (
+            ("loss", "training loss of the last step"),
+            ("tokens_per_s", "non-pad tokens per second"),
+            ("step", "optimizer steps done"),
+            ("lr", "learning rate"),
+        )
     }
 
 
@@ -189,7 +201,10 @@ def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: 
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.optim.warmup_ratio * total_steps), total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16=bf16),
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, bf16=bf16),
         dist_init_required=False,
     )
     return engine, scheduler
@@ -227,21 +242,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     pad_id = loop_config["pad_id"]
     ctx = ray.train.get_context()
     use_gpu = cfg.use_gpu and torch.cuda.is_available()
-    world = World(ctx.get_world_rank(), ctx.get_world_size(),
-                  ray.train.torch.get_device() if use_gpu else torch.device("cpu"))
+    world = World(
+        ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    )
     rank = world.rank
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["idx"])
     rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
     lengths = [len(r["input_ids"]) for r in rows]
-    sizes = dict(world_size=world.size, micro_batch=cfg.per_device_batch_size,
-                 accumulation=cfg.gradient_accumulation_steps)
+    sizes = dict(
+        world_size=world.size, micro_batch=cfg.per_device_batch_size, accumulation=cfg.gradient_accumulation_steps
+    )
     per_epoch = steps_per_epoch(len(rows), **sizes)
     if per_epoch == 0:
         raise ValueError(
             f"{len(rows)} training examples are fewer than one optimizer step of num_workers x "
-            f"per_device_batch_size x gradient_accumulation_steps = {world.size * cfg.per_device_batch_size * cfg.gradient_accumulation_steps}; "
+            f"per_device_batch_size x gradient_accumulation_steps = "
+            f"{world.size * cfg.per_device_batch_size * cfg.gradient_accumulation_steps}; "
             f"lower them or add data"
         )
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * per_epoch)
@@ -255,7 +273,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from checkpoint at step %d", state["step"])
     elif cfg.fail_at_step is not None and rank == world.size - 1:
-        log.warning("fail_at_step=%d: this worker will exit abruptly at that step (first attempt only)", cfg.fail_at_step)
+        log.warning(
+            "fail_at_step=%d: this worker will exit abruptly at that step (first attempt only)", cfg.fail_at_step
+        )
 
     padding = PaddingStats()
     gauges = _gauges() if rank == 0 else {}
@@ -268,8 +288,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for step in range(state["step"], total_steps):
         epoch, in_epoch = divmod(step, per_epoch)
         if epoch not in plans:  # the same plan on every rank: same rows, same seed
-            plans = {epoch: plan_epoch(lengths, **sizes, seed=cfg.seed, epoch=epoch,
-                                       group_by_length=cfg.group_by_length)}
+            plans = {
+                epoch: plan_epoch(lengths, **sizes, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length)
+            }
             padding.add_plan(plans[epoch], lengths)
             imbalances.append(imbalance(plans[epoch], lengths))
         if cfg.fail_at_step == step and ckpt is None and rank == world.size - 1:
@@ -291,9 +312,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / world.size
             if rank == 0:
                 eta = (now - t_attempt) / (step + 1 - start_step) * (total_steps - step - 1)
-                log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s",
-                         step + 1, total_steps, metrics["epoch"], loss, lr, metrics["tokens_per_s"],
-                         metrics["tokens_per_s_per_worker"], "GPU" if use_gpu else "worker", _fmt_eta(eta))
+                log.info(
+                    "step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s",
+                    step + 1,
+                    total_steps,
+                    metrics["epoch"],
+                    loss,
+                    lr,
+                    metrics["tokens_per_s"],
+                    metrics["tokens_per_s_per_worker"],
+                    "GPU" if use_gpu else "worker",
+                    _fmt_eta(eta),
+                )
                 for key, g in gauges.items():
                     g.set(metrics[key])
             tokens_since, t_since = 0, now
