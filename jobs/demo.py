@@ -40,16 +40,28 @@ def main() -> None:
     print("\n== data report ==")
     print(Path(s["data_report"]).with_suffix(".txt").read_text(encoding="utf-8"), end="")
     print("== training ==")
-    print(f"{s['steps']} steps on {s['world_size']} workers, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
-          f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}, {s['wall_seconds']} s")
-    print(f"tiny model: {cfg.model.path}\nadapter: {res.adapter_dir}\nsummary: {res.summary_path}\nloss plot: {res.plot_path}")
+    print(
+        f"{s['steps']} steps on {s['world_size']} workers, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
+        f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}, {s['wall_seconds']} s"
+    )
+    print(
+        f"tiny model: {cfg.model.path}\nadapter: {res.adapter_dir}\n"
+        f"summary: {res.summary_path}\nloss plot: {res.plot_path}"
+    )
 
     from rp_ray.eval import run_eval
     from rp_ray.eval.compare import markdown_table, write_comparison
 
-    ecfg = load_config(EvalConfig, EVAL_CONFIG, [f"model.path={cfg.model.path}", "adapters={}",
-                                                 f"adapters.tiny-lora={res.adapter_dir}",
-                                                 f"output_dir={Path(cfg.output_dir).parent.parent / 'eval' / Path(cfg.output_dir).name}"])
+    ecfg = load_config(
+        EvalConfig,
+        EVAL_CONFIG,
+        [
+            f"model.path={cfg.model.path}",
+            "adapters={}",
+            f"adapters.tiny-lora={res.adapter_dir}",
+            f"output_dir={Path(cfg.output_dir).parent.parent / 'eval' / Path(cfg.output_dir).name}",
+        ],
+    )
     if Path(ecfg.output_dir).exists():  # predictions of an earlier demo run were made with an earlier adapter
         shutil.rmtree(ecfg.output_dir)
     ev = run_eval(ecfg)
@@ -75,8 +87,16 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.touch(mode=0o600)
         key_file.write_text(secrets.token_hex(16), encoding="utf-8")
-    scfg = load_config(ServeConfig, SERVE_CONFIG, [f"model.path={cfg.model.path}", f"adapter_root={Path(adapter_dir).parent}",
-                                                   f"adapters.tiny-lora={Path(adapter_dir).name}", f"api_key_file={key_file}"])
+    scfg = load_config(
+        ServeConfig,
+        SERVE_CONFIG,
+        [
+            f"model.path={cfg.model.path}",
+            f"adapter_root={Path(adapter_dir).parent}",
+            f"adapters.tiny-lora={Path(adapter_dir).name}",
+            f"api_key_file={key_file}",
+        ],
+    )
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     url = run_local(scfg, port=free_port())
@@ -84,8 +104,12 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
         client = OpenAI(base_url=f"{url}/v1", api_key=load_api_key(scfg.api_key_env, scfg.api_key_file), max_retries=0)
         print(f"\n== chat ({url}/v1, OpenAI API; chat page: {url}/) ==")
         for model in (scfg.base_name, "haruhi"):
-            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "阿虚:「春日，今天SOS团做什么？」"}],
-                                               temperature=0, max_tokens=48)
+            r = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "阿虚:「春日，今天SOS团做什么？」"}],
+                temperature=0,
+                max_tokens=48,
+            )
             print(f"[{model}] {r.choices[0].message.content}")
     finally:
         serve.shutdown()

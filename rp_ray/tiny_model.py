@@ -49,15 +49,24 @@ DEFAULT_CORPUS = "data/sample/haruhi_train.json"
 
 # Llama-3's pre-tokenizer split (tiktoken cl100k-style), so text is segmented like the real tokenizer.
 LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 # Which special token fills which slot, per family (as in the real tokenizer_config / generation_config).
 SPECIAL_TOKEN_SLOTS = {
-    "llama3": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>",
-               "gen_eos": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]},
-    "gpt_oss": {"bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>",
-                "gen_eos": ["<|return|>", "<|endoftext|>", "<|call|>"]},
+    "llama3": {
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|finetune_right_pad_id|>",
+        "gen_eos": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+    },
+    "gpt_oss": {
+        "bos": "<|startoftext|>",
+        "eos": "<|return|>",
+        "pad": "<|endoftext|>",
+        "gen_eos": ["<|return|>", "<|endoftext|>", "<|call|>"],
+    },
 }
 
 
@@ -133,15 +142,25 @@ def _documents(train_file: Path) -> list[list[str]]:
     """The message texts of every conversation in a sharegpt file, one list per conversation."""
     docs = []
     for row in read_rows(train_file):
-        texts = [m["value"] for m in (row.value or {}).get("conversations", [])
-                 if isinstance(m, dict) and isinstance(m.get("value"), str)]
+        texts = [
+            m["value"]
+            for m in (row.value or {}).get("conversations", [])
+            if isinstance(m, dict) and isinstance(m.get("value"), str)
+        ]
         if texts:
             docs.append(texts)
     return docs
 
 
-def build_key(family: Family, corpus_file: str | Path, vocab_size: int, hidden_size: int, num_layers: int,
-              seed: int, pretrain: PretrainConfig | None) -> str:
+def build_key(
+    family: Family,
+    corpus_file: str | Path,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    seed: int,
+    pretrain: PretrainConfig | None,
+) -> str:
     """Hash of everything a build depends on: a folder stamped with the same hash needs no rebuild."""
     inputs = {
         "version": BUILD_VERSION,
@@ -196,8 +215,10 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
     block = cfg.seq_len + 1
     n_blocks = len(ids) // block
     if n_blocks < cfg.batch_size:
-        raise ValueError(f"pretraining corpus has {len(ids)} tokens, fewer than one batch of "
-                         f"{cfg.batch_size} x {block}; lower batch_size / seq_len or use a bigger corpus")
+        raise ValueError(
+            f"pretraining corpus has {len(ids)} tokens, fewer than one batch of "
+            f"{cfg.batch_size} x {block}; lower batch_size / seq_len or use a bigger corpus"
+        )
     data = torch.tensor(ids[: n_blocks * block]).view(n_blocks, block)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -205,8 +226,10 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+    )
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -231,7 +254,9 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
-            log.info("pretrain step %d/%d | loss %.4f | %.0f s", step + 1, cfg.steps, losses[-1], time.perf_counter() - t0)
+            log.info(
+                "pretrain step %d/%d | loss %.4f | %.0f s", step + 1, cfg.steps, losses[-1], time.perf_counter() - t0
+            )
     model.eval()
     return losses
 
@@ -252,15 +277,18 @@ def _model_card(meta: dict, params: int, out: Path) -> str:
         )
     else:
         how = "Random weights (not trained): for tests and plumbing only; it cannot hold a conversation."
-    return f"""# {out.name}: tiny {meta['family']} model built by rp_ray
+    arch = (
+        f"{meta['architecture']}: hidden {meta['hidden_size']}, {meta['num_layers']} layers, vocab {meta['vocab_size']}"
+    )
+    return f"""# {out.name}: tiny {meta["family"]} model built by rp_ray
 
 | | |
 |---|---|
-| architecture | {meta['architecture']}: hidden {meta['hidden_size']}, {meta['num_layers']} layers, vocab {meta['vocab_size']} |
+| architecture | {arch} |
 | parameters | {params:,} ({mb:.1f} MiB on disk, float32 safetensors) |
 | tokenizer | byte-level BPE trained on the corpus below, with the family's real special tokens |
-| corpus | `{meta['corpus']}` (sha256 {meta['corpus_sha256'][:16]}...), train split only |
-| build time | {meta['build_seconds']:.1f} s on {meta['machine']} |
+| corpus | `{meta["corpus"]}` (sha256 {meta["corpus_sha256"][:16]}...), train split only |
+| build time | {meta["build_seconds"]:.1f} s on {meta["machine"]} |
 
 ## How it was made
 
@@ -268,7 +296,7 @@ def _model_card(meta: dict, params: int, out: Path) -> str:
 
 The val split is never read by the build, so the model has not seen the rows it is evaluated on.
 Built by `rp_ray.tiny_model.build_tiny_model` (build version {BUILD_VERSION}); rebuilt only when one of its
-inputs changes (build key `{meta['build_key'][:16]}...` in `{STAMP}`).
+inputs changes (build key `{meta["build_key"][:16]}...` in `{STAMP}`).
 """
 
 
@@ -346,14 +374,22 @@ def build_tiny_model(
             num_local_experts=4,
             num_experts_per_tok=2,
             sliding_window=128,
-            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2),
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["sliding_attention"] * (num_layers % 2),
             rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
         )
         model = GptOssForCausalLM(cfg)
-    meta = {"family": family, "architecture": type(model).__name__, "corpus": str(corpus),
-            "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(), "vocab_size": len(tok),
-            "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed,
-            "pretrain": pretrain.model_dump() if pretrain else None}
+    meta = {
+        "family": family,
+        "architecture": type(model).__name__,
+        "corpus": str(corpus),
+        "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
+        "vocab_size": len(tok),
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "seed": seed,
+        "pretrain": pretrain.model_dump() if pretrain else None,
+    }
     if pretrain is not None:
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
@@ -362,20 +398,33 @@ def build_tiny_model(
         finally:
             torch.use_deterministic_algorithms(deterministic)
         n_tokens = sum(len(x) + 1 for x in tok(["\n".join(d) for d in docs], add_special_tokens=False)["input_ids"])
-        meta |= {"corpus_tokens": n_tokens, "pretrain_tokens": pretrain.steps * pretrain.batch_size * pretrain.seq_len,
-                 "loss_first": losses[0], "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                 "loss_curve": losses}
+        meta |= {
+            "corpus_tokens": n_tokens,
+            "pretrain_tokens": pretrain.steps * pretrain.batch_size * pretrain.seq_len,
+            "loss_first": losses[0],
+            "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "loss_curve": losses,
+        }
     model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=gen_eos, pad_token_id=ids["pad"])
     model.to(torch.float32).save_pretrained(out)
     tok.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
-    meta |= {"params": params, "build_seconds": round(time.perf_counter() - t0, 1),
-             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
-             "build_key": key}
+    meta |= {
+        "params": params,
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "build_key": key,
+    }
     (out / "README.md").write_text(_model_card(meta, params, out), encoding="utf-8")
     (out / STAMP).write_text(json.dumps(meta, indent=2, ensure_ascii=False))  # last: marks the build finished
-    log.info("tiny %s model (%d params, %s) written to %s in %.1f s", family, params,
-             "pretrained" if pretrain else "random weights", out, meta["build_seconds"])
+    log.info(
+        "tiny %s model (%d params, %s) written to %s in %.1f s",
+        family,
+        params,
+        "pretrained" if pretrain else "random weights",
+        out,
+        meta["build_seconds"],
+    )
     return out
 
 

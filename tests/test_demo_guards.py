@@ -19,8 +19,16 @@ from rp_ray.eval.compare import MAX_EMPTY_SHARE, empty_share, markdown_table, wr
 from rp_ray.tiny_model import STAMP, PretrainConfig, build_tiny_model, built_key
 from rp_ray.train.summary import loss_warnings, write_summary
 
-RESULT = {"predict_bleu-4": 1.0, "predict_rouge-1": 2.0, "predict_rouge-2": 0.5, "predict_rouge-l": 1.5,
-          "predict_samples_per_second": 10.0, "n_total": 10, "n_scored": 10, "n_error": 0}
+RESULT = {
+    "predict_bleu-4": 1.0,
+    "predict_rouge-1": 2.0,
+    "predict_rouge-2": 0.5,
+    "predict_rouge-l": 1.5,
+    "predict_samples_per_second": 10.0,
+    "n_total": 10,
+    "n_scored": 10,
+    "n_error": 0,
+}
 
 
 def _history(losses: list[float]) -> list[dict]:
@@ -32,12 +40,15 @@ def _write_run(out: Path, run: str, replies: list[str]) -> None:
     d.mkdir(parents=True)
     preds = [{"prompt": f"p{i}", "predict": r, "label": "「好。」"} for i, r in enumerate(replies)]
     (d / "generated_predictions.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
-    scores = [{"index": i, "bleu-4": 0.0, "rouge-1": float(bool(r)), "rouge-2": 0.0, "rouge-l": 0.0}
-              for i, r in enumerate(replies)]
+    scores = [
+        {"index": i, "bleu-4": 0.0, "rouge-1": float(bool(r)), "rouge-2": 0.0, "rouge-l": 0.0}
+        for i, r in enumerate(replies)
+    ]
     (d / "sample_scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
 
 
 # -- empty replies -------------------------------------------------------------------------------
+
 
 def test_empty_share_counts_blank_replies_and_skips_errors():
     preds = [{"predict": ""}, {"predict": "  \n"}, {"predict": "「好。」"}, {"predict": "x"}, {"error": "boom"}]
@@ -70,6 +81,7 @@ def test_table_without_empty_shares_keeps_its_columns():
 
 # -- loss that barely moved ----------------------------------------------------------------------
 
+
 def test_flat_loss_is_flagged():
     """A random-weight model that only learns to end its turn at once: 8.34 -> 8.21 over 37 steps."""
     flat = [8.34 - 0.13 * i / 36 for i in range(37)]
@@ -78,7 +90,7 @@ def test_flat_loss_is_flagged():
 
 
 def test_falling_loss_is_not_flagged():
-    falling = [6.0 * 0.97 ** i for i in range(40)]  # about -70%
+    falling = [6.0 * 0.97**i for i in range(40)]  # about -70%
     assert loss_warnings(_history(falling)) == []
 
 
@@ -94,8 +106,16 @@ def test_too_few_steps_are_flagged():
 
 def test_summary_json_and_log_carry_the_warning(tmp_path, caplog):
     cfg = load_config(TrainConfig, REPO / "jobs/configs/tiny_llama3.yaml", [f"output_dir={tmp_path}"])
-    state = {"step": 37, "total_steps": 37, "steps_per_epoch": 37, "tokens": 1000, "train_seconds": 10.0,
-             "padding_ratio": 0.1, "world_size": 2, "history": _history([8.34 - 0.0036 * i for i in range(37)])}
+    state = {
+        "step": 37,
+        "total_steps": 37,
+        "steps_per_epoch": 37,
+        "tokens": 1000,
+        "train_seconds": 10.0,
+        "padding_ratio": 0.1,
+        "world_size": 2,
+        "history": _history([8.34 - 0.0036 * i for i in range(37)]),
+    }
     with caplog.at_level(logging.WARNING, logger="rp_ray.train.summary"):
         summary_path, plot_path, summary = write_summary(state, cfg, {}, tmp_path)
     saved = json.loads(summary_path.read_text())
@@ -162,8 +182,26 @@ def test_build_refuses_a_folder_it_did_not_write(corpus, tmp_path):
 
 def test_tiny_model_command_pretrains(corpus, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = rp_ray_main(["tiny-model", "--family", "llama3", "--out", str(out), "--corpus", str(corpus), "--pretrain",
-                      "--pretrain-steps", "2", "--vocab-size", "512", "--hidden-size", "32", "--num-layers", "1"])
+    rc = rp_ray_main(
+        [
+            "tiny-model",
+            "--family",
+            "llama3",
+            "--out",
+            str(out),
+            "--corpus",
+            str(corpus),
+            "--pretrain",
+            "--pretrain-steps",
+            "2",
+            "--vocab-size",
+            "512",
+            "--hidden-size",
+            "32",
+            "--num-layers",
+            "1",
+        ]
+    )
     assert rc == 0 and "model card" in capsys.readouterr().out
     meta = json.loads((out / STAMP).read_text())
     assert meta["pretrain"]["steps"] == 2 and meta["hidden_size"] == 32 and len(meta["loss_curve"]) == 2

@@ -35,19 +35,26 @@ def empty_shares(out: Path, runs: list[str]) -> dict[str, float]:
 
 def empty_warnings(empty: Mapping[str, float]) -> list[str]:
     """One line per run whose replies are mostly empty: its scores are no measure of the model."""
-    return [f"WARNING: {run}: {share:.0%} of its replies are empty (over {MAX_EMPTY_SHARE:.0%}); its scores measure "
-            f"silence, not role-play quality. The model ends its turn at once: train longer or with a higher "
-            f"learning rate, or check the base model" for run, share in empty.items() if share > MAX_EMPTY_SHARE]
+    return [
+        f"WARNING: {run}: {share:.0%} of its replies are empty (over {MAX_EMPTY_SHARE:.0%}); its scores measure "
+        f"silence, not role-play quality. The model ends its turn at once: train longer or with a higher "
+        f"learning rate, or check the base model"
+        for run, share in empty.items()
+        if share > MAX_EMPTY_SHARE
+    ]
 
 
-def markdown_table(model_name: str, results: dict[str, dict[str, Any]], empty: Mapping[str, float] | None = None) -> str:
+def markdown_table(
+    model_name: str, results: dict[str, dict[str, Any]], empty: Mapping[str, float] | None = None
+) -> str:
     """The comparison table: one row per run; with ``empty`` (run -> share of empty replies), a column
     for it and a warning line under the table for every run over ``MAX_EMPTY_SHARE``."""
     head = "| model | run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | predict samples/s | scored / total |"
     lines = [head + (" empty replies |" if empty is not None else ""), "|---" * (8 + (empty is not None)) + "|"]
     for run, r in results.items():
         vals = " | ".join(f"{r[f'predict_{k}']:.2f}" for k in METRIC_KEYS)
-        row = f"| {model_name} | {run} | {vals} | {r['predict_samples_per_second']:.1f} | {r['n_scored']} / {r['n_total']} |"
+        speed = f"{r['predict_samples_per_second']:.1f}"
+        row = f"| {model_name} | {run} | {vals} | {speed} | {r['n_scored']} / {r['n_total']} |"
         if empty is not None:
             share = empty.get(run, 0.0)
             row += f" {share:.0%}{' (WARNING)' if share > MAX_EMPTY_SHARE else ''} |"
@@ -58,17 +65,30 @@ def markdown_table(model_name: str, results: dict[str, dict[str, Any]], empty: M
 
 def top_changes(out: Path, base: str, run: str, k: int = TOP_CHANGES) -> list[dict[str, Any]]:
     """The k val rows whose mean score moved most between ``base`` and ``run`` (either direction)."""
+
     def by_index(name: str) -> dict[int, float]:
-        return {s["index"]: sum(s[m] for m in METRIC_KEYS) / len(METRIC_KEYS) for s in _read_jsonl(out / name / "sample_scores.jsonl")}
+        return {
+            s["index"]: sum(s[m] for m in METRIC_KEYS) / len(METRIC_KEYS)
+            for s in _read_jsonl(out / name / "sample_scores.jsonl")
+        }
 
     b, t = by_index(base), by_index(run)
     preds_b = _read_jsonl(out / base / "generated_predictions.jsonl")
     preds_t = _read_jsonl(out / run / "generated_predictions.jsonl")
     rows = []
     for i in sorted(b.keys() & t.keys(), key=lambda i: -abs(t[i] - b[i]))[:k]:
-        rows.append({"index": i, "delta": round(t[i] - b[i], 4), "base_score": round(b[i], 4), "tuned_score": round(t[i], 4),
-                     "prompt_tail": preds_b[i]["prompt"][-200:], "label": preds_b[i]["label"],
-                     "base_predict": preds_b[i]["predict"], "tuned_predict": preds_t[i]["predict"]})
+        rows.append(
+            {
+                "index": i,
+                "delta": round(t[i] - b[i], 4),
+                "base_score": round(b[i], 4),
+                "tuned_score": round(t[i], 4),
+                "prompt_tail": preds_b[i]["prompt"][-200:],
+                "label": preds_b[i]["label"],
+                "base_predict": preds_b[i]["predict"],
+                "tuned_predict": preds_t[i]["predict"],
+            }
+        )
     return rows
 
 
@@ -107,17 +127,35 @@ def write_comparison(out: Path, model_name: str, results: dict[str, dict[str, An
     changes = {run: top_changes(out, "base", run) for run in results if run != "base" and "base" in results}
     md = [f"# Base vs fine-tuned: {model_name}", "", table, ""]
     for run, rows in changes.items():
-        md += [f"## {run}: the {len(rows)} samples whose mean score changed most vs base", "",
-               "| row | delta | base | tuned | label | base reply | tuned reply |", "|---|---|---|---|---|---|---|"]
+        md += [
+            f"## {run}: the {len(rows)} samples whose mean score changed most vs base",
+            "",
+            "| row | delta | base | tuned | label | base reply | tuned reply |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             cells = [r["label"], r["base_predict"], r["tuned_predict"]]
             esc = [c.replace("|", "\\|").replace("\n", " ")[:120] for c in cells]
-            md.append(f"| {r['index']} | {r['delta']:+.2f} | {r['base_score']:.2f} | {r['tuned_score']:.2f} | {' | '.join(esc)} |")
+            md.append(
+                f"| {r['index']} | {r['delta']:+.2f} | {r['base_score']:.2f} | {r['tuned_score']:.2f} | "
+                f"{' | '.join(esc)} |"
+            )
         md.append("")
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json", "png": out / "comparison.png"}
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
-    paths["json"].write_text(json.dumps({"model": model_name, "results": results, "empty_reply_share": empty,
-                                         "empty_reply_warnings": empty_warnings(empty), "top_changes": changes},
-                                        indent=2, ensure_ascii=False), encoding="utf-8")
+    paths["json"].write_text(
+        json.dumps(
+            {
+                "model": model_name,
+                "results": results,
+                "empty_reply_share": empty,
+                "empty_reply_warnings": empty_warnings(empty),
+                "top_changes": changes,
+            },
+            indent=2,
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     bar_chart(results, paths["png"], f"{model_name}: base vs fine-tuned on the val set")
     return paths
