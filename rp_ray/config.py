@@ -362,6 +362,22 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", example: str = "jobs/configs/tiny_llama3.yaml"):
+    """A YAML file holding a mapping (empty file = {}), or a ConfigError naming the file and what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} not found (pass an existing YAML, e.g. {example})")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read a YAML file (optional), apply dotted overrides, validate as ``cls``.
 
@@ -371,16 +387,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     source = "overrides"
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found (pass an existing YAML, e.g. jobs/configs/tiny_llama3.yaml)")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(loaded).__name__}")
+        loaded = read_yaml_mapping(p)
         tree = loaded
         source = str(p)
         if isinstance(loaded.get("applications"), list) and loaded["applications"]:  # a Serve config file

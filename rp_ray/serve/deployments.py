@@ -14,11 +14,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from rp_ray.config import ConfigError
+from rp_ray.config import ConfigError, read_yaml_mapping
 
 APP_IMPORT_PATH = "rp_ray.serve.app:build_app"
 
@@ -82,16 +81,7 @@ def read_serve_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     """A serve config (``serve run`` / ``serve deploy`` file) as a dict: from a YAML file or a copy of a dict."""
     if isinstance(source, dict):
         return copy.deepcopy(source)
-    p = Path(source)
-    if not p.is_file():
-        raise ConfigError(f"serve config {p} not found (e.g. serve_configs/tiny_llama3.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"serve config {p} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"serve config {p} must hold a mapping (proxy_location, http_options, applications)")
-    return raw
+    return read_yaml_mapping(source, "serve config", "serve_configs/tiny_llama3.yaml")
 
 
 def load_serve_config(
