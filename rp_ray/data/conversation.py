@@ -106,7 +106,7 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
         if role in (t.observation_tag, t.function_tag):
             raise Dropped("tool_turn", f"role {role!r}")
     expected = (t.user_tag, t.assistant_tag)
-    for role, _ in pairs:
+    for i, (role, _) in enumerate(pairs):
         if role != expected[i % 2]:
             raise Dropped("role_order", f"turn {i} is {role!r}, expected {expected[i % 2]!r}")
     if not pairs:
