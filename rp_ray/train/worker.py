@@ -212,12 +212,15 @@ def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: 
 
 def setup(cfg: TrainConfig, world: World, total_steps: int):
     """Model and DeepSpeed engine for this rank: (engine, scheduler). The same LoRA init on every rank."""
+    import deepspeed
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     dtype = getattr(torch, resolve_dtype(cfg.model.dtype, world.device.type == "cuda"))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    # join DeepSpeed to the process group before ZeRO-3's zero.Init partitions the weights while they load
+    deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
     hf_ds = None
     if cfg.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
