@@ -99,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-steps",
         type=int,
         default=tiny_model.DEFAULT_PRETRAIN.steps,
-        help="optimizer steps of --pretrain (batch 16 x 256 tokens)",
+        help=f"optimizer steps of --pretrain (batch {tiny_model.DEFAULT_PRETRAIN.batch_size} x "
+        f"{tiny_model.DEFAULT_PRETRAIN.seq_len} tokens)",
     )
     p.add_argument("--vocab-size", type=int, default=None, help="default 4096")
-    p.add_argument("--hidden-size", type=int, default=None, help="default 128, or 256 with --pretrain")
+    p.add_argument("--hidden-size", type=int, default=None, help="default 128")
     p.add_argument("--num-layers", type=int, default=None, help="default 2, or 4 with --pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)

@@ -90,7 +90,7 @@ class PretrainConfig(StrictModel):
 # The demo's default base model: big enough to learn the sample corpus's words, small enough that
 # pretraining (about a minute) and the LoRA run after it fit in a few minutes on 2 CPU cores.
 DEFAULT_SIZES = {"vocab_size": 4096, "hidden_size": 128, "num_layers": 4}
-DEFAULT_PRETRAIN = PretrainConfig(steps=100, seq_len=256, batch_size=8, learning_rate=3e-3)
+DEFAULT_PRETRAIN = PretrainConfig(steps=200, seq_len=256, batch_size=8, learning_rate=3e-3)
 
 
 def chat_template_jinja(tpl: Template) -> str:

@@ -52,8 +52,20 @@ def test_demo_job_end_to_end(tmp_path):
     """`make demo`'s job: builds the tiny model when missing, validates + encodes the sample, prints the report."""
     model = tmp_path / "tiny"
     # about 4 minutes on 2 idle cores (train, eval, serve); the bound leaves room for a busy machine
-    r = run(sys.executable, "jobs/demo.py", f"model.path={model}", f"output_dir={tmp_path / 'out'}", timeout=1800)
+    # a short pretraining keeps the build's code path at a fraction of the demo's 200 steps
+    r = run(
+        sys.executable,
+        "jobs/demo.py",
+        "--pretrain-steps",
+        "20",
+        f"model.path={model}",
+        f"output_dir={tmp_path / 'out'}",
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stderr
     assert (model / "config.json").is_file()
     assert "== data report ==" in r.stdout and "kept 300, dropped 0" in r.stdout
     assert (tmp_path / "out" / "data" / "data_report.json").is_file()
+    assert (model / "README.md").is_file() and "model card" in r.stdout
+    assert "| base |" in r.stdout and "| tiny-lora |" in r.stdout and "empty replies" in r.stdout
+    assert "haruhi (fine-tuned adapter)" in r.stdout and "app shut down" in r.stdout
