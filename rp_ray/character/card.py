@@ -218,9 +218,14 @@ class Card:
 # -- reading -----------------------------------------------------------------------------------------------------
 
 
+UNION_TAGS = ("int", "float", "str", "bool", "none")
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in UNION_TAGS or part.startswith(("literal[", "function-"))):
+            continue  # the member of a union type pydantic tried, not a field
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -228,16 +233,19 @@ def _where(loc: tuple[Any, ...]) -> str:
 def validation_message(
     source: str, prefix: str, e: ValidationError, fix: str = "fix the field in the card's JSON"
 ) -> str:
-    """``file: field X: what is wrong (got Y); field Z: ...; fix`` for the first 3 problems."""
-    lines = []
-    for err in e.errors()[:3]:
+    """``file: field X: what is wrong (got Y); field Z: ...; fix`` for the first 3 fields with a problem."""
+    problems: dict[str, str] = {}
+    for err in e.errors():
         where = _where((prefix, *err["loc"])) if prefix else _where(err["loc"])
+        if where in problems:
+            continue  # one line per field (a union type reports each member)
         got = err.get("input")
         msg = "missing (it is required)" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
         if err["type"] not in ("missing", "value_error") and not isinstance(got, dict | list):
             msg += f" (got {type(got).__name__} {str(got)[:40]!r})"
-        lines.append(f"field {where}: {msg}")
-    more = f" (and {len(e.errors()) - 3} more)" if len(e.errors()) > 3 else ""
+        problems[where] = msg
+    lines = [f"field {w}: {m}" for w, m in list(problems.items())[:3]]
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return f"{source}: " + "; ".join(lines) + more + f"; {fix}"
 
 
