@@ -355,11 +355,23 @@ def test_cli_import_export_show_round_trip(tmp_path):
     expected = load(V3)
     expected["data"]["extensions"]["rp_ray"] = {"adapter": "tiny-lora", "sampling": {"temperature": 0.8}}
     assert card_to_json(read_card_file(out)) == expected
-    r = rp_ray("card", "show", "aoi-kurosawa", "--registry", reg, "--user", "Kyon")
-    assert r.returncode == 0, r.stderr
-    assert "== system prompt ==" in r.stdout and "Never speak for Kyon." in r.stdout
-    assert "== greeting 3 ==\nKyon, you're late. Aoi Kurosawa doesn't wait." in r.stdout
-    assert "CREATOR-NOTE-SENTINEL" not in r.stdout and "adapter: tiny-lora" in r.stdout
+
+
+def test_cli_show_and_list(tmp_path, capsys):
+    from rp_ray.cli import main  # in-process: the subprocess tests above cover the entry point
+
+    reg = str(tmp_path / "reg")
+    assert main(["card", "import", str(V3), "--registry", reg, "--adapter", "tiny-lora", "--temperature", "0.8"]) == 0
+    assert main(["card", "show", "aoi-kurosawa", "--registry", reg, "--user", "Kyon"]) == 0
+    out = capsys.readouterr().out
+    assert "== system prompt ==" in out and "Never speak for Kyon." in out
+    assert "== after the chat history (system) ==\nReply as Aoi Kurosawa in under 60 words." in out
+    assert "== greeting 3 ==\nKyon, you're late. Aoi Kurosawa doesn't wait." in out
+    assert "CREATOR-NOTE-SENTINEL" not in out and "adapter: tiny-lora" in out and "'temperature': 0.8" in out
+    assert main(["card", "list", "--registry", reg]) == 0
+    assert "aoi-kurosawa\tAoi Kurosawa\tchara_card_v3\ttiny-lora" in capsys.readouterr().out
+    assert main(["card", "show", "nobody", "--registry", reg]) == 2
+    assert "no card named 'nobody'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("file_name", ["broken_base64.png", "not_a_card.json"])
