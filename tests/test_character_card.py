@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
@@ -178,6 +179,12 @@ def test_adapter_and_sampling_live_in_the_card(tmp_path):
     assert cardmod.rp_settings(read_card_file(out)).adapter == "tiny-lora"
     with pytest.raises(CardError, match=r"temperature"):
         reg.import_file(V2, name="hot", sampling={"temperature": 9.0})
+    odd = load(V2)
+    odd["data"]["extensions"]["rp_ray"] = "tiny-lora"
+    with pytest.raises(CardError, match=r"odd.json: field data.extensions.rp_ray: must be an object"):
+        cardmod.with_rp_settings(parse_card(odd, "odd.json"), adapter="x", source="odd.json")
+    with pytest.raises(CardError, match=r"odd.json: field data.extensions.rp_ray"):
+        cardmod.rp_settings(parse_card(odd, "odd.json"), "odd.json")
 
 
 def test_registry_names_and_conflicts(tmp_path):
@@ -247,6 +254,9 @@ def test_build_messages_defaults_and_empty_parts():
         "Scenario: After school in the literature club room; User has just walked in."
     )
     assert out[1:] == [{"role": "user", "content": "hello"}]
+    # history items may be objects with role/content (serving's pydantic messages)
+    msg = SimpleNamespace(role="user", content="hi {{char}}")
+    assert build_messages(card, [msg], default_system="")[1:] == [{"role": "user", "content": "hi Haruhi"}]
     assert build_messages(card, [], default_system="", default_post_history="Stay brief.")[-1] == {
         "role": "system",
         "content": "Stay brief.",
@@ -312,6 +322,7 @@ MALFORMED = {
     "empty_name.json": (_v2(name="  "), "field data.name: the name is empty"),
     "no_name.json": (json.dumps({"spec": "chara_card_v3", "spec_version": "3.0", "data": {}}).encode(), "data.name"),
     "lorebook_not_card.json": (json.dumps({"entries": []}).encode(), "this is a lorebook"),
+    "deep_nesting.json": (_v2(extensions={"x": json.loads("[" * 500 + "]" * 500)}), "nested more than 64 levels"),
     "png_not_png_payload.png": (_png_with({b"tEXt": b"ccv3\0" + base64.b64encode(b"[1]")}), "JSON object"),
 }
 

@@ -20,8 +20,8 @@ Formats read (the card JSON is kept exactly as it came; the pydantic models only
 
 Fields missing from a card read as empty (``""``, ``[]``, ``{}``) and ``null`` reads as missing; nothing is added to
 the stored JSON. A present field of the wrong type is an error. Limits: each text field at most 64 KiB (UTF-8), a
-JSON card file at most 2 MiB, a PNG card at most 20 MiB. Every problem is a ``CardError`` naming the file, the field
-and the fix.
+JSON card file at most 2 MiB, a PNG card at most 20 MiB, JSON nesting at most 64 levels. Every problem is a
+``CardError`` naming the file, the field and the fix.
 
 rp_ray's own settings for a card (the served adapter it speaks through and its default sampling) live inside the
 card, in ``data.extensions["rp_ray"] = {"adapter": ..., "sampling": {"temperature", "top_p", "top_k",
@@ -266,10 +266,27 @@ def _upgrade_v1(obj: dict[str, Any], source: str) -> dict[str, Any]:
     return {"spec": SPEC_V2, "spec_version": "2.0", "data": data}
 
 
+MAX_DEPTH = 64
+
+
+def _check_depth(obj: Any, source: str) -> None:
+    """JSON nested deeper than ``MAX_DEPTH`` is refused (it would only exhaust the stack later)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CardError(f"{source}: JSON nested more than {MAX_DEPTH} levels deep; flatten the card's extensions")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def card_from_dict(obj: Any, source: str) -> Card:
     """Validate a parsed card JSON (V1, V2 or V3); the result keeps a deep copy of ``obj``."""
     if not isinstance(obj, dict):
         raise CardError(f"{source}: a character card is a JSON object, got a JSON {type(obj).__name__}")
+    _check_depth(obj, source)
     if "spec" not in obj:
         if isinstance(obj.get("name"), str) and any(f in obj for f in V1_FIELDS[1:]):
             obj = _upgrade_v1(obj, source)
@@ -447,6 +464,8 @@ def with_rp_settings(
     if not isinstance(ext, dict):
         raise CardError(f"{source}: field data.extensions: must be an object")
     mine = ext.setdefault(RP_RAY_EXTENSION, {})
+    if not isinstance(mine, dict):
+        raise CardError(f"{source}: field data.extensions.{RP_RAY_EXTENSION}: must be an object (adapter, sampling)")
     if adapter is not None:
         mine["adapter"] = adapter
     if sampling:

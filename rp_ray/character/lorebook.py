@@ -77,8 +77,9 @@ def _key_list(value: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in value.split(",") if k.strip())
 
 
-@functools.lru_cache(maxsize=4096)
 def parse_decorators(content: str) -> Decorators:
+    if not content.startswith("@@"):
+        return Decorators(text=content)
     lines = content.split("\n")
     n = 0
     found: dict[str, Any] = {}

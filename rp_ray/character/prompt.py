@@ -91,7 +91,7 @@ def system_prompt(
 
 def build_messages(
     card: Card,
-    history: Sequence[Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any] | Any],
     *,
     user_name: str = "User",
     default_system: str = DEFAULT_SYSTEM,
@@ -100,13 +100,16 @@ def build_messages(
     scenes: Sequence[str] = (),
 ) -> list[dict[str, str]]:
     """``[system, *history, post-history system?]`` as ``{"role", "content"}`` dicts (rules in the module
-    docstring). ``lore`` is what ``lorebook.activate`` returned (entries keep their position); ``scenes`` the
-    retrieved scene memory, already fitted to its budget."""
+    docstring). ``history`` items are mappings or objects with ``role`` and ``content`` (e.g. pydantic messages);
+    ``lore`` is what ``lorebook.activate`` returned (entries keep their position); ``scenes`` the retrieved scene
+    memory, already fitted to its budget (``scenes.fit_scenes``)."""
     out = []
     system = system_prompt(card, user_name=user_name, default_system=default_system, lore=lore, scenes=scenes)
     if system.strip():
         out.append({"role": "system", "content": system})
-    out += [{"role": m["role"], "content": apply_macros(m["content"], card.name, user_name)} for m in history]
+    for m in history:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content)
+        out.append({"role": role, "content": apply_macros(content, card.name, user_name)})
     post = card.data.post_history_instructions
     post = _original(post, default_post_history) if post.strip() else default_post_history
     if post.strip():
