@@ -1,4 +1,4 @@
-"""The ``rp-ray`` command: tiny models, data checks, and config reference."""
+"""The ``rp-ray`` command: tiny models, data checks, config reference, character cards and scene corpora."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import sys
 
 from rp_ray import config as cfgmod
 from rp_ray import tiny_model
+from rp_ray.character import card as cardmod
+from rp_ray.character import prompt, scenes
 from rp_ray.cluster import wait_for_job_agent
 from rp_ray.preparation import absolute_paths, encode_locally, prepare
 
+DEFAULT_REGISTRY = "outputs/characters"
 KINDS = {"train": cfgmod.TrainConfig, "eval": cfgmod.EvalConfig, "serve": cfgmod.ServeConfig}
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, TimeoutError)
 
@@ -73,6 +76,72 @@ def cmd_wait_jobs(a: argparse.Namespace) -> None:
     print(f"the cluster at {a.address} accepts jobs (waited {waited:.1f} s)")
 
 
+def cmd_card_import(a: argparse.Namespace) -> None:
+    reg = cardmod.CardRegistry(a.registry)
+    sampling = {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "max_tokens": a.max_tokens}
+    name = reg.import_file(a.file, name=a.name, adapter=a.adapter, overwrite=a.force, sampling=sampling)
+    card = reg.get(name)
+    book = card.book.entries if card.book else []
+    settings = cardmod.rp_settings(card)
+    print(
+        f"imported {a.file} as {name!r} ({card.spec}, character {card.name!r}, {len(prompt.greetings(card))} "
+        f"greeting(s), {len(book)} lorebook entries, adapter {settings.adapter or 'none (base model)'}) "
+        f"into {reg.root}"
+    )
+
+
+def cmd_card_export(a: argparse.Namespace) -> None:
+    fmt = "png" if a.png else "json"
+    out = cardmod.CardRegistry(a.registry).export(a.name, a.out or f"{a.name}.{fmt}", fmt)
+    print(f"card {a.name!r} written to {out} ({fmt})")
+
+
+def cmd_card_show(a: argparse.Namespace) -> None:
+    card = cardmod.CardRegistry(a.registry).get(a.name)
+    settings = cardmod.rp_settings(card)
+    sampling = settings.sampling.model_dump(exclude_none=True)
+    print(
+        f"{a.name}: {card.name!r} ({card.spec}); adapter: {settings.adapter or 'none (base model)'}; "
+        f"sampling: {sampling or 'server defaults'}"
+    )
+    messages = prompt.build_messages(card, [], user_name=a.user)
+    if messages and messages[0]["role"] == "system":
+        print("\n== system prompt ==")
+        print(messages[0]["content"])
+    if len(messages) > 1:
+        print("\n== after the chat history (system) ==")
+        print(messages[-1]["content"])
+    for i, g in enumerate(prompt.greetings(card, a.user)):
+        print(f"\n== greeting {i + 1} ==")
+        print(g)
+
+
+def cmd_card_list(a: argparse.Namespace) -> None:
+    reg = cardmod.CardRegistry(a.registry)
+    names = reg.names()
+    if not names:
+        print(f"no cards in {reg.root} (rp-ray card import FILE)")
+    for n in names:
+        card = reg.get(n)
+        print(f"{n}\t{card.name}\t{card.spec}\t{cardmod.rp_settings(card).adapter or '-'}")
+
+
+def cmd_scenes_extract(a: argparse.Namespace) -> None:
+    from rp_ray.data import read_rows
+
+    chars = scenes.extract_scenes(r.value for r in read_rows(a.dataset) if r.drop is None)
+    if not chars:
+        raise ValueError(f"{a.dataset}: no row has a system prompt; expected sharegpt rows with a system turn")
+    index = scenes.write_scene_corpus(chars, a.out)
+    for c in sorted(chars.values(), key=lambda c: c.key):
+        print(f"{c.key}\t{len(c.scenes)} scenes")
+    print(f"{len(chars)} characters, {sum(len(c.scenes) for c in chars.values())} scenes; index: {index}")
+
+
+def card_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"card registry folder (default {DEFAULT_REGISTRY})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rp-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -125,6 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="list every key of a config kind with its default and meaning")
     p.add_argument("kind", choices=sorted(KINDS))
     p.set_defaults(func=cmd_config)
+
+    card = sub.add_parser("card", help="character cards (V1/V2/V3 JSON or PNG): import, export, show, list")
+    card_sub = card.add_subparsers(dest="card_cmd", required=True)
+    p = card_sub.add_parser("import", help="validate a card file (JSON or PNG) and add it to the registry")
+    p.add_argument("file")
+    p.add_argument("--name", help="registry name (the chat API's model); default: the character's name as a slug")
+    p.add_argument("--adapter", help="served adapter this character speaks through (kept in the card)")
+    p.add_argument("--temperature", type=float, help="default sampling kept in the card (likewise --top-p ...)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--force", action="store_true", help="replace a card of the same name")
+    card_args(p)
+    p.set_defaults(func=cmd_card_import)
+    p = card_sub.add_parser("export", help="write a registry card as a PNG (chara + ccv3 chunks) or as JSON")
+    p.add_argument("name")
+    fmt = p.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--png", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="output file (default: NAME.png / NAME.json here)")
+    card_args(p)
+    p.set_defaults(func=cmd_card_export)
+    p = card_sub.add_parser("show", help="print a card's assembled system prompt and greetings")
+    p.add_argument("name")
+    p.add_argument("--user", default="User", help="the {{user}} name (default User)")
+    card_args(p)
+    p.set_defaults(func=cmd_card_show)
+    p = card_sub.add_parser("list", help="list the registry's cards")
+    card_args(p)
+    p.set_defaults(func=cmd_card_list)
+
+    sc = sub.add_parser("scenes", help="ChatHaruhi scene memory")
+    sc_sub = sc.add_subparsers(dest="scenes_cmd", required=True)
+    p = sc_sub.add_parser("extract", help="one scene corpus (JSONL) per character from a sharegpt dataset + index")
+    p.add_argument("dataset", help="sharegpt JSON/JSONL whose system prompts hold persona + classic scenes")
+    p.add_argument("--out", required=True, help="output folder (characters.json and one <key>.jsonl per character)")
+    p.set_defaults(func=cmd_scenes_extract)
     return parser
 
 

@@ -1,0 +1,149 @@
+"""PNG text chunks, read and written with the standard library only (bytes stay exact).
+
+A PNG is the 8-byte signature followed by chunks: 4-byte big-endian length, 4-byte type, data, and a CRC-32 of
+type + data. The first chunk is ``IHDR`` and the last ``IEND``. Character cards travel in text chunks:
+
+- ``tEXt``: ``keyword NUL text`` (Latin-1; card payloads are base64, so ASCII);
+- ``zTXt``: ``keyword NUL method(0) zlib-data``;
+- ``iTXt``: ``keyword NUL compressed-flag method language NUL translated-keyword NUL text`` (UTF-8 text).
+
+Reading checks the signature, every length and CRC, that ``IHDR`` comes first and that ``IEND`` ends the file; any
+failure is a ``PngError`` saying where. Writing keeps every chunk of the input as it was (bytes unchanged) except
+the text chunks whose keyword is replaced, and adds new ``tEXt`` chunks just before ``IEND``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEXT_TYPES = (b"tEXt", b"zTXt", b"iTXt")
+MAX_INFLATED = 20 * 1024 * 1024  # a compressed text chunk never inflates past this (decompression bombs)
+
+
+class PngError(ValueError):
+    """Bytes that are not a well-formed PNG; the message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    type: bytes
+    data: bytes
+
+    def encode(self) -> bytes:
+        return struct.pack(">I", len(self.data)) + self.type + self.data + struct.pack(">I", crc(self.type, self.data))
+
+
+def crc(type_: bytes, data: bytes) -> int:
+    return zlib.crc32(data, zlib.crc32(type_)) & 0xFFFFFFFF
+
+
+def is_png(data: bytes) -> bool:
+    return data.startswith(SIGNATURE)
+
+
+def read_chunks(data: bytes) -> list[Chunk]:
+    """Every chunk of a PNG, checked: signature, lengths, CRCs, ``IHDR`` first, ``IEND`` last."""
+    if not is_png(data):
+        raise PngError("not a PNG (the file does not start with the PNG signature)")
+    chunks: list[Chunk] = []
+    pos = len(SIGNATURE)
+    while True:
+        if pos + 8 > len(data):
+            raise PngError(f"truncated PNG: chunk header cut off at byte {pos} (no IEND chunk)")
+        length, type_ = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 8 + length + 4
+        if end > len(data):
+            raise PngError(
+                f"truncated PNG: chunk {type_.decode('latin-1')!r} at byte {pos} needs {length} bytes of data, "
+                f"the file ends first"
+            )
+        body = data[pos + 8 : pos + 8 + length]
+        (stored,) = struct.unpack(">I", data[end - 4 : end])
+        if stored != crc(type_, body):
+            raise PngError(f"bad CRC in chunk {type_.decode('latin-1')!r} at byte {pos} (the file is corrupted)")
+        if not chunks and type_ != b"IHDR":
+            raise PngError(f"the first chunk is {type_.decode('latin-1')!r}, a PNG starts with IHDR")
+        chunks.append(Chunk(type_, body))
+        pos = end
+        if type_ == b"IEND":
+            return chunks
+
+
+def _inflate(data: bytes) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, MAX_INFLATED)
+    except zlib.error as e:
+        raise PngError(f"compressed text chunk does not inflate: {e}") from None
+    if d.unconsumed_tail:
+        raise PngError(f"compressed text chunk inflates past {MAX_INFLATED} bytes")
+    return out
+
+
+def decode_text_chunk(chunk: Chunk) -> tuple[str, str]:
+    """``(keyword, text)`` of a tEXt, zTXt or iTXt chunk."""
+    keyword, sep, rest = chunk.data.partition(b"\0")
+    if not sep:
+        raise PngError(f"{chunk.type.decode()} chunk without the NUL after its keyword")
+    key = keyword.decode("latin-1")
+    if chunk.type == b"tEXt":
+        return key, rest.decode("latin-1")
+    if chunk.type == b"zTXt":
+        if not rest or rest[0] != 0:
+            raise PngError(f"zTXt chunk {key!r}: unknown compression method")
+        return key, _inflate(rest[1:]).decode("latin-1")
+    # iTXt: compression flag, method, language NUL, translated keyword NUL, UTF-8 text
+    if len(rest) < 2:
+        raise PngError(f"iTXt chunk {key!r} is cut short")
+    flag, method, tail = rest[0], rest[1], rest[2:]
+    parts = tail.split(b"\0", 2)
+    if len(parts) != 3:
+        raise PngError(f"iTXt chunk {key!r} is cut short")
+    text = parts[2]
+    if flag:
+        if method != 0:
+            raise PngError(f"iTXt chunk {key!r}: unknown compression method")
+        text = _inflate(text)
+    try:
+        return key, text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PngError(f"iTXt chunk {key!r}: text is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def read_text(data: bytes) -> dict[str, str]:
+    """Keyword -> text of every text chunk (the first chunk wins when a keyword repeats)."""
+    out: dict[str, str] = {}
+    for chunk in read_chunks(data):
+        if chunk.type in TEXT_TYPES:
+            key, text = decode_text_chunk(chunk)
+            out.setdefault(key, text)
+    return out
+
+
+def text_chunk(keyword: str, text: str) -> Chunk:
+    """A tEXt chunk (keyword 1-79 Latin-1 characters; text Latin-1)."""
+    if not 1 <= len(keyword) <= 79:
+        raise PngError(f"tEXt keyword {keyword!r} must be 1 to 79 characters")
+    return Chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1"))
+
+
+def write_text(data: bytes, texts: dict[str, str]) -> bytes:
+    """The PNG ``data`` with a tEXt chunk per ``texts`` item just before IEND; text chunks that had one of these
+    keywords are dropped, every other chunk is kept byte for byte."""
+    chunks = read_chunks(data)
+    kept = [
+        c for c in chunks[:-1] if not (c.type in TEXT_TYPES and c.data.partition(b"\0")[0].decode("latin-1") in texts)
+    ]
+    new = [text_chunk(k, v) for k, v in texts.items()]
+    return SIGNATURE + b"".join(c.encode() for c in [*kept, *new, chunks[-1]])
+
+
+def placeholder_png(width: int = 64, height: int = 64, rgb: tuple[int, int, int] = (200, 200, 210)) -> bytes:
+    """A small valid PNG of one flat colour (8-bit RGB), for cards exported without an image."""
+    row = b"\0" + bytes(rgb) * width  # filter type 0, then the pixels
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = [Chunk(b"IHDR", ihdr), Chunk(b"IDAT", zlib.compress(row * height, 9)), Chunk(b"IEND", b"")]
+    return SIGNATURE + b"".join(c.encode() for c in chunks)
