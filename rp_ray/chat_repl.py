@@ -106,6 +106,15 @@ def parse_command(line: str) -> tuple[str, str] | None:
     return name.lower(), arg.strip()
 
 
+# control characters a model may write (escape sequences, carriage returns) are shown, not obeyed by the terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` as the terminal shows it: control characters other than newline and tab written as ``\\xNN``."""
+    return text.translate(_CONTROL)
+
+
 def message_text(line: str) -> str:
     return line[1:] if line.startswith("//") else line
 
@@ -227,7 +236,7 @@ class ChatREPL:
         m = self.session.model
         self.say(f"[{m.id}] /help for commands, /exit or Ctrl-D to quit")
         if m.greeting:
-            self.say(f"{m.name}> {m.greeting}")
+            self.say(f"{m.name}> {printable(m.greeting)}")
 
     # -- one line ----------------------------------------------------------------------------------------------
 
@@ -272,7 +281,7 @@ class ChatREPL:
         self.context = self._context()
         self.say(f"(switched to {name}; the history is kept)")
         if self.session.model.greeting:
-            self.say(f"{self.session.model.name}> {self.session.model.greeting}")
+            self.say(f"{self.session.model.name}> {printable(self.session.model.greeting)}")
 
     def send(self, text: str) -> None:
         """Send a message with the history that fits, stream the reply, keep both when it succeeds."""
@@ -306,7 +315,7 @@ class ChatREPL:
                 for choice in chunk.choices:
                     if choice.delta.content:
                         parts.append(choice.delta.content)
-                        self.out.write(choice.delta.content)
+                        self.out.write(printable(choice.delta.content))
                         self.out.flush()
         finally:
             stream.close()

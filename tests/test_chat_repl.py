@@ -25,6 +25,7 @@ from rp_ray.chat_repl import (
     estimate_tokens,
     message_text,
     parse_command,
+    printable,
     read_api_key,
     server_root,
     trim_history,
@@ -50,6 +51,7 @@ def test_commands_are_told_from_messages():
     assert parse_command("/RESET") == ("/reset", "")
     assert parse_command("你好") is None and parse_command("//etc") is None
     assert message_text("//etc/passwd") == "/etc/passwd" and message_text("hi") == "hi"
+    assert printable("「哼」\x1b[2J\r\n\t\x85") == "「哼」\\x1b[2J\\x0d\n\t\\x85"  # shown, not obeyed
 
 
 def _turns(n: int) -> list[dict]:
@@ -303,14 +305,18 @@ def test_terminal_chat_in_tmux(app, tmp_path):
         assert "[haruhi] /help for commands" in screen and "凉宫春日> 「你好！」" in screen  # the card's greeting
         chat.type(PROMPTS[0])
         screen = chat.wait(lambda s: _prompts(s) == 2)
-        assert _squash(_reply(screen, "凉宫春日> ")) == _squash(app.ref[("haruhi", PROMPTS[0])])  # the greedy reply
+        assert _squash(_reply(screen, "凉宫春日> ")) == _squash(
+            printable(app.ref[("haruhi", PROMPTS[0])])
+        )  # the greedy reply
         chat.type("/model base")
         chat.wait(lambda s: "(switched to base; the history is kept)" in s and _prompts(s) == 3)
         chat.type("/reset")
         chat.wait(lambda s: "(history cleared)" in s and _prompts(s) == 4)
         chat.type(PROMPTS[1])
         screen = chat.wait(lambda s: _prompts(s) == 5)
-        assert _squash(_reply(screen, "base> ")) == _squash(app.ref[("base", PROMPTS[1])])  # nothing before it sent
+        assert _squash(_reply(screen, "base> ")) == _squash(
+            printable(app.ref[("base", PROMPTS[1])])
+        )  # nothing before it sent
         chat.type("/exit")
         screen = chat.wait(lambda s: chat.dead())
         assert "bye" in screen and "Traceback" not in screen

@@ -114,7 +114,9 @@ def _body(model: type) -> dict[str, Any]:
 
 def _openapi() -> dict[str, Any]:
     if api.openapi_schema is None:
-        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schema = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes, servers=api.servers
+        )
         schema.setdefault("components", {}).setdefault("schemas", {}).update(_SCHEMAS)
         api.openapi_schema = schema
     return api.openapi_schema
