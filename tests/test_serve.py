@@ -149,6 +149,7 @@ USER = [{"role": "user", "content": "hi"}]
     [
         (b"{not json", 400, None),
         (b"\xff\xfe", 400, None),
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None),
         ([1, 2], 400, None),
         ({"model": "base", "messages": "hi"}, 400, "messages"),
         ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),

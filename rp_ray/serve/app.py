@@ -137,9 +137,11 @@ async def read_body(request: Request, cap: int) -> Any:
             raise APIError(413, f"request body over {cap} bytes", code="body_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        payload = json.loads(b"".join(chunks))
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
+    except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    return payload
 
 
 @serve.deployment(name="ChatIngress", **merged_options()["ChatIngress"])
