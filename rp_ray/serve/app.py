@@ -2,8 +2,10 @@
 
     serve run serve_configs/tiny_llama3.yaml        # or: serve deploy serve_configs/<name>.yaml
 
-Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, ``GET /health`` (no key), and the
-chat page at ``/``. The request's ``model`` names the base model, a served adapter, or a character card.
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming and not), ``GET /v1/models``,
+``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /health`` (no key), and the chat page at ``/``: what
+OpenAI clients and SillyTavern (chat and text completion modes) call. The request's ``model`` names the base model,
+a served adapter, or a character card.
 The routes are thin: the chat logic is ``rp_ray.serve.serving``, the wire types ``rp_ray.serve.protocol``, the
 deployment options ``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
 ``serve run`` does and :func:`run_local` the default app for a ``ServeConfig``.
@@ -22,6 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -34,8 +37,18 @@ from rp_ray.serve.auth import key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CharacterCard, check_cards, load_cards, resolve_adapter
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.protocol import APIError, ChatCompletionRequest, Delta, completion_id, parse_request
-from rp_ray.serve.serving import ChatServing
+from rp_ray.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Delta,
+    DetokenizeRequest,
+    TokenizeRequest,
+    completion_id,
+    parse_body,
+    parse_request,
+)
+from rp_ray.serve.serving import ChatServing, PreparedChat
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +102,27 @@ def make_fastapi() -> FastAPI:
 
 
 api = make_fastapi()
-_REQUEST_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            }
-        },
-    }
-}
+_SCHEMAS: dict[str, Any] = {}  # the request models' nested schemas, listed under components/schemas
+
+
+def _body(model: type) -> dict[str, Any]:
+    """``openapi_extra`` documenting a route's JSON body as ``model`` (the routes read the body themselves)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _SCHEMAS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict[str, Any]:
+    if api.openapi_schema is None:
+        schema = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes, servers=api.servers
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_SCHEMAS)
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 async def read_body(request: Request, cap: int) -> Any:
@@ -113,9 +137,11 @@ async def read_body(request: Request, cap: int) -> Any:
             raise APIError(413, f"request body over {cap} bytes", code="body_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        payload = json.loads(b"".join(chunks))
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
+    except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    return payload
 
 
 @serve.deployment(name="ChatIngress", **merged_options()["ChatIngress"])
@@ -141,31 +167,80 @@ class ChatIngress:
     async def models(self):
         return self.serving.models()
 
-    @api.post("/v1/chat/completions", summary="OpenAI chat completions (stream or not)", openapi_extra=_REQUEST_SCHEMA)
+    @api.post(
+        "/v1/chat/completions",
+        summary="OpenAI chat completions (stream or not)",
+        openapi_extra=_body(ChatCompletionRequest),
+    )
     async def chat(self, request: Request):
         req = parse_request(await read_body(request, self.serving.limits.max_body_bytes))
         chat = self.serving.prepare(req)
         cid = completion_id()
-        gen = self.engine.options(stream=True).generate.remote(chat.prompt, chat.sampling, chat.adapter, cid)
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        outputs = await self._peek(gen, deadline)
+        gen, outputs, deadline = await self._generate(chat, cid)
         if req.stream:
             return StreamingResponse(
                 self.serving.stream(outputs, cid, req, chat, deadline, gen.cancel), media_type="text/event-stream"
             )
-        try:
-            replies = await asyncio.wait_for(self.serving.collect(outputs, req.n), deadline - time.monotonic())
-        except TimeoutError:
-            gen.cancel()
-            raise self.serving.timeout_error() from None
-        body = self.serving.response(cid, req, chat, replies)
-        return Response(body.model_dump_json(), media_type="application/json")
+        replies = await self._collect(self.serving.collect(outputs, req.n), gen, deadline)
+        return self._json(self.serving.response(cid, req, chat, replies))
+
+    @api.post(
+        "/v1/completions",
+        summary="OpenAI text completions on the raw prompt (stream or not)",
+        openapi_extra=_body(CompletionRequest),
+    )
+    async def completions(self, request: Request):
+        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), CompletionRequest)
+        prepared = self.serving.prepare_completion(req)
+        cid = completion_id("cmpl")
+        gen, outputs, deadline = await self._generate(prepared, cid)
+        if req.stream:
+            return StreamingResponse(
+                self.serving.completion_stream(outputs, cid, req, prepared, deadline, gen.cancel),
+                media_type="text/event-stream",
+            )
+        choices = await self._collect(self.serving.collect_text(outputs, req.n), gen, deadline)
+        return self._json(self.serving.completion_response(cid, req, prepared, choices))
+
+    @api.post(
+        "/tokenize",
+        summary="vLLM's tokenize: a prompt's ids, or the prompt ids chat messages make",
+        openapi_extra=_body(TokenizeRequest),
+    )
+    async def tokenize(self, request: Request):
+        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), TokenizeRequest)
+        return self._json(self.serving.tokenize(req))
+
+    @api.post("/detokenize", summary="vLLM's detokenize: token ids to text", openapi_extra=_body(DetokenizeRequest))
+    async def detokenize(self, request: Request):
+        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), DetokenizeRequest)
+        return self._json(self.serving.detokenize(req))
 
     @api.get("/", response_class=HTMLResponse, summary="The web chat page")
     async def page(self):
         return HTMLResponse(resources.files("rp_ray.serve").joinpath("static/chat.html").read_text(encoding="utf-8"))
 
-    # -- the engine's first output -------------------------------------------------------------------------
+    # -- the engine ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _json(body) -> Response:
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _generate(self, prepared: PreparedChat, rid: str):
+        """(the engine's response generator, its deltas, the deadline): the first output already awaited."""
+        gen = self.engine.options(stream=True).generate.remote(
+            prepared.prompt, prepared.sampling, prepared.adapter, rid
+        )
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        return gen, await self._peek(gen, deadline), deadline
+
+    async def _collect(self, collecting, gen, deadline: float):
+        """Await a whole reply; past the deadline the engine request is cancelled and the answer is a 504."""
+        try:
+            return await asyncio.wait_for(collecting, deadline - time.monotonic())
+        except TimeoutError:
+            gen.cancel()
+            raise self.serving.timeout_error() from None
 
     async def _peek(self, gen, deadline: float) -> AsyncIterator[Delta]:
         """Await the engine's first output before any response starts, so a refused request still gets its
