@@ -1,6 +1,6 @@
-"""The terminal chat (``rp_ray.chat_repl``): its pure helpers and loop with a fake client, its start-up errors as a
-command, and a real session in tmux against the session's shared app (greeting, streamed replies, /model, /reset,
-/exit and Ctrl-D)."""
+"""The terminal chat (``rp-ray chat``, ``rp_ray.chat_repl``): its pure helpers and loop with a fake client, its
+start-up errors as a command, and a real session in tmux against the session's shared app (greeting, streamed
+replies, /model, /reset, /exit and Ctrl-D)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from rp_ray.chat_repl import (
     trim_history,
 )
 from rp_ray.cluster import free_port
+
+RP_RAY = str(Path(sys.executable).parent / "rp-ray")  # the installed command a user types
 
 
 def test_server_root_and_key(tmp_path):
@@ -200,7 +202,7 @@ def test_the_history_is_trimmed_with_the_servers_count():
 
 def _chat_command(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rp_ray.chat_repl", *args],
+        [RP_RAY, "chat", *args],
         input="",
         capture_output=True,
         text=True,
@@ -213,7 +215,7 @@ def _chat_command(*args: str, env: dict | None = None, timeout: float = 60) -> s
 def test_start_up_errors_are_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RP_RAY_API_KEY"}
     r = subprocess.run(
-        [sys.executable, "-m", "rp_ray.chat_repl", "--model", "haruhi"],
+        [RP_RAY, "chat", "--model", "haruhi"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -298,7 +300,7 @@ def test_terminal_chat_in_tmux(app, tmp_path):
         pytest.skip("tmux is not installed")
     key = tmp_path / "key"
     key.write_text(KEY + "\n")
-    base = f"env PYTHONPATH={REPO} {sys.executable} -m rp_ray.chat_repl --base-url {app.url} --api-key-file {key}"
+    base = f"{RP_RAY} chat --base-url {app.url} --api-key-file {key}"
     chat = Tmux(f"rpchat{os.getpid()}", f"{base} --model haruhi --temperature 0 --max-tokens 24", REPO)
     try:
         screen = chat.wait(lambda s: "you> " in s)
