@@ -200,7 +200,7 @@ def test_the_history_is_trimmed_with_the_servers_count():
     assert "(dropped the 1 oldest turn to fit the context)" in out.getvalue() and counted == [3, 3]
 
 
-def _chat_command(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _chat_command(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [RP_RAY, "chat", *args],
         input="",
@@ -218,7 +218,7 @@ def test_start_up_errors_are_one_line(tmp_path):
         [RP_RAY, "chat", "--model", "haruhi"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=240,
         cwd=REPO,
         env={**env, "PYTHONPATH": str(REPO)},
     )
@@ -268,7 +268,7 @@ class Tmux:
     def key(self, key: str) -> None:
         subprocess.run([*self.sock, "send-keys", "-t", self.name, key], check=True)
 
-    def wait(self, check, timeout: float = 60) -> str:
+    def wait(self, check, timeout: float = 300) -> str:
         t0 = time.monotonic()
         while True:
             screen = self.screen()
