@@ -277,6 +277,7 @@ USER = [{"role": "user", "content": "hi"}]
         (b"{not json", 400, None),
         (b"\xff\xfe", 400, None),
         (b'{"model": "base", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None),
+        (b'{"model": "base", "messages": [], "n": ' + b"1" * 5000 + b"}", 400, None),  # too many digits
         ([1, 2], 400, None),
         ({"model": "base", "messages": "hi"}, 400, "messages"),
         ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),

@@ -782,6 +782,7 @@ def test_a_card_imported_through_one_replica_is_served_by_the_others(carded, tmp
     assert "set card_registry" in refused(409, "no_card_registry", raw, serving=nothing)
     assert "not valid JSON" in refused(400, "invalid_card", b"{nope")
     assert "not a character card" in refused(400, "invalid_card", b'{"entries": []}')
+    assert "not usable JSON" in refused(400, "invalid_card", b'{"spec": ' + b"1" * 5000 + b"}")  # too many digits
     assert "'a9' is not served" in refused(400, "adapter", raw, adapter="a9")
     # the card's name, Haruhi, slugs to the characters_file character's name
     assert "'haruhi' is taken by a character of characters_file" in refused(409, "name_taken", raw)

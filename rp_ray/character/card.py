@@ -342,6 +342,8 @@ def decode_json(raw: bytes, source: str, where: str = "") -> Any:
         raise CardError(f"{source}: {where}not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise CardError(f"{source}: {where}JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise CardError(f"{source}: {where}not usable JSON: {e}") from None
 
 
 def parse_card(raw: bytes | dict[str, Any], source: str) -> Card:

@@ -147,7 +147,7 @@ async def read_body(request: Request, cap: int) -> Any:
     try:
         payload = json.loads(raw)
         json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
-    except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError) as e:
+    except ValueError as e:  # not JSON, not UTF-8, a lone surrogate, an integer of more digits than Python converts
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
     return payload
 
