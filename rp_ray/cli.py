@@ -25,7 +25,7 @@ def setup_logging() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     # one INFO line per HTTP request would land in the middle of `rp-ray chat`'s conversation
-    for name in ("httpx", "httpcore"):
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the openai client's
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
