@@ -24,6 +24,9 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    # one INFO line per HTTP request would land in the middle of `rp-ray chat`'s conversation
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the openai client's
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def job_config(cls: type, doc: str | None, example: str, argv: list[str] | None = None):

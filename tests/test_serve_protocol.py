@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_adapter
@@ -292,3 +293,49 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
     ]:
         with pytest.raises(err, match=match):
             build_app(base | change)
+
+
+def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_data(tiny_llama3, tmp_path, monkeypatch):
+    """Relative paths resolve where the config is read; the replicas get card JSON, lorebooks and corpora as data;
+    a bad card, lorebook or corpus fails there, naming the file and the field."""
+    from rp_ray.character.card import CardError as CharacterCardError
+    from rp_ray.character.card import CardRegistry
+    from rp_ray.character.scenes import CharacterScenes, write_scene_corpus
+
+    fixtures = Path(__file__).parent / "fixtures" / "cards"
+    monkeypatch.setenv("RP_RAY_API_KEY", "a-key-for-tests")
+    monkeypatch.chdir(tmp_path)
+    make_adapter(tiny_llama3, tmp_path / "adapters" / "a1")
+    CardRegistry("reg").import_file(fixtures / "v3_lorebook.json", name="aoi", adapter="a1")
+    (tmp_path / "cards.yaml").write_text("- {name: haruhi, display_name: H, system_prompt: P, adapter: a1}\n")
+    one = {"h": CharacterScenes(key="h", name="h", persona_hash="h", persona="P", scenes=["A:「x」"])}
+    write_scene_corpus(one, "scenes")
+    args = {
+        "model": {"path": str(tiny_llama3), "template": "llama3"},
+        "adapter_root": "adapters",
+        "adapters": {"a1": "a1"},
+        "characters_file": "cards.yaml",
+        "card_registry": "reg",
+        "lorebooks": {"aoi": str(fixtures / "world_info.json")},
+        "scenes": {"haruhi": "scenes/h.jsonl", "aoi": "scenes"},
+    }
+    _, conf, cards, personas = build_app(args)._bound_deployment.init_args
+    assert conf["card_registry"] == str(tmp_path / "reg") and conf["scenes"]["haruhi"] == str(
+        tmp_path / "scenes/h.jsonl"
+    )
+    assert set(cards) == {"haruhi"} and set(personas["cards"]) == {"aoi"}
+    assert personas["cards"]["aoi"]["data"]["extensions"]["rp_ray"] == {"adapter": "a1"}
+    assert [e["content"] for e in personas["lorebooks"]["aoi"]["entries"]][0] == "The tavern is the Salty Gull."
+    assert personas["scenes"] == {n: {"key": "h", "persona": "P", "scenes": ["A:「x」"]} for n in ("haruhi", "aoi")}
+    for change, err, match in [
+        ({"card_registry": "nowhere"}, ConfigError, "nowhere: no such folder"),
+        ({"adapters": {}, "characters_file": None}, ConfigError, "field data.extensions.rp_ray.adapter: 'a1'"),
+        ({"lorebooks": {"haruhi": "x.json"}}, ConfigError, "lorebooks.haruhi: no imported card named 'haruhi'"),
+        ({"lorebooks": {"aoi": "x.json"}}, CharacterCardError, "x.json: no such file"),
+        ({"scenes": {"nobody": "scenes"}}, ConfigError, "scenes.nobody: no character named 'nobody'"),
+    ]:
+        with pytest.raises(err, match=match):
+            build_app(args | change)
+    CardRegistry("reg").import_file(fixtures / "v2_card.json", name="a1")
+    with pytest.raises(ConfigError, match=r"reg/a1.json: the card's name 'a1' .* is taken by a served adapter"):
+        build_app(args)

@@ -115,7 +115,7 @@ ST_TEXT = {
 def test_models_list_what_sillytavern_shows(app):
     r = httpx.get(f"{app.url}/v1/models", headers=AUTH, timeout=30)
     assert r.status_code == 200
-    assert {m["id"] for m in r.json()["data"]} == {"base", "a1", "a2", "haruhi"}  # its model picker reads data[].id
+    assert {m["id"] for m in r.json()["data"]} == {"base", "a1", "a2", "haruhi", "aoi"}  # its picker reads data[].id
 
 
 def test_sillytavern_chat_completion_body_streamed_and_not(app):

@@ -269,6 +269,11 @@ class ChatCompletionRequest(SamplingRequest):
     stop: ChatStop = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    rp_debug: bool = Field(
+        False,
+        description="rp_ray's own: the response (or the stream's first chunk) carries `rp_ray`: the lorebook "
+        "entries, scenes and system prompt the prompt was built with.",
+    )
 
     @field_validator("messages")
     @classmethod
@@ -554,6 +559,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
+    rp_ray: dict[str, Any] | None = Field(None, exclude_if=_none)  # only with the request's rp_debug
 
 
 class DeltaMessage(BaseModel):
@@ -580,6 +586,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionChunkChoice]
     usage: Usage | None = Field(None, exclude_if=_none)
+    rp_ray: dict[str, Any] | None = Field(None, exclude_if=_none)  # the first chunk, with the request's rp_debug
 
     @classmethod
     def of(

@@ -1,6 +1,11 @@
 """The request logic between the HTTP routes and the engine, without Ray: request -> prompt ids, adapter and
 sampling; engine deltas -> the OpenAI response or its stream of chunks. Chat completions, text completions on a raw
-prompt, and vLLM's tokenize/detokenize.
+prompt, and vLLM's tokenize/detokenize. The characters a request can name, and the prompt each builds (character
+cards, lorebooks, scene memory), are ``rp_ray.serve.personas``.
+
+``rp_debug: true`` on a chat request (rp_ray's own field) adds ``"rp_ray": {"lore": [{"id", "name", "keys",
+"tokens"}...], "scenes": [...], "system_prompt": ...}`` to the response, or to the first chunk of its stream: the
+lorebook entries and scenes the prompt holds and its system prompt. OpenAI clients ignore the extra key.
 
 ``rp_ray.serve.protocol`` holds the wire types, this module what is done with them, ``rp_ray.serve.app`` the thin
 routes (and the Ray handle to the engine).
@@ -21,7 +26,8 @@ from rp_ray.config import ServeConfig
 from rp_ray.data import Message
 from rp_ray.models import load_tokenizer
 from rp_ray.reply import ReplyStream
-from rp_ray.serve.characters import CharacterCard, apply_card
+from rp_ray.serve.characters import CharacterCard
+from rp_ray.serve.personas import Assembly, Persona, Personas, leading_system
 from rp_ray.serve.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     APIError,
@@ -66,17 +72,14 @@ class PreparedChat:
     prompt: list[int]
     adapter: str | None
     sampling: ChatSampling
+    debug: dict[str, Any] | None = None  # the response's ``rp_ray`` field (``rp_debug``)
 
 
 def split_system(messages: list[ChatMessage]) -> tuple[str, list[ChatMessage]]:
     """(system prompt, the turns after it). Leading system messages are one system prompt, joined by blank lines
     (SillyTavern sends the character's description, scenario and more as separate ones); a system message after
     the first turn is a 400."""
-    lead = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
-    system = "\n\n".join(m.content for m in messages[:lead] if m.content)
-    turns = messages[lead:]
-    if any(m.role == "system" for m in turns):
-        raise APIError(400, "a system message may only come first", param="messages")
+    _, system, turns = leading_system(messages)
     return system, turns
 
 
@@ -131,45 +134,59 @@ class TextChoice:
 
 
 class ChatServing:
-    """Chat and text completions for one serve config and its character cards (the ingress holds one)."""
+    """Chat and text completions for one serve config and its characters (the ingress holds one): ``cards`` are
+    the characters of characters_file, ``personas`` the plain data ``personas.load_personas`` gave (imported cards,
+    lorebooks, scene corpora)."""
 
-    def __init__(self, cfg: ServeConfig, cards: Mapping[str, CharacterCard], tok=None):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        cards: Mapping[str, CharacterCard],
+        tok=None,
+        personas: Mapping[str, Any] | None = None,
+    ):
         self.cfg = cfg
-        self.cards = dict(cards)
         self.tpl = get_template(cfg.model.template)
         self.tok = tok if tok is not None else load_tokenizer(cfg.model.path, self.tpl)
+        self.personas = Personas(cfg, cards, personas)
         self.vocab_size = len(self.tok)
         self.stop_ids = stop_token_ids(self.tok, self.tpl)  # sent with each request: the engine needs no tokenizer
         self.limits = Limits.from_config(cfg)
         self.created = int(time.time())
+        self.count_tokens = functools.lru_cache(maxsize=4096)(self._count_tokens)
+
+    def _count_tokens(self, text: str) -> int:
+        """Tokens of a text in the prompt (lorebook entries, scenes), as the served tokenizer counts them."""
+        return len(self.tok.encode(text, add_special_tokens=False)) if text else 0
 
     # -- models --------------------------------------------------------------------------------------------
 
     def models(self) -> dict[str, Any]:
-        """The ``GET /v1/models`` body: the base model, the served adapters and the character cards."""
-        data = [self._model(self.cfg.base_name, "base", None)]
-        data += [self._model(n, "adapter", None) for n in self.cfg.adapters]
-        data += [self._model(n, "character", c) for n, c in self.cards.items()]
+        """The ``GET /v1/models`` body: the base model, the served adapters and the characters (those of
+        characters_file with display_name, greeting, system_prompt, adapter; imported cards with display_name,
+        greeting, alternate_greetings, adapter, spec)."""
+        data = [self._model(self.cfg.base_name, "base")]
+        data += [self._model(n, "adapter") for n in self.cfg.adapters]
+        data += [self.model_entry(p) for p in self.personas.all()]
         return {"object": "list", "data": data}
 
-    def _model(self, name: str, kind: str, card: CharacterCard | None) -> dict[str, Any]:
-        m = {"id": name, "object": "model", "created": self.created, "owned_by": "rp_ray", "kind": kind}
-        if card is not None:
-            m.update(
-                display_name=card.display_name,
-                greeting=card.greeting,
-                system_prompt=card.system_prompt,
-                adapter=card.adapter,
-            )
-        return m
+    def _model(self, name: str, kind: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "rp_ray", "kind": kind}
 
-    def resolve_model(self, model: str) -> tuple[str | None, CharacterCard | None]:
-        """(adapter or None, card or None) of a request's ``model``; a 404 when nothing has that name."""
+    def model_entry(self, persona: Persona) -> dict[str, Any]:
+        return self._model(persona.name, "character") | persona.entry()
+
+    def import_card(self, raw: bytes, adapter: str | None = None, name: str | None = None) -> dict[str, Any]:
+        """``POST /v1/characters``: add an uploaded card to the registry and serve it; its ``/v1/models`` entry."""
+        return self.model_entry(self.personas.import_card(raw, adapter, name))
+
+    def resolve_model(self, model: str) -> tuple[str | None, Persona | None]:
+        """(adapter or None, character or None) of a request's ``model``; a 404 when nothing has that name."""
         if model == self.cfg.base_name:
             return None, None
         if model in self.cfg.adapters:
             return model, None
-        card = self.cards.get(model)
+        card = self.personas.get(model)
         if card is None:
             raise APIError(
                 404,
@@ -181,20 +198,30 @@ class ChatServing:
 
     # -- request -> engine input ---------------------------------------------------------------------------
 
-    def resolve(self, req: ChatCompletionRequest) -> tuple[str | None, list[ChatMessage], CharacterCard | None]:
-        """(adapter or None, messages with the card applied, card or None) for the request's model."""
-        adapter, card = self.resolve_model(req.model)
-        return adapter, (apply_card(card, req.messages) if card is not None else req.messages), card
+    def assemble(self, messages: list[ChatMessage], persona: Persona | None) -> Assembly:
+        """The system prompt and turns of a chat: the character's prompt built around the messages (see
+        ``rp_ray.serve.personas``), or the messages' own leading system messages."""
+        if persona is not None:
+            return persona.assemble(messages, self.count_tokens)
+        _, system, turns = leading_system(messages)
+        return Assembly(system, turns)
 
-    def chat_prompt(self, messages: list[ChatMessage], card: CharacterCard | None) -> list[int]:
-        """The prompt ids of chat messages, the card's system prompt applied (the training template's layout)."""
-        system, turns = split_system(apply_card(card, messages) if card is not None else messages)
+    def chat_ids(self, chat: Assembly) -> list[int]:
+        """The prompt ids of an assembled chat (the training template's layout)."""
         try:
             return chat_prompt_ids(
-                self.tok, self.tpl, system, [Message(m.role, m.content) for m in turns], self.cfg.model.enable_thinking
+                self.tok,
+                self.tpl,
+                chat.system,
+                [Message(m.role, m.content) for m in chat.turns],
+                self.cfg.model.enable_thinking,
             )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
+
+    def chat_prompt(self, messages: list[ChatMessage], persona: Persona | None) -> list[int]:
+        """The prompt ids of chat messages with the character's prompt built around them."""
+        return self.chat_ids(self.assemble(messages, persona))
 
     def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
         """A raw prompt's ids with the served tokenizer; the template's BOS first unless the text starts with it."""
@@ -210,7 +237,7 @@ class ChatServing:
             raise APIError(400, f"token id {bad} is not in the vocabulary (0 to {self.vocab_size - 1})", param=param)
 
     def _sampling(
-        self, req: SamplingRequest, card: CharacterCard | None, prompt: list[int], default_max_tokens: int | None
+        self, req: SamplingRequest, card: Persona | None, prompt: list[int], default_max_tokens: int | None
     ) -> ChatSampling:
         if req.logit_bias:
             self.check_ids((int(k) for k in req.logit_bias), "logit_bias")
@@ -220,9 +247,11 @@ class ChatServing:
 
     def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
         """The engine input of a chat request, or a 4xx ``APIError`` saying what is wrong with it."""
-        adapter, card = self.resolve_model(req.model)
-        prompt = self.chat_prompt(req.messages, card)
-        return PreparedChat(prompt, adapter, self._sampling(req, card, prompt, None))
+        adapter, persona = self.resolve_model(req.model)
+        chat = self.assemble(req.messages, persona)
+        prompt = self.chat_ids(chat)
+        debug = chat.debug() if req.rp_debug else None
+        return PreparedChat(prompt, adapter, self._sampling(req, persona, prompt, None), debug)
 
     def prepare_completion(self, req: CompletionRequest) -> PreparedChat:
         """The engine input of a text completion: the raw prompt (a card lends its adapter and sampling, never its
@@ -325,7 +354,11 @@ class ChatServing:
             for i, r in enumerate(replies)
         ]
         return ChatCompletionResponse(
-            id=cid, model=req.model, choices=choices, usage=Usage.of(len(chat.prompt), sum(r.tokens for r in replies))
+            id=cid,
+            model=req.model,
+            choices=choices,
+            usage=Usage.of(len(chat.prompt), sum(r.tokens for r in replies)),
+            rp_ray=chat.debug,
         )
 
     async def _events(
@@ -376,7 +409,9 @@ class ChatServing:
         chunk if asked, ``[DONE]``."""
         replies = [ChatChoice(self.tpl) for _ in range(req.n)]
         head = [
-            ChatCompletionChunk.of(cid, req.model, i, DeltaMessage(role="assistant", content="")).sse()
+            ChatCompletionChunk.of(cid, req.model, i, DeltaMessage(role="assistant", content=""))
+            .model_copy(update={"rp_ray": chat.debug if i == 0 else None})
+            .sse()
             for i in range(req.n)
         ]
 
