@@ -33,6 +33,7 @@ CONFIG = "jobs/configs/tiny_llama3.yaml"
 EVAL_CONFIG = "jobs/configs/eval_tiny_llama3.yaml"
 SERVE_CONFIG = "serve_configs/tiny_llama3.yaml"
 CHAT_LINE = "阿虚:「春日，今天SOS团做什么？」"
+DEMO_APP = "rp-ray-demo"  # the demo's Serve app; under /rp-ray-demo when other apps run on the cluster
 CHAT_MODELS = ("haruhi-base", "haruhi")  # one card on the base model, one through the new adapter
 
 log = logging.getLogger("demo")
@@ -115,7 +116,7 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
     from openai import OpenAI
     from ray import serve
 
-    from rp_ray.cluster import free_port
+    from rp_ray.cluster import ensure_ray, free_port
     from rp_ray.serve.app import run_local
     from rp_ray.serve.auth import load_api_key
 
@@ -137,7 +138,9 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
     )
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    url = run_local(scfg, port=free_port())
+    ensure_ray()
+    others = [name for name in serve.status().applications if name != DEMO_APP]  # apps someone else runs here
+    url = run_local(scfg, port=free_port(), name=DEMO_APP, route_prefix=f"/{DEMO_APP}" if others else "/")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key=load_api_key(scfg.api_key_env, scfg.api_key_file), max_retries=0)
         replies = {}
@@ -146,8 +149,10 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
                 model=model, messages=[{"role": "user", "content": CHAT_LINE}], temperature=0, max_tokens=48
             )
             replies[model] = r.choices[0].message.content or ""
-    finally:
-        serve.shutdown()
+    finally:  # remove only what the demo deployed: a shared cluster keeps its other apps
+        serve.delete(DEMO_APP)
+        if not others:
+            serve.shutdown()
     print(f"\n== chat ({url}/v1, OpenAI API, greedy; the chat page was at {url}/) ==")
     print(f"user: {CHAT_LINE}")
     print(

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import REPO
+from conftest import AUTH, REPO
 
 RP_RAY = str(Path(sys.executable).parent / "rp-ray")
 
@@ -48,8 +49,11 @@ def test_config_reference_lists_keys():
 
 
 @pytest.mark.slow
-def test_demo_job_end_to_end(tmp_path):
-    """`make demo`'s job: builds the tiny model when missing, validates + encodes the sample, prints the report."""
+def test_demo_job_end_to_end(tmp_path, app):
+    """`make demo`'s job: builds the tiny model when missing, validates + encodes the sample, prints the report.
+
+    It joins the session's Ray cluster (the one `ray start` recorded), where the session's Serve app runs: the demo
+    deploys its own app beside it and removes only that one."""
     model = tmp_path / "tiny"
     # about 3 minutes on 2 idle cores (build, train, eval, serve); the bound leaves room for a busy machine
     # a short pretraining and a few LoRA steps keep every code path at a fraction of the demo's time
@@ -70,3 +74,6 @@ def test_demo_job_end_to_end(tmp_path):
     assert (model / "README.md").is_file() and "model card" in r.stdout
     assert "| base |" in r.stdout and "| tiny-lora |" in r.stdout and "empty replies" in r.stdout
     assert "haruhi (fine-tuned adapter)" in r.stdout and "app shut down" in r.stdout
+    assert "/rp-ray-demo/v1, OpenAI API" in r.stdout  # beside the session's app at /, under its own prefix
+    models = httpx.get(f"{app.url}/v1/models", headers=AUTH, timeout=60)
+    assert models.status_code == 200 and "haruhi" in models.text  # the session's app is still there

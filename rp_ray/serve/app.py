@@ -383,19 +383,30 @@ def deploy_config(
         serve.run(
             bind_app(appl.args, deployment_overrides(appl)), name=appl.name, route_prefix=appl.route_prefix, **extra
         )
-    host_ = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    running = serve_http_options()  # Serve keeps the HTTP options it was first started with
+    host_ = "127.0.0.1" if running.host in ("0.0.0.0", "::", "") else running.host
     prefix = (schema.applications[0].route_prefix or "/").rstrip("/") if schema.applications else ""
-    return f"http://{host_}:{http.port}{prefix}"
+    return f"http://{host_}:{running.port}{prefix}"
 
 
-def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "rp_ray") -> str:
+def serve_http_options() -> Any:
+    """The HTTP options of the Serve instance running on the connected cluster. ``serve.start`` on a cluster where
+    Serve already runs keeps the running proxy's host and port (it only logs that the new ones are ignored)."""
+    from ray.serve.context import _get_global_client  # no public getter for the running proxy's options
+
+    return _get_global_client().http_config
+
+
+def run_local(
+    cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "rp_ray", route_prefix: str = "/"
+) -> str:
     """Deploy the app for ``cfg`` with the default deployment options (what ``serve run`` of a serve config
     without ``deployments:`` overrides, such as serve_configs/tiny_llama3.yaml, deploys); its base URL."""
     return deploy_config(
         {
             "http_options": {"host": host, "port": port},
             "applications": [
-                {"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": cfg.model_dump()}
+                {"name": name, "route_prefix": route_prefix, "import_path": APP_IMPORT_PATH, "args": cfg.model_dump()}
             ],
         }
     )
