@@ -245,7 +245,17 @@ class EvalConfig(VllmSettings):
     )
     merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
     num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
-    shard_size: int = Field(64, ge=1, description="Rows per shard: the unit of batching, of progress and of resume.")
+    shard_size: int = Field(
+        64,
+        ge=1,
+        description="Rows per shard: the unit of resume (a shard's file is written once all its rows are done).",
+    )
+    max_inflight: int | None = Field(
+        None,
+        ge=1,
+        description="Requests each vLLM engine holds at once; None = what it can batch: min(max_num_seqs, KV cache "
+        "tokens / mean tokens per request).",
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="Engine context length; None = data.cutoff_len + sampling.max_new_tokens."
     )
