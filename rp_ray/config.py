@@ -244,7 +244,16 @@ class EvalConfig(VllmSettings):
         description="vllm (batched engine, LoRA per request) or hf (transformers generate; gpt-oss + LoRA on CPU).",
     )
     merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
+    prefix_caching: bool = Field(
+        True,
+        description="vLLM prefix caching: the persona prompt that a character's rows share is computed once. On for "
+        "evaluation: greedy replies were identical with and without it on the val sample (tiny llama3, base + LoRA, "
+        "200 of 200 replies), and prediction took 24 s instead of 42 s.",
+    )
     num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
+    cpus_per_actor: int = Field(
+        1, ge=1, description="CPU engines: cores Ray reserves for each prediction actor, and its engine's threads."
+    )
     shard_size: int = Field(
         64,
         ge=1,

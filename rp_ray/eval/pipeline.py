@@ -1,15 +1,28 @@
-"""Batch evaluation: Ray Data shards the val set over a pool of engine actors, then LLaMA-Factory metrics.
+"""Batch evaluation: every run in one pass over the val set, engines full from the first row to the last.
+
+The driver encodes the val rows once (the tokenizer it already loaded for the data checks), starts
+``num_actors`` prediction actors (``rp_ray.eval.predictor``; each builds one vLLM ``AsyncLLM`` serving the base
+model and every adapter, while the driver encodes) and hands them (row, run) requests in small chunks, on
+demand (``rp_ray.eval.scheduler``): base + 3 adapters is one pass with four requests per row, not four passes.
+Each engine holds as many requests as it can batch; replies come back as token ids and the driver writes each
+shard's file the moment its rows are done. ``merge_adapter`` runs one such pass per merged model; the ``hf``
+backend (transformers ``generate``) keeps a simpler Ray Data path, a shard per call.
 
 Layout of ``output_dir`` (one folder per run, LLaMA-Factory's file names):
 
     <run>/generated_predictions.jsonl   {"prompt", "predict", "label"} per val row, in input order
                                         (+ "error" on a row that could not be predicted)
-    <run>/predict_results.json          predict_bleu-4, predict_rouge-*, predict_runtime, ... n_total/n_scored/n_error
+    <run>/predict_results.json          predict_bleu-4, predict_rouge-*, predict_runtime, ... n_total/n_scored/n_error,
+                                        job_wall_seconds
     <run>/sample_scores.jsonl           the four per-row scores behind the means
     <run>/shards/shard_NNNNN.jsonl      finished shards; a rerun skips them (resume after a kill)
+    engines.json                        per pass: engine start-up breakdown, bound, rows per actor, steady rate
     data/data_report.{json,txt}         what happened to every val row
 
-Every val row yields exactly one output line: a prediction or its error.
+Every val row yields exactly one output line: a prediction or its error. ``predict_runtime`` and
+``predict_samples_per_second`` count prediction only (first engine ready -> last reply, as LLaMA-Factory's
+count its predict loop), ``predict_model_preparation_time`` the engines' start-up, ``job_wall_seconds`` the whole
+job (data checks, engines, prediction, scoring).
 """
 
 from __future__ import annotations
@@ -98,7 +111,7 @@ class _HfShardPredictor:
         self.prep_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        stats: dict[str, list] = {"shard": [], "rows": [], "errors": [], "prep_s": [], "ready": []}
+        stats: dict[str, list] = {"shard": [], "rows": [], "errors": [], "prep_s": []}
         for shard, blob in zip(batch["shard"], batch["convs"]):
             items = json.loads(blob)
             prompts, rows, seeds = [], [], []
@@ -206,7 +219,7 @@ def start_predictors(
     from rp_ray.eval.predictor import Predictor
 
     actor = ray.remote(Predictor).options(
-        num_cpus=0 if cfg.use_gpu else 1,
+        num_cpus=0 if cfg.use_gpu else cfg.cpus_per_actor,
         num_gpus=cfg.tensor_parallel_size if cfg.use_gpu else 0,
         max_concurrency=1000,  # concurrent predict calls (chunks), each many requests
     )
@@ -381,7 +394,10 @@ def run_eval(cfg: EvalConfig, engine_cls: type | None = None) -> EvalResult:
     prep = prepare(cfg.model, cfg.data, out / "data", need=("val",))
     tok, tpl, val = prep.tok, prep.tpl, prep.val
 
-    ensure_ray(cfg.num_actors + 1, resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept")
+    ensure_ray(
+        cfg.num_actors * cfg.cpus_per_actor + 1,
+        resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept",
+    )
     groups = engine_groups(cfg, out)
     for _, runs in groups:
         for r in runs:
