@@ -65,7 +65,10 @@ class Request:
 
 
 class Engine(Protocol):
-    """What a prediction actor needs from an engine (``AsyncVllmEngine``, or a test double)."""
+    """What a prediction actor needs from an engine (``AsyncVllmEngine``, or a test double).
+
+    Built in the actor as ``cls(cfg: EvalConfig, model_path, runs: list[Run], stops: list[int], index)``.
+    """
 
     max_num_seqs: int  # most sequences one engine step holds
     kv_tokens: int  # tokens the KV cache holds
