@@ -51,6 +51,13 @@ def base_model(path: Path, template: str, pretrain_steps: int) -> None:
         build_tiny_model(template, path)
 
 
+def eval_dir(train_dir: Path) -> Path:
+    """Where the demo's eval goes: outputs/train/NAME -> outputs/eval/NAME; any other folder -> a sibling NAME-eval."""
+    if train_dir.parent.name == "train":
+        return train_dir.parent.parent / "eval" / train_dir.name
+    return train_dir.with_name(f"{train_dir.name}-eval")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -90,7 +97,7 @@ def main() -> None:
             f"model.path={cfg.model.path}",
             "adapters={}",
             f"adapters.tiny-lora={res.adapter_dir}",
-            f"output_dir={Path(cfg.output_dir).parent.parent / 'eval' / Path(cfg.output_dir).name}",
+            f"output_dir={eval_dir(Path(cfg.output_dir))}",
         ],
     )
     if Path(ecfg.output_dir).exists():  # predictions of an earlier demo run were made with an earlier adapter

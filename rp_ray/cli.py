@@ -1,4 +1,5 @@
-"""The ``rp-ray`` command: tiny models, data checks, config reference, character cards and scene corpora."""
+"""The ``rp-ray`` command: tiny models, data checks, config reference, character cards, scene corpora and the
+terminal chat."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 import os
 import sys
 
+from rp_ray import chat_repl, tiny_model
 from rp_ray import config as cfgmod
-from rp_ray import tiny_model
 from rp_ray.character import card as cardmod
 from rp_ray.character import prompt, scenes
 from rp_ray.cluster import wait_for_job_agent
@@ -23,6 +24,9 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    # one INFO line per HTTP request would land in the middle of `rp-ray chat`'s conversation
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the openai client's
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def job_config(cls: type, doc: str | None, example: str, argv: list[str] | None = None):
@@ -231,17 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="sharegpt JSON/JSONL whose system prompts hold persona + classic scenes")
     p.add_argument("--out", required=True, help="output folder (characters.json and one <key>.jsonl per character)")
     p.set_defaults(func=cmd_scenes_extract)
+
+    chat_repl.add_parser(sub)
     return parser
 
 
 def run(func, *args) -> int:
     """Run a command; expected failures print one clear message and exit 2 instead of a traceback."""
     try:
-        func(*args)
+        status = func(*args)
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

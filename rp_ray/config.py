@@ -295,6 +295,28 @@ class ServeConfig(VllmSettings):
         default_factory=dict, description="Served adapter name -> folder under adapter_root."
     )
     characters_file: str | None = Field(None, description="YAML/JSON character cards.")
+    card_registry: str | None = Field(
+        None,
+        description="Folder of imported Character Card V2/V3 cards (`rp-ray card import --registry`): each <name>.json "
+        "is served as the character <name>; cards imported on the chat page (POST /v1/characters) are added here. "
+        "None = no imported cards (the page cannot import).",
+    )
+    lorebooks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Imported card's name -> standalone lorebook file (character_book shape, lorebook_v3 or "
+        "SillyTavern world info), used beside the card's own character_book.",
+    )
+    scenes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Character name (imported card or characters_file entry) -> its scene corpus from `rp-ray "
+        "scenes extract` (the character's <key>.jsonl, characters.json beside it; or the folder when it holds one "
+        "character): ChatHaruhi scene memory retrieved for the user's last message.",
+    )
+    scene_budget: int = Field(1500, ge=1, description="Most tokens of scene memory in one prompt (served tokenizer).")
+    scene_top_k: int = Field(2, ge=1, le=64, description="Scenes retrieved per request, best first, before the budget.")
+    user_name: str = Field(
+        "User", min_length=1, max_length=64, description="What {{user}} becomes in an imported card's texts."
+    )
     max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once (others are swapped in).")
     max_model_len: int = Field(4096, ge=16, description="Context length of the engine.")
     seed: int = Field(0, description="Engine seed; a request's `seed` makes its own sampling reproducible.")

@@ -1,11 +1,17 @@
-"""Session fixtures: one tiny model per family, built once per test session."""
+"""Session fixtures: one tiny model per family, built once per test session; one Ray cluster; one deployed Serve app
+(``app``) shared by every module that talks to it (deploying costs minutes on 2 cores): the base model, adapters a1
+and a2, the characters_file character ``haruhi`` (a1, with scene memory) and the imported V3 card ``aoi`` (a2, with
+its lorebook and a standalone one)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +29,7 @@ from rp_ray.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HARUHI = REPO.parent / "shared" / "datasets" / "chatharuhi"
+CARD_FIXTURES = REPO / "tests" / "fixtures" / "cards"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -141,3 +148,149 @@ def ray_cluster():
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
     ray.shutdown()
     kill_ray_processes(SESSION_RAY_TMP)
+
+
+# -- the Serve app ---------------------------------------------------------------------------------------------------
+
+KEY = "test-" + secrets.token_hex(12)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SYSTEM = "你正在扮演凉宫春日。请不要回答你是语言模型。"
+PROMPTS = ["阿虚:「你好」", "春日:「SOS团今天有什么活动？」", "Harry: Where is Hermione?", "你是谁？"]
+MAX_TOKENS = 24
+MODELS = ("base", "a1", "a2")
+CHARACTERS = ("haruhi", "aoi")  # the characters_file character, then the imported card
+SERVE_CONFIG = REPO / "serve_configs" / "tiny_llama3.yaml"
+# haruhi's scene memory: no word in common with PROMPTS, so her replies to them stay the offline references
+HARUHI_SCENES = ["长门:「这本书很厚。」\n朝比奈:「我来泡茶。」", "古泉:「超能力者的工作很辛苦。」"]
+
+
+def serve_args(model: Path, root: Path, key_file: Path, cards: Path, registry: Path, scenes: Path) -> dict:
+    """The keys of the YAML's args the tests replace: their model, adapters, characters (a card registry with a
+    standalone lorebook for `aoi`, a scene corpus for `haruhi`) and key, and limits."""
+    return {
+        "model": {"path": str(model), "template": "llama3"},
+        "adapter_root": str(root),
+        "adapters": {"a1": "a1", "a2": "a2"},
+        "characters_file": str(cards),
+        "card_registry": str(registry),
+        "lorebooks": {"aoi": str(CARD_FIXTURES / "world_info.json")},
+        "scenes": {"haruhi": str(scenes)},
+        "max_lora_rank": 8,
+        "max_model_len": 1024,
+        "max_tokens_cap": 2048,
+        "max_n": 4,
+        "api_key_file": str(key_file),
+        "request_timeout_s": 60,
+    }
+
+
+def character_files(work: Path) -> tuple[Path, Path]:
+    """The card registry (the V3 lorebook card imported as `aoi`, bound to a2) and haruhi's scene corpus file, as
+    `rp-ray card import` and `rp-ray scenes extract` write them."""
+    from rp_ray.character.card import CardRegistry
+    from rp_ray.character.scenes import CharacterScenes, SceneIndex, persona_hash, write_scene_corpus
+
+    registry = work / "cards"
+    CardRegistry(registry).import_file(CARD_FIXTURES / "v3_lorebook.json", name="aoi", adapter="a2")
+    haruhi = CharacterScenes(
+        key="haruhi", name="春日", persona_hash=persona_hash(SYSTEM), persona=SYSTEM, scenes=HARUHI_SCENES
+    )
+    write_scene_corpus({haruhi.persona_hash: haruhi}, work / "scenes")
+    index = SceneIndex(HARUHI_SCENES)
+    assert not any(index.retrieve(p) for p in PROMPTS), "a test prompt would bring haruhi's scenes into her prompt"
+    return registry, work / "scenes" / "haruhi.jsonl"
+
+
+def offline_replies(model: Path, root: Path):
+    """Offline vLLM greedy replies, started in a Ray actor: (refs to the plain and the carded outputs, the actor).
+
+    `haruhi` is adapter a1 with the card's system prompt.
+    """
+    import ray
+
+    from rp_ray.config import SamplingConfig, VllmSettings
+    from rp_ray.data import Message
+    from rp_ray.eval.engines import Run, VllmEngine
+    from rp_ray.template import LLAMA3, chat_prompt_ids
+
+    tok = load_tokenizer(model, LLAMA3)
+    runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
+    engine = ray.remote(num_cpus=1)(VllmEngine).remote(
+        str(model), tok, LLAMA3, runs, 1024, VllmSettings(max_lora_rank=8), 0
+    )
+    sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
+    plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
+    carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]
+    out_plain = engine.generate.remote(plain, [None] * len(PROMPTS), runs, sampling)
+    out_card = engine.generate.remote(carded, [None] * len(PROMPTS), [runs[1]], sampling)
+    return out_plain, out_card, engine
+
+
+@pytest.fixture(scope="session")
+def app(ray_cluster, tiny_llama3, tmp_path_factory):
+    """The app of serve_configs/tiny_llama3.yaml on the tiny model: adapters a1 and a2, the card `haruhi` (a1), the
+    imported card `aoi` (a2), and the offline vLLM greedy reply of each model to each prompt (``ref``), deployed once
+    for the session. Tests that import more cards into ``registry`` remove them again."""
+    import ray
+    import yaml
+    from ray import serve
+
+    from rp_ray.serve.app import deploy_config
+    from rp_ray.serve.deployments import load_serve_config
+
+    work = tmp_path_factory.mktemp("serve")
+    root = work / "adapters"
+    make_adapter(tiny_llama3, root / "a1", seed=1)
+    make_adapter(tiny_llama3, root / "a2", seed=2)
+    key_file = work / "api_key"
+    key_file.write_text(KEY + "\n")
+    cards = work / "characters.yaml"
+    cards.write_text(
+        yaml.safe_dump(
+            {
+                "characters": [
+                    {
+                        "name": "haruhi",
+                        "display_name": "凉宫春日",
+                        "system_prompt": SYSTEM,
+                        "adapter": "a1",
+                        "greeting": "「你好！」",
+                    }
+                ]
+            },
+            allow_unicode=True,
+        )
+    )
+    registry, scenes = character_files(work)
+    out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
+    t0 = time.monotonic()
+    args = serve_args(tiny_llama3, root, key_file, cards, registry, scenes)
+    url = deploy_config(SERVE_CONFIG, args, port=free_port())
+    started = time.monotonic() - t0
+    plain, card = ray.get([out_plain, out_card])
+    ray.kill(engine)
+    ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
+    ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
+    yield SimpleNamespace(
+        url=url,
+        ref=ref,
+        root=root,
+        work=work,
+        registry=registry,
+        started=started,
+        dashboard=ray_cluster["dashboard"],
+        args=load_serve_config(SERVE_CONFIG, args).applications[0].args,
+    )  # the YAML's, replaced
+    serve.shutdown()
+
+
+def client(app, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
+
+
+def ask(app, model: str, prompt: str, **kw):
+    return client(app).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS, **kw
+    )

@@ -51,13 +51,14 @@ def test_config_reference_lists_keys():
 def test_demo_job_end_to_end(tmp_path):
     """`make demo`'s job: builds the tiny model when missing, validates + encodes the sample, prints the report."""
     model = tmp_path / "tiny"
-    # about 4 minutes on 2 idle cores (train, eval, serve); the bound leaves room for a busy machine
-    # a short pretraining keeps the build's code path at a fraction of the demo's 200 steps
+    # about 3 minutes on 2 idle cores (build, train, eval, serve); the bound leaves room for a busy machine
+    # a short pretraining and a few LoRA steps keep every code path at a fraction of the demo's time
     r = run(
         sys.executable,
         "jobs/demo.py",
         "--pretrain-steps",
         "20",
+        "max_steps=6",
         f"model.path={model}",
         f"output_dir={tmp_path / 'out'}",
         timeout=1800,

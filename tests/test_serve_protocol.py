@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_adapter
@@ -19,9 +20,13 @@ from rp_ray.serve.protocol import (
     ChatCompletionChoice,
     ChatCompletionResponse,
     ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
     Limits,
+    TokenizeRequest,
     Usage,
     check_limits,
+    parse_body,
     parse_request,
 )
 
@@ -46,6 +51,20 @@ def test_valid_request_with_unknown_extras():
         (OK | {"temperature": 3}, "temperature"),
         (OK | {"n": 0}, "n"),
         (OK | {"max_tokens": -1}, "max_tokens"),
+        (OK | {"logit_bias": {"abc": 1}}, "logit_bias"),
+        (OK | {"logit_bias": {"-5": 1}}, "logit_bias"),
+        (OK | {"logit_bias": {"5": 101}}, "logit_bias.5"),
+        (OK | {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        (OK | {"logit_bias": [5]}, "logit_bias"),
+        (OK | {"min_p": 1.5}, "min_p"),
+        (OK | {"repetition_penalty": 0}, "repetition_penalty"),
+        (OK | {"repetition_penalty": 2.5}, "repetition_penalty"),
+        (OK | {"top_logprobs": 21}, "top_logprobs"),
+        (OK | {"logprobs": "lots"}, "logprobs"),
+        (OK | {"seed": 1 << 64}, "seed"),
+        (OK | {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (OK | {"stop": ["x" * 257]}, "stop.0"),
+        (OK | {"stop": 5}, "stop"),
     ],
 )
 def test_bad_requests_are_400_with_openai_error_body(payload, param):
@@ -55,6 +74,87 @@ def test_bad_requests_are_400_with_openai_error_body(payload, param):
     body = e.value.body()["error"]
     assert set(body) == {"message", "type", "param", "code"}
     assert body["param"] == param and body["type"] == "invalid_request_error"
+
+
+TEXT = {"model": "base", "prompt": "阿虚:「早」"}
+
+
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        ({"model": "base"}, "prompt"),
+        (TEXT | {"prompt": []}, "prompt"),
+        (TEXT | {"prompt": ["a", "b"]}, "prompt"),
+        (TEXT | {"prompt": [1, -2]}, "prompt"),
+        (TEXT | {"prompt": [[1, 2]]}, "prompt"),
+        (TEXT | {"prompt": [True]}, "prompt"),
+        (TEXT | {"prompt": 7}, "prompt"),
+        (TEXT | {"logprobs": 21}, "logprobs"),
+        (TEXT | {"logprobs": -1}, "logprobs"),
+        (TEXT | {"max_tokens": 0}, "max_tokens"),
+        (TEXT | {"min_tokens": -1}, "min_tokens"),
+        (TEXT | {"best_of": 0}, "best_of"),
+        (TEXT | {"stop": ["s"] * 17}, "stop"),
+        (TEXT | {"temperature": -0.5}, "temperature"),
+        (TEXT | {"ignore_eos": "maybe"}, "ignore_eos"),
+    ],
+)
+def test_bad_completion_requests_are_400(payload, param):
+    with pytest.raises(APIError) as e:
+        parse_body(payload, CompletionRequest)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_sillytaverns_text_completion_body_validates():
+    """The body SillyTavern's text completion mode (API type vLLM) sends: its settings, filtered to vLLM's keys."""
+    body = {
+        "model": "haruhi",
+        "prompt": "凉宫春日's persona: ...\n阿虚: 早\n凉宫春日:",
+        "max_tokens": 300,
+        "logprobs": 5,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+        "top_k": 0,
+        "min_tokens": 0,
+        "stop": ["\n阿虚:", "\n凉宫春日:", "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "\nUser:", "###"],
+        "skip_special_tokens": True,
+        "n": 1,
+        "ignore_eos": False,
+        "spaces_between_special_tokens": True,
+        "seed": 42,
+        "stream": True,
+        "logit_bias": {"1001": -100, "1002": 5},
+        "include_stop_str_in_output": False,
+        "use_beam_search": False,
+        "length_penalty": 1,
+        "early_stopping": False,
+        "truncate_prompt_tokens": None,
+        "response_format": None,
+        "guided_json": None,
+    }
+    req = parse_body(body, CompletionRequest)
+    assert req.logprobs == 5 and len(req.stop) == 6 and req.logit_bias == {"1001": -100.0, "1002": 5.0}
+
+
+def test_tokenize_bodies():
+    assert parse_body({"model": "base", "prompt": "x"}, TokenizeRequest).add_special_tokens
+    assert parse_body({"model": "base", "messages": OK["messages"]}, TokenizeRequest).prompt is None
+    for payload, param in [
+        ({"prompt": "x"}, "model"),
+        ({"model": "base", "prompt": 5}, "prompt"),
+        ({"model": "base", "messages": []}, "messages"),
+    ]:
+        with pytest.raises(APIError) as e:
+            parse_body(payload, TokenizeRequest)
+        assert e.value.param == param
+    for payload, param in [({"model": "base"}, "tokens"), ({"model": "base", "tokens": [1, -1]}, "tokens.1")]:
+        with pytest.raises(APIError) as e:
+            parse_body(payload, DetokenizeRequest)
+        assert e.value.param == param
 
 
 def test_limits():
@@ -193,3 +293,49 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
     ]:
         with pytest.raises(err, match=match):
             build_app(base | change)
+
+
+def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_data(tiny_llama3, tmp_path, monkeypatch):
+    """Relative paths resolve where the config is read; the replicas get card JSON, lorebooks and corpora as data;
+    a bad card, lorebook or corpus fails there, naming the file and the field."""
+    from rp_ray.character.card import CardError as CharacterCardError
+    from rp_ray.character.card import CardRegistry
+    from rp_ray.character.scenes import CharacterScenes, write_scene_corpus
+
+    fixtures = Path(__file__).parent / "fixtures" / "cards"
+    monkeypatch.setenv("RP_RAY_API_KEY", "a-key-for-tests")
+    monkeypatch.chdir(tmp_path)
+    make_adapter(tiny_llama3, tmp_path / "adapters" / "a1")
+    CardRegistry("reg").import_file(fixtures / "v3_lorebook.json", name="aoi", adapter="a1")
+    (tmp_path / "cards.yaml").write_text("- {name: haruhi, display_name: H, system_prompt: P, adapter: a1}\n")
+    one = {"h": CharacterScenes(key="h", name="h", persona_hash="h", persona="P", scenes=["A:「x」"])}
+    write_scene_corpus(one, "scenes")
+    args = {
+        "model": {"path": str(tiny_llama3), "template": "llama3"},
+        "adapter_root": "adapters",
+        "adapters": {"a1": "a1"},
+        "characters_file": "cards.yaml",
+        "card_registry": "reg",
+        "lorebooks": {"aoi": str(fixtures / "world_info.json")},
+        "scenes": {"haruhi": "scenes/h.jsonl", "aoi": "scenes"},
+    }
+    _, conf, cards, personas = build_app(args)._bound_deployment.init_args
+    assert conf["card_registry"] == str(tmp_path / "reg") and conf["scenes"]["haruhi"] == str(
+        tmp_path / "scenes/h.jsonl"
+    )
+    assert set(cards) == {"haruhi"} and set(personas["cards"]) == {"aoi"}
+    assert personas["cards"]["aoi"]["data"]["extensions"]["rp_ray"] == {"adapter": "a1"}
+    assert [e["content"] for e in personas["lorebooks"]["aoi"]["entries"]][0] == "The tavern is the Salty Gull."
+    assert personas["scenes"] == {n: {"key": "h", "persona": "P", "scenes": ["A:「x」"]} for n in ("haruhi", "aoi")}
+    for change, err, match in [
+        ({"card_registry": "nowhere"}, ConfigError, "nowhere: no such folder"),
+        ({"adapters": {}, "characters_file": None}, ConfigError, "field data.extensions.rp_ray.adapter: 'a1'"),
+        ({"lorebooks": {"haruhi": "x.json"}}, ConfigError, "lorebooks.haruhi: no imported card named 'haruhi'"),
+        ({"lorebooks": {"aoi": "x.json"}}, CharacterCardError, "x.json: no such file"),
+        ({"scenes": {"nobody": "scenes"}}, ConfigError, "scenes.nobody: no character named 'nobody'"),
+    ]:
+        with pytest.raises(err, match=match):
+            build_app(args | change)
+    CardRegistry("reg").import_file(fixtures / "v2_card.json", name="a1")
+    with pytest.raises(ConfigError, match=r"reg/a1.json: the card's name 'a1' .* is taken by a served adapter"):
+        build_app(args)

@@ -197,3 +197,20 @@ def _cpu_tensor_refused_by_cuda_only_group() -> bool:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     return "REFUSED" in r.stdout and "device type cpu" in r.stdout
+
+
+def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path, monkeypatch):
+    """A killed first build of DeepSpeed's CPU op leaves torch's lock file; later jobs would wait on it forever."""
+    import os
+    import time
+
+    from rp_ray.train.worker import STALE_BUILD_LOCK_S, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert clear_stale_build_lock("some_op") is False  # no lock: nothing to do
+    lock = tmp_path / "some_op" / "lock"  # its folder: made by the first call, as torch does
+    lock.touch()
+    assert clear_stale_build_lock("some_op") is False and lock.exists()  # a build in progress keeps its lock
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock("some_op") is True and not lock.exists()

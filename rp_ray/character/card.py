@@ -36,8 +36,10 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import re
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -340,6 +342,8 @@ def decode_json(raw: bytes, source: str, where: str = "") -> Any:
         raise CardError(f"{source}: {where}not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise CardError(f"{source}: {where}JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise CardError(f"{source}: {where}not usable JSON: {e}") from None
 
 
 def parse_card(raw: bytes | dict[str, Any], source: str) -> Card:
@@ -494,6 +498,29 @@ def check_name(name: str) -> str:
     return name
 
 
+def _write_atomic(path: Path, data: bytes, overwrite: bool = True) -> None:
+    """Write ``path`` whole or not at all (a temp file renamed over it), so a server reading the registry never sees
+    half a card; with ``overwrite=False`` an existing file is kept and a ``CardError`` raised (no race between two
+    writers: the rename is a hard link that fails when the name exists)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        exists = CardError(f"a card named {path.stem!r} is already in {path.parent}; import it under another name")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise exists from None
+        except OSError:  # a file system without hard links: check, then rename
+            if path.exists():
+                raise exists from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class CardRegistry:
     """Imported cards under ``root``: ``<name>.json`` holds the card JSON (``dump_json``), and ``<name>.png`` the
     image a PNG card came with (used again on PNG export). ``name`` is the registry name a chat request uses."""
@@ -531,12 +558,12 @@ class CardRegistry:
                 f"or --name to import under another name"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        p.write_text(dump_json(card_to_json(card)), encoding="utf-8")
         img = self.root / f"{name}.png"
         if image is not None:
-            img.write_bytes(image)
+            _write_atomic(img, image)
         elif img.exists():
             img.unlink()
+        _write_atomic(p, dump_json(card_to_json(card)).encode("utf-8"), overwrite=overwrite)
         return name
 
     def import_file(

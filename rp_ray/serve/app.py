@@ -2,8 +2,10 @@
 
     serve run serve_configs/tiny_llama3.yaml        # or: serve deploy serve_configs/<name>.yaml
 
-Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, ``GET /health`` (no key), and the
-chat page at ``/``. The request's ``model`` names the base model, a served adapter, or a character card.
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming and not), ``GET /v1/models``,
+``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``POST /v1/characters`` (import a card file into the card
+registry), ``GET /health`` (no key), and the chat page at ``/``: what OpenAI clients and SillyTavern (chat and text
+completion modes) call. The request's ``model`` names the base model, a served adapter, or a character.
 The routes are thin: the chat logic is ``rp_ray.serve.serving``, the wire types ``rp_ray.serve.protocol``, the
 deployment options ``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
 ``serve run`` does and :func:`run_local` the default app for a ``ServeConfig``.
@@ -22,20 +24,33 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rp_ray.character.card import MAX_PNG_BYTES
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.models import check_model_dir
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CharacterCard, check_cards, load_cards, resolve_adapter
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.protocol import APIError, ChatCompletionRequest, Delta, completion_id, parse_request
-from rp_ray.serve.serving import ChatServing
+from rp_ray.serve.personas import load_personas
+from rp_ray.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Delta,
+    DetokenizeRequest,
+    TokenizeRequest,
+    completion_id,
+    parse_body,
+    parse_request,
+)
+from rp_ray.serve.serving import ChatServing, PreparedChat
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +104,31 @@ def make_fastapi() -> FastAPI:
 
 
 api = make_fastapi()
-_REQUEST_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            }
-        },
-    }
-}
+_SCHEMAS: dict[str, Any] = {}  # the request models' nested schemas, listed under components/schemas
 
 
-async def read_body(request: Request, cap: int) -> Any:
-    """The decoded JSON body, refusing more than ``cap`` bytes before reading them all."""
+def _body(model: type) -> dict[str, Any]:
+    """``openapi_extra`` documenting a route's JSON body as ``model`` (the routes read the body themselves)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _SCHEMAS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict[str, Any]:
+    if api.openapi_schema is None:
+        schema = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes, servers=api.servers
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_SCHEMAS)
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+async def read_raw(request: Request, cap: int) -> bytes:
+    """The body's bytes, refusing more than ``cap`` bytes before reading them all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise APIError(413, f"request body of {declared} bytes; at most {cap}", code="body_too_large")
@@ -112,19 +138,29 @@ async def read_body(request: Request, cap: int) -> Any:
         if size > cap:
             raise APIError(413, f"request body over {cap} bytes", code="body_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, cap: int) -> Any:
+    """The decoded JSON body, refusing more than ``cap`` bytes before reading them all."""
+    raw = await read_raw(request, cap)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        payload = json.loads(raw)
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
+    except ValueError as e:  # not JSON, not UTF-8, a lone surrogate, an integer of more digits than Python converts
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    return payload
 
 
 @serve.deployment(name="ChatIngress", **merged_options()["ChatIngress"])
 @serve.ingress(api)
 class ChatIngress:
-    def __init__(self, engine, cfg: dict[str, Any], cards: dict[str, dict]):
+    def __init__(self, engine, cfg: dict[str, Any], cards: dict[str, dict], personas: dict[str, Any] | None = None):
         self.engine = engine
         self.cfg = ServeConfig.model_validate(cfg)
-        self.serving = ChatServing(self.cfg, {n: CharacterCard.model_validate(c) for n, c in cards.items()})
+        self.serving = ChatServing(
+            self.cfg, {n: CharacterCard.model_validate(c) for n, c in cards.items()}, personas=personas
+        )
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
 
     # -- routes --------------------------------------------------------------------------------------------
@@ -137,35 +173,118 @@ class ChatIngress:
             return _error(503, f"engine unhealthy: {type(e).__name__}: {e}", "service_unavailable")
         return {"status": "ok"}
 
-    @api.get("/v1/models", summary="The base model, the served adapters and the character cards")
+    @api.get("/v1/models", summary="The base model, the served adapters and the characters")
     async def models(self):
         return self.serving.models()
 
-    @api.post("/v1/chat/completions", summary="OpenAI chat completions (stream or not)", openapi_extra=_REQUEST_SCHEMA)
+    @api.post(
+        "/v1/characters",
+        status_code=201,
+        summary="Import a character card file (Character Card V1/V2/V3 JSON, or a PNG carrying one) into the card "
+        "registry and serve it at once; the answer is its /v1/models entry",
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "adapter",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "A served adapter the character speaks through (kept in the card)",
+                },
+                {
+                    "name": "name",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "The model name requests use (default: the character's name as a slug)",
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        },
+    )
+    async def import_character(self, request: Request):
+        raw = await read_raw(request, MAX_PNG_BYTES)
+        q = request.query_params
+        entry = self.serving.import_card(raw, q.get("adapter") or None, q.get("name") or None)
+        return JSONResponse(entry, status_code=201)
+
+    @api.post(
+        "/v1/chat/completions",
+        summary="OpenAI chat completions (stream or not)",
+        openapi_extra=_body(ChatCompletionRequest),
+    )
     async def chat(self, request: Request):
         req = parse_request(await read_body(request, self.serving.limits.max_body_bytes))
         chat = self.serving.prepare(req)
         cid = completion_id()
-        gen = self.engine.options(stream=True).generate.remote(chat.prompt, chat.sampling, chat.adapter, cid)
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        outputs = await self._peek(gen, deadline)
+        gen, outputs, deadline = await self._generate(chat, cid)
         if req.stream:
             return StreamingResponse(
                 self.serving.stream(outputs, cid, req, chat, deadline, gen.cancel), media_type="text/event-stream"
             )
-        try:
-            replies = await asyncio.wait_for(self.serving.collect(outputs, req.n), deadline - time.monotonic())
-        except TimeoutError:
-            gen.cancel()
-            raise self.serving.timeout_error() from None
-        body = self.serving.response(cid, req, chat, replies)
-        return Response(body.model_dump_json(), media_type="application/json")
+        replies = await self._collect(self.serving.collect(outputs, req.n), gen, deadline)
+        return self._json(self.serving.response(cid, req, chat, replies))
+
+    @api.post(
+        "/v1/completions",
+        summary="OpenAI text completions on the raw prompt (stream or not)",
+        openapi_extra=_body(CompletionRequest),
+    )
+    async def completions(self, request: Request):
+        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), CompletionRequest)
+        prepared = self.serving.prepare_completion(req)
+        cid = completion_id("cmpl")
+        gen, outputs, deadline = await self._generate(prepared, cid)
+        if req.stream:
+            return StreamingResponse(
+                self.serving.completion_stream(outputs, cid, req, prepared, deadline, gen.cancel),
+                media_type="text/event-stream",
+            )
+        choices = await self._collect(self.serving.collect_text(outputs, req.n), gen, deadline)
+        return self._json(self.serving.completion_response(cid, req, prepared, choices))
+
+    @api.post(
+        "/tokenize",
+        summary="vLLM's tokenize: a prompt's ids, or the prompt ids chat messages make",
+        openapi_extra=_body(TokenizeRequest),
+    )
+    async def tokenize(self, request: Request):
+        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), TokenizeRequest)
+        return self._json(self.serving.tokenize(req))
+
+    @api.post("/detokenize", summary="vLLM's detokenize: token ids to text", openapi_extra=_body(DetokenizeRequest))
+    async def detokenize(self, request: Request):
+        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), DetokenizeRequest)
+        return self._json(self.serving.detokenize(req))
 
     @api.get("/", response_class=HTMLResponse, summary="The web chat page")
     async def page(self):
         return HTMLResponse(resources.files("rp_ray.serve").joinpath("static/chat.html").read_text(encoding="utf-8"))
 
-    # -- the engine's first output -------------------------------------------------------------------------
+    # -- the engine ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _json(body) -> Response:
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _generate(self, prepared: PreparedChat, rid: str):
+        """(the engine's response generator, its deltas, the deadline): the first output already awaited."""
+        gen = self.engine.options(stream=True).generate.remote(
+            prepared.prompt, prepared.sampling, prepared.adapter, rid
+        )
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        return gen, await self._peek(gen, deadline), deadline
+
+    async def _collect(self, collecting, gen, deadline: float):
+        """Await a whole reply; past the deadline the engine request is cancelled and the answer is a 504."""
+        try:
+            return await asyncio.wait_for(collecting, deadline - time.monotonic())
+        except TimeoutError:
+            gen.cancel()
+            raise self.serving.timeout_error() from None
 
     async def _peek(self, gen, deadline: float) -> AsyncIterator[Delta]:
         """Await the engine's first output before any response starts, so a refused request still gets its
@@ -207,8 +326,9 @@ def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None
     """The app for a serve config's ``args`` (a ServeConfig), each deployment with the default options of
     ``rp_ray.serve.deployments`` and ``deployments[name]`` (a serve config's entry: options it sets) over them.
 
-    Paths are made absolute here, in the process that reads the config, and every adapter and card is checked
-    before any replica starts, so a bad config fails at once with a message instead of as a crashing replica.
+    Paths are made absolute here, in the process that reads the config, and every adapter, card, lorebook and scene
+    corpus is read and checked before any replica starts, so a bad config fails at once with a message instead of
+    as a crashing replica; the replicas get them as plain data.
     """
     try:
         cfg = ServeConfig.model_validate(args)
@@ -220,16 +340,20 @@ def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None
     cfg.api_key_file = _abs(cfg.api_key_file)
     load_api_key(cfg.api_key_env, cfg.api_key_file)  # fail now, not as replicas that crash-loop
     dirs = {name: str(resolve_adapter(cfg.adapter_root, name, folder)) for name, folder in cfg.adapters.items()}
-    cards = {}
+    loaded = {}
     if cfg.characters_file:
         cfg.characters_file = _abs(cfg.characters_file)
         loaded = load_cards(cfg.characters_file)
         check_cards(loaded, served_adapters=dirs, reserved={cfg.base_name})
-        cards = {name: card.model_dump() for name, card in loaded.items()}
+    cards = {name: card.model_dump() for name, card in loaded.items()}
+    cfg.card_registry = _abs(cfg.card_registry)
+    cfg.lorebooks = {name: _abs(path) for name, path in cfg.lorebooks.items()}
+    cfg.scenes = {name: _abs(path) for name, path in cfg.scenes.items()}
+    personas = load_personas(cfg, loaded)  # imported cards, lorebooks, scene corpora: read here, sent as data
     conf = cfg.model_dump()
     options = deployments or {}
     engine = ChatEngineDeployment.options(**options.get("ChatEngine", {})).bind(conf, dirs)
-    return ChatIngress.options(**options.get("ChatIngress", {})).bind(engine, conf, cards)
+    return ChatIngress.options(**options.get("ChatIngress", {})).bind(engine, conf, cards, personas)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

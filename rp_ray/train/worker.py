@@ -210,6 +210,27 @@ def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: 
     return engine, scheduler
 
 
+# A torch C++ extension build holds a lock file while it compiles (DeepSpeed's CPU shared-memory op: about a minute,
+# once per machine); a build killed midway leaves the file behind and every later build waits on it forever.
+STALE_BUILD_LOCK_S = 900
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
+    """Remove the build lock of torch extension ``name`` when it is older than any build takes; True if removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    log.warning("removing %s: left %.0f s ago by a build that was interrupted", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def setup(cfg: TrainConfig, world: World, total_steps: int):
     """Model and DeepSpeed engine for this rank: (engine, scheduler). The same LoRA init on every rank."""
     import deepspeed
@@ -220,6 +241,7 @@ def setup(cfg: TrainConfig, world: World, total_steps: int):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     # join DeepSpeed to the process group before ZeRO-3's zero.Init partitions the weights while they load
+    clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
     hf_ds = None
     if cfg.deepspeed.stage == 3:

@@ -1,0 +1,405 @@
+"""A terminal chat with a running rp_ray app over its OpenAI API: ``rp-ray chat --model haruhi``.
+
+Replies stream to the terminal token by token; a character's greeting (``GET /v1/models``) opens the chat. The
+history stays within the served context: before each message the oldest turns are dropped until the prompt plus
+``--max-tokens`` fits, counted by the server (``POST /tokenize`` with the messages, the card applied as chat applies
+it) or, when it cannot count, estimated from the text's UTF-8 bytes (at least one byte a token). Errors (server
+down, wrong key, unknown model, a refused request) are one line each, never a traceback.
+
+Commands: ``/reset`` (forget the history), ``/system TEXT`` (the system message; ``/system`` alone shows it, ``/system
+-`` drops it so a card's own applies), ``/model NAME`` (switch; ``/model`` alone lists them), ``/help``, ``/exit``
+(or Ctrl-D). A line starting with ``//`` is sent with one ``/`` less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "RP_RAY_API_KEY"
+DEFAULT_CONTEXT = 4096  # when the server does not say (no /tokenize)
+MAX_MESSAGES = 64  # the serve config's default max_messages
+PER_MESSAGE_TOKENS = 8  # what a chat template adds around one message, for the estimate
+HELP = """commands:
+  /reset          forget the conversation
+  /system TEXT    set the system message (/system shows it, /system - drops it: a character's own applies)
+  /model NAME     talk to another model or character (/model lists them)
+  /help           this list
+  /exit           quit (or Ctrl-D)
+a line starting with // is sent with one / less"""
+
+Messages = list[dict[str, str]]
+
+
+class ChatError(Exception):
+    """A failure the user should read as one line (the server is down, the key is wrong, ...)."""
+
+
+# -- pure helpers ------------------------------------------------------------------------------------------------
+
+
+def server_root(base_url: str) -> str:
+    """The app's root URL from what a user may type: with or without a trailing ``/`` or ``/v1``."""
+    url = base_url.strip().rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def read_api_key(key_file: str | None, env: dict[str, str] | None = None) -> str:
+    """The key from ``--api-key-file``, else from ``$RP_RAY_API_KEY``; a ``ChatError`` says how to give one."""
+    env = os.environ if env is None else env
+    if key_file:
+        p = Path(key_file).expanduser()
+        if not p.is_file():
+            raise ChatError(f"API key file {p} does not exist")
+        key = p.read_text(encoding="utf-8").strip()
+        if not key:
+            raise ChatError(f"API key file {p} is empty")
+        return key
+    key = env.get(API_KEY_ENV, "").strip()
+    if not key:
+        raise ChatError(f"no API key: pass --api-key-file FILE or set {API_KEY_ENV}")
+    return key
+
+
+def build_messages(system: str | None, history: Messages) -> Messages:
+    return ([{"role": "system", "content": system}] if system else []) + list(history)
+
+
+def estimate_tokens(messages: Messages) -> int:
+    """A count no tokenizer beats by much: one token per UTF-8 byte (a byte-level BPE token holds at least one)
+    plus the template's markers."""
+    return sum(len(m["content"].encode("utf-8")) + PER_MESSAGE_TOKENS for m in messages) + 1
+
+
+def trim_history(
+    system: str | None,
+    history: Messages,
+    count: Callable[[Messages], int],
+    budget: int,
+    max_messages: int = MAX_MESSAGES,
+) -> tuple[Messages, int]:
+    """The history without its oldest turns (a user message and its reply) until the prompt holds at most
+    ``budget`` tokens (as ``count`` counts the messages) and ``max_messages`` messages; (kept, turns dropped).
+
+    The last message, the one being sent, is always kept: if it alone is too long, the server says so."""
+    kept, dropped = list(history), 0
+    while len(kept) > 1:
+        messages = build_messages(system, kept)
+        if len(messages) <= max_messages and count(messages) <= budget:
+            break
+        cut = 2 if len(kept) > 2 and kept[0]["role"] == "user" and kept[1]["role"] == "assistant" else 1
+        kept, dropped = kept[cut:], dropped + 1
+    return kept, dropped
+
+
+def parse_command(line: str) -> tuple[str, str] | None:
+    """``("/name", "rest")`` for a command line, None for a message (``//x`` is the message ``/x``)."""
+    if not line.startswith("/") or line.startswith("//"):
+        return None
+    name, _, arg = line.partition(" ")
+    return name.lower(), arg.strip()
+
+
+# control characters a model may write (escape sequences, carriage returns) are shown, not obeyed by the terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` as the terminal shows it: control characters other than newline and tab written as ``\\xNN``."""
+    return text.translate(_CONTROL)
+
+
+def message_text(line: str) -> str:
+    return line[1:] if line.startswith("//") else line
+
+
+def describe_error(e: Exception, base_url: str) -> str:
+    """One line for a failed call to the server."""
+    import openai
+
+    if isinstance(e, ChatError):
+        return str(e)
+    if isinstance(e, openai.APITimeoutError):
+        return f"the server at {base_url} did not answer in time"
+    if isinstance(e, openai.APIConnectionError):
+        return f"cannot reach the server at {base_url} (is it running? `serve run serve_configs/tiny_llama3.yaml`)"
+    if isinstance(e, openai.AuthenticationError):
+        return f"the server refused the API key (check --api-key-file or ${API_KEY_ENV})"
+    if isinstance(e, openai.APIStatusError):
+        return f"the server answered {e.status_code}: {_server_message(e)}"
+    if isinstance(e, openai.APIError):
+        return f"the reply failed: {e.message}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _server_message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(getattr(e, "message", e))
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    name: str  # what replies are labelled with: a character's display name, else the id
+    greeting: str = ""
+
+
+@dataclass
+class ChatSession:
+    """The chat's state: the model, the system message, the history."""
+
+    model: ModelInfo
+    system: str | None = None
+    history: Messages = field(default_factory=list)
+
+
+class ChatREPL:
+    """Reads lines, runs commands, streams replies. ``client`` is an ``openai.OpenAI``; ``tokenize`` posts to the
+    server's ``/tokenize`` (None: estimate only)."""
+
+    def __init__(
+        self,
+        client,
+        model: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int = 256,
+        tokenize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        out: TextIO = sys.stdout,
+        read: Callable[[str], str] = input,
+    ):
+        self.client = client
+        self.base_url = base_url
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.tokenize = tokenize
+        self.out = out
+        self.read = read
+        self.context = DEFAULT_CONTEXT
+        self.session = ChatSession(self.lookup(model), system)
+        self.context = self._context()
+
+    # -- server calls ------------------------------------------------------------------------------------------
+
+    def models(self) -> list[Any]:
+        return list(self.client.models.list().data)
+
+    def lookup(self, name: str) -> ModelInfo:
+        """The model ``name`` as the server lists it; a ``ChatError`` naming the served ones if it has none."""
+        models = self.models()
+        m = next((m for m in models if m.id == name), None)
+        if m is None:
+            raise ChatError(f"no model {name!r} on the server; it serves: {', '.join(x.id for x in models)}")
+        return ModelInfo(m.id, getattr(m, "display_name", None) or m.id, getattr(m, "greeting", None) or "")
+
+    def _context(self) -> int:
+        if self.tokenize is None:
+            return DEFAULT_CONTEXT
+        try:
+            return int(self.tokenize({"model": self.session.model.id, "prompt": ""})["max_model_len"])
+        except Exception:  # noqa: BLE001 -- a server without /tokenize: the default context
+            return DEFAULT_CONTEXT
+
+    def count(self, messages: Messages) -> int:
+        """Prompt tokens of ``messages`` as the server builds the prompt; estimated when it cannot count."""
+        if self.tokenize is not None:
+            try:
+                return int(self.tokenize({"model": self.session.model.id, "messages": messages})["count"])
+            except Exception:  # noqa: BLE001 -- fall back to the estimate
+                pass
+        return estimate_tokens(messages)
+
+    # -- output ------------------------------------------------------------------------------------------------
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def error(self, e: Exception) -> None:
+        self.say(f"error: {describe_error(e, self.base_url)}")
+
+    def greet(self) -> None:
+        m = self.session.model
+        self.say(f"[{m.id}] /help for commands, /exit or Ctrl-D to quit")
+        if m.greeting:
+            self.say(f"{m.name}> {printable(m.greeting)}")
+
+    # -- one line ----------------------------------------------------------------------------------------------
+
+    def handle(self, line: str) -> bool:
+        """Run one input line; False when the chat should end."""
+        line = line.strip()
+        if not line:
+            return True
+        cmd = parse_command(line)
+        if cmd is None:
+            self.send(message_text(line))
+            return True
+        name, arg = cmd
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/reset":
+            self.session.history.clear()
+            self.say("(history cleared)")
+        elif name == "/system":
+            if not arg:
+                self.say(f"(system: {self.session.system!r})" if self.session.system else "(no system message)")
+            else:
+                self.session.system = None if arg == "-" else arg
+                self.say("(system message dropped)" if arg == "-" else "(system message set)")
+        elif name == "/model":
+            self.switch(arg)
+        else:
+            self.say(f"unknown command {name}; /help lists them")
+        return True
+
+    def switch(self, name: str) -> None:
+        try:
+            if not name:
+                self.say("models: " + ", ".join(m.id for m in self.models()))
+                return
+            self.session.model = self.lookup(name)
+        except Exception as e:  # noqa: BLE001 -- reported, the chat goes on with the old model
+            self.error(e)
+            return
+        self.context = self._context()
+        self.say(f"(switched to {name}; the history is kept)")
+        if self.session.model.greeting:
+            self.say(f"{self.session.model.name}> {printable(self.session.model.greeting)}")
+
+    def send(self, text: str) -> None:
+        """Send a message with the history that fits, stream the reply, keep both when it succeeds."""
+        s = self.session
+        budget = max(1, self.context - self.max_tokens)
+        history, dropped = trim_history(s.system, [*s.history, {"role": "user", "content": text}], self.count, budget)
+        if dropped:
+            self.say(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context)")
+        kw: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            kw["temperature"] = self.temperature
+        self.out.write(f"{s.model.name}> ")
+        self.out.flush()
+        try:
+            reply = self._stream(build_messages(s.system, history), kw)
+        except KeyboardInterrupt:
+            self.say("\n(reply interrupted; not kept)")
+            return
+        except Exception as e:  # noqa: BLE001 -- one line, the chat goes on
+            self.say()
+            self.error(e)
+            return
+        self.say()
+        s.history = [*history, {"role": "assistant", "content": reply}]
+
+    def _stream(self, messages: Messages, kw: dict[str, Any]) -> str:
+        stream = self.client.chat.completions.create(model=self.session.model.id, messages=messages, stream=True, **kw)
+        parts: list[str] = []
+        try:
+            for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        parts.append(choice.delta.content)
+                        self.out.write(printable(choice.delta.content))
+                        self.out.flush()
+        finally:
+            stream.close()
+        return "".join(parts)
+
+    def run(self) -> int:
+        """The loop: the greeting, then a line at a time until /exit or end of input (Ctrl-D)."""
+        self.greet()
+        while True:
+            try:
+                line = self.read("you> ")
+            except EOFError:
+                self.say()
+                break
+            except KeyboardInterrupt:
+                self.say("\n(Ctrl-D or /exit to quit)")
+                continue
+            if not self.handle(line):
+                break
+        self.say("bye")
+        return 0
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a character, an adapter or the base model (GET /v1/models)")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"the app's URL (default {DEFAULT_BASE_URL})")
+    p.add_argument("--api-key-file", help=f"file holding the API key (default: ${API_KEY_ENV})")
+    p.add_argument("--system", help="system message (default: none, so a character's own applies)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's or card's)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (default 120)")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The ``chat`` subcommand on an ``add_subparsers()`` object; it runs :func:`run_chat`."""
+    p = sub.add_parser("chat", help="chat with a served model or character in the terminal (streams replies)")
+    add_arguments(p)
+    p.set_defaults(func=run_chat)
+    return p
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Start the chat; the exit status: 0 after /exit or Ctrl-D, 2 when it cannot start (the reason printed)."""
+    import httpx
+    from openai import OpenAI
+
+    root = server_root(args.base_url)
+    try:
+        key = read_api_key(args.api_key_file)
+        client = OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0, timeout=args.timeout)
+        http = httpx.Client(base_url=root, headers={"Authorization": f"Bearer {key}"}, timeout=args.timeout)
+
+        def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+            r = http.post("/tokenize", json=body)
+            r.raise_for_status()
+            return r.json()
+
+        repl = ChatREPL(
+            client,
+            args.model,
+            base_url=root,
+            system=args.system,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            tokenize=tokenize,
+        )
+    except Exception as e:  # noqa: BLE001 -- one line, no traceback
+        print(f"error: {describe_error(e, root)}", file=sys.stderr)
+        return 2
+    try:
+        import readline  # noqa: F401 -- line editing and history for input()
+    except ImportError:
+        pass
+    return repl.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rp-ray chat", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(p)
+    return run_chat(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
