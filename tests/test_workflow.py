@@ -4,6 +4,9 @@
 2. `ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml adapters.tuned=<it>` -> scores
 3. `serve deploy <serve config naming the new adapter>`                              -> the chat app
 4. `python jobs/chat.py --model haruhi ...` (the official `openai` client), then `serve shutdown`.
+
+It runs on a `ray start` cluster of its own, not the session's: `serve deploy` makes the deployed config the
+cluster's whole Serve state and `serve shutdown` removes every app, which would take the session's shared app away.
 """
 
 from __future__ import annotations
@@ -13,32 +16,44 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, kill_ray_processes, ray_start_args
 
 from rp_ray.cluster import free_port
 
 pytestmark = pytest.mark.slow  # train, eval, deploy on a ray start cluster
 
 BIN = Path(sys.executable).parent
+RAY_TMP = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # this module's cluster's processes, jobs and logs
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": RAY_TMP}
+ENV.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="module")
+def dash():
+    """`ray start --head` with a dashboard (the jobs API and `serve deploy` talk to it); its address."""
+    port = free_port()
+    args = [*ray_start_args(6), f"--dashboard-port={port}", "--include-dashboard=true"]
+    subprocess.run([str(BIN / "ray"), *args], check=True, cwd=REPO, capture_output=True, env=ENV)
+    yield f"http://127.0.0.1:{port}"
+    kill_ray_processes(RAY_TMP)
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(
-        [str(BIN / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+        [str(BIN / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV
     )
     assert r.returncode == 0, f"{' '.join(args[:4])} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
 
-def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3, tmp_path):
-    dash = ray_cluster["dashboard"]
+def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_path):
     train_out, eval_out = tmp_path / "train", tmp_path / "eval"
 
     # 0. what the README tells users to run after `ray start`: wait until the job agent accepts jobs
@@ -125,7 +140,7 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(ray_cluster, tiny_llama3,
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key guards the app
 
         # 4. chat with the fine-tuned character (jobs/chat.py streams through the openai client)
-        env = {**os.environ, "RP_RAY_API_KEY": key}
+        env = {**ENV, "RP_RAY_API_KEY": key}
         listed = subprocess.run(
             [sys.executable, "jobs/chat.py", "--url", url, "--list"],
             cwd=REPO,
