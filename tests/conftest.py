@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -128,24 +130,33 @@ def ray_start_args(num_cpus: int) -> list[str]:
     return args
 
 
+def ray_env(ray_tmp: str) -> dict[str, str]:
+    """The environment of a Ray cluster (and its jobs) living under ``ray_tmp``: the project venv first on PATH (jobs
+    run `python ...` with the cluster's PATH, as the README says), no inherited RAY_ADDRESS."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def start_ray_head(env: dict[str, str], num_cpus: int, *extra: str) -> str:
+    """`ray start --head` in ``env`` (see :func:`ray_env`) on free ports, with ``extra`` flags; its GCS address."""
+    args = ray_start_args(num_cpus) + list(extra)
+    gcs = next(a.split("=", 1)[1] for a in args if a.startswith("--port="))
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, *args], check=True, cwd=REPO, capture_output=True, env=env)
+    return f"127.0.0.1:{gcs}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the session, started like a user would (`ray start --head`), token auth on."""
-    import subprocess
-    import sys
-
     import ray
 
-    bin_dir = Path(sys.executable).parent
-    ray_bin = str(bin_dir / "ray")
     dash = free_port()
-    # jobs run `python ...` with the cluster's PATH: start it from the project venv, as the README says
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    args = ray_start_args(6) + [f"--dashboard-port={dash}", "--include-dashboard=true"]
-    gcs = next(a.split("=", 1)[1] for a in args if a.startswith("--port="))
-    subprocess.run([ray_bin, *args], check=True, cwd=REPO, capture_output=True, env=env)
-    ray.init(address=f"127.0.0.1:{gcs}")
-    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
+    gcs = start_ray_head(ray_env(SESSION_RAY_TMP), 6, f"--dashboard-port={dash}", "--include-dashboard=true")
+    ray.init(address=gcs)
+    yield {"gcs": gcs, "dashboard": f"http://127.0.0.1:{dash}"}
     ray.shutdown()
     kill_ray_processes(SESSION_RAY_TMP)
 

@@ -7,7 +7,6 @@ session started; the jobs are tiny (2 optimizer steps) but start real Ray cluste
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kill_ray_processes, ray_start_args
+from conftest import REPO, kill_ray_processes, ray_env, start_ray_head
 
 from rp_ray.cluster import CLUSTER_LOST_EXIT
 
@@ -30,12 +29,6 @@ TRAIN = [
 ]
 
 
-def job_env(ray_tmp: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 @pytest.mark.slow
 def test_two_embedded_jobs_at_once_both_finish(tiny_llama3, tmp_path):
     """Two jobs started together on one machine, with no `ray start` cluster: each starts and keeps its own, and
@@ -46,7 +39,7 @@ def test_two_embedded_jobs_at_once_both_finish(tiny_llama3, tmp_path):
             subprocess.Popen(
                 [sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path / name}", "max_steps=2"],
                 cwd=REPO,
-                env=job_env(tempfile.mkdtemp(prefix="rt", dir="/tmp")),
+                env=ray_env(tempfile.mkdtemp(prefix="rt", dir="/tmp")),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -65,14 +58,8 @@ def test_job_whose_cluster_is_killed_exits_non_zero_with_a_clear_message(tiny_ll
     """A job on a `ray start` cluster whose processes are all killed mid-run: the job ends with exit code 3 and says
     what happened and how to resume, instead of hanging in ray.get or ending with no output."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = job_env(ray_tmp)
-    subprocess.run(
-        [str(BIN / "ray"), *ray_start_args(4), "--include-dashboard=false"],
-        check=True,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-    )
+    env = ray_env(ray_tmp)
+    start_ray_head(env, 4, "--include-dashboard=false")
     job = subprocess.Popen(
         [
             sys.executable,

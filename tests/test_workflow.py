@@ -12,7 +12,6 @@ cluster's whole Serve state and `serve shutdown` removes every app, which would 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO, kill_ray_processes, ray_start_args
+from conftest import REPO, kill_ray_processes, ray_env, start_ray_head
 
 from rp_ray.cluster import free_port
 
@@ -31,16 +30,14 @@ pytestmark = pytest.mark.slow  # train, eval, deploy on a ray start cluster
 
 BIN = Path(sys.executable).parent
 RAY_TMP = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # this module's cluster's processes, jobs and logs
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": RAY_TMP}
-ENV.pop("RAY_ADDRESS", None)
+ENV = ray_env(RAY_TMP)
 
 
 @pytest.fixture(scope="module")
 def dash():
     """`ray start --head` with a dashboard (the jobs API and `serve deploy` talk to it); its address."""
     port = free_port()
-    args = [*ray_start_args(6), f"--dashboard-port={port}", "--include-dashboard=true"]
-    subprocess.run([str(BIN / "ray"), *args], check=True, cwd=REPO, capture_output=True, env=ENV)
+    start_ray_head(ENV, 6, f"--dashboard-port={port}", "--include-dashboard=true")
     yield f"http://127.0.0.1:{port}"
     kill_ray_processes(RAY_TMP)
 
