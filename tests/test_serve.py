@@ -30,6 +30,7 @@ from conftest import (
     MODELS,
     PROMPTS,
     SERVE_CONFIG,
+    SESSION_RAY_TMP,
     SYSTEM,
     ask,
     client,
@@ -128,6 +129,24 @@ def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
     results = asyncio.run(run())
     wrong = [(m, p, t) for m, p, t in results if t != app.ref[(m, p)]]
     assert not wrong, f"{len(wrong)} of 40 replies are not their model's: {wrong[:3]}"
+
+
+def test_the_app_port_is_haproxy_forwarding_to_the_replica(app):
+    """The session cluster runs Serve's high-throughput mode, as the README's `ray start` does: the app's port is
+    held by an HAProxy process of this cluster (its config under the cluster's temp dir), not by Serve's Python
+    proxy, and the replica answers on a port of its own."""
+    import psutil
+
+    port = int(app.url.rsplit(":", 1)[1].split("/")[0])
+    mine = [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if "haproxy" in (p.info["name"] or "") and any(SESSION_RAY_TMP in c for c in p.info["cmdline"] or [])
+    ]
+    assert mine, "no HAProxy process of this cluster"
+    listening = {c.laddr.port for p in mine for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert port in listening, (port, listening)
+    assert httpx.get(app.url + "/v1/models", headers=AUTH, timeout=30).status_code == 200
 
 
 def test_models_lists_base_adapters_and_characters(app):

@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rp_ray.character.card import MAX_PNG_BYTES
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
@@ -60,6 +61,44 @@ def _error(status: int, message: str, type_: str, code: str | None = None, heade
     return JSONResponse(APIError(status, message, type_, code=code).body(), status_code=status, headers=headers)
 
 
+class RequireKey:
+    """ASGI middleware: every route but ``/health`` needs the API key (``Authorization: Bearer <key>``, or Basic
+    auth with the key as password, which is how a browser opening the chat page sends it).
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` passes every
+    chunk of a streamed reply through a memory stream and a task of its own.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root) :] if root and path.startswith(root) else path  # the path within the app
+        if route in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        presented = presented_key(authorization.decode("latin-1") if authorization is not None else None)
+        key = getattr(scope["app"].state, "api_key", None) if "app" in scope else None
+        if presented is None:
+            # the page is opened by a browser: ask it for the key (Basic auth, key as password)
+            challenge = 'Basic realm="rp_ray", charset="UTF-8"' if route in ("", "/") else "Bearer"
+            response = _error(
+                401,
+                "missing API key: send `Authorization: Bearer <key>`",
+                "authentication_error",
+                "missing_api_key",
+                {"WWW-Authenticate": challenge},
+            )
+        elif key is None or not key_matches(presented, key):
+            response = _error(401, "invalid API key", "authentication_error", "invalid_api_key")
+        else:
+            return await self.app(scope, receive, send)
+        await response(scope, receive, send)
+
+
 def make_fastapi() -> FastAPI:
     api = FastAPI(
         title="rp_ray chat",
@@ -67,25 +106,7 @@ def make_fastapi() -> FastAPI:
         description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
     )
 
-    @api.middleware("http")
-    async def require_key(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        key = getattr(request.app.state, "api_key", None)
-        presented = presented_key(request.headers.get("authorization"))
-        if presented is None:
-            # the page is opened by a browser: ask it for the key (Basic auth, key as password)
-            challenge = 'Basic realm="rp_ray", charset="UTF-8"' if request.url.path == "/" else "Bearer"
-            return _error(
-                401,
-                "missing API key: send `Authorization: Bearer <key>`",
-                "authentication_error",
-                "missing_api_key",
-                {"WWW-Authenticate": challenge},
-            )
-        if key is None or not key_matches(presented, key):
-            return _error(401, "invalid API key", "authentication_error", "invalid_api_key")
-        return await call_next(request)
+    api.add_middleware(RequireKey)
 
     @api.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):

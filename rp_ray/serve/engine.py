@@ -53,9 +53,9 @@ class ChatEngine:
     ) -> AsyncIterator[list[Delta]]:
         """Yield lists of deltas, one per choice that moved since the last message.
 
-        While streaming, deltas that arrive within ``stream_interval_s`` of the last message are merged by vLLM
-        into the next one, so a fast engine makes fewer, larger stream chunks; without streaming, one message
-        carries the whole reply.
+        While streaming, deltas that arrive within ``stream_interval_s`` of the last message that carried visible
+        text are merged by vLLM into the next one, so a fast engine makes fewer, larger stream chunks; without
+        streaming, one message carries the whole reply.
         """
         if adapter is not None and adapter not in self.loras:
             raise KeyError(f"adapter {adapter!r} is not served")
@@ -75,8 +75,8 @@ class ChatEngine:
                 )
                 for c in out.outputs
             ]
-            if interval and not out.finished:
-                await asyncio.sleep(interval)
+            if interval and not out.finished and any(c.text.strip() for c in out.outputs):
+                await asyncio.sleep(interval)  # never before the first visible text: it would delay the first token
 
     def cancel(self, request_id: str) -> None:
         """Stop generating for a request (its client went away, or its deadline passed)."""
