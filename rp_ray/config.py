@@ -325,7 +325,7 @@ class ServeConfig(VllmSettings):
         ge=0,
         le=1,
         description="Streamed tokens arriving within this interval "
-        "go out as one chunk (fewer messages through Serve); 0 = one chunk per engine step.",
+        "go out as one chunk (fewer, larger stream chunks); 0 = one chunk per engine step.",
     )
     api_key_env: str = Field("RP_RAY_API_KEY", description="Environment variable holding the bearer API key.")
     api_key_file: str | None = Field(None, description="File holding the API key (used when the variable is unset).")

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 SESSION_RAY_TMP = tempfile.mkdtemp(prefix="rpt", dir="/tmp")
 os.environ["RAY_TMPDIR"] = SESSION_RAY_TMP
 
-from rp_ray.cluster import free_port
+from rp_ray.cluster import SERVE_FAST_PATH_ENV, free_port
 from rp_ray.models import load_tokenizer, random_lora_adapter
 from rp_ray.template import get_template
 from rp_ray.tiny_model import build_tiny_model
@@ -136,6 +136,22 @@ def ray_env(ray_tmp: str) -> dict[str, str]:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
+    return env | SERVE_FAST_PATH_ENV | haproxy_env(Path(ray_tmp) / "haproxy")
+
+
+def haproxy_env(state: Path) -> dict[str, str]:
+    """Serve's HAProxy files and ports for one cluster: Ray's defaults (/tmp/haproxy-serve, ports 9101 and 8404) are
+    one per machine, and the tests run more than one cluster at once."""
+    files = {
+        "CONFIG_FILE_LOC": "haproxy.cfg",
+        "SOCKET_PATH": "admin.sock",
+        "METRICS_SOCKET_PATH": "metrics.sock",
+        "SERVER_STATE_FILE": "server-state",
+    }
+    env = {f"RAY_SERVE_HAPROXY_{k}": str(state / v) for k, v in files.items()}
+    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(state)
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     return env
 
 

@@ -29,6 +29,8 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from rp_ray.cluster import SERVE_FAST_PATH_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 SHARED = "/mnt/shared"
@@ -216,6 +218,8 @@ def test_token_auth_on_every_ray_start(raw):
     for cmds in (head, workers):
         start = _ray_start(cmds)
         assert re.search(r"export RAY_AUTH_MODE=token\b", start), start
+        for name, value in SERVE_FAST_PATH_ENV.items():  # Serve's HAProxy ingress on every node
+            assert re.search(rf"export .*\b{name}={value}\b", start), (name, start)
         assert "/venv/bin/ray start" in start, "the venv's ray, not whatever is on PATH"
         assert _index(cmds, "ray stop") < cmds.index(start)
     assert "--head" in _ray_start(head) and "--disable-usage-stats" in _ray_start(head)

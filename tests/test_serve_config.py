@@ -39,7 +39,7 @@ def test_repo_serve_configs_pass_rays_schema_and_ours():
         cfg = ServeConfig.model_validate(appl.args)
         # what each deployment runs with: the defaults in code, the config's entries over them
         options = merged_options(deployment_overrides(appl))
-        assert set(options) == {"ChatIngress", "ChatEngine"}
+        assert set(options) == {"ChatServer"}
         for name, opts in options.items():
             assert "max_ongoing_requests" in opts and "max_queued_requests" in opts, (p.name, name)
             assert opts["max_queued_requests"] > 0, (p.name, name)  # bounded: a full queue answers 503
@@ -48,7 +48,7 @@ def test_repo_serve_configs_pass_rays_schema_and_ours():
         assert {c.adapter for c in cards.values()} - {None} <= set(cfg.adapters), p.name
         check_cards(cards, served_adapters=cfg.adapters, reserved={cfg.base_name})
         if cfg.use_gpu:
-            eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatEngine")
+            eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatServer")
             assert eng["ray_actor_options"]["num_gpus"] == cfg.tensor_parallel_size
             assert eng["autoscaling_config"]["max_replicas"] > eng["autoscaling_config"]["min_replicas"]
 
@@ -61,7 +61,7 @@ def test_gpu_engine_concurrency_follows_from_max_num_seqs(path):
     appl = _app(path)
     cfg = ServeConfig.model_validate(appl.args)
     assert cfg.max_num_seqs is not None, f"{path.name}: set max_num_seqs; the engine's concurrency follows from it"
-    engine = merged_options(deployment_overrides(appl))["ChatEngine"]
+    engine = merged_options(deployment_overrides(appl))["ChatServer"]
     want = engine_concurrency(cfg.max_num_seqs)
     assert engine["max_ongoing_requests"] == want["max_ongoing_requests"] == cfg.max_num_seqs
     assert engine["autoscaling_config"]["target_ongoing_requests"] == want["target_ongoing_requests"]
@@ -76,14 +76,15 @@ def test_tiny_config_runs_the_defaults_so_run_local_deploys_what_serve_run_does(
 
 
 def test_config_options_replace_default_options_whole_as_serve_does():
-    merged = merged_options({"ChatEngine": {"ray_actor_options": {"num_gpus": 1}, "max_ongoing_requests": 8}})
-    engine, defaults = merged["ChatEngine"], DEPLOYMENT_DEFAULTS["ChatEngine"]
+    merged = merged_options({"ChatServer": {"ray_actor_options": {"num_gpus": 1}, "max_ongoing_requests": 8}})
+    engine, defaults = merged["ChatServer"], DEPLOYMENT_DEFAULTS["ChatServer"]
     assert engine["ray_actor_options"] == {"num_gpus": 1}  # not merged key by key: num_cpus is Ray's default again
     assert engine["max_ongoing_requests"] == 8
     assert engine["health_check_timeout_s"] == defaults["health_check_timeout_s"]
-    assert merged["ChatIngress"] == DEPLOYMENT_DEFAULTS["ChatIngress"]
-    merged["ChatIngress"]["ray_actor_options"]["num_cpus"] = 99
-    assert DEPLOYMENT_DEFAULTS["ChatIngress"]["ray_actor_options"]["num_cpus"] != 99  # copies, never the table
+    plain = merged_options()
+    assert plain == DEPLOYMENT_DEFAULTS
+    plain["ChatServer"]["ray_actor_options"]["num_cpus"] = 99
+    assert DEPLOYMENT_DEFAULTS["ChatServer"]["ray_actor_options"]["num_cpus"] != 99  # copies, never the table
 
 
 def test_load_serve_config_replaces_args_keys_and_the_port(tmp_path):
@@ -99,7 +100,7 @@ def test_load_serve_config_replaces_args_keys_and_the_port(tmp_path):
     raw = yaml.safe_load((REPO / "serve_configs" / "tiny_llama3.yaml").read_text(encoding="utf-8"))
     for change, match in [
         ({"deployments": [{"name": "Nope", "max_ongoing_requests": 1}]}, "'Nope' is not a deployment"),
-        ({"deployments": [{"name": "ChatEngine", "max_ongoing_requests": 0}]}, "not a valid serve config"),
+        ({"deployments": [{"name": "ChatServer", "max_ongoing_requests": 0}]}, "not a valid serve config"),
         ({"import_path": "other:app"}, "import_path 'other:app'"),
         ({"runtime_env": {"pip": ["x"]}}, "runtime_env"),
     ]:

