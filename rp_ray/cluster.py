@@ -31,6 +31,9 @@ CLUSTER_LOST_EXIT = 3
 # server, instead of Serve's Python proxy relaying every streamed chunk through Ray; replicas run their routes on
 # their main event loop. Measured with bench/serve_load.py (README: serving).
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# A private or test cluster has no load balancer in front that must notice a draining replica: deleting an app
+# need not wait Serve's default 30 s drain of direct-ingress replicas.
+LOCAL_SERVE_ENV = SERVE_FAST_PATH_ENV | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 _watch: dict[str, str] = {}  # the resume hint of the running job (set by ensure_ray, read by the watchdog)
 
 
@@ -46,7 +49,7 @@ def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command 
 
     A private cluster gets enough logical CPUs for the job's actors plus Ray Data, even on a 2-core box: the tiny
     workloads here oversubscribe happily. Token authentication stays at Ray's default (on for local clusters); a
-    private cluster runs Serve in its high-throughput mode (:data:`SERVE_FAST_PATH_ENV`) unless the environment
+    private cluster runs Serve in its high-throughput mode (:data:`LOCAL_SERVE_ENV`) unless the environment
     says otherwise. ``resume_hint`` completes the message printed if the cluster dies under the job.
     """
     _watch["hint"] = resume_hint
@@ -57,7 +60,7 @@ def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command 
         ray.init(address=address)
         log.info("joined the Ray cluster at %s", address)
     else:
-        for name, value in SERVE_FAST_PATH_ENV.items():
+        for name, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(name, value)  # inherited by the cluster's processes
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed) + 2))
         log.info("started a private local Ray cluster for this job")

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 SESSION_RAY_TMP = tempfile.mkdtemp(prefix="rpt", dir="/tmp")
 os.environ["RAY_TMPDIR"] = SESSION_RAY_TMP
 
-from rp_ray.cluster import SERVE_FAST_PATH_ENV, free_port
+from rp_ray.cluster import LOCAL_SERVE_ENV, free_port
 from rp_ray.models import load_tokenizer, random_lora_adapter
 from rp_ray.template import get_template
 from rp_ray.tiny_model import build_tiny_model
@@ -136,7 +136,7 @@ def ray_env(ray_tmp: str) -> dict[str, str]:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    return env | SERVE_FAST_PATH_ENV | haproxy_env(Path(ray_tmp) / "haproxy")
+    return env | LOCAL_SERVE_ENV | haproxy_env(Path(ray_tmp) / "haproxy")
 
 
 def haproxy_env(state: Path) -> dict[str, str]:
