@@ -319,7 +319,7 @@ def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_d
         "lorebooks": {"aoi": str(fixtures / "world_info.json")},
         "scenes": {"haruhi": "scenes/h.jsonl", "aoi": "scenes"},
     }
-    _, conf, cards, personas = build_app(args)._bound_deployment.init_args
+    conf, _, cards, personas = build_app(args)._bound_deployment.init_args  # (config, adapter dirs, cards, personas)
     assert conf["card_registry"] == str(tmp_path / "reg") and conf["scenes"]["haruhi"] == str(
         tmp_path / "scenes/h.jsonl"
     )
