@@ -264,7 +264,9 @@ def run_one(server: str, work: Path, a: argparse.Namespace) -> dict:
     env = {**os.environ, "RP_RAY_BENCH_KEY": KEY}
     env.pop("RAY_ADDRESS", None)
     if a.ray_proxy == "haproxy":
-        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+        from rp_ray.cluster import LOCAL_SERVE_ENV
+
+        env |= LOCAL_SERVE_ENV  # what ensure_ray gives a private cluster
     out = work / f"{server}.json"
     cmd = [sys.executable, __file__, "--one", server, "--work", str(work), "--out", str(out)]
     cmd += ["--clients", str(a.clients), "--requests", str(a.requests), "--max-tokens", str(a.max_tokens)]

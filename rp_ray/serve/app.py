@@ -330,7 +330,7 @@ class ChatServer:
 
     async def _peek(self, gen: AsyncIterator[list[Delta]], cancel: Callable[[], None], deadline: float):
         """Await the engine's first output before any response starts, so a refused request still gets its
-        4xx/503/504; then every delta, the first output's included."""
+        4xx/504; then every delta, the first output's included."""
         try:
             first = [await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())]
         except StopAsyncIteration:

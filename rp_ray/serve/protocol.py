@@ -1,5 +1,5 @@
 """Typed messages of the API: the OpenAI wire types (chat and text completions, vLLM's tokenize/detokenize), the
-request limits, OpenAI-style errors, and what crosses the Ray handle between the ingress and the engine
+request limits, OpenAI-style errors, and what passes between the routes and the engine they call in-process
 (``ChatSampling`` in, ``Delta`` out).
 
 Unknown request fields are ignored (official clients and SillyTavern send optional extras), but every known field is
@@ -132,7 +132,7 @@ Prompt = Annotated[
 
 
 class ChatSampling(BaseModel):
-    """How one request samples: resolved by the ingress, sent to the engine deployment through the Ray handle."""
+    """How one request samples: resolved by the routes from the request, handed to the engine with the prompt."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     n: int = Field(1, ge=1)
@@ -158,7 +158,7 @@ class ChatSampling(BaseModel):
 
     def to_sampling_params(self):
         """vLLM ``SamplingParams``: deltas when streaming, else the end only. Chat keeps special tokens (gpt-oss
-        channels are parsed by the ingress, never shown); text completions skip them unless asked."""
+        channels are parsed by the routes, never shown); text completions skip them unless asked."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

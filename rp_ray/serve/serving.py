@@ -134,7 +134,7 @@ class TextChoice:
 
 
 class ChatServing:
-    """Chat and text completions for one serve config and its characters (the ingress holds one): ``cards`` are
+    """Chat and text completions for one serve config and its characters (the app's replica holds one): ``cards`` are
     the characters of characters_file, ``personas`` the plain data ``personas.load_personas`` gave (imported cards,
     lorebooks, scene corpora)."""
 
