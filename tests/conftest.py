@@ -86,24 +86,40 @@ def _run_from_repo_root():
     os.chdir(old)
 
 
-def kill_ray_processes(ray_tmp: str) -> int:
-    """SIGKILL every process whose command line names ``ray_tmp`` (one Ray cluster's processes; `ray stop` would stop
-    every Ray cluster on the machine); returns how many were killed."""
+def kill_ray_processes(ray_tmp: str, spare: frozenset[int] = frozenset()) -> int:
+    """SIGKILL every process of the Ray cluster living under ``ray_tmp`` (`ray stop` would stop every Ray cluster on
+    the machine) except the pids in ``spare``; returns how many were killed.
+
+    A process belongs to it when its command line names ``ray_tmp`` (raylet, GCS) or one of its open files lies under
+    it: Ray's agents rename themselves (``ray::DashboardAgent``) and keep only their log files there, and left alive
+    they spin on a dead raylet, taking CPU from every later test."""
     killed = 0
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in spare:
             continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if ray_tmp in cmd:
+        if _in_ray_tmp(Path("/proc", pid), ray_tmp):
             try:
                 os.kill(int(pid), signal.SIGKILL)
                 killed += 1
             except OSError:
                 pass
     return killed
+
+
+def _in_ray_tmp(proc: Path, ray_tmp: str) -> bool:
+    try:
+        if ray_tmp in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            return True
+        fds = list((proc / "fd").iterdir())
+    except OSError:  # the process ended while we looked
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(ray_tmp + "/"):
+                return True
+        except OSError:  # that fd closed meanwhile
+            continue
+    return False
 
 
 def ray_start_args(num_cpus: int) -> list[str]:

@@ -33,24 +33,29 @@ TRAIN = [
 def test_two_embedded_jobs_at_once_both_finish(tiny_llama3, tmp_path):
     """Two jobs started together on one machine, with no `ray start` cluster: each starts and keeps its own, and
     neither rides on the other's (which would die with it)."""
-    procs = []
-    for name in ("a", "b"):
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path / name}", "max_steps=2"],
-                cwd=REPO,
-                env=ray_env(tempfile.mkdtemp(prefix="rt", dir="/tmp")),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+    tmps = [tempfile.mkdtemp(prefix="rt", dir="/tmp") for _ in "ab"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *TRAIN, f"model.path={tiny_llama3}", f"output_dir={tmp_path / name}", "max_steps=2"],
+            cwd=REPO,
+            env=ray_env(tmp),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-    for name, p in zip("ab", procs):
-        out, _ = p.communicate(timeout=1800)
-        assert p.returncode == 0, f"job {name}:\n{out[-4000:]}"
-        assert "started a private local Ray cluster" in out, out[-2000:]
-        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
-        assert (tmp_path / name / "training_summary.json").is_file()
+        for name, tmp in zip("ab", tmps)
+    ]
+    try:
+        for name, p in zip("ab", procs):
+            out, _ = p.communicate(timeout=1800)
+            assert p.returncode == 0, f"job {name}:\n{out[-4000:]}"
+            assert "started a private local Ray cluster" in out, out[-2000:]
+            assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
+            assert (tmp_path / name / "training_summary.json").is_file()
+    finally:
+        for p, tmp in zip(procs, tmps):
+            p.kill()
+            kill_ray_processes(tmp)  # whatever the private clusters left behind (agents outlive their raylet)
 
 
 @pytest.mark.slow
@@ -85,7 +90,7 @@ def test_job_whose_cluster_is_killed_exits_non_zero_with_a_clear_message(tiny_ll
             assert time.monotonic() - t0 < 900, "".join(lines[-50:])
         assert any("joined the Ray cluster" in x for x in lines), "".join(lines[-50:])
     finally:
-        kill_ray_processes(ray_tmp)
+        kill_ray_processes(ray_tmp, spare=frozenset({job.pid}))  # the job itself must see it and exit
     out, _ = job.communicate(timeout=600)
     text = "".join(lines) + out
     assert job.returncode == CLUSTER_LOST_EXIT, text[-4000:]
