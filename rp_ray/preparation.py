@@ -2,9 +2,9 @@
 
 Training (``rp_ray.train``), evaluation (``rp_ray.eval``) and ``rp-ray data`` all call :func:`prepare`, so a bad
 model path or a bad dataset fails the same way, before any Ray work, and the data report is written the same way.
-:class:`SupervisedEncoder` is the one loop that turns conversations into training ids and labels: training runs
-it as a Ray Data ``map_batches`` callable, and ``rp-ray data`` runs it on the same batches in-process to report
-the statistics of exactly what training will see.
+:class:`SupervisedEncoder` is the one loop that turns conversations into training ids and labels; training and
+``rp-ray data`` both run it through :func:`encode_locally`, so the report gives the statistics of exactly what
+training will see.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class SupervisedEncoder:
     """Conversations -> ``input_ids`` / ``labels`` with the model's template: the one supervised encoding loop.
 
     Called on pandas batches with ``idx`` and ``conv`` (JSON) columns; adds ``input_ids``, ``labels``,
-    ``n_tokens``, ``n_label_tokens`` and ``truncated``. Ray Data builds one per actor from the constructor args.
+    ``n_tokens``, ``n_label_tokens`` and ``truncated``.
     """
 
     def __init__(self, model_path: str, template: str, cutoff_len: int, enable_thinking: bool):
@@ -134,7 +134,10 @@ class EncodeStats:
 def encode_locally(
     model: ModelConfig, cutoff_len: int, convs: list[Conversation], batch_size: int = 256
 ) -> tuple[list[dict[str, list[int]]], EncodeStats]:
-    """Run :class:`SupervisedEncoder` in this process over ``convs`` (what training runs in Ray Data), with stats."""
+    """Run :class:`SupervisedEncoder` in this process over ``convs``: rows (``idx``, ``input_ids``, ``labels``) and
+    their statistics. Training encodes its split with it in the driver, which has the tokenizer loaded already (a
+    Ray Data actor pool of one cost 8-9 s of process start and tokenizer load per run, for no parallelism), then
+    hands the rows to the workers through Ray Data; ``rp-ray data`` reports the same statistics."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -146,7 +149,10 @@ def encode_locally(
         for start in range(0, len(items), batch_size):
             out = enc(pd.DataFrame(items[start : start + batch_size]))
             stats.add(out)
-            rows += [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
+            rows += [
+                {"idx": int(k), "input_ids": i, "labels": lab}
+                for k, i, lab in zip(out["idx"], out["input_ids"], out["labels"])
+            ]
             bar.update(len(out))
     stats.seconds = time.perf_counter() - t0
     return rows, stats

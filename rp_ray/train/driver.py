@@ -1,7 +1,7 @@
 """The driver side of a training run: data through Ray Data, a TorchTrainer, and the run's outputs.
 
-``run_training(cfg)`` validates and reports the data, encodes it in Ray Data,
-shards it to the workers (deterministic equal shards), runs
+``run_training(cfg)`` validates and reports the data, encodes it (in the driver, which holds the tokenizer), hands
+the rows to every worker through Ray Data, runs
 ``train_loop_per_worker`` under Ray Train with checkpointing and fault tolerance,
 then copies the final adapter out and writes the training summary and loss plot.
 """
@@ -21,7 +21,7 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
-from rp_ray.preparation import SupervisedEncoder, absolute_paths, conversation_items, prepare
+from rp_ray.preparation import absolute_paths, encode_locally, prepare
 from rp_ray.train.summary import write_summary
 from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
 
@@ -71,23 +71,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         resume_hint=f"rerun with run_name={name} (and the same storage_path) to continue from its last checkpoint",
     )
     t0 = time.perf_counter()
-    ds = (
-        ray.data.from_items(conversation_items(train))
-        .map_batches(
-            SupervisedEncoder,
-            fn_constructor_kwargs=dict(
-                model_path=cfg.model.path,
-                template=cfg.model.template,
-                cutoff_len=cfg.data.cutoff_len,
-                enable_thinking=cfg.model.enable_thinking,
-            ),
-            batch_size=256,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=1),
-        )
-        .materialize()
-    )
-    log.info("encoded %d conversations in %.1fs", len(train), time.perf_counter() - t0)
+    rows, stats = encode_locally(cfg.model, cfg.data.cutoff_len, train)
+    ds = ray.data.from_items(rows)
+    log.info("encoded %s", stats.summary())
 
     trainer = TorchTrainer(
         train_loop_per_worker,
