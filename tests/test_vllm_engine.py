@@ -17,6 +17,7 @@ from rp_ray.vllm_engine import (
     GPU_MAX_NUM_BATCHED_TOKENS,
     GPU_MAX_NUM_SEQS,
     ZERO_ADAPTER,
+    cpu_executor_kwargs,
     engine_env,
     engine_kwargs,
     lora_crossing_workaround,
@@ -69,6 +70,25 @@ def test_building_engine_args_leaves_the_environment_alone(monkeypatch):
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     assert engine_env(VllmSettings(cpu_kv_cache_gib=3)) == {"VLLM_CPU_KVCACHE_SPACE": "3"}
     assert engine_env(GPU) == {}
+
+
+def test_cpu_engines_of_eval_and_serving_run_the_cpu_executor():
+    """Single-device CPU engines, eval's and the chat engine, run the model in the engine process with the grouped
+    LoRA kernels; GPU engines and CPU tensor parallelism keep vLLM's own executor."""
+    from rp_ray.config import EvalConfig, ServeConfig
+    from rp_ray.cpu_executor import CpuExecutor
+    from rp_ray.eval.engines import async_engine_kwargs
+    from rp_ray.serve.engine import chat_engine_kwargs
+
+    assert cpu_executor_kwargs(CPU) == {"distributed_executor_backend": CpuExecutor}
+    assert cpu_executor_kwargs(GPU) == {} and cpu_executor_kwargs(VllmSettings(tensor_parallel_size=2)) == {}
+    model = {"path": "m", "template": "llama3"}
+    chat = chat_engine_kwargs(ServeConfig(model=model, max_loras=2), {"a1": "x", "a2": "y", ZERO_ADAPTER: "z"})
+    assert chat["distributed_executor_backend"] is CpuExecutor
+    assert (chat["max_loras"], chat["max_cpu_loras"]) == (2, 3) and chat["enable_lora"]
+    assert "distributed_executor_backend" not in chat_engine_kwargs(ServeConfig(model=model, use_gpu=True), {})
+    ev = async_engine_kwargs(EvalConfig(model=model), "m", 2, 1024)
+    assert ev["distributed_executor_backend"] is CpuExecutor and ev["compilation_config"] == {"mode": 0}
 
 
 @pytest.mark.parametrize("seqs", [0, -1])

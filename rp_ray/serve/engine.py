@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from rp_ray.config import ServeConfig
 from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
@@ -32,6 +33,15 @@ from rp_ray.vllm_engine import (
 log = logging.getLogger(__name__)
 
 
+def chat_engine_kwargs(cfg: ServeConfig, adapter_dirs: dict[str, str]) -> dict[str, Any]:
+    """``AsyncEngineArgs`` of the chat engine serving ``adapter_dirs`` (the zero adapter included, on CPU): the
+    shared :func:`~rp_ray.vllm_engine.engine_kwargs`, every adapter loadable (CPU-side) with at most ``max_loras``
+    resident in one batch, and on a single-device CPU engine :func:`~rp_ray.vllm_engine.cpu_executor_kwargs`."""
+    kwargs = engine_kwargs(cfg.model.path, cfg, cfg.model.dtype, cfg.max_model_len, len(adapter_dirs), cfg.seed)
+    loras = {"max_loras": min(cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(adapter_dirs))}
+    return kwargs | loras | cpu_executor_kwargs(cfg)
+
+
 class ChatEngine:
     """One ``AsyncLLM`` with the served adapters (and, on CPU, the zero adapter) registered."""
 
@@ -45,13 +55,7 @@ class ChatEngine:
         dirs = with_zero_adapter(adapter_dirs, self.cfg, Path(self._tmp))
         self.loras = lora_requests(dirs)
         apply_engine_env(self.cfg)
-        kwargs = engine_kwargs(
-            self.cfg.model.path, self.cfg, self.cfg.model.dtype, self.cfg.max_model_len, len(dirs), self.cfg.seed
-        )
-        # every adapter stays loadable (CPU-side); at most max_loras of them are resident in one batch
-        loras = {"max_loras": min(self.cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(dirs))}
-        args = AsyncEngineArgs(**kwargs | loras | cpu_executor_kwargs(self.cfg))
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**chat_engine_kwargs(self.cfg, dirs)))
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
     async def generate(
