@@ -8,9 +8,11 @@ import argparse
 import tempfile
 import time
 
-from rp_ray.config import DataConfig, ModelConfig
+from rp_ray.config import DataConfig
 from rp_ray.data import load_splits
-from rp_ray.preparation import encode_locally
+from rp_ray.models import load_tokenizer
+from rp_ray.preparation import encode_split
+from rp_ray.template import get_template
 from rp_ray.tiny_model import build_tiny_model
 
 
@@ -27,7 +29,8 @@ def main() -> None:
         t0 = time.perf_counter()
         train, val, report = load_splits(DataConfig(dataset_dir=a.data, cutoff_len=a.cutoff_len))
         t1 = time.perf_counter()
-        _, stats = encode_locally(ModelConfig(path=d, template=a.family), a.cutoff_len, train)
+        tpl = get_template(a.family)
+        _, stats = encode_split(load_tokenizer(d, tpl), tpl, train, a.cutoff_len)
         t2 = time.perf_counter()
     print(report.summary())
     print(f"load+validate: {t1 - t0:.2f} s ({len(train)} train + {len(val)} val conversations)")

@@ -13,7 +13,7 @@ from rp_ray import config as cfgmod
 from rp_ray.character import card as cardmod
 from rp_ray.character import prompt, scenes
 from rp_ray.cluster import wait_for_job_agent
-from rp_ray.preparation import absolute_paths, encode_locally, prepare
+from rp_ray.preparation import absolute_paths, encode_split, prepare
 
 DEFAULT_REGISTRY = "outputs/characters"
 KINDS = {"train": cfgmod.TrainConfig, "eval": cfgmod.EvalConfig, "serve": cfgmod.ServeConfig}
@@ -63,7 +63,7 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
 def cmd_data(a: argparse.Namespace) -> None:
     cfg = absolute_paths(cfgmod.load_config(cfgmod.TrainConfig, a.config, a.overrides))
     prep = prepare(cfg.model, cfg.data, a.out, need=())
-    _, stats = encode_locally(cfg.model, cfg.data.cutoff_len, prep.train)
+    _, stats = encode_split(prep.tok, prep.tpl, prep.train, cfg.data.cutoff_len, cfg.model.enable_thinking)
     print(prep.report_path.with_suffix(".txt").read_text(encoding="utf-8"), end="")
     print(f"train encoded: {stats.summary()}")
     print(f"data report: {prep.report_path}")

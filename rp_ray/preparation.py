@@ -2,14 +2,12 @@
 
 Training (``rp_ray.train``), evaluation (``rp_ray.eval``) and ``rp-ray data`` all call :func:`prepare`, so a bad
 model path or a bad dataset fails the same way, before any Ray work, and the data report is written the same way.
-:class:`SupervisedEncoder` is the one loop that turns conversations into training ids and labels; training and
-``rp-ray data`` both run it through :func:`encode_locally`, so the report gives the statistics of exactly what
-training will see.
+:func:`encode_split` is the one loop that turns conversations into training ids and labels; training and
+``rp-ray data`` both run it, so the report gives the statistics of exactly what training will see.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -72,38 +70,6 @@ def prepare(model: ModelConfig, data: DataConfig, report_dir: str | Path, need: 
     return Prepared(tok, tpl, train, val, report_path)
 
 
-def conversation_items(convs: list[Conversation]) -> list[dict[str, Any]]:
-    """Rows for :class:`SupervisedEncoder`: the conversation index and the conversation as JSON."""
-    return [{"idx": i, "conv": json.dumps(c.to_dict(), ensure_ascii=False)} for i, c in enumerate(convs)]
-
-
-class SupervisedEncoder:
-    """Conversations -> ``input_ids`` / ``labels`` with the model's template: the one supervised encoding loop.
-
-    Called on pandas batches with ``idx`` and ``conv`` (JSON) columns; adds ``input_ids``, ``labels``,
-    ``n_tokens``, ``n_label_tokens`` and ``truncated``.
-    """
-
-    def __init__(self, model_path: str, template: str, cutoff_len: int, enable_thinking: bool):
-        self.tpl = get_template(template)
-        self.tok = load_tokenizer(model_path, self.tpl)
-        self.cutoff_len, self.thinking = cutoff_len, enable_thinking
-
-    def __call__(self, batch):
-        ids, labels = [], []
-        for raw in batch["conv"]:
-            conv = Conversation.from_dict(json.loads(raw))
-            i, lab = encode_supervised(self.tok, self.tpl, conv, self.cutoff_len, self.thinking)
-            ids.append(i)
-            labels.append(lab)
-        out = batch[["idx"]].copy()
-        out["input_ids"], out["labels"] = ids, labels
-        out["n_tokens"] = [len(i) for i in ids]
-        out["n_label_tokens"] = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in labels]
-        out["truncated"] = [len(i) >= self.cutoff_len for i in ids]
-        return out
-
-
 @dataclass
 class EncodeStats:
     """What supervised encoding of a split produced."""
@@ -115,13 +81,13 @@ class EncodeStats:
     max_len: int = 0
     seconds: float = 0.0
 
-    def add(self, batch) -> None:
-        """Account for one output batch of :class:`SupervisedEncoder`."""
-        self.examples += len(batch)
-        self.tokens += int(batch["n_tokens"].sum())
-        self.label_tokens += int(batch["n_label_tokens"].sum())
-        self.truncated += int(batch["truncated"].sum())
-        self.max_len = max(self.max_len, int(batch["n_tokens"].max()) if len(batch) else 0)
+    def add(self, ids: list[int], labels: list[int], cutoff_len: int) -> None:
+        """Account for one encoded conversation."""
+        self.examples += 1
+        self.tokens += len(ids)
+        self.label_tokens += sum(1 for x in labels if x != IGNORE_INDEX)
+        self.truncated += len(ids) >= cutoff_len
+        self.max_len = max(self.max_len, len(ids))
 
     def summary(self) -> str:
         mean = self.tokens / self.examples if self.examples else 0
@@ -131,28 +97,22 @@ class EncodeStats:
         )
 
 
-def encode_locally(
-    model: ModelConfig, cutoff_len: int, convs: list[Conversation], batch_size: int = 256
-) -> tuple[list[dict[str, list[int]]], EncodeStats]:
-    """Run :class:`SupervisedEncoder` in this process over ``convs``: rows (``idx``, ``input_ids``, ``labels``) and
-    their statistics. Training encodes its split with it in the driver, which has the tokenizer loaded already (a
-    Ray Data actor pool of one cost 8-9 s of process start and tokenizer load per run, for no parallelism), then
-    hands the rows to the workers through Ray Data; ``rp-ray data`` reports the same statistics."""
-    import pandas as pd
+def encode_split(
+    tok: Any, tpl: Template, convs: list[Conversation], cutoff_len: int, enable_thinking: bool = False
+) -> tuple[list[dict[str, Any]], EncodeStats]:
+    """The one supervised encoding loop: ``convs`` -> rows (``idx``, ``input_ids``, ``labels``) and their statistics.
+
+    Training runs it in the driver with the tokenizer :func:`prepare` loaded, then hands the rows to the workers
+    through Ray Data (a Ray Data actor pool of one cost 8-9 s of process start and tokenizer load per run, for no
+    parallelism); ``rp-ray data`` reports the statistics of exactly what training will see.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    enc = SupervisedEncoder(model.path, model.template, cutoff_len, model.enable_thinking)
-    items = conversation_items(convs)
     stats, rows = EncodeStats(), []
-    with tqdm(total=len(items), desc="encode", unit="conv", mininterval=2.0, disable=len(items) < 2000) as bar:
-        for start in range(0, len(items), batch_size):
-            out = enc(pd.DataFrame(items[start : start + batch_size]))
-            stats.add(out)
-            rows += [
-                {"idx": int(k), "input_ids": i, "labels": lab}
-                for k, i, lab in zip(out["idx"], out["input_ids"], out["labels"])
-            ]
-            bar.update(len(out))
+    for idx, conv in enumerate(tqdm(convs, desc="encode", unit="conv", mininterval=2.0, disable=len(convs) < 2000)):
+        ids, labels = encode_supervised(tok, tpl, conv, cutoff_len, enable_thinking)
+        stats.add(ids, labels, cutoff_len)
+        rows.append({"idx": idx, "input_ids": ids, "labels": labels})
     stats.seconds = time.perf_counter() - t0
     return rows, stats

@@ -21,7 +21,7 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
-from rp_ray.preparation import absolute_paths, encode_locally, prepare
+from rp_ray.preparation import absolute_paths, encode_split, prepare
 from rp_ray.train.summary import write_summary
 from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
 
@@ -71,7 +71,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         resume_hint=f"rerun with run_name={name} (and the same storage_path) to continue from its last checkpoint",
     )
     t0 = time.perf_counter()
-    rows, stats = encode_locally(cfg.model, cfg.data.cutoff_len, train)
+    rows, stats = encode_split(prep.tok, prep.tpl, train, cfg.data.cutoff_len, cfg.model.enable_thinking)
     ds = ray.data.from_items(rows)
     log.info("encoded %s", stats.summary())
 
