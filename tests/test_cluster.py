@@ -26,6 +26,7 @@ TRAIN = [
     "data.cutoff_len=128",
     "checkpoint_every_steps=100",
     "per_device_batch_size=2",
+    "num_workers=1",  # what is under test is the cluster a job runs on, not data parallelism
 ]
 
 

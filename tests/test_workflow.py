@@ -1,8 +1,8 @@
 """The whole workflow as a user runs it against a real local cluster (`ray start --head`, token auth on):
 
 1. `ray job submit -- python jobs/train.py --config jobs/configs/tiny_llama3.yaml ...`  -> an adapter
-2. `ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml adapters.tuned=<it>` -> scores
-3. `serve deploy <serve config naming the new adapter>`                              -> the chat app
+2. `serve deploy <serve config naming the new adapter>`                              -> the chat app, starting
+3. `ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml adapters.tuned=<it>` -> scores
 4. `python jobs/chat.py --model haruhi ...` (the official `openai` client), then `serve shutdown`.
 
 It runs on a `ray start` cluster of its own, not the session's: `serve deploy` makes the deployed config the
@@ -80,33 +80,8 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (train_out / "training_summary.json").is_file() and (train_out / "loss.png").is_file()
 
-    # 2. evaluation job: base vs the new adapter on 20 val rows
-    r = cli(
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        dash,
-        "--",
-        "python",
-        "jobs/eval.py",
-        "--config",
-        "jobs/configs/eval_tiny_llama3.yaml",
-        f"model.path={tiny_llama3}",
-        "adapters={}",
-        f"adapters.tuned={adapter}",
-        f"output_dir={eval_out}",
-        "data.max_samples=20",
-        "sampling.max_new_tokens=16",
-        "shard_size=10",
-    )
-    assert "succeeded" in r.stdout + r.stderr
-    for run in ("base", "tuned"):
-        res = json.loads((eval_out / run / "predict_results.json").read_text())
-        assert res["n_total"] == 20 and res["n_scored"] == 20 and "predict_bleu-4" in res
-        assert len((eval_out / run / "generated_predictions.jsonl").read_text().splitlines()) == 20
-
-    # 3. serve deploy: the shipped tiny config, pointed at the new adapter, on a free port
+    # 2. serve deploy: the shipped tiny config, pointed at the new adapter, on a free port. `serve deploy` returns
+    # once the config is accepted; the app starts while the evaluation job runs, as a user's would
     key = secrets.token_hex(16)
     (tmp_path / "api_key").write_text(key)
     conf = yaml.safe_load((REPO / "serve_configs/tiny_llama3.yaml").read_text(encoding="utf-8"))
@@ -123,6 +98,32 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
     deploy.write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
     cli("serve", "deploy", "--address", dash, str(deploy))
     try:
+        # 3. evaluation job: base vs the new adapter on 20 val rows
+        r = cli(
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            dash,
+            "--",
+            "python",
+            "jobs/eval.py",
+            "--config",
+            "jobs/configs/eval_tiny_llama3.yaml",
+            f"model.path={tiny_llama3}",
+            "adapters={}",
+            f"adapters.tuned={adapter}",
+            f"output_dir={eval_out}",
+            "data.max_samples=20",
+            "sampling.max_new_tokens=16",
+            "shard_size=10",
+        )
+        assert "succeeded" in r.stdout + r.stderr
+        for run in ("base", "tuned"):
+            res = json.loads((eval_out / run / "predict_results.json").read_text())
+            assert res["n_total"] == 20 and res["n_scored"] == 20 and "predict_bleu-4" in res
+            assert len((eval_out / run / "generated_predictions.jsonl").read_text().splitlines()) == 20
+
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
         while True:

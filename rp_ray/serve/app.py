@@ -28,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve import RunTarget
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -402,25 +403,53 @@ def deploy_config(
     *,
     host: str | None = None,
     port: int | None = None,
+    wait: bool = True,
 ) -> str:
     """Deploy a serve config (a YAML file or its dict) on the connected Ray cluster as ``serve run <config>`` does,
     with keys of its ``args`` replaced by ``args`` and its HTTP host/port by ``host``/``port``; the base URL.
 
     The config is validated with Ray's ``ServeDeploySchema``, Serve is started with its proxy location and HTTP
-    options, and each application runs with its ``deployments:`` options over the defaults.
+    options, and each application runs with its ``deployments:`` options over the defaults. With ``wait=False`` it
+    returns once Serve has the applications, while their replicas start (as ``serve deploy`` does), so other work
+    can overlap the engine's start-up; :func:`wait_until_running` then waits for them.
     """
     schema = load_serve_config(config, args, host=host, port=port)
     http = schema.http_options
     serve.start(proxy_location=schema.proxy_location, http_options=http.model_dump())
-    for appl in schema.applications:
-        extra = {"logging_config": appl.logging_config} if "logging_config" in appl.model_fields_set else {}
-        serve.run(
-            bind_app(appl.args, deployment_overrides(appl)), name=appl.name, route_prefix=appl.route_prefix, **extra
+    targets = [
+        RunTarget(
+            bind_app(appl.args, deployment_overrides(appl)),
+            name=appl.name,
+            route_prefix=appl.route_prefix,
+            logging_config=appl.logging_config if "logging_config" in appl.model_fields_set else None,
         )
+        for appl in schema.applications
+    ]
+    serve.run_many(targets, wait_for_applications_running=wait)
     running = serve_http_options()  # Serve keeps the HTTP options it was first started with
     host_ = "127.0.0.1" if running.host in ("0.0.0.0", "::", "") else running.host
     prefix = (schema.applications[0].route_prefix or "/").rstrip("/") if schema.applications else ""
     return f"http://{host_}:{running.port}{prefix}"
+
+
+def wait_until_running(names: list[str], timeout_s: float = 900.0, poll_s: float = 1.0) -> None:
+    """Wait until every named Serve application is RUNNING.
+
+    Raises ``RuntimeError`` with Serve's message when one fails to deploy (a bad adapter folder, an engine that
+    cannot start), and ``TimeoutError`` naming the applications still starting after ``timeout_s``.
+    """
+    t0 = time.monotonic()
+    while True:
+        apps = serve.status().applications
+        statuses = {n: apps[n].status.value if n in apps else "NOT_DEPLOYED" for n in names}
+        failed = {n: apps[n].message for n, st in statuses.items() if st == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError("; ".join(f"Serve application {n!r} failed to deploy: {m}" for n, m in failed.items()))
+        if all(st == "RUNNING" for st in statuses.values()):
+            return
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"Serve applications not RUNNING after {timeout_s:.0f} s: {statuses}")
+        time.sleep(poll_s)
 
 
 def serve_http_options() -> Any:
@@ -432,15 +461,22 @@ def serve_http_options() -> Any:
 
 
 def run_local(
-    cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "rp_ray", route_prefix: str = "/"
+    cfg: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "rp_ray",
+    route_prefix: str = "/",
+    wait: bool = True,
 ) -> str:
     """Deploy the app for ``cfg`` with the default deployment options (what ``serve run`` of a serve config
-    without ``deployments:`` overrides, such as serve_configs/tiny_llama3.yaml, deploys); its base URL."""
+    without ``deployments:`` overrides, such as serve_configs/tiny_llama3.yaml, deploys); its base URL.
+    ``wait=False``: return while the app starts (see :func:`deploy_config`)."""
     return deploy_config(
         {
             "http_options": {"host": host, "port": port},
             "applications": [
                 {"name": name, "route_prefix": route_prefix, "import_path": APP_IMPORT_PATH, "args": cfg.model_dump()}
             ],
-        }
+        },
+        wait=wait,
     )

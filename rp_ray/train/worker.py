@@ -186,6 +186,23 @@ def _fmt_eta(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def join_deepspeed(world: World) -> None:
+    """DeepSpeed adopts the process group that is already up (Ray Train's, or one started the way ``torchrun`` does),
+    without compiling its shared-memory all-reduce op.
+
+    On CPU, ``deepspeed.init_distributed`` JIT-compiles that C++ op (``deepspeed_shm_comm``): about 35 s on 2 cores,
+    once per virtualenv, under a lock file that an interrupted build leaves behind for every later build to wait on.
+    Only DeepSpeed inference's tensor-parallel all-reduce (``inference_all_reduce``) uses it, and that falls back to
+    ``torch.distributed.all_reduce`` without it; training's collectives never touch it, so no result changes.
+    DeepSpeed reads its table of compatible ops (one module-level dict) when it would build the op.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
+
+
 def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: bool):
     """DeepSpeed engine and LR scheduler around a peft model (AdamW on the LoRA weights, cosine with warmup).
 
@@ -195,7 +212,7 @@ def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: 
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
+    join_deepspeed(world)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
@@ -210,30 +227,8 @@ def build_engine(cfg: TrainConfig, model, total_steps: int, world: World, bf16: 
     return engine, scheduler
 
 
-# A torch C++ extension build holds a lock file while it compiles (DeepSpeed's CPU shared-memory op: about a minute,
-# once per machine); a build killed midway leaves the file behind and every later build waits on it forever.
-STALE_BUILD_LOCK_S = 900
-
-
-def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
-    """Remove the build lock of torch extension ``name`` when it is older than any build takes; True if removed."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < max_age_s:
-        return False
-    log.warning("removing %s: left %.0f s ago by a build that was interrupted", lock, age)
-    lock.unlink(missing_ok=True)
-    return True
-
-
 def setup(cfg: TrainConfig, world: World, total_steps: int):
     """Model and DeepSpeed engine for this rank: (engine, scheduler). The same LoRA init on every rank."""
-    import deepspeed
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -241,8 +236,7 @@ def setup(cfg: TrainConfig, world: World, total_steps: int):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     # join DeepSpeed to the process group before ZeRO-3's zero.Init partitions the weights while they load
-    clear_stale_build_lock()
-    deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
+    join_deepspeed(world)
     hf_ds = None
     if cfg.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
