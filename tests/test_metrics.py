@@ -33,7 +33,7 @@ def llama_factory_reference(pred: str, label: str) -> dict[str, float]:
     return out
 
 
-def test_design_golden_case():
+def test_llama_factory_golden_pair():
     """The numbers LLaMA-Factory 0.9.5 reports for this pair (compute_metrics: jieba + rouge-chinese, nltk BLEU-4)."""
     assert score_pair("哼，阿虚你又迟到了！", "阿虚，你怎么又迟到了？") == {
         "bleu-4": 30.3744,
