@@ -50,6 +50,13 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return r
 
 
+def submit_job(dash: str, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit --address <dashboard> -- python <script> <args>`, as the README tells users; it must succeed."""
+    r = cli("ray", "job", "submit", "--address", dash, "--", "python", script, *args)
+    assert "succeeded" in r.stdout + r.stderr
+    return r
+
+
 def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_path):
     train_out, eval_out = tmp_path / "train", tmp_path / "eval"
 
@@ -58,14 +65,8 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
     assert "accepts jobs" in r.stdout
 
     # 1. training job
-    r = cli(
-        "ray",
-        "job",
-        "submit",
-        "--address",
+    r = submit_job(
         dash,
-        "--",
-        "python",
         "jobs/train.py",
         "--config",
         "jobs/configs/tiny_llama3.yaml",
@@ -74,7 +75,6 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
         "max_steps=4",
         "data.cutoff_len=256",
     )
-    assert "succeeded" in r.stdout + r.stderr
     adapter = train_out / "adapter"
     assert f"adapter: {adapter}" in r.stdout
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -99,14 +99,8 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
     cli("serve", "deploy", "--address", dash, str(deploy))
     try:
         # 3. evaluation job: base vs the new adapter on 20 val rows
-        r = cli(
-            "ray",
-            "job",
-            "submit",
-            "--address",
+        submit_job(
             dash,
-            "--",
-            "python",
             "jobs/eval.py",
             "--config",
             "jobs/configs/eval_tiny_llama3.yaml",
@@ -118,7 +112,6 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
             "sampling.max_new_tokens=16",
             "shard_size=10",
         )
-        assert "succeeded" in r.stdout + r.stderr
         for run in ("base", "tuned"):
             res = json.loads((eval_out / run / "predict_results.json").read_text())
             assert res["n_total"] == 20 and res["n_scored"] == 20 and "predict_bleu-4" in res
