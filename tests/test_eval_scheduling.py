@@ -35,7 +35,8 @@ class FakeEngine:
     """Stand-in for ``AsyncVllmEngine``: same constructor, attributes and ``generate``; sleeps instead of computing.
 
     Per engine index (actor), ``delays`` sets the seconds a request takes and ``start_delays`` the seconds the
-    engine takes to build. Every request start and end is appended to ``<log_dir>/engine_<index>.jsonl``.
+    engine takes to build. Every request start and end is appended to ``<log_dir>/engine_<index>.jsonl``, and when
+    the build began and ended is written to ``<log_dir>/build_<index>.json``.
     """
 
     log_dir = ""
@@ -45,7 +46,10 @@ class FakeEngine:
     start_delays: dict[int, float] = {}
 
     def __init__(self, cfg: EvalConfig, model_path: str, runs, stops: list[int], index: int = 0):
+        begin = time.time()
         time.sleep(self.start_delays.get(index, 0.0))
+        build = {"begin": begin, "ready": time.time()}
+        (Path(self.log_dir) / f"build_{index}.json").write_text(json.dumps(build))
         self.index = index
         self.kv_tokens = 10**9  # the bound is max_num_seqs
         self.timings = {"build_engine_s": self.start_delays.get(index, 0.0)}
@@ -138,8 +142,11 @@ def test_requests_stay_in_flight_up_to_the_bound(ray_cluster, tiny_llama3, tmp_p
 def test_actors_are_balanced(ray_cluster, tiny_llama3, tmp_path):
     """Three engines: one four times slower, one ready a second late. Rows go where there is room, so the slow
     one gets fewer, the late one still works, and all three finish within about two of the slow engine's
-    request times of each other (pre-assigned shards would leave the slow one a third of the work at the end)."""
-    engine = fake_engine(tmp_path / "log", max_num_seqs=4, delays={0: 0.1, 1: 0.4, 2: 0.1}, start_delays={2: 1.0})
+    request times of each other (pre-assigned shards would leave the slow one a third of the work at the end).
+    CPU engines build one after another, and the first ones predict meanwhile."""
+    engine = fake_engine(
+        tmp_path / "log", max_num_seqs=4, delays={0: 0.1, 1: 0.4, 2: 0.1}, start_delays={0: 0.5, 1: 1.5, 2: 1.0}
+    )
     a, b = fake_adapter(tmp_path / "a"), fake_adapter(tmp_path / "b")
     cfg = eval_cfg(tiny_llama3, tmp_path / "out", f"adapters.a={a}", f"adapters.b={b}", "num_actors=3")
     run_eval(cfg, engine_cls=engine)
@@ -151,6 +158,10 @@ def test_actors_are_balanced(ray_cluster, tiny_llama3, tmp_path):
     assert len(got[1]) < len(got[0]) / 2 and len(got[1]) < len(got[2]) / 2  # the slow engine gets fewer
     last = {i: max(e["t"] for e in evs if e["kind"] == "end") for i, evs in ev.items()}
     assert max(last.values()) - min(last.values()) < 2.5, last
+    build = {i: json.loads((tmp_path / "log" / f"build_{i}.json").read_text()) for i in range(3)}
+    assert build[0]["ready"] <= build[1]["begin"] and build[1]["ready"] <= build[2]["begin"], build
+    first_start = {i: min(e["t"] for e in evs if e["kind"] == "start") for i, evs in ev.items()}
+    assert first_start[0] < build[2]["begin"], (first_start, build)  # engine 0 predicts while later ones build
     for evs in ev.values():
         assert max(e["inflight"] for e in evs) <= 4
     assert_one_line_per_row_in_order(tmp_path / "out", ["base", "a", "b"])

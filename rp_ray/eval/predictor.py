@@ -30,8 +30,15 @@ class Predictor:
         stops: list[int],
         index: int = 0,
         engine_cls: type | None = None,
+        after: list | None = None,
     ):
         self.started = time.time()  # wall clock: the driver compares it with when it asked for the actor
+        self.waited = 0.0
+        if after:  # [the previous actor's info() ref]: build once that engine is up (or failed), not beside it
+            import ray
+
+            ray.wait(after, num_returns=len(after))
+            self.waited = time.time() - self.started
         cls = engine_cls or AsyncVllmEngine
         self.engine = cls(EvalConfig.model_validate(cfg), model_path, runs, stops, index)
         self.ready = time.time()
@@ -48,6 +55,7 @@ class Predictor:
             "kv_tokens": self.engine.kv_tokens,
             "block_size": self.engine.block_size,
             "started": self.started,
+            "waited": self.waited,
             "ready": self.ready,
             "timings": dict(self.engine.timings),
         }

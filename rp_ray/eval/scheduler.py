@@ -205,7 +205,8 @@ class Scheduler:
             "requests": st.requests_done,
             "rows": st.rows,
             "actor_start_s": round(info["started"] - self.created, 2),  # Ray worker process + imports
-            "engine_s": round(info["ready"] - info["started"], 2),  # engine construction, all of it
+            "waited_s": round(info.get("waited", 0.0), 2),  # a CPU engine waits for the one before it to be ready
+            "engine_s": round(info["ready"] - info["started"] - info.get("waited", 0.0), 2),  # engine construction
             "ready_s": round(info["ready"] - self.created, 2),
             **{k: round(v, 2) for k, v in info.get("timings", {}).items()},
             "max_num_seqs": info["max_num_seqs"],
