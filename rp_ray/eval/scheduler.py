@@ -76,16 +76,23 @@ class ScheduleStats:
     steady_rate: float | None  # requests/s between 10% and 90% of the requests done (no start, no drain)
 
 
-def steady_rate(timeline: list[tuple[float, int]], lo: float = 0.1, hi: float = 0.9) -> float | None:
-    """Requests per second between the moments ``lo`` and ``hi`` of all requests were done."""
+def steady_rate(
+    timeline: list[tuple[float, int]], lo: float = 0.1, hi: float = 0.9, min_arrivals: int = 2
+) -> float | None:
+    """Requests per second between the moments ``lo`` and ``hi`` of all requests were done.
+
+    ``timeline``: (wall time, requests done so far) per arrival of results. None when that window holds fewer than
+    ``min_arrivals`` distinct arrival times (results that come back in a few bursts give no rate).
+    """
     if not timeline:
         return None
     total = timeline[-1][1]
-    a = next((p for p in timeline if p[1] >= lo * total), None)
-    b = next((p for p in timeline if p[1] >= hi * total), None)
-    if a is None or b is None or b[0] <= a[0]:
+    i = next((k for k, p in enumerate(timeline) if p[1] >= lo * total), None)
+    j = next((k for k, p in enumerate(timeline) if p[1] >= hi * total), None)
+    if i is None or j is None or len({t for t, _ in timeline[i : j + 1]}) < min_arrivals:
         return None
-    return (b[1] - a[1]) / (b[0] - a[0])
+    (ta, na), (tb, nb) = timeline[i], timeline[j]
+    return (nb - na) / (tb - ta)
 
 
 class Scheduler:
@@ -205,8 +212,8 @@ class Scheduler:
             "requests": st.requests_done,
             "rows": st.rows,
             "actor_start_s": round(info["started"] - self.created, 2),  # Ray worker process + imports
-            "waited_s": round(info.get("waited", 0.0), 2),  # a CPU engine waits for the one before it to be ready
-            "engine_s": round(info["ready"] - info["started"] - info.get("waited", 0.0), 2),  # engine construction
+            "waited_s": round(info["waited"], 2),  # a CPU engine waits for the one before it to be ready
+            "engine_s": round(info["ready"] - info["started"] - info["waited"], 2),  # engine construction
             "ready_s": round(info["ready"] - self.created, 2),
             **{k: round(v, 2) for k, v in info.get("timings", {}).items()},
             "max_num_seqs": info["max_num_seqs"],
