@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser full-data clean
+.PHONY: demo test install browser full-data clean gpu-wheels
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
@@ -34,6 +34,19 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 	$(PY) -m pip install --quiet -c requirements/cpu.lock -e '.[cpu,test]'
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
+
+# Wheels for bench/gpu_check.sh on a GPU machine that has PyTorch but not these (CPython 3.12, x86-64),
+# each pinned as in requirements/cpu.lock; DeepSpeed is built here from its sdist (pure Python).
+GPU_WHEELS := .whl
+GPU_WHEEL_PINS := pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing_extensions==4.16.0 hjson==3.1.0 regex==2026.11.15 transformers==5.19.0 peft==0.21.2
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	$(PYTHON) -m pip wheel --quiet --no-deps -w $(GPU_WHEELS) deepspeed==0.19.8
+	@du -sh $(GPU_WHEELS)
 
 # Use the full ChatHaruhi splits (from ../shared) instead of the shipped sample.
 full-data:

@@ -158,6 +158,12 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     per_device_batch_size: int = Field(1, ge=1, description="Micro-batch size per worker.")
     gradient_accumulation_steps: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(
+        True,
+        description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "(LLaMA-Factory's default, there turned off by disable_gradient_checkpointing): activations shrink from "
+        "every layer's to one layer's, at the price of one more forward pass.",
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
     use_gpu: bool = Field(False, description="Give each worker GPUs (bf16) instead of CPUs only (fp32).")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rp_ray.config import EvalConfig, SamplingConfig, VllmSettings
-from rp_ray.models import load_model, resolve_dtype
+from rp_ray.config import AttnImplementation, EvalConfig, SamplingConfig, VllmSettings
+from rp_ray.models import load_model, resolve_attn_implementation, resolve_dtype
 from rp_ray.reply import clean_reply
 from rp_ray.template import Template, stop_token_ids
 from rp_ray.vllm_engine import (
@@ -290,6 +290,7 @@ class HfEngine:
         use_gpu: bool,
         max_model_len: int,
         dtype: str = "auto",
+        attn_implementation: AttnImplementation = "auto",
     ):
         import torch
 
@@ -297,7 +298,11 @@ class HfEngine:
         self.tok, self.tpl = tok, tpl
         self.max_model_len = max_model_len
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = load_model(model_path, resolve_dtype(dtype, self.device.type == "cuda"))
+        on_gpu = self.device.type == "cuda"
+        # training's choice: without one, gpt-oss (no sdpa path) loads with eager attention, whose full fp32
+        # score matrices for a batch of 1k-token prompts take tens of GB per layer
+        self.attn_implementation = resolve_attn_implementation(tpl.name, attn_implementation, on_gpu)
+        model = load_model(model_path, resolve_dtype(dtype, on_gpu), attn_implementation=self.attn_implementation)
         lora_runs = [r for r in runs if r.adapter]
         if lora_runs:
             from peft import PeftModel

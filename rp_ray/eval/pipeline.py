@@ -107,7 +107,16 @@ class _HfShardPredictor:
         self.tpl = get_template(self.cfg.model.template)
         self.tok = load_tokenizer(model_path, self.tpl)
         max_len = self.cfg.max_model_len or self.cfg.data.cutoff_len + self.cfg.sampling.max_new_tokens
-        self.engine = HfEngine(model_path, self.tok, self.tpl, runs, self.cfg.use_gpu, max_len, self.cfg.model.dtype)
+        self.engine = HfEngine(
+            model_path,
+            self.tok,
+            self.tpl,
+            runs,
+            self.cfg.use_gpu,
+            max_len,
+            self.cfg.model.dtype,
+            self.cfg.model.attn_implementation,
+        )
         self.prep_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

@@ -53,12 +53,17 @@ def lora_targets(model: torch.nn.Module, target: str | list[str]) -> list[str] |
     return sorted(names)
 
 
-def build_peft_model(cfg: TrainConfig, dtype: torch.dtype, use_gpu: bool):
+def prepare_for_lora(cfg: TrainConfig, model):
+    """What training does to a loaded base model before DeepSpeed: no KV cache, gradient checkpointing as
+    configured (non-reentrant: frozen inputs need no ``requires_grad`` hook), and the peft LoRA wrapper.
+
+    The GPU check (``bench/gpu_check.py``) calls this on its random-weight models, so it measures this step.
+    """
     from peft import LoraConfig, get_peft_model
 
-    attn = resolve_attn_implementation(cfg.model.template, cfg.model.attn_implementation, use_gpu)
-    model = load_model(cfg.model.path, str(dtype).removeprefix("torch."), attn_implementation=attn)
     model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha or 2 * cfg.lora.rank,
@@ -69,17 +74,20 @@ def build_peft_model(cfg: TrainConfig, dtype: torch.dtype, use_gpu: bool):
     return get_peft_model(model, lora)
 
 
+def build_peft_model(cfg: TrainConfig, dtype: torch.dtype, use_gpu: bool):
+    attn = resolve_attn_implementation(cfg.model.template, cfg.model.attn_implementation, use_gpu)
+    model = load_model(cfg.model.path, str(dtype).removeprefix("torch."), attn_implementation=attn)
+    return prepare_for_lora(cfg, model)
+
+
 def step_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross entropy over labelled tokens of a micro-batch."""
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    # only labelled positions go to float32 (the reply, about a third of a role-play row): a float32 copy of the
+    # full-vocabulary logits of every position is 2-5 GB at 2 x 2048 tokens; the loss is the same
+    return F.cross_entropy(logits[:, :-1, :][keep].float(), labels[keep], reduction="sum")
 
 
 @dataclass(frozen=True)
