@@ -197,13 +197,14 @@ def peak_gib(world: World) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if world.device.type == "cuda" else None
 
 
-def check_train(name: str, world: World, tiny: bool, peak: float, steps: int) -> dict[str, Any]:
-    """Training's step on a random-weight model of the real shape, set up by training's own functions."""
+def check_train(name: str, world: World, tiny: bool, peak: float, steps: int, extra: list[str]) -> dict[str, Any]:
+    """Training's step on a random-weight model of the real shape, set up by training's own functions; ``extra``:
+    config overrides (``--set``) on top of the shipped config's."""
     from transformers import AutoModelForCausalLM
 
     shape, overrides, _ = CHECKS[name]
     on_gpu = world.device.type == "cuda"
-    cfg = train_config(shape, [o for o in overrides if o != "flip_checkpointing"], tiny)
+    cfg = train_config(shape, [o for o in overrides if o != "flip_checkpointing"] + extra, tiny)
     if "flip_checkpointing" in overrides:
         cfg.gradient_checkpointing = not cfg.gradient_checkpointing
     s = settings(cfg, on_gpu)
@@ -357,13 +358,17 @@ def check_hf_engine(world: World, tiny: bool) -> dict[str, Any]:
                 eng = HfEngine(
                     str(model_dir), tok, tpl, [Run("base", None)], on_gpu, prompt_len + new + 8, "auto", attn
                 )
-                t = time.perf_counter()
-                res = eng.generate(prompts, [0] * batch, [Run("base", None)], sampling)
-                sync(world)
-                errors = [o.error for o in res["base"] if o.error]
+                rounds, errors = [], []
+                for k in range(2):  # the first round compiles what it compiles; the second, other widths, steady
+                    batch_prompts = [p[: len(p) - 37 * k] for p in prompts]
+                    t = time.perf_counter()
+                    res = eng.generate(batch_prompts, [0] * batch, [Run("base", None)], sampling)
+                    sync(world)
+                    rounds.append(round(time.perf_counter() - t, 2))
+                    errors += [o.error for o in res["base"] if o.error]
                 out[attn] = {
                     "attn_implementation": eng.attn_implementation,
-                    "seconds": round(time.perf_counter() - t, 2),
+                    "seconds": rounds,
                     "peak_memory_gib": peak_gib(world),
                     "errors": len(errors),
                     "first_error": errors[0][:300] if errors else None,
@@ -375,7 +380,7 @@ def check_hf_engine(world: World, tiny: bool) -> dict[str, Any]:
     return out
 
 
-def run_check(name: str, tiny: bool, peak: float, steps: int) -> dict[str, Any]:
+def run_check(name: str, tiny: bool, peak: float, steps: int, extra: list[str]) -> dict[str, Any]:
     """One check in this process, under a world-of-one process group (as ``torchrun`` would start it)."""
     cuda = torch.cuda.is_available() and not tiny
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed requires it
@@ -389,7 +394,7 @@ def run_check(name: str, tiny: bool, peak: float, steps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if name.startswith("train_"):
-            r = check_train(name, world, tiny, peak, steps)
+            r = check_train(name, world, tiny, peak, steps, extra)
         elif name == "padding":
             r = check_padding(world, tiny)
         else:
@@ -410,11 +415,14 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     ap.add_argument("--out", help="write the JSON summary here too")
     ap.add_argument("--log", help="append each check's stderr here (recompile logs, warnings)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="training config override (repeatable)"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.child:  # one check, its result as the last stdout line
-        print(json.dumps(run_check(a.child, a.tiny, a.peak_tflops * 1e12, a.steps)), flush=True)
+        print(json.dumps(run_check(a.child, a.tiny, a.peak_tflops * 1e12, a.steps, a.set)), flush=True)
         return
     if not a.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run with --tiny for the CPU smoke run")
@@ -422,7 +430,7 @@ def main() -> None:
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise SystemExit(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
-    summary: dict[str, Any] = {"torch": torch.__version__, "tiny": a.tiny, "checks": [], "skipped": []}
+    summary: dict[str, Any] = {"torch": torch.__version__, "tiny": a.tiny, "set": a.set, "checks": [], "skipped": []}
     if not a.tiny:
         import transformers
 
@@ -438,6 +446,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(a.steps), "--peak-tflops", str(a.peak_tflops)]
         cmd += ["--tiny"] if a.tiny else []
+        cmd += [f"--set={o}" for o in a.set]
         t0 = time.monotonic()
         try:
             # a check may overrun its estimate, not starve every later one: at most 1.75 x its need

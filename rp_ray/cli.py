@@ -60,6 +60,16 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
     print(f"tiny {a.family} model written to {out} (model card: {out / 'README.md'})")
 
 
+def cmd_convert_mxfp4(a: argparse.Namespace) -> None:
+    from rp_ray.checkpoint import dequantize_checkpoint
+
+    out = dequantize_checkpoint(a.src, a.dest, dtype=a.dtype, max_shard_size=a.max_shard_size, progress=True)
+    print(
+        f"{a.dtype} copy of {a.src} written to {out}: set model.path={out} in the training config "
+        f"(ZeRO-3 then partitions it as it loads)"
+    )
+
+
 def cmd_data(a: argparse.Namespace) -> None:
     cfg = absolute_paths(cfgmod.load_config(cfgmod.TrainConfig, a.config, a.overrides))
     prep = prepare(cfg.model, cfg.data, a.out, need=())
@@ -180,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=None, help="default 2, or 4 with --pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser(
+        "convert-mxfp4",
+        help="write a plain safetensors copy of an MXFP4 gpt-oss checkpoint (experts dequantized), "
+        "which DeepSpeed ZeRO-3 can partition while it loads",
+    )
+    p.add_argument("src", help="the MXFP4 checkpoint folder (e.g. a download of openai/gpt-oss-20b)")
+    p.add_argument("dest", help="a new or empty folder for the copy")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="default bfloat16")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.set_defaults(func=cmd_convert_mxfp4)
 
     p = sub.add_parser("data", help="validate + encode the config's datasets and write the data report")
     config_args(p)

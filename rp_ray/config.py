@@ -167,7 +167,11 @@ class TrainConfig(StrictModel):
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
     use_gpu: bool = Field(False, description="Give each worker GPUs (bf16) instead of CPUs only (fp32).")
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    gpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        description="GPUs per worker when use_gpu is true: 1 (a worker drives one GPU; scale with num_workers).",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     seed: int = Field(42, description="Seed for weights init of LoRA, data order and dropout.")
     output_dir: str = Field("outputs/train", description="Where the final adapter, summary and loss plot go.")
@@ -188,6 +192,18 @@ class TrainConfig(StrictModel):
         ge=0,
         description="Testing fault tolerance: the last worker exits abruptly at this step on its first attempt.",
     )
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> TrainConfig:
+        # DeepSpeed takes its device from LOCAL_RANK and the step puts tensors on the worker's first GPU: a worker
+        # with 2 GPUs would use one, and 0.5 would make two NCCL ranks share a GPU
+        if self.use_gpu and self.gpus_per_worker != 1:
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker:g}: each training worker drives exactly one GPU; set "
+                f"gpus_per_worker=1 and num_workers to the number of GPUs "
+                f"(here num_workers={max(1, round(self.num_workers * self.gpus_per_worker))})"
+            )
+        return self
 
 
 class SamplingConfig(StrictModel):
@@ -210,7 +226,12 @@ class VllmSettings(StrictModel):
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs per vLLM engine (for serving: match ray_actor_options.num_gpus)."
     )
-    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the vLLM engine accepts.")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        None,
+        description="Largest LoRA rank the vLLM engine accepts (vLLM's kernels run at this rank); None = the "
+        "smallest vLLM rank that holds every adapter given at start-up. Set it when adapters of a higher rank "
+        "are to be loaded later.",
+    )
     prefix_caching: bool = Field(
         False,
         description="vLLM prefix caching. Faster when prompts share a long role card, but a cached prefix is computed "

@@ -38,6 +38,32 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+def is_mxfp4(config: dict[str, Any]) -> bool:
+    """Whether a config.json (as a dict) declares MXFP4-quantized weights (gpt-oss ships its experts that way)."""
+    return (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+
+
+def check_partitionable(path: str | Path, zero_stage: int) -> None:
+    """Refuse an MXFP4 checkpoint under ZeRO-3, before any worker starts.
+
+    transformers loads a quantized checkpoint (MXFP4, even dequantized on load) without ``deepspeed.zero.Init``,
+    so under stage 3 every rank would dequantize and hold the whole model in host memory instead of its partition.
+    A plain copy (``rp-ray convert-mxfp4``) loads partitioned; ZeRO-2 reads either.
+    """
+    p = Path(path)
+    config = p / "config.json"
+    if zero_stage != 3 or not config.is_file():
+        return
+    if is_mxfp4(json.loads(config.read_text(encoding="utf-8"))):
+        raise ModelDirError(
+            f"model.path {p} is an MXFP4 checkpoint ({config}: quantization_config.quant_method is 'mxfp4'). "
+            f"transformers loads quantized checkpoints without deepspeed.zero.Init, so under deepspeed.stage=3 every "
+            f"rank would dequantize and hold the whole model in host memory instead of its ZeRO-3 partition. "
+            f"Convert it once with `rp-ray convert-mxfp4 {p} {p}-bf16` and set model.path={p}-bf16, "
+            f"or train with deepspeed.stage=2."
+        )
+
+
 def load_tokenizer(path: str | Path, template: Template | None = None):
     """The model's fast tokenizer; with ``template``, check it knows the family's special tokens."""
     from transformers import AutoTokenizer
@@ -111,25 +137,30 @@ def load_kwargs(
     }
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    quant = config.get("quantization_config") or {}
-    if quant.get("quant_method") == "mxfp4":
+    if is_mxfp4(config):
         from transformers import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     return kwargs
 
 
-def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str | None = None):
+def load_model(
+    path: str | Path, dtype: str = "float32", attn_implementation: str | None = None, device: str | None = None
+):
     """A causal LM from local safetensors, never running code shipped with the weights.
 
     ``attn_implementation``: what ``resolve_attn_implementation`` chose; None leaves
-    transformers' own default for the architecture.
+    transformers' own default for the architecture. ``device``: load the weights straight onto it, shard by shard
+    (a GPU worker then never holds the whole model in host memory); None = CPU.
     """
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
     config = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    return AutoModelForCausalLM.from_pretrained(p, **load_kwargs(config, dtype, attn_implementation))
+    kwargs = load_kwargs(config, dtype, attn_implementation)
+    if device is not None and device != "cpu":
+        kwargs["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(p, **kwargs)
 
 
 def random_lora_adapter(

@@ -20,8 +20,10 @@ Two facts about vLLM 0.32 shape this module:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +54,38 @@ def apply_engine_env(settings: VllmSettings) -> None:
         os.environ.setdefault(key, value)
 
 
-def engine_kwargs(
-    model_path: str, settings: VllmSettings, dtype: str, max_model_len: int, n_loras: int, seed: int
-) -> dict[str, Any]:
-    """Keyword arguments of vLLM's ``LLM`` / ``AsyncEngineArgs`` for our engines (LoRA on when ``n_loras``).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
-    ``n_loras`` counts every adapter the engine may load, the zero adapter included.
+
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The largest LoRA rank in a peft adapter folder (``r``, or a larger one from its ``rank_pattern``)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the adapter's LoRA rank ({e}); is {adapter_dir} a peft adapter?") from e
+    return max([int(conf.get("r", 8)), *(int(v) for v in (conf.get("rank_pattern") or {}).values())])
+
+
+def max_lora_rank(settings: VllmSettings, adapter_dirs: Sequence[str]) -> int:
+    """``max_lora_rank`` as set, else the smallest rank vLLM accepts that holds every adapter: vLLM sizes its LoRA
+    buffers and runs its kernels at this rank, so rank-8 adapters on a rank-16 engine do twice the LoRA work."""
+    if settings.max_lora_rank is not None:
+        return settings.max_lora_rank
+    need = max((adapter_rank(d) for d in adapter_dirs), default=1)
+    if need > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"an adapter has LoRA rank {need}; vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}")
+    return next(r for r in VLLM_LORA_RANKS if r >= need)
+
+
+def engine_kwargs(
+    model_path: str, settings: VllmSettings, dtype: str, max_model_len: int, adapter_dirs: Sequence[str], seed: int
+) -> dict[str, Any]:
+    """Keyword arguments of vLLM's ``LLM`` / ``AsyncEngineArgs`` for our engines (LoRA on when adapters are given).
+
+    ``adapter_dirs``: every adapter the engine may load, the zero adapter included.
     """
+    n_loras = len(adapter_dirs)
     kwargs: dict[str, Any] = dict(
         model=model_path,
         tokenizer=model_path,
@@ -68,11 +95,12 @@ def engine_kwargs(
         tensor_parallel_size=settings.tensor_parallel_size,
         enable_lora=n_loras > 0,
         max_loras=max(1, n_loras),
-        max_lora_rank=settings.max_lora_rank,
         seed=seed,
         enable_prefix_caching=settings.prefix_caching,
         disable_log_stats=True,
     )
+    if n_loras:
+        kwargs["max_lora_rank"] = max_lora_rank(settings, adapter_dirs)
     seqs, tokens = settings.max_num_seqs, settings.max_num_batched_tokens
     if settings.use_gpu:
         seqs, tokens = seqs or GPU_MAX_NUM_SEQS, tokens or GPU_MAX_NUM_BATCHED_TOKENS

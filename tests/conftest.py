@@ -176,6 +176,9 @@ def start_ray_head(env: dict[str, str], num_cpus: int, *extra: str) -> str:
     args = ray_start_args(num_cpus) + list(extra)
     gcs = next(a.split("=", 1)[1] for a in args if a.startswith("--port="))
     ray_bin = str(Path(sys.executable).parent / "ray")
+    # `ray start` with token auth refuses to run without ~/.ray/auth_token (only `ray.init()` creates one): on a
+    # fresh machine the first cluster of the session must not depend on a test before it having called ray.init()
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True, env=env)
     subprocess.run([ray_bin, *args], check=True, cwd=REPO, capture_output=True, env=env)
     return f"127.0.0.1:{gcs}"
 

@@ -55,6 +55,8 @@ def test_overrides_are_typed_and_nested():
         (["data.max_drop_ratio=1.5"], "data.max_drop_ratio: got 1.5"),
         (["lora"], "override `lora` is not key=value"),
         (["lora.rank.x=1"], "`rank` is a value, not a section"),
+        (["use_gpu=true", "gpus_per_worker=2"], "gpus_per_worker=2: each training worker drives exactly one GPU"),
+        (["use_gpu=true", "gpus_per_worker=0.5"], "set gpus_per_worker=1 and num_workers to the number of GPUs"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(overrides, expected):
@@ -83,3 +85,9 @@ def test_every_field_is_described():
         assert lines and all(not line.rstrip().endswith(":") for line in lines), [
             ln for ln in lines if ln.rstrip().endswith(":")
         ]
+
+
+def test_max_lora_rank_takes_only_ranks_vllm_runs():
+    with pytest.raises(ConfigError, match="max_lora_rank: got 12"):
+        load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["max_lora_rank=12"])
+    assert load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml").max_lora_rank is None

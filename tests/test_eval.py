@@ -193,3 +193,38 @@ def test_gpt_oss_replies_are_clean_final_channel(ray_cluster, tiny_gpt_oss, tmp_
         for r in read(res.output_dir / run / "generated_predictions.jsonl"):
             for text in (r["predict"], r["label"]):
                 assert "<|" not in text and "assistantfinal" not in text and not text.startswith("analysis")
+
+
+@pytest.mark.slow
+def test_merging_runs_as_a_ray_task_in_the_engines_dtype(ray_cluster, tiny_llama3, adapter, tmp_path):
+    """merge_adapter=true: each adapter is merged by a Ray task on a worker (not in the driver), in the engines'
+    dtype (bfloat16 here, as on GPU), saved as safetensors shards; the merged model's logits equal the peft model's
+    within bfloat16's tolerance."""
+    import os
+
+    import torch
+    from peft import PeftModel
+    from ray.util.state import list_tasks
+
+    from rp_ray.eval.engines import Run
+    from rp_ray.eval.pipeline import engine_groups
+    from rp_ray.models import load_model
+
+    cfg = eval_cfg(
+        tiny_llama3, tmp_path, f"adapters.tuned={adapter}", "merge_adapter=true", "include_base=false"
+    ).model_copy(update={"model": eval_cfg(tiny_llama3, tmp_path).model.model_copy(update={"dtype": "bfloat16"})})
+    ((path, runs),) = engine_groups(cfg, tmp_path)
+    assert runs == [Run("tuned", None)] and Path(path) == tmp_path / "merged" / "tuned"
+    deadline = time.monotonic() + 120  # task events reach the state API a little after the task ends
+    while not (tasks := list_tasks(filters=[("name", "=", "merge_adapter"), ("state", "=", "FINISHED")], detail=True)):
+        assert time.monotonic() < deadline, "no finished merge_adapter task in Ray's state API"
+        time.sleep(1)
+    assert all(t.worker_pid != os.getpid() for t in tasks)
+    assert list(Path(path).glob("*.safetensors"))
+    merged = load_model(path, "bfloat16")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    ref = PeftModel.from_pretrained(load_model(tiny_llama3, "bfloat16"), str(adapter))
+    ids = torch.tensor([[1, 50, 300, 7, 99, 1000, 2048, 5]])
+    with torch.no_grad():
+        got, want = merged(ids).logits.float(), ref(ids).logits.float()
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)

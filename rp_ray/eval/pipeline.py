@@ -43,7 +43,7 @@ from rp_ray.eval.engines import HfEngine, Request, Run, too_long_output
 from rp_ray.eval.scheduler import Scheduler
 from rp_ray.eval.shards import Row, ShardWriter, output_line, shard_path, write_atomic
 from rp_ray.metrics import mean_scores, score_pairs_parallel
-from rp_ray.models import load_model, load_tokenizer
+from rp_ray.models import load_model, load_tokenizer, resolve_dtype
 from rp_ray.preparation import absolute_paths, prepare
 from rp_ray.reply import clean_reply
 from rp_ray.template import encode_prediction, get_template, stop_token_ids
@@ -149,14 +149,19 @@ class _HfShardPredictor:
         return stats
 
 
-def merge_adapter(base: str, adapter: str, dest: Path) -> str:
-    """Write base + adapter as one plain model (merge_and_unload) for engines without runtime LoRA."""
+def merge_adapter(base: str, adapter: str, dest: Path, dtype: str = "float32") -> str:
+    """Write base + adapter as one plain model (``merge_and_unload``) for engines without runtime LoRA.
+
+    In ``dtype`` (the engines' own: bfloat16 on GPU, half of float32's memory and disk), saved in safetensors
+    shards. :func:`engine_groups` runs it as a Ray task on a worker (a GPU node on GPU clusters), never in the
+    driver: a merged 20B model is tens of GB of host memory that a head node does not have to spare.
+    """
     from peft import PeftModel
 
     if (dest / "config.json").exists():
         return str(dest)
-    model = PeftModel.from_pretrained(load_model(base), adapter).merge_and_unload()
-    model.save_pretrained(dest)
+    model = PeftModel.from_pretrained(load_model(base, dtype), adapter).merge_and_unload()
+    model.save_pretrained(dest, max_shard_size="5GB")
     for f in Path(base).iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
             shutil.copy2(f, dest / f.name)
@@ -174,9 +179,15 @@ def engine_groups(cfg: EvalConfig, out: Path) -> list[tuple[str, list[Run]]]:
             )
     if not cfg.merge_adapter:
         return [(cfg.model.path, ([base] if cfg.include_base else []) + adapters)]
+    import ray
+
     groups = [(cfg.model.path, [base])] if cfg.include_base else []
-    for r in adapters:
-        groups.append((merge_adapter(cfg.model.path, r.adapter, out / "merged" / r.name), [Run(r.name, None)]))
+    dtype = resolve_dtype(cfg.model.dtype, cfg.use_gpu)
+    task = ray.remote(merge_adapter).options(
+        name="merge_adapter", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0, max_retries=0
+    )
+    merged = ray.get([task.remote(cfg.model.path, r.adapter, out / "merged" / r.name, dtype) for r in adapters])
+    groups += [(path, [Run(r.name, None)]) for path, r in zip(merged, adapters)]
     return groups
 
 

@@ -37,7 +37,9 @@ def chat_engine_kwargs(cfg: ServeConfig, adapter_dirs: dict[str, str]) -> dict[s
     """``AsyncEngineArgs`` of the chat engine serving ``adapter_dirs`` (the zero adapter included, on CPU): the
     shared :func:`~rp_ray.vllm_engine.engine_kwargs`, every adapter loadable (CPU-side) with at most ``max_loras``
     resident in one batch, and on a single-device CPU engine :func:`~rp_ray.vllm_engine.cpu_executor_kwargs`."""
-    kwargs = engine_kwargs(cfg.model.path, cfg, cfg.model.dtype, cfg.max_model_len, len(adapter_dirs), cfg.seed)
+    kwargs = engine_kwargs(
+        cfg.model.path, cfg, cfg.model.dtype, cfg.max_model_len, list(adapter_dirs.values()), cfg.seed
+    )
     loras = {"max_loras": min(cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(adapter_dirs))}
     return kwargs | loras | cpu_executor_kwargs(cfg)
 

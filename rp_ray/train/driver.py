@@ -21,6 +21,7 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
+from rp_ray.models import check_partitionable
 from rp_ray.preparation import absolute_paths, encode_split, prepare
 from rp_ray.train.summary import write_summary
 from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
@@ -60,6 +61,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = absolute_paths(cfg)
+    check_partitionable(cfg.model.path, cfg.deepspeed.stage)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg.model, cfg.data, out / "data", need=("train",))

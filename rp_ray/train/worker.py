@@ -74,9 +74,13 @@ def prepare_for_lora(cfg: TrainConfig, model):
     return get_peft_model(model, lora)
 
 
-def build_peft_model(cfg: TrainConfig, dtype: torch.dtype, use_gpu: bool):
+def build_peft_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device):
+    """The base model loaded for this rank, LoRA-wrapped. Below ZeRO-3 the weights load straight onto this rank's
+    GPU; at ZeRO-3 ``deepspeed.zero.Init`` (set up by :func:`setup`) places each rank's partition as they load."""
+    use_gpu = device.type == "cuda"
     attn = resolve_attn_implementation(cfg.model.template, cfg.model.attn_implementation, use_gpu)
-    model = load_model(cfg.model.path, str(dtype).removeprefix("torch."), attn_implementation=attn)
+    onto = str(device) if use_gpu and cfg.deepspeed.stage != 3 else None
+    model = load_model(cfg.model.path, str(dtype).removeprefix("torch."), attn_implementation=attn, device=onto)
     return prepare_for_lora(cfg, model)
 
 
@@ -250,7 +254,7 @@ def setup(cfg: TrainConfig, world: World, total_steps: int):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(deepspeed_config(cfg, bf16=dtype == torch.bfloat16))  # noqa: F841 -- zero.Init on load
-    model = build_peft_model(cfg, dtype, use_gpu=world.device.type == "cuda")
+    model = build_peft_model(cfg, dtype, world.device)
     engine, scheduler = build_engine(cfg, model, total_steps, world, bf16=dtype == torch.bfloat16)
     del hf_ds
     return engine, scheduler
