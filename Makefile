@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser full-data clean gpu-wheels
+.PHONY: demo test install browser clean gpu-wheels
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
@@ -47,10 +47,6 @@ gpu-wheels:
 		-d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
 	$(PYTHON) -m pip wheel --quiet --no-deps -w $(GPU_WHEELS) deepspeed==0.19.8
 	@du -sh $(GPU_WHEELS)
-
-# Use the full ChatHaruhi splits (from ../shared) instead of the shipped sample.
-full-data:
-	cp ../shared/datasets/chatharuhi/haruhi_train.json ../shared/datasets/chatharuhi/haruhi_val.json data/
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -50,7 +50,7 @@ def prompts(n: int) -> list[str]:
     from rp_ray.config import DataConfig
     from rp_ray.data import load_splits
 
-    data = DataConfig(dataset_dir="data", train=[], val=["haruhi_val"], cutoff_len=MAX_MODEL_LEN)
+    data = DataConfig(dataset_dir="data", train=[], val=["haruhi_val"], cutoff_len=MAX_MODEL_LEN, use_sample=True)
     _, val, _ = load_splits(data)
     users = [next(m.content for m in reversed(c.messages) if m.role == "user")[:200] for c in val]
     return [users[i % len(users)] for i in range(n)]

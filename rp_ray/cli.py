@@ -60,6 +60,15 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
     print(f"tiny {a.family} model written to {out} (model card: {out / 'README.md'})")
 
 
+def cmd_download(a: argparse.Namespace) -> None:
+    from rp_ray.hub import cache_root, download
+
+    folder = download(a.model_id, a.hub, a.cache_dir)
+    keys = [f"model.path={a.model_id}"] + (["model.hub=modelscope"] if a.hub == "modelscope" else [])
+    keys += [f"model.cache_dir={cache_root(a.cache_dir)}"] if a.cache_dir else []
+    print(f"{a.model_id} is in the model cache: {folder}\njobs load it, offline, with {' '.join(keys)}")
+
+
 def cmd_convert_mxfp4(a: argparse.Namespace) -> None:
     from rp_ray.checkpoint import dequantize_checkpoint
 
@@ -190,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=None, help="default 2, or 4 with --pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser(
+        "download",
+        help="fetch a model by hub id into the model cache, the one command that goes online (safetensors, "
+        "configs, tokenizer files; never pickle weights or code); jobs then set model.path to the id",
+    )
+    p.add_argument("model_id", help="org/name, e.g. meta-llama/Llama-3.1-8B-Instruct (gated: set HF_TOKEN)")
+    p.add_argument("--hub", choices=["huggingface", "modelscope"], default="huggingface", help="default huggingface")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="the model cache (jobs: model.cache_dir); default $RP_RAY_MODEL_CACHE, else the hub's default cache",
+    )
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser(
         "convert-mxfp4",

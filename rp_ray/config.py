@@ -35,11 +35,23 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    """The base model: a local directory in Hugging Face layout."""
+    """The base model: a local directory in Hugging Face layout, or a hub model id found in the model cache."""
 
     path: str = Field(
-        description="Local directory with config.json, *.safetensors and tokenizer files "
-        "(a real model, or one built by `rp-ray tiny-model`). Hubs are never contacted."
+        description="Local directory with config.json, *.safetensors and tokenizer files (a real model, or one "
+        "built by `rp-ray tiny-model`), or a hub model id org/name (e.g. meta-llama/Llama-3.1-8B-Instruct) "
+        "looked up in the model cache, offline: jobs never contact a hub; `rp-ray download ID` fills the cache "
+        "once (safetensors, configs and tokenizer files only, never code). A path that exists locally wins."
+    )
+    hub: Literal["huggingface", "modelscope"] = Field(
+        "huggingface", description="Where a model id in model.path comes from (its cache layout)."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Model cache for a model id in model.path; None = $RP_RAY_MODEL_CACHE, else the hub's own "
+        "default (Hugging Face: $HF_HUB_CACHE, ~/.cache/huggingface/hub; ModelScope: $MODELSCOPE_CACHE, "
+        "~/.cache/modelscope/hub). On a cluster put it on storage every node mounts (e.g. /mnt/shared/models/hub): "
+        "the job resolves the id once and every worker and replica loads the same folder.",
     )
     template: Family = Field(
         description="Chat layout the model was trained with, as LLaMA-Factory names it: "
@@ -97,7 +109,18 @@ class DataConfig(StrictModel):
         0.05, ge=0.0, le=1.0, description="Stop before training/eval when more than this share of rows is dropped."
     )
     max_row_bytes: int = Field(
-        1_048_576, ge=1024, description="A row larger than this (bytes of its JSON) is dropped as too_long."
+        1_048_576,
+        ge=1024,
+        description="A row larger than this (bytes of its JSON text; of the decompressed text in a .json.xz / "
+        ".jsonl.xz file) is dropped as too_long, without being held in memory.",
+    )
+    use_sample: bool = Field(
+        False,
+        description="Read each dataset's shipped sample instead of its registered file: <dataset_dir>/sample/"
+        "<file_name>, or its uncompressed name for a compressed file_name (data/sample/haruhi_train.json, 300 rows, "
+        "for data/haruhi_train.json.xz; haruhi_val: 100 rows). The tiny CPU configs (demo, tests) set it; the log "
+        "and the data report name the file read. False: the registered files (the full ChatHaruhi splits ship in "
+        "data/), and a missing one stops the job naming the file and the fix.",
     )
 
     @model_validator(mode="after")
@@ -179,6 +202,40 @@ class TrainConfig(StrictModel):
         None, description="Ray Train storage for checkpoints (shared on a cluster); None = <output_dir>/ray."
     )
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Compute the token-weighted validation loss every N optimizer steps and at the end "
+        "(LLaMA-Factory's eval_steps); None = never. The validation rows are data.val, or val_size of train.",
+    )
+    val_size: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="With eval_every_steps and no data.val: hold out this share of train as the validation set "
+        "(LLaMA-Factory's val_size).",
+    )
+    load_best_adapter: bool = Field(
+        False,
+        description="Keep the adapter of the step with the lowest validation loss (needs eval_every_steps; "
+        "LLaMA-Factory's load_best_model_at_end).",
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "swanlab"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (LLaMA-Factory's report_to), from rank 0: tensorboard (event files in "
+        "<output_dir>/runs), mlflow (tracking_uri), wandb (offline without WANDB_API_KEY), swanlab.",
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = a file store under <output_dir>/mlruns."
+    )
+    resume: bool = Field(
+        True,
+        description="Rerunning the same config with the same output_dir continues from its latest checkpoint; "
+        "a changed config is refused with the keys that differ. False = start over.",
+    )
+    adapter_name_or_path: str | None = Field(
+        None, description="Start from this peft LoRA adapter's weights (LLaMA-Factory's adapter_name_or_path)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1 = unlimited).")
     logging_steps: int = Field(10, ge=1, description="Log progress and report metrics to Ray every N optimizer steps.")
@@ -186,11 +243,6 @@ class TrainConfig(StrictModel):
         None,
         description="Ray Train run name; None = <output_dir name>-<time>. "
         "Reusing a name in the same storage resumes that run.",
-    )
-    fail_at_step: int | None = Field(
-        None,
-        ge=0,
-        description="Testing fault tolerance: the last worker exits abruptly at this step on its first attempt.",
     )
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """Loading local models safely.
 
-Models load only from a local directory, only from safetensors, with
+Models load only from a local directory (a hub model id is resolved to its folder in
+the model cache first, offline: ``rp_ray.hub``), only from safetensors, with
 ``trust_remote_code=False``. Tiny models for the tests and the demo are built
 by ``rp_ray.tiny_model``.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rp_ray.config import AttnImplementation, Family
+from rp_ray.hub import is_model_id, resolve_model_path
 from rp_ray.template import Template
 
 
@@ -20,8 +22,15 @@ class ModelDirError(ValueError):
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A local HF-layout directory with config.json, safetensors weights and a tokenizer."""
+    """A local HF-layout directory with config.json, safetensors weights and a tokenizer.
+
+    ``path`` may also be a Hugging Face model id (``org/name``) that is not a local path: it is looked up in the
+    model cache ($RP_RAY_MODEL_CACHE, else huggingface_hub's), offline, and its snapshot folder checked. Jobs
+    resolve their config's model (hub, cache_dir) first (``rp_ray.hub.resolve_model``) and pass the folder.
+    """
     p = Path(path)
+    if not p.exists() and is_model_id(str(path)):
+        p = resolve_model_path(str(path))  # not cached: a HubError naming `rp-ray download`
     if not p.is_dir():
         raise ModelDirError(
             f"model directory {p} not found. Give model.path a local folder in Hugging Face layout, "

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from rp_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rp_ray.data import Conversation
 from rp_ray.data.report import load_checked_splits
+from rp_ray.hub import resolve_model
 from rp_ray.models import load_tokenizer
 from rp_ray.template import IGNORE_INDEX, Template, encode_supervised, get_template
 
@@ -30,13 +31,15 @@ def absolute_paths(cfg: C) -> C:
     """A copy of a job config whose paths are absolute, so Ray workers in any working directory find the same files."""
     out = cfg.model_copy(deep=True)
     if isinstance(getattr(out, "model", None), ModelConfig):
-        out.model.path = os.path.abspath(out.model.path)
+        out.model.path = str(resolve_model(out.model))  # a hub model id: its folder in the model cache (offline)
     if isinstance(getattr(out, "data", None), DataConfig):
         out.data.dataset_dir = os.path.abspath(out.data.dataset_dir)
     if isinstance(out, TrainConfig | EvalConfig):
         out.output_dir = os.path.abspath(out.output_dir)
     if isinstance(out, TrainConfig):
-        out.storage_path = os.path.abspath(out.storage_path or os.path.join(out.output_dir, "ray"))
+        storage = out.storage_path or os.path.join(out.output_dir, "ray")
+        # s3:// gs:// ... as Ray Train takes them (a multi-node cluster's checkpoints); local paths made absolute
+        out.storage_path = storage if "://" in storage else os.path.abspath(storage)
         if out.deepspeed.config_file:
             out.deepspeed.config_file = os.path.abspath(out.deepspeed.config_file)
     return out

@@ -340,3 +340,55 @@ def ask(app, model: str, prompt: str, **kw):
     return client(app).chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS, **kw
     )
+
+
+# -- multi-node clusters on one machine (test_multinode, test_autoscaler) --------------------------------------------
+
+
+def token_env(ray_tmp: str) -> dict[str, str]:
+    """:func:`ray_env` with a token of the cluster's own: a new random one in ``ray_tmp/auth_token``, named by
+    RAY_AUTH_TOKEN_PATH (which Ray reads before ~/.ray/auth_token). Every node, job and client started in this env
+    authenticates with it; the cluster needs no token in the home dir, and shares none with other clusters."""
+    token = Path(ray_tmp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    return ray_env(ray_tmp) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def wait_for(what: str, check, timeout_s: float, poll_s: float = 1.0):
+    """Poll ``check()`` until it returns a truthy value (returned) or ``timeout_s`` passes (AssertionError, with the
+    last value seen)."""
+    t0 = time.monotonic()
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last seen: {got!r}")
+        time.sleep(poll_s)
+
+
+def ray_nodes(env: dict[str, str], gcs: str) -> list[dict]:
+    """``ray.nodes()`` of the cluster at ``gcs``, read by a driver process of its own: a driver in the test process
+    would tie it to one cluster (and Ray caches the first token it reads)."""
+    import json
+
+    driver = (
+        "import json, ray\n"
+        "ray.init(logging_level='ERROR', log_to_driver=False)\n"
+        "print('NODES=' + json.dumps(ray.nodes(), default=str))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", driver],
+        env=env | {"RAY_ADDRESS": gcs},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("NODES="))[6:])
+
+
+def alive_nodes(env: dict[str, str], gcs: str) -> list[dict]:
+    return [n for n in ray_nodes(env, gcs) if n["Alive"]]

@@ -215,16 +215,16 @@ def test_registry_errors_name_the_problem(tmp_path):
         load_registry(tmp_path / "missing")
 
 
-def test_shipped_registry_falls_back_to_the_sample():
+def test_shipped_registry_reads_the_full_split_and_the_sample_only_when_asked():
     attr, path = resolve("data", "haruhi_train")
     assert attr.tags.user_tag == "user" and attr.columns.messages == "conversations"
-    expected = Path("data/haruhi_train.json")
-    assert path == (expected if expected.exists() else Path("data/sample/haruhi_train.json"))
+    assert path == Path("data/haruhi_train.json.xz")
+    assert resolve("data", "haruhi_train", use_sample=True)[1] == Path("data/sample/haruhi_train.json")
 
 
 def test_shipped_sample_is_clean():
-    train, val, report = load_splits(DataConfig())
-    assert (len(train), len(val)) == (300, 100) or Path("data/haruhi_train.json").exists()
+    train, val, report = load_splits(DataConfig(use_sample=True))
+    assert (len(train), len(val)) == (300, 100)
     assert all(d.n_dropped == 0 for d in report.datasets)
 
 

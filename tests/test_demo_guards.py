@@ -19,6 +19,7 @@ from rp_ray.config import TrainConfig, load_config
 from rp_ray.eval.compare import MAX_EMPTY_SHARE, empty_share, markdown_table, write_comparison
 from rp_ray.tiny_model import STAMP, PretrainConfig, build_tiny_model, built_key
 from rp_ray.train.summary import loss_warnings, write_summary
+from rp_ray.train.worker import TrainState
 
 RESULT = {
     "predict_bleu-4": 1.0,
@@ -113,16 +114,16 @@ def test_too_few_steps_are_flagged():
 
 def test_summary_json_and_log_carry_the_warning(tmp_path, caplog):
     cfg = load_config(TrainConfig, REPO / "jobs/configs/tiny_llama3.yaml", [f"output_dir={tmp_path}"])
-    state = {
-        "step": 37,
-        "total_steps": 37,
-        "steps_per_epoch": 37,
-        "tokens": 1000,
-        "train_seconds": 10.0,
-        "padding_ratio": 0.1,
-        "world_size": 2,
-        "history": _history([8.34 - 0.0036 * i for i in range(37)]),
-    }
+    state = TrainState(
+        step=37,
+        total_steps=37,
+        steps_per_epoch=37,
+        tokens=1000,
+        train_seconds=10.0,
+        padding_ratio=0.1,
+        world_size=2,
+        history=_history([8.34 - 0.0036 * i for i in range(37)]),
+    )
     with caplog.at_level(logging.WARNING, logger="rp_ray.train.summary"):
         summary_path, plot_path, summary = write_summary(state, cfg, {}, tmp_path)
     saved = json.loads(summary_path.read_text())

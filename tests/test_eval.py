@@ -64,7 +64,7 @@ def greedy_run(ray_cluster, tiny_llama3, adapter, tmp_path_factory):
 
 
 def test_one_output_per_row_in_order_with_every_key(greedy_run):
-    _, val, _ = load_splits(DataConfig(train=[]))
+    _, val, _ = load_splits(DataConfig(train=[], use_sample=True))
     for run in ("base", "tuned"):
         rows = read(greedy_run.output_dir / run / "generated_predictions.jsonl")
         assert len(rows) == len(val) == 100

@@ -107,7 +107,7 @@ def read(path: Path) -> list[dict]:
 
 
 def assert_one_line_per_row_in_order(out: Path, runs: list[str]) -> None:
-    _, val, _ = load_splits(DataConfig(train=[]))
+    _, val, _ = load_splits(DataConfig(train=[], use_sample=True))
     for run in runs:
         rows = read(out / run / "generated_predictions.jsonl")
         assert len(rows) == len(val) == 100

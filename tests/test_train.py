@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from rp_ray.config import TrainConfig, load_config
 from rp_ray.train import run_training
 from rp_ray.train.batching import collate, label_tokens
+from rp_ray.train.driver import FAIL_AT_STEP_ENV
 
 BASE_OVERRIDES = [
     "data.cutoff_len=256",
@@ -88,7 +89,7 @@ def test_adapter_loads_in_peft_and_lowers_the_loss(zero2_run, tiny_llama3, llama
     from rp_ray.template import LLAMA3, encode_supervised
 
     res, _ = zero2_run
-    train, _, _ = load_splits(DataConfig())
+    train, _, _ = load_splits(DataConfig(use_sample=True))
     batch = collate(
         [dict(zip(("input_ids", "labels"), encode_supervised(llama3_tok, LLAMA3, c, 256))) for c in train[:16]], 0
     )
@@ -119,10 +120,11 @@ def test_adapter_loads_in_vllm_and_changes_output(zero2_run, tiny_llama3, tmp_pa
 
 
 @pytest.mark.slow
-def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, tmp_path):
+def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, tmp_path, monkeypatch):
     """The last worker os._exit()s at step 5; with max_failures=1 the run restarts from the step-4 checkpoint
     and every loss matches the uninterrupted run with the same seed."""
     ref, _ = zero2_run
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
     res = run_training(
         tiny_cfg(
             tiny_llama3,
@@ -130,7 +132,6 @@ def test_fault_tolerance_resumes_with_identical_losses(zero2_run, tiny_llama3, t
             "max_steps=8",
             "checkpoint_every_steps=2",
             "deepspeed.stage=2",
-            "fail_at_step=5",
             "max_failures=1",
         )
     )
@@ -227,3 +228,147 @@ def test_deepspeed_config_generated_and_user_file(tmp_path):
     assert ds2["train_batch_size"] == 4 * 1 * 2 and ds2["bf16"] == {"enabled": False}
     with pytest.raises(FileNotFoundError, match="deepspeed.config_file"):
         deepspeed_config(tiny_cfg(Path("m"), tmp_path, f"deepspeed.config_file={tmp_path / 'nope.json'}"), bf16=False)
+
+
+# -- validation, resume, continuing an adapter ------------------------------------------------------------------
+
+
+def checkpoints_by_step(storage: Path) -> dict[int, Path]:
+    """Every checkpoint Ray Train kept under ``storage`` (one run), by the step its train state records."""
+    out = {}
+    for state_file in storage.glob("*/checkpoint_*/train_state.json"):
+        out[json.loads(state_file.read_text())["step"]] = state_file.parent
+    return out
+
+
+def recomputed_validation_loss(model_dir: Path, adapter: Path, cfg: TrainConfig) -> float:
+    """Token-weighted validation loss of base + adapter in one process, from scratch: the reference."""
+    from peft import PeftModel
+
+    from rp_ray.models import load_model
+    from rp_ray.preparation import absolute_paths, encode_split, prepare
+    from rp_ray.train.worker import step_loss_sum
+
+    cfg = absolute_paths(cfg)
+    prep = prepare(cfg.model, cfg.data, Path(cfg.output_dir) / "recompute", need=("val",))
+    rows, _ = encode_split(prep.tok, prep.tpl, prep.val, cfg.data.cutoff_len)
+    model = PeftModel.from_pretrained(load_model(model_dir), str(adapter)).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            b = collate([r], pad_id=prep.tok.pad_token_id)
+            total += float(step_loss_sum(model, b))
+            tokens += label_tokens([r])
+    return total / tokens
+
+
+@pytest.mark.slow
+def test_validation_curve_equals_a_recomputation_and_the_best_adapter_is_kept(ray_cluster, tiny_llama3, tmp_path):
+    """eval_every_steps: each point of the validation curve (2 workers, spread over the ranks) equals a
+    single-process recomputation from that step's checkpoint; load_best_adapter keeps the lowest point's adapter."""
+    cfg = tiny_cfg(
+        tiny_llama3,
+        tmp_path,
+        "max_steps=6",
+        "eval_every_steps=2",
+        "checkpoint_every_steps=2",
+        "keep_checkpoints=10",
+        "load_best_adapter=true",
+        "data.max_samples=40",
+        "report_to=[tensorboard, mlflow]",
+    )
+    res = run_training(cfg)
+    curve = res.summary["eval_curve"]
+    assert [e["step"] for e in curve] == [2, 4, 6] and all(e["tokens"] > 0 for e in curve)
+    ckpts = checkpoints_by_step(tmp_path / "ray")
+    for e in curve:
+        want = recomputed_validation_loss(tiny_llama3, ckpts[e["step"]] / "adapter", cfg)
+        assert e["loss"] == pytest.approx(want, rel=1e-6), (e, want)
+    best = min(curve, key=lambda e: e["loss"])
+    assert res.summary["best_step"] == res.summary["adapter_step"] == best["step"]
+    got = load_file(res.adapter_dir / "adapter_model.safetensors")
+    want = load_file(ckpts[best["step"]] / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert res.summary["validation_examples"] == 40
+
+    # the trackers, read back with their own readers: TensorBoard's event files, MLflow's client
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "train"))
+    acc.Reload()
+    losses = [h["loss"] for h in res.summary["loss_curve"]]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (i + 1, pytest.approx(v)) for i, v in enumerate(losses)
+    ]
+    assert [e.step for e in acc.Scalars("train/lr")] == list(range(1, 7))
+    assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [
+        (e["step"], pytest.approx(e["loss"])) for e in curve
+    ]
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("rp_ray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["eval_every_steps"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [2, 4, 6]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
+    assert {"adapter", "training_summary.json", "loss.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_the_same_command_again_continues_and_a_changed_one_is_refused(zero2_run, tiny_llama3, tmp_path, monkeypatch):
+    """A run that died at step 5 (checkpoints every 2 steps), run again unchanged, continues from its last
+    checkpoint and ends with the uninterrupted run's losses; a changed learning rate is refused with the key;
+    resume=false starts over."""
+    ref, _ = zero2_run
+    args = ("max_steps=8", "checkpoint_every_steps=2", "deepspeed.stage=2")
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
+    with pytest.raises(Exception):  # noqa: B017 -- Ray Train's own error for a worker that died, no retries left
+        run_training(tiny_cfg(tiny_llama3, tmp_path, *args))
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    res = run_training(tiny_cfg(tiny_llama3, tmp_path, *args))
+    # from the last checkpoint Ray Train had registered when the worker died: step 4, or 2 when the controller had
+    # not yet processed step 4's report
+    start, resumed = res.summary["starts"]
+    assert start == 0 and resumed in (2, 4), res.summary["starts"]
+    assert [h["loss"] for h in res.summary["loss_curve"]] == pytest.approx(
+        [h["loss"] for h in ref.summary["loss_curve"]], rel=1e-6, abs=1e-6
+    )
+    with pytest.raises(ValueError, match=r"optim.learning_rate: 0.02 -> 0.01.*resume=false to start over"):
+        run_training(tiny_cfg(tiny_llama3, tmp_path, *args, "optim.learning_rate=1e-2"))
+    fresh = run_training(tiny_cfg(tiny_llama3, tmp_path, "max_steps=2", "resume=false"))
+    assert fresh.summary["starts"] == [0] and fresh.summary["run_name"] != res.summary["run_name"]
+
+
+@pytest.mark.slow
+def test_training_from_an_existing_adapter_starts_at_its_weights(zero2_run, tiny_llama3, tmp_path):
+    """adapter_name_or_path: the run trains that adapter (its rank and targets); with a vanishing learning rate its
+    weights come back unchanged."""
+    ref, _ = zero2_run
+    res = run_training(
+        tiny_cfg(
+            tiny_llama3,
+            tmp_path,
+            "max_steps=1",
+            f"adapter_name_or_path={ref.adapter_dir}",
+            "optim.learning_rate=1e-12",
+        )
+    )
+    got = load_file(res.adapter_dir / "adapter_model.safetensors")
+    want = load_file(ref.adapter_dir / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_changes_no_number(ray_cluster, tiny_llama3, tmp_path):
+    """20 steps, same seed, float32: with and without recomputing activations, the same losses and adapter."""
+    runs = [
+        run_training(tiny_cfg(tiny_llama3, tmp_path / f"ckpt-{on}", "max_steps=20", f"gradient_checkpointing={on}"))
+        for on in ("true", "false")
+    ]
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert [h["loss"] for h in runs[0].summary["loss_curve"]] == pytest.approx(
+        [h["loss"] for h in runs[1].summary["loss_curve"]], abs=1e-5
+    )

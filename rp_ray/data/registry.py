@@ -1,9 +1,11 @@
 """The dataset registry: ``dataset_info.json`` in LLaMA-Factory's schema.
 
-Only local sharegpt files are read (no hub is reachable on an offline box). A
-registered file that is missing from ``dataset_dir`` falls back to the sample of
-the same name under ``dataset_dir/sample/`` when one is shipped, so the default
-run works on a fresh clone and the full split is used as soon as it is present.
+Only local sharegpt files are read (no hub is reachable on an offline box): JSON
+or JSON Lines, plain or xz-compressed. A config reads the registered files, and a
+missing one is an error naming the file and the fix; only a config that sets
+``data.use_sample`` reads the shipped sample under ``dataset_dir/sample/`` instead
+(the tiny CPU configs do: the demo and the tests depend on its 300/100 rows), and
+the log and the data report say so.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rp_ray.data.reader import COMPRESSED
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +104,22 @@ def load_registry(dataset_dir: str | Path) -> dict[str, DatasetAttr]:
     return out
 
 
-def resolve(dataset_dir: str | Path, name: str) -> tuple[DatasetAttr, Path]:
+def sample_candidates(dataset_dir: str | Path, file_name: str) -> list[Path]:
+    """Where the shipped sample of a registered file lies: ``sample/<file_name>``, and for a compressed
+    ``file_name`` its uncompressed name (``haruhi_train.json.xz`` -> ``sample/haruhi_train.json``)."""
+    base = Path(dataset_dir) / SAMPLE_SUBDIR
+    out = [base / file_name]
+    for suffix in COMPRESSED:
+        if file_name.endswith(suffix):
+            out.append(base / file_name.removesuffix(suffix))
+    return out
+
+
+def resolve(dataset_dir: str | Path, name: str, use_sample: bool = False) -> tuple[DatasetAttr, Path]:
     """Look a dataset up by name; return its entry and the file to read.
 
-    Refuses what rp_ray cannot read (hub datasets, alpaca, ranking) with the fix.
+    ``use_sample``: the shipped sample of the registered file (see :func:`sample_candidates`) instead of it.
+    Refuses what rp_ray cannot read (hub datasets, alpaca, ranking) with the fix, and a missing file naming it.
     """
     registry = load_registry(dataset_dir)
     if name not in registry:
@@ -126,9 +142,20 @@ def resolve(dataset_dir: str | Path, name: str) -> tuple[DatasetAttr, Path]:
             f'dataset {name!r}: ranking (preference) data is not supported; remove "ranking" or use SFT data'
         )
     path = Path(dataset_dir) / attr.file_name
+    samples = sample_candidates(dataset_dir, attr.file_name)
+    sample = next((p for p in samples if p.is_file()), None)
+    if use_sample:
+        if sample is None:
+            raise RegistryError(
+                f"data.use_sample=true, but dataset {name!r} has no shipped sample: none of "
+                f"{', '.join(map(str, samples))} exists. Set data.use_sample=false to read {path}"
+            )
+        log.info("data.use_sample=true: dataset %r reads the shipped sample %s (not %s)", name, sample, path)
+        return attr, sample
     if not path.exists():
-        sample = Path(dataset_dir) / SAMPLE_SUBDIR / attr.file_name
-        if sample.exists():
-            log.info("%s not found; using the shipped sample %s", path, sample)
-            return attr, sample
+        hint = f", or set data.use_sample=true to read the shipped sample {sample} instead" if sample else ""
+        raise RegistryError(
+            f'dataset {name!r}: {path} not found. Put the file there or fix its "file_name" in '
+            f"{Path(dataset_dir) / 'dataset_info.json'}{hint}"
+        )
     return attr, path

@@ -87,7 +87,7 @@ def _read_split(
     kept: list[Conversation] = []
     seen: set[str] = set()
     for name in names:
-        attr, path = resolve(cfg.dataset_dir, name)
+        attr, path = resolve(cfg.dataset_dir, name, cfg.use_sample)
         rep = DatasetReport(name=name, split=split, file=str(path))
         reports.append(rep)
         for raw in read_rows(path, cfg.max_row_bytes):

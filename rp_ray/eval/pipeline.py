@@ -69,6 +69,7 @@ def fingerprint(cfg: EvalConfig, run: Run) -> dict[str, Any]:
         "sampling": cfg.sampling.model_dump(),
         "val": cfg.data.val,
         "dataset_dir": cfg.data.dataset_dir,
+        "use_sample": cfg.data.use_sample,
         "cutoff_len": cfg.data.cutoff_len,
         "max_samples": cfg.data.max_samples,
         "shard_size": cfg.shard_size,

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rp_ray.character.card import MAX_PNG_BYTES
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
+from rp_ray.hub import resolve_model
 from rp_ray.models import check_model_dir
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CharacterCard, check_cards, load_cards, resolve_adapter
@@ -370,7 +371,7 @@ def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None
         cfg = ServeConfig.model_validate(args)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "serve config args", ServeConfig)) from None
-    cfg.model.path = _abs(cfg.model.path)
+    cfg.model.path = _abs(str(resolve_model(cfg.model)))  # a hub model id: its folder in the model cache
     check_model_dir(cfg.model.path)
     cfg.adapter_root = _abs(cfg.adapter_root)
     cfg.api_key_file = _abs(cfg.api_key_file)

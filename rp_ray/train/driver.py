@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,8 @@ from rp_ray.config import TrainConfig
 from rp_ray.models import check_partitionable
 from rp_ray.preparation import absolute_paths, encode_split, prepare
 from rp_ray.train.summary import write_summary
-from rp_ray.train.worker import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
+from rp_ray.train.tracking import Tracker, flat_config
+from rp_ray.train.worker import ADAPTER_DIR, BEST_ADAPTER_DIR, STATE_FILE, TrainState, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,57 @@ class TrainResult:
     summary: dict[str, Any]
 
 
+# Keys that change how a run is operated, not what it computes: a rerun may change them and still continue.
+OPERATIONAL_KEYS = frozenset(
+    {"max_failures", "logging_steps", "report_to", "tracking_uri", "resume", "keep_checkpoints"}
+)
+RUN_FILE = "train_run.json"  # in output_dir: the Ray Train run name and the config it was started with
+FAIL_AT_STEP_ENV = "RP_RAY_FAIL_AT_STEP"  # tests: the last worker exits abruptly at this step (first attempt)
+
+
+def run_name_for(cfg: TrainConfig, out: Path) -> str:
+    """The Ray Train run this command continues or starts.
+
+    Rerunning the same config with the same ``output_dir`` continues its run from the latest checkpoint (Ray Train
+    resumes a run name it finds in the storage); a config that differs in anything but :data:`OPERATIONAL_KEYS` is
+    refused with the keys, since its checkpoints would be applied to a different run. ``resume: false`` starts a
+    new run (a new name) in the same ``output_dir``.
+    """
+    record = out / RUN_FILE
+    mine = {k: v for k, v in flat_config(cfg).items() if k.split(".")[0] not in OPERATIONAL_KEYS}
+    if record.is_file() and cfg.resume:
+        prev = json.loads(record.read_text())
+        changed = sorted(k for k in mine.keys() | prev["config"].keys() if mine.get(k) != prev["config"].get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {prev['config'].get(k)!r} -> {mine.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{out} holds run {prev['run_name']} started with another config ({diff}). Continuing it would "
+                f"apply its checkpoints to a different run: use another output_dir, or resume=false to start over"
+            )
+        return prev["run_name"]
+    name = cfg.run_name or (out.name if not record.is_file() else f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    record.write_text(json.dumps({"run_name": name, "config": mine}, indent=2))
+    return name
+
+
+def validation_rows(cfg: TrainConfig, train: list, val: list) -> tuple[list, list]:
+    """(train, validation) conversations: ``data.val`` when given, else ``val_size`` of train held out (seeded)."""
+    if not cfg.eval_every_steps:
+        return train, []
+    if val:
+        return train, val
+    if not cfg.val_size:
+        raise ValueError(
+            "eval_every_steps is set but there is no validation set: name data.val datasets or set val_size "
+            "(a share of train to hold out, e.g. val_size=0.05)"
+        )
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    n = max(1, round(len(train) * cfg.val_size))
+    held = set(order[:n])
+    return [c for i, c in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Validate + encode data, train LoRA on Ray Train with DeepSpeed, write the adapter and summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -64,22 +119,31 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     check_partitionable(cfg.model.path, cfg.deepspeed.stage)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prep = prepare(cfg.model, cfg.data, out / "data", need=("train",))
-    train, report_path = prep.train, prep.report_path
-
-    name = cfg.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    need = ("train", "val") if cfg.eval_every_steps and not cfg.val_size else ("train",)
+    prep = prepare(cfg.model, cfg.data, out / "data", need=need)
+    train, val = validation_rows(cfg, prep.train, prep.val)
+    name = run_name_for(cfg, out)
     ensure_ray(
         cfg.num_workers * cfg.cpus_per_worker,
-        resume_hint=f"rerun with run_name={name} (and the same storage_path) to continue from its last checkpoint",
+        resume_hint="run the same command again: it continues from the last checkpoint",
     )
     t0 = time.perf_counter()
     rows, stats = encode_split(prep.tok, prep.tpl, train, cfg.data.cutoff_len, cfg.model.enable_thinking)
-    ds = ray.data.from_items(rows)
     log.info("encoded %s", stats.summary())
+    datasets = {"train": ray.data.from_items(rows)}
+    if val:
+        val_rows, _ = encode_split(prep.tok, prep.tpl, val, cfg.data.cutoff_len, cfg.model.enable_thinking)
+        datasets["val"] = ray.data.from_items(val_rows)
+        log.info("validation: %d conversations, every %d steps", len(val_rows), cfg.eval_every_steps)
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "pad_id": prep.tok.pad_token_id},
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "pad_id": prep.tok.pad_token_id,
+            "fail_at_step": int(fail_at) if fail_at else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -92,7 +156,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": ds},
+        datasets=datasets,
         dataset_config=EveryRowToEveryWorker(),
     )
     result = trainer.fit()
@@ -102,16 +166,40 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         raise RuntimeError(f"training finished without a checkpoint; see the run in {cfg.storage_path}/{name}")
     adapter_dir = out / ADAPTER_DIR
     with result.checkpoint.as_directory() as d:
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        shutil.copytree(Path(d) / ADAPTER_DIR, adapter_dir)
-        state = json.loads((Path(d) / STATE_FILE).read_text())
+        state = TrainState.from_json((Path(d) / STATE_FILE).read_text())
+        best = Path(d) / BEST_ADAPTER_DIR
+        use_best = cfg.load_best_adapter and state.best_step is not None and best.is_dir()
+        publish_adapter(best if use_best else Path(d) / ADAPTER_DIR, adapter_dir)
+    if use_best:
+        log.info("adapter: the best validation loss, step %d (%.4f)", state.best_step, state.best_loss)
     extra = {
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "checkpoint": result.checkpoint.path,
+        "run_name": name,
         "examples": len(train),
-        "data_report": str(report_path),
+        "validation_examples": len(val),
+        "adapter_step": state.best_step if use_best else state.step,
+        "data_report": str(prep.report_path),
     }
     summary_path, plot_path, summary = write_summary(state, cfg, extra, out)
+    # rank 0 logged the metrics live and left MLflow's run open: the artifacts exist only now (the other trackers
+    # were closed by rank 0: a second writer would start a new run, or for TensorBoard rewrite step 0)
+    if "mlflow" in cfg.report_to:
+        mlflow_only = cfg.model_copy(update={"report_to": ["mlflow"]})
+        Tracker.start(mlflow_only).finish(artifacts=[adapter_dir, summary_path, plot_path])
     log.info("adapter: %s | summary: %s | loss plot: %s", adapter_dir, summary_path, plot_path)
     return TrainResult(adapter_dir, summary_path, plot_path, summary)
+
+
+def publish_adapter(src: Path, dest: Path) -> None:
+    """Copy ``src`` next to ``dest`` under a unique name, then swap it in: a server loading ``dest`` at any moment
+    sees the old adapter or the new one, never a missing or half-written folder."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rp_ray.config import TrainConfig
+
+if TYPE_CHECKING:
+    from rp_ray.train.worker import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -41,37 +44,57 @@ def loss_warnings(history: list[dict[str, Any]]) -> list[str]:
     return []
 
 
-def write_summary(state: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any], out: Path) -> tuple[Path, Path, dict]:
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's exponential moving average with its debiasing, for the plot's trend line."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def write_summary(state: TrainState, cfg: TrainConfig, extra: dict[str, Any], out: Path) -> tuple[Path, Path, dict]:
     """training_summary.json and loss.png from the final checkpoint's train state; warnings are logged too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist = state["history"]
+    hist = state.history
     warnings = loss_warnings(hist)
     for w in warnings:
         log.warning("%s", w)
+    secs = state.train_seconds
     summary = {
-        "steps": state["step"],
-        "total_steps": state["total_steps"],
-        "steps_per_epoch": state["steps_per_epoch"],
-        "tokens": state["tokens"],
-        "train_seconds": round(state["train_seconds"], 2),
-        "tokens_per_s": round(state["tokens"] / state["train_seconds"], 1) if state["train_seconds"] else None,
-        "padding_ratio": round(state["padding_ratio"], 4),
-        "rank_imbalance": round(state.get("rank_imbalance", 1.0), 4),  # max over mean tokens per rank, mean of steps
+        "steps": state.step,
+        "total_steps": state.total_steps,
+        "steps_per_epoch": state.steps_per_epoch,
+        "tokens": state.tokens,
+        "train_seconds": round(secs, 2),
+        "tokens_per_s": round(state.tokens / secs, 1) if secs else None,
+        "padding_ratio": round(state.padding_ratio, 4),
+        "rank_imbalance": round(state.rank_imbalance, 4),  # max over mean tokens per rank, mean of steps
         "first_loss": hist[0]["loss"] if hist else None,
         "final_loss": hist[-1]["loss"] if hist else None,
+        "eval_curve": state.eval_history,
+        "best_step": state.best_step,
+        "best_eval_loss": state.best_loss,
         "warnings": warnings,
         "loss_curve": hist,
-        "world_size": state["world_size"],
+        "world_size": state.world_size,
+        "starts": state.starts,
         "config": cfg.model_dump(),
     } | extra
     summary_path = out / "training_summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1.5)
+    steps, losses = [h["step"] for h in hist], [h["loss"] for h in hist]
+    ax.plot(steps, losses, lw=1, alpha=0.4, label="train")
+    ax.plot(steps, smoothed(losses), lw=1.8, label="train (smoothed)")
+    if state.eval_history:
+        ev = state.eval_history
+        ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", lw=1.8, label="validation")
+    ax.legend()
     title = f"LoRA on {Path(cfg.model.path).name} ({cfg.model.template})"
     ax.set(xlabel="optimizer step", ylabel="loss", title=title + ("\nWARNING: loss barely moved" if warnings else ""))
     ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""The per-worker training loop: peft LoRA under DeepSpeed, fed by this worker's Ray Data shard.
+"""The per-worker training loop: peft LoRA under DeepSpeed, on the encoded rows every worker reads in full.
 
 Runs inside a Ray Train worker. The loss of an optimizer step is the token-weighted
 mean over the whole global batch (all micro-batches on all workers), so the update
@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,12 @@ from rp_ray.models import load_model, resolve_attn_implementation, resolve_dtype
 from rp_ray.template import IGNORE_INDEX
 from rp_ray.train.batching import PaddingStats, Plan, collate, imbalance, plan_epoch, steps_per_epoch
 from rp_ray.train.deepspeed_config import deepspeed_config
+from rp_ray.train.tracking import Tracker
 
 log = logging.getLogger("rp_ray.train")
 
 ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "best_adapter"
 DS_DIR = "deepspeed"
 STATE_FILE = "train_state.json"
 
@@ -64,6 +66,10 @@ def prepare_for_lora(cfg: TrainConfig, model):
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.adapter_name_or_path:  # continue an adapter: its own rank and targets, its weights, trainable
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, cfg.adapter_name_or_path, is_trainable=True)
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha or 2 * cfg.lora.rank,
@@ -163,20 +169,94 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
-def save_checkpoint(engine, cfg: TrainConfig, rank: int, out: Path, state: dict[str, Any]) -> None:
-    """Every rank writes its DeepSpeed shard and RNG; rank 0 adds the adapter and the train state."""
+@dataclass
+class TrainState:
+    """Where a run is and what it has measured: the part of a checkpoint that is not DeepSpeed's, and what the
+    driver's summary is written from. JSON in ``train_state.json``; the same on every rank."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "lr"} per optimizer step
+    eval_history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "tokens"} per evaluation
+    best_step: int | None = None  # step of the lowest validation loss so far
+    starts: list[int] = field(default_factory=list)  # the step each attempt started at (0, then resumes)
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    world_size: int = 1
+    padding_ratio: float = 0.0
+    rank_imbalance: float = 1.0
+
+    @property
+    def best_loss(self) -> float | None:
+        return next((e["loss"] for e in self.eval_history if e["step"] == self.best_step), None)
+
+    def add_eval(self, step: int, loss: float, tokens: int) -> bool:
+        """Record a validation loss; True when it is the lowest so far."""
+        best = self.best_loss
+        self.eval_history.append({"step": step, "loss": loss, "tokens": tokens})
+        if best is None or loss < best:
+            self.best_step = step
+            return True
+        return False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        return cls(**json.loads(text))
+
+
+def save_checkpoint(
+    engine, cfg: TrainConfig, rank: int, out: Path, state: TrainState, best: dict[str, torch.Tensor] | None
+) -> None:
+    """Every rank writes its DeepSpeed shard and RNG; rank 0 adds the adapter, the best adapter so far (when
+    validation runs) and the train state."""
     adapter = adapter_state(engine, cfg.deepspeed.stage)
     engine.save_checkpoint(str(out / DS_DIR), tag="state", exclude_frozen_parameters=True)
     torch.save(rng_state(), out / f"rng_rank{rank}.pt")
     if rank == 0:
         engine.module.save_pretrained(out / ADAPTER_DIR, state_dict=adapter, safe_serialization=True)
-        (out / STATE_FILE).write_text(json.dumps(state))
+        if best is not None:
+            engine.module.save_pretrained(out / BEST_ADAPTER_DIR, state_dict=best, safe_serialization=True)
+        (out / STATE_FILE).write_text(state.to_json())
 
 
-def restore_checkpoint(engine, rank: int, ckpt_dir: Path) -> dict[str, Any]:
+def restore_checkpoint(engine, rank: int, ckpt_dir: Path) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """The train state and (on rank 0) the best adapter so far, after DeepSpeed and the RNGs are restored."""
+    from safetensors.torch import load_file
+
     engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag="state", load_module_strict=False)
     set_rng_state(torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=True))
-    return json.loads((ckpt_dir / STATE_FILE).read_text())
+    best_file = ckpt_dir / BEST_ADAPTER_DIR / "adapter_model.safetensors"
+    best = load_file(best_file) if rank == 0 and best_file.is_file() else None
+    return TrainState.from_json((ckpt_dir / STATE_FILE).read_text()), best
+
+
+def validation_loss(engine, rows: list[dict], world: World, micro_batch: int, pad_id: int) -> tuple[float, int]:
+    """Token-weighted loss over every validation row, spread over the ranks; (loss, labelled tokens).
+
+    Rank r takes rows r, r + world, ...; every rank runs the same number of micro-batches (a rank out of rows runs
+    one with no labels), since under ZeRO-3 each forward pass gathers parameters from all ranks. Rows are sorted by
+    length first, so a micro-batch pads little.
+    """
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    mine = [rows[i] for i in order[world.rank :: world.size]]
+    n_batches = math.ceil(math.ceil(len(rows) / world.size) / micro_batch)
+    blank = {"input_ids": [pad_id], "labels": [IGNORE_INDEX]}
+    sums = torch.zeros(2, dtype=torch.float64, device=world.device)
+    engine.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            batch = collate(mine[b * micro_batch : (b + 1) * micro_batch] or [blank], pad_id)
+            batch = {k: v.to(world.device) for k, v in batch.items()}
+            sums[0] += step_loss_sum(engine, batch).double()
+            sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    engine.train()
+    dist.all_reduce(sums)
+    total, tokens = sums.tolist()
+    return total / max(tokens, 1.0), int(tokens)
 
 
 def _gauges():
@@ -211,6 +291,8 @@ def join_deepspeed(world: World) -> None:
     import deepspeed
     import deepspeed.ops
 
+    if deepspeed.comm.is_initialized():
+        return
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo")
 
@@ -260,11 +342,19 @@ def setup(cfg: TrainConfig, world: World, total_steps: int):
     return engine, scheduler
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``loop_config = {"cfg": TrainConfig.model_dump(), "pad_id": int}``.
+def fail_here(step: int, world: World, fail_at_step: int | None, resumed: bool) -> None:
+    """Fault injection for the tests (``RP_RAY_FAIL_AT_STEP`` in the driver's environment): the last worker exits
+    abruptly at that step, on the first attempt only."""
+    if fail_at_step == step and not resumed and world.rank == world.size - 1:
+        os._exit(1)
 
-    The Ray glue around :func:`setup` and :func:`optimizer_step`: this rank's rows, the batch plan, resume,
-    and the logging / checkpoint cadence.
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``loop_config = {"cfg": TrainConfig.model_dump(), "pad_id": int, "fail_at_step":
+    int | None}``.
+
+    The Ray glue around :func:`setup`, :func:`optimizer_step` and :func:`validation_loss`: this rank's rows, the
+    batch plan, resume, and the logging / evaluation / checkpoint cadence.
     """
     import ray.train
     import ray.train.torch
@@ -279,8 +369,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = world.rank
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["idx"])
-    rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
+    def read(split: str) -> list[dict]:
+        shard = ray.train.get_dataset_shard(split)
+        rows = sorted(shard.iter_rows(), key=lambda r: r["idx"]) if shard is not None else []
+        return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
+
+    rows = read("train")
+    val_rows = read("val") if cfg.eval_every_steps else []
     lengths = [len(r["input_ids"]) for r in rows]
     sizes = dict(
         world_size=world.size, micro_batch=cfg.per_device_batch_size, accumulation=cfg.gradient_accumulation_steps
@@ -296,76 +391,99 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * per_epoch)
     engine, scheduler = setup(cfg, world, total_steps)
 
-    state: dict[str, Any] = {"step": 0, "history": [], "tokens": 0, "train_seconds": 0.0}
+    state = TrainState(steps_per_epoch=per_epoch, total_steps=total_steps, world_size=world.size)
+    best: dict[str, torch.Tensor] | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = restore_checkpoint(engine, rank, Path(d))
+            state, best = restore_checkpoint(engine, rank, Path(d))
         if rank == 0:
-            log.info("resumed from checkpoint at step %d", state["step"])
-    elif cfg.fail_at_step is not None and rank == world.size - 1:
-        log.warning(
-            "fail_at_step=%d: this worker will exit abruptly at that step (first attempt only)", cfg.fail_at_step
-        )
+            log.info("resumed from checkpoint at step %d", state.step)
+    state.starts.append(state.step)
 
     padding = PaddingStats()
     gauges = _gauges() if rank == 0 else {}
+    # rank 0 logs to the trackers live; the driver adds the artifacts to MLflow's run once the summary exists
+    tracker = Tracker.start(cfg, resumed_at=state.step + 1 if ckpt is not None else None) if rank == 0 else Tracker()
     plans: dict[int, Plan] = {}
     imbalances: list[float] = []
-    start_step = state["step"]
+    start_step = state.step
     t_start = t_attempt = t_since = time.perf_counter()
     tokens_since = 0
     engine.train()
-    for step in range(state["step"], total_steps):
-        epoch, in_epoch = divmod(step, per_epoch)
-        if epoch not in plans:  # the same plan on every rank: same rows, same seed
-            plans = {
-                epoch: plan_epoch(lengths, **sizes, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length)
-            }
-            padding.add_plan(plans[epoch], lengths)
-            imbalances.append(imbalance(plans[epoch], lengths))
-        if cfg.fail_at_step == step and ckpt is None and rank == world.size - 1:
-            os._exit(1)  # simulate a crashed worker process
-        micro_batches = [collate([rows[i] for i in mb], pad_id) for mb in plans[epoch][in_epoch][rank]]
-        loss, n_tokens = optimizer_step(engine, micro_batches, world, cfg.gradient_accumulation_steps)
-        lr = scheduler.get_last_lr()[0]
-        state["step"] = step + 1
-        state["tokens"] += n_tokens
-        state["history"].append({"step": step + 1, "loss": loss, "lr": lr})
-        tokens_since += n_tokens
-        metrics = {"step": step + 1, "epoch": (step + 1) / per_epoch, "loss": loss, "lr": lr}
+    try:
+        for step in range(state.step, total_steps):
+            epoch, in_epoch = divmod(step, per_epoch)
+            if epoch not in plans:  # the same plan on every rank: same rows, same seed
+                plans = {
+                    epoch: plan_epoch(lengths, **sizes, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length)
+                }
+                padding.add_plan(plans[epoch], lengths)
+                imbalances.append(imbalance(plans[epoch], lengths))
+            fail_here(step, world, loop_config.get("fail_at_step"), resumed=ckpt is not None)
+            micro_batches = [collate([rows[i] for i in mb], pad_id) for mb in plans[epoch][in_epoch][rank]]
+            loss, n_tokens = optimizer_step(engine, micro_batches, world, cfg.gradient_accumulation_steps)
+            lr = scheduler.get_last_lr()[0]
+            state.step = step + 1
+            state.tokens += n_tokens
+            state.history.append({"step": step + 1, "loss": loss, "lr": lr})
+            tokens_since += n_tokens
+            metrics = {"step": step + 1, "epoch": (step + 1) / per_epoch, "loss": loss, "lr": lr}
 
-        last = step + 1 == total_steps
-        log_now = (step + 1) % cfg.logging_steps == 0 or last
-        if log_now:
-            now = time.perf_counter()
-            metrics["tokens_per_s"] = tokens_since / (now - t_since)
-            metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / world.size
-            if rank == 0:
-                eta = (now - t_attempt) / (step + 1 - start_step) * (total_steps - step - 1)
-                log.info(
-                    "step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s",
-                    step + 1,
-                    total_steps,
-                    metrics["epoch"],
-                    loss,
-                    lr,
-                    metrics["tokens_per_s"],
-                    metrics["tokens_per_s_per_worker"],
-                    "GPU" if use_gpu else "worker",
-                    _fmt_eta(eta),
+            last = step + 1 == total_steps
+            if cfg.eval_every_steps and ((step + 1) % cfg.eval_every_steps == 0 or last):
+                metrics["eval_loss"], eval_tokens = validation_loss(
+                    engine, val_rows, world, cfg.per_device_batch_size, pad_id
                 )
-                for key, g in gauges.items():
-                    g.set(metrics[key])
-            tokens_since, t_since = 0, now
-        if (step + 1) % cfg.checkpoint_every_steps == 0 or last:
-            state["train_seconds"] += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            state["padding_ratio"] = padding.ratio
-            state["rank_imbalance"] = sum(imbalances) / len(imbalances)
-            state |= {"steps_per_epoch": per_epoch, "total_steps": total_steps, "world_size": world.size}
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(engine, cfg, rank, Path(d), state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        elif log_now:  # report() is a barrier across workers: only as often as the user wants to see progress
-            ray.train.report(metrics)
+                improved = state.add_eval(step + 1, metrics["eval_loss"], eval_tokens)
+                if cfg.load_best_adapter and improved:
+                    adapter = adapter_state(engine, cfg.deepspeed.stage)  # collective at ZeRO-3: every rank
+                    best = adapter if rank == 0 else None
+                if rank == 0:
+                    log.info("step %d | eval loss %.4f over %d tokens", step + 1, metrics["eval_loss"], eval_tokens)
+                    tracker.log_metrics({"eval/loss": metrics["eval_loss"]}, step=step + 1)
+            log_now = (step + 1) % cfg.logging_steps == 0 or last
+            if log_now:
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = tokens_since / (now - t_since)
+                metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / world.size
+                if rank == 0:
+                    eta = (now - t_attempt) / (step + 1 - start_step) * (total_steps - step - 1)
+                    log.info(
+                        "step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s",
+                        step + 1,
+                        total_steps,
+                        metrics["epoch"],
+                        loss,
+                        lr,
+                        metrics["tokens_per_s"],
+                        metrics["tokens_per_s_per_worker"],
+                        "GPU" if use_gpu else "worker",
+                        _fmt_eta(eta),
+                    )
+                    for key, g in gauges.items():
+                        g.set(metrics[key])
+                tokens_since, t_since = 0, now
+            tracker.log_metrics(
+                {"train/loss": loss, "train/lr": lr}
+                | ({"train/tokens_per_s": metrics["tokens_per_s"]} if "tokens_per_s" in metrics else {}),
+                step=step + 1,
+            )
+            if (step + 1) % cfg.checkpoint_every_steps == 0 or last:
+                state.train_seconds += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                state.padding_ratio = padding.ratio
+                state.rank_imbalance = sum(imbalances) / len(imbalances)
+                with tempfile.TemporaryDirectory() as d:
+                    save_checkpoint(engine, cfg, rank, Path(d), state, best)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            elif log_now:  # report() is a barrier across workers: only as often as the user wants to see progress
+                ray.train.report(metrics)
+    except BaseException:
+        tracker.finish(failed=True)  # the run shows as failed until an attempt resumes it
+        raise
+    tracker.finish(leave_open=["mlflow"])  # the driver adds the artifacts to MLflow's run and closes it
+    if start_step == total_steps:  # rerun of a finished run: hand its last checkpoint back to the driver
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(engine, cfg, rank, Path(d), state, best)
+            ray.train.report({"step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(d))
