@@ -95,4 +95,4 @@ def test_job_whose_cluster_is_killed_exits_non_zero_with_a_clear_message(tiny_ll
     out, _ = job.communicate(timeout=600)
     text = "".join(lines) + out
     assert job.returncode == CLUSTER_LOST_EXIT, text[-4000:]
-    assert "went away while this job was running" in text and "run_name=killed" in text, text[-4000:]
+    assert "went away while this job was running" in text and "run the same command again" in text, text[-4000:]

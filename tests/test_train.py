@@ -317,7 +317,7 @@ def test_validation_curve_equals_a_recomputation_and_the_best_adapter_is_kept(ra
 def test_the_same_command_again_continues_and_a_changed_one_is_refused(zero2_run, tiny_llama3, tmp_path, monkeypatch):
     """A run that died at step 5 (checkpoints every 2 steps), run again unchanged, continues from its last
     checkpoint and ends with the uninterrupted run's losses; a changed learning rate is refused with the key;
-    resume=false starts over."""
+    resume=false starts over, here from an existing adapter."""
     ref, _ = zero2_run
     args = ("max_steps=8", "checkpoint_every_steps=2", "deepspeed.stage=2")
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
@@ -334,25 +334,20 @@ def test_the_same_command_again_continues_and_a_changed_one_is_refused(zero2_run
     )
     with pytest.raises(ValueError, match=r"optim.learning_rate: 0.02 -> 0.01.*resume=false to start over"):
         run_training(tiny_cfg(tiny_llama3, tmp_path, *args, "optim.learning_rate=1e-2"))
-    fresh = run_training(tiny_cfg(tiny_llama3, tmp_path, "max_steps=2", "resume=false"))
-    assert fresh.summary["starts"] == [0] and fresh.summary["run_name"] != res.summary["run_name"]
-
-
-@pytest.mark.slow
-def test_training_from_an_existing_adapter_starts_at_its_weights(zero2_run, tiny_llama3, tmp_path):
-    """adapter_name_or_path: the run trains that adapter (its rank and targets); with a vanishing learning rate its
-    weights come back unchanged."""
-    ref, _ = zero2_run
-    res = run_training(
+    # resume=false: a new run in the same output_dir, here from an existing adapter (adapter_name_or_path: that
+    # adapter's rank and targets, trained on); with a vanishing learning rate its weights come back unchanged
+    fresh = run_training(
         tiny_cfg(
             tiny_llama3,
             tmp_path,
             "max_steps=1",
+            "resume=false",
             f"adapter_name_or_path={ref.adapter_dir}",
             "optim.learning_rate=1e-12",
         )
     )
-    got = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert fresh.summary["starts"] == [0] and fresh.summary["run_name"] != res.summary["run_name"]
+    got = load_file(fresh.adapter_dir / "adapter_model.safetensors")
     want = load_file(ref.adapter_dir / "adapter_model.safetensors")
     assert got.keys() == want.keys()
     for k in got:
@@ -363,7 +358,15 @@ def test_training_from_an_existing_adapter_starts_at_its_weights(zero2_run, tiny
 def test_gradient_checkpointing_changes_no_number(ray_cluster, tiny_llama3, tmp_path):
     """20 steps, same seed, float32: with and without recomputing activations, the same losses and adapter."""
     runs = [
-        run_training(tiny_cfg(tiny_llama3, tmp_path / f"ckpt-{on}", "max_steps=20", f"gradient_checkpointing={on}"))
+        run_training(
+            tiny_cfg(
+                tiny_llama3,
+                tmp_path / f"ckpt-{on}",
+                "max_steps=20",
+                "data.cutoff_len=128",
+                f"gradient_checkpointing={on}",
+            )
+        )
         for on in ("true", "false")
     ]
     a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in runs)
