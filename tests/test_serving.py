@@ -406,6 +406,11 @@ def test_tokenize_counts_what_the_completions_send(serving):
         with pytest.raises(APIError) as e:
             call(body)
         assert (e.value.status, e.value.param) == (status, param)
+    # the message-count limit names its param (the error type stays the OpenAI one)
+    too_many = [{"role": "user", "content": "x"}] * (serving.limits.max_messages + 1)
+    with pytest.raises(APIError) as e:
+        serving.tokenize(TokenizeRequest(model="base", messages=too_many))
+    assert e.value.body()["error"]["type"] == "invalid_request_error" and e.value.body()["error"]["param"] == "messages"
 
 
 @dataclass

@@ -277,7 +277,9 @@ class ChatServing:
             raise APIError(400, "give either prompt or messages", param="prompt")
         if req.messages is not None:
             if len(req.messages) > self.limits.max_messages:
-                raise APIError(400, f"{len(req.messages)} messages; at most {self.limits.max_messages}", "messages")
+                raise APIError(
+                    400, f"{len(req.messages)} messages; at most {self.limits.max_messages}", param="messages"
+                )
             ids = self.chat_prompt(req.messages, card)
         else:
             ids = self.encode_text(req.prompt, add_bos=req.add_special_tokens)
