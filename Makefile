@@ -6,15 +6,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser clean gpu-wheels
+.PHONY: demo test install browser s3rver clean gpu-wheels
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 # style first (fails in seconds), then the suite
-test: $(STAMP) browser
+test: $(STAMP) browser s3rver
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# The S3 checkpoint test runs a real S3-compatible server (s3rver, from the npm registry) on loopback.
+S3RVER := .cache/s3rver/node_modules/.bin/s3rver
+s3rver:
+	@test -x $(S3RVER) || npm install --silent --no-audit --no-fund --prefix .cache/s3rver s3rver@3.7.1
 
 # The chat page's test drives Debian's Chromium headless (no browser download: playwright uses /usr/bin/chromium).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
