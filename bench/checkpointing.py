@@ -33,9 +33,9 @@ def one_setting(checkpointing: bool, cutoff: int, micro_batch: int, accumulation
     import torch.distributed as dist
 
     from rp_ray.config import TrainConfig, load_config
-    from rp_ray.models import load_model
-    from rp_ray.template import IGNORE_INDEX
-    from rp_ray.tiny_model import build_tiny_model
+    from rp_ray.llm.models import load_model
+    from rp_ray.llm.template import IGNORE_INDEX
+    from rp_ray.llm.tiny_model import build_tiny_model
     from rp_ray.train.batching import collate
     from rp_ray.train.worker import World, build_engine, optimizer_step, prepare_for_lora
 

@@ -10,10 +10,10 @@ import time
 
 from rp_ray.config import DataConfig
 from rp_ray.data import load_splits
-from rp_ray.models import load_tokenizer
+from rp_ray.llm.models import load_tokenizer
+from rp_ray.llm.template import get_template
+from rp_ray.llm.tiny_model import build_tiny_model
 from rp_ray.preparation import encode_split
-from rp_ray.template import get_template
-from rp_ray.tiny_model import build_tiny_model
 
 
 def main() -> None:

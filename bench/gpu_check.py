@@ -53,8 +53,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from rp_ray.config import TrainConfig, load_config  # noqa: E402
-from rp_ray.models import resolve_attn_implementation, resolve_dtype  # noqa: E402
-from rp_ray.template import IGNORE_INDEX  # noqa: E402
+from rp_ray.llm.models import resolve_attn_implementation, resolve_dtype  # noqa: E402
+from rp_ray.llm.template import IGNORE_INDEX  # noqa: E402
 from rp_ray.train.batching import collate  # noqa: E402
 from rp_ray.train.deepspeed_config import deepspeed_config  # noqa: E402
 from rp_ray.train.worker import World, build_engine, optimizer_step, prepare_for_lora, step_loss_sum  # noqa: E402
@@ -324,9 +324,9 @@ def check_hf_engine(world: World, tiny: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from rp_ray.eval.engines import HfEngine, Run
-    from rp_ray.models import load_tokenizer
-    from rp_ray.template import get_template
-    from rp_ray.tiny_model import build_tiny_model
+    from rp_ray.llm.models import load_tokenizer
+    from rp_ray.llm.template import get_template
+    from rp_ray.llm.tiny_model import build_tiny_model
 
     on_gpu = world.device.type == "cuda"
     tpl = get_template("gpt_oss")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rp_ray.config import DataConfig
 from rp_ray.data import load_splits
-from rp_ray.metrics import mean_scores, score_pairs, score_pairs_parallel
+from rp_ray.eval.metrics import mean_scores, score_pairs, score_pairs_parallel
 
 
 def main() -> None:

@@ -300,8 +300,8 @@ def main() -> None:
         a.out.write_text(json.dumps(result))
         return
 
-    from rp_ray.models import random_lora_adapter
-    from rp_ray.tiny_model import build_tiny_model
+    from rp_ray.llm.models import random_lora_adapter
+    from rp_ray.llm.tiny_model import build_tiny_model
 
     servers = [s for s in a.servers.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:

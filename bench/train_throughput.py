@@ -12,9 +12,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from rp_ray.cli import setup_logging
+from rp_ray.cli.main import setup_logging
 from rp_ray.config import TrainConfig, load_config
-from rp_ray.tiny_model import build_tiny_model
+from rp_ray.llm.tiny_model import build_tiny_model
 from rp_ray.train import run_training
 
 

@@ -9,7 +9,7 @@ and comparison.png into output_dir, beside each run's LLaMA-Factory-named output
 import sys
 from pathlib import Path
 
-from rp_ray.cli import job_config, run, setup_logging
+from rp_ray.cli.main import job_config, run, setup_logging
 from rp_ray.config import EvalConfig
 from rp_ray.eval import run_eval
 from rp_ray.eval.compare import markdown_table, write_comparison

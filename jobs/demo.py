@@ -29,9 +29,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rp_ray.cli import run, setup_logging
+from rp_ray.cli.main import run, setup_logging
 from rp_ray.config import EvalConfig, ServeConfig, TrainConfig, load_config
-from rp_ray.tiny_model import DEFAULT_PRETRAIN, DEFAULT_SIZES, STAMP, build_tiny_model
+from rp_ray.llm.tiny_model import DEFAULT_PRETRAIN, DEFAULT_SIZES, STAMP, build_tiny_model
 
 CONFIG = "jobs/configs/tiny_llama3.yaml"
 EVAL_CONFIG = "jobs/configs/eval_tiny_llama3.yaml"

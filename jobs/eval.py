@@ -11,7 +11,7 @@ rows per actor). Rerunning with the same output_dir resumes: finished shards are
 import json
 import sys
 
-from rp_ray.cli import job_config, run, setup_logging
+from rp_ray.cli.main import job_config, run, setup_logging
 from rp_ray.config import EvalConfig
 from rp_ray.eval import run_eval
 

@@ -9,7 +9,7 @@ else starts a private local Ray cluster that lives as long as the job.
 
 import sys
 
-from rp_ray.cli import job_config, run, setup_logging
+from rp_ray.cli.main import job_config, run, setup_logging
 from rp_ray.config import TrainConfig
 from rp_ray.train import run_training
 

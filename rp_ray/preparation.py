@@ -19,9 +19,9 @@ from pydantic import BaseModel
 from rp_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rp_ray.data import Conversation
 from rp_ray.data.report import load_checked_splits
-from rp_ray.hub import resolve_model
-from rp_ray.models import load_tokenizer
-from rp_ray.template import IGNORE_INDEX, Template, encode_supervised, get_template
+from rp_ray.llm.hub import resolve_model
+from rp_ray.llm.models import load_tokenizer
+from rp_ray.llm.template import IGNORE_INDEX, Template, encode_supervised, get_template
 
 C = TypeVar("C", bound=BaseModel)
 Split = Literal["train", "val"]

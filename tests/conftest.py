@@ -25,9 +25,9 @@ SESSION_RAY_TMP = tempfile.mkdtemp(prefix="rpt", dir="/tmp")
 os.environ["RAY_TMPDIR"] = SESSION_RAY_TMP
 
 from rp_ray.cluster import LOCAL_SERVE_ENV, free_port
-from rp_ray.models import load_tokenizer, random_lora_adapter
-from rp_ray.template import get_template
-from rp_ray.tiny_model import build_tiny_model
+from rp_ray.llm.models import load_tokenizer, random_lora_adapter
+from rp_ray.llm.template import get_template
+from rp_ray.llm.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HARUHI = REPO.parent / "shared" / "datasets" / "chatharuhi"
@@ -257,7 +257,7 @@ def offline_replies(model: Path, root: Path):
     from rp_ray.config import SamplingConfig, VllmSettings
     from rp_ray.data import Message
     from rp_ray.eval.engines import Run, VllmEngine
-    from rp_ray.template import LLAMA3, chat_prompt_ids
+    from rp_ray.llm.template import LLAMA3, chat_prompt_ids
 
     tok = load_tokenizer(model, LLAMA3)
     runs = [Run("base", None), Run("a1", str(root / "a1")), Run("a2", str(root / "a2"))]

@@ -35,7 +35,7 @@ def haruhi_train_lengths(llama3_tok) -> list[int]:
         pytest.skip(f"full ChatHaruhi train split not found under {SHARED_HARUHI}")
     from rp_ray.config import DataConfig
     from rp_ray.data import load_splits
-    from rp_ray.template import LLAMA3, encode_supervised
+    from rp_ray.llm.template import LLAMA3, encode_supervised
 
     train, _, _ = load_splits(DataConfig(dataset_dir=str(SHARED_HARUHI), train=["haruhi_train"], val=[]))
     return [len(encode_supervised(llama3_tok, LLAMA3, conv, cutoff_len=2048)[0]) for conv in train]

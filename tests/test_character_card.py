@@ -351,7 +351,7 @@ def test_missing_file_and_directory(tmp_path):
 def rp_ray(*args: str) -> subprocess.CompletedProcess:
     # `python -m` from the repo root: this checkout's rp_ray, whatever the installed entry point points at
     return subprocess.run(
-        [sys.executable, "-m", "rp_ray.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "rp_ray.cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -369,7 +369,7 @@ def test_cli_import_export_show_round_trip(tmp_path):
 
 
 def test_cli_show_and_list(tmp_path, capsys):
-    from rp_ray.cli import main  # in-process: the subprocess tests above cover the entry point
+    from rp_ray.cli.main import main  # in-process: the subprocess tests above cover the entry point
 
     reg = str(tmp_path / "reg")
     assert main(["card", "import", str(V3), "--registry", reg, "--adapter", "tiny-lora", "--temperature", "0.8"]) == 0

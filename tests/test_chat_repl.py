@@ -1,4 +1,4 @@
-"""The terminal chat (``rp-ray chat``, ``rp_ray.chat_repl``): its pure helpers and loop with a fake client, its
+"""The terminal chat (``rp-ray chat``, ``rp_ray.cli.chat``): its pure helpers and loop with a fake client, its
 start-up errors as a command, and a real session in tmux against the session's shared app (greeting, streamed
 replies, /model, /reset, /exit and Ctrl-D)."""
 
@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import KEY, PROMPTS, REPO
 
-from rp_ray.chat_repl import (
+from rp_ray.cli.chat import (
     ChatError,
     ChatREPL,
     build_messages,

@@ -1,9 +1,9 @@
-"""The MXFP4 -> plain copy of a gpt-oss checkpoint (``rp_ray.checkpoint``), on a synthetic MXFP4 checkpoint.
+"""The MXFP4 -> plain copy of a gpt-oss checkpoint (``rp_ray.llm.checkpoint``), on a synthetic MXFP4 checkpoint.
 
 The synthetic checkpoint is a random tiny gpt-oss whose experts are quantized here into gpt-oss's on-disk MXFP4
 format (``*_blocks`` + ``*_scales``, the real model's ``quantization_config``, bf16 elsewhere), split over two
 shards with one blocks/scales pair across them. The reference for the copy is transformers' own dequantizing load
-(``Mxfp4Config(dequantize=True)``, what ``rp_ray.models.load_model`` does for MXFP4); the ZeRO-3 test documents
+(``Mxfp4Config(dequantize=True)``, what ``rp_ray.llm.models.load_model`` does for MXFP4); the ZeRO-3 test documents
 why the copy exists: zero.Init partitions the copy as it loads, and never the MXFP4 original.
 """
 
@@ -21,11 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rp_ray import cli
-from rp_ray.checkpoint import INDEX_FILE, PROVENANCE_FILE, dequantize_checkpoint
-from rp_ray.models import ModelDirError, check_model_dir, load_model, load_tokenizer
-from rp_ray.template import get_template
-from rp_ray.tiny_model import build_tiny_model
+from rp_ray.cli import main as cli
+from rp_ray.llm.checkpoint import INDEX_FILE, PROVENANCE_FILE, dequantize_checkpoint
+from rp_ray.llm.models import ModelDirError, check_model_dir, load_model, load_tokenizer
+from rp_ray.llm.template import get_template
+from rp_ray.llm.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_LAYERS = 2
@@ -205,7 +205,7 @@ ZERO3_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
     from rp_ray.cluster import free_port
-    from rp_ray.models import load_model
+    from rp_ray.llm.models import load_model
     from rp_ray.train.worker import World, join_deepspeed
 
     os.environ["LOCAL_RANK"] = "0"  # as torchrun sets it; DeepSpeed requires it
@@ -292,7 +292,7 @@ def test_incomplete_pair_is_refused_and_leaves_nothing(mxfp4, tmp_path):
 def test_training_refuses_an_mxfp4_checkpoint_under_zero3_and_names_the_fix(mxfp4, converted, tmp_path):
     """Refused in the driver, before Ray or any worker starts; the converted copy and ZeRO-2 pass the check."""
     from rp_ray.config import TrainConfig, load_config
-    from rp_ray.models import ModelDirError, check_partitionable
+    from rp_ray.llm.models import ModelDirError, check_partitionable
     from rp_ray.train import run_training
 
     cfg = load_config(

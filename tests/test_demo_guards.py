@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from rp_ray.cli import main as rp_ray_main
+from rp_ray.cli.main import main as rp_ray_main
 from rp_ray.config import TrainConfig, load_config
 from rp_ray.eval.compare import MAX_EMPTY_SHARE, empty_share, markdown_table, write_comparison
-from rp_ray.tiny_model import STAMP, PretrainConfig, build_tiny_model, built_key
+from rp_ray.llm.tiny_model import STAMP, PretrainConfig, build_tiny_model, built_key
 from rp_ray.train.summary import loss_warnings, write_summary
 from rp_ray.train.worker import TrainState
 
@@ -171,7 +171,7 @@ def test_build_is_cached_until_an_input_changes(corpus, tmp_path, caplog):
     out = tmp_path / "m"
     build_tiny_model("llama3", out, corpus_file=corpus, **SMALL, pretrain=PRE)
     key, mtime = built_key(out), (out / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="rp_ray.tiny_model"):
+    with caplog.at_level(logging.INFO, logger="rp_ray.llm.tiny_model"):
         build_tiny_model("llama3", out, corpus_file=corpus, **SMALL, pretrain=PRE)
     assert "up to date" in caplog.text
     assert built_key(out) == key and (out / "model.safetensors").stat().st_mtime_ns == mtime  # not rebuilt

@@ -208,7 +208,7 @@ def test_merging_runs_as_a_ray_task_in_the_engines_dtype(ray_cluster, tiny_llama
 
     from rp_ray.eval.engines import Run
     from rp_ray.eval.pipeline import engine_groups
-    from rp_ray.models import load_model
+    from rp_ray.llm.models import load_model
 
     cfg = eval_cfg(
         tiny_llama3, tmp_path, f"adapters.tuned={adapter}", "merge_adapter=true", "include_base=false"

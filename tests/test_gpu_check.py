@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 
 from rp_ray.config import TrainConfig, load_config
-from rp_ray.models import resolve_attn_implementation
+from rp_ray.llm.models import resolve_attn_implementation
 
 NO_RAY_VLLM = {"PYTHONPATH": str(REPO / "tests" / "fixtures" / "no_ray_vllm")}
 

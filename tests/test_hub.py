@@ -1,4 +1,4 @@
-"""Models by hub id (rp_ray.hub): a tiny model laid out as a real Hugging Face cache and as a ModelScope cache
+"""Models by hub id (rp_ray.llm.hub): a tiny model laid out as a real Hugging Face cache and as a ModelScope cache
 resolves and loads offline; a model that is not cached names the `rp-ray download` command; pickle-only and
 interrupted downloads are refused. No network: the one online step, the download itself, runs against a stand-in
 for huggingface_hub's fetch that fills the cache the way a download does."""
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from rp_ray import hub
 from rp_ray.config import EvalConfig, ModelConfig, TrainConfig, load_config
-from rp_ray.hub import HubError, download, is_model_id, ms_candidates, resolve_model, resolve_model_path
-from rp_ray.models import ModelDirError, check_model_dir
+from rp_ray.llm import hub
+from rp_ray.llm.hub import HubError, download, is_model_id, ms_candidates, resolve_model, resolve_model_path
+from rp_ray.llm.models import ModelDirError, check_model_dir
 from rp_ray.preparation import absolute_paths
 
 RP_RAY = str(Path(sys.executable).parent / "rp-ray")
@@ -104,10 +104,10 @@ def test_model_ids_resolve_and_load_offline(caches, tmp_path):
         f"""
         import json
         from rp_ray.config import TrainConfig
-        from rp_ray.hub import resolve_model
-        from rp_ray.models import load_model, load_tokenizer
+        from rp_ray.llm.hub import resolve_model
+        from rp_ray.llm.models import load_model, load_tokenizer
         from rp_ray.preparation import absolute_paths
-        from rp_ray.template import LLAMA3
+        from rp_ray.llm.template import LLAMA3
 
         out = {{}}
         for hub, cache in (("huggingface", {str(caches["hf"])!r}), ("modelscope", {str(caches["ms"])!r})):
@@ -258,7 +258,7 @@ def test_download_fetches_only_safe_files_under_a_lock(tiny_llama3, tmp_path, mo
 def test_download_command_prints_the_keys_jobs_use(tiny_llama3, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from rp_ray import cli
+    from rp_ray.cli import main as cli
 
     fetch = lambda repo_id, **kw: str(hf_cache(tiny_llama3, kw["cache_dir"], repo_id))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)

@@ -1,7 +1,7 @@
 """BLEU-4 / ROUGE equal LLaMA-Factory's computation (jieba + rouge-chinese 1.0.3 + nltk) to 1e-4.
 
 The reference below is LLaMA-Factory's ComputeSimilarity written out with the real
-rouge-chinese and nltk packages; rp_ray.metrics re-implements ROUGE as pure code.
+rouge-chinese and nltk packages; rp_ray.eval.metrics re-implements ROUGE as pure code.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from rp_ray.metrics import mean_scores, score_pair, score_pairs, score_pairs_parallel
+from rp_ray.eval.metrics import mean_scores, score_pair, score_pairs, score_pairs_parallel
 
 
 def llama_factory_reference(pred: str, label: str) -> dict[str, float]:
@@ -103,7 +103,7 @@ def test_rouge_chinese_does_not_shadow_other_modules():
     import subprocess
 
     code = (
-        "import rp_ray.metrics, sys; rp_ray.metrics.score_pair('a', 'b'); "
+        "import rp_ray.eval.metrics, sys; rp_ray.eval.metrics.score_pair('a', 'b'); "
         "print('rouge' in sys.modules, 'rouge_chinese' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

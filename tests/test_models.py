@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_template import CONV
 
-from rp_ray.models import ModelDirError, check_model_dir, load_model, load_tokenizer
-from rp_ray.template import GPT_OSS, LLAMA3, encode_supervised
+from rp_ray.llm.models import ModelDirError, check_model_dir, load_model, load_tokenizer
+from rp_ray.llm.template import GPT_OSS, LLAMA3, encode_supervised
 
 
 @pytest.mark.parametrize("family", ["llama3", "gpt_oss"])
@@ -78,7 +78,7 @@ def test_remote_code_never_runs(tiny_llama3, tmp_path):
 
 
 def test_model_dtype_auto_means_bf16_on_gpu_fp32_on_cpu_and_explicit_wins():
-    from rp_ray.models import resolve_dtype
+    from rp_ray.llm.models import resolve_dtype
 
     assert resolve_dtype("auto", True) == "bfloat16" and resolve_dtype("auto", False) == "float32"
     assert resolve_dtype("float16", True) == "float16" and resolve_dtype("bfloat16", False) == "bfloat16"
@@ -97,7 +97,7 @@ def test_model_dtype_auto_means_bf16_on_gpu_fp32_on_cpu_and_explicit_wins():
     ],
 )
 def test_attn_implementation_per_family_and_device(family, requested, use_gpu, want):
-    from rp_ray.models import resolve_attn_implementation
+    from rp_ray.llm.models import resolve_attn_implementation
 
     assert resolve_attn_implementation(family, requested, use_gpu) == want
 
@@ -111,7 +111,7 @@ def test_attn_implementation_per_family_and_device(family, requested, use_gpu, w
     ],
 )
 def test_attn_implementation_that_cannot_load_fails_early(family, requested, use_gpu, match):
-    from rp_ray.models import resolve_attn_implementation
+    from rp_ray.llm.models import resolve_attn_implementation
 
     with pytest.raises(ValueError, match=rf"model.attn_implementation={requested}.*{match}"):
         resolve_attn_implementation(family, requested, use_gpu)
@@ -130,7 +130,7 @@ def test_gpt_oss_sdpa_is_refused_by_the_config():
 @pytest.mark.parametrize("family", ["llama3", "gpt_oss"])
 def test_model_loads_with_the_cpu_attn_implementation_and_trains(family, tiny_llama3, tiny_gpt_oss):
     """What auto picks on CPU loads, and a forward and backward pass run through it."""
-    from rp_ray.models import resolve_attn_implementation
+    from rp_ray.llm.models import resolve_attn_implementation
 
     path, tpl = (tiny_llama3, LLAMA3) if family == "llama3" else (tiny_gpt_oss, GPT_OSS)
     impl = resolve_attn_implementation(family, "auto", use_gpu=False)
@@ -174,7 +174,7 @@ def test_mxfp4_checkpoints_load_dequantized(tiny_gpt_oss, tmp_path, monkeypatch)
     """A config.json that declares MXFP4 gets Mxfp4Config(dequantize=True), whatever kernels are installed."""
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    from rp_ray.models import load_kwargs
+    from rp_ray.llm.models import load_kwargs
 
     d = _mxfp4_dir(tiny_gpt_oss, tmp_path)
     kw = load_kwargs(json.loads((d / "config.json").read_text()), "bfloat16", "eager")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rp_ray.data import Dropped, load_registry, to_conversation
-from rp_ray.template import GPT_OSS, IGNORE_INDEX, LLAMA3, encode_prediction, encode_supervised
+from rp_ray.llm.template import GPT_OSS, IGNORE_INDEX, LLAMA3, encode_prediction, encode_supervised
 
 ATTR = load_registry(REPO / "data")["haruhi_train"]  # tags from/value, user/assistant/system
 ROLES = ["system", "user", "assistant", "observation", "function_call", "narrator", "human", "gpt"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rp_ray.reply import ReplyStream, clean_reply, parse_harmony
-from rp_ray.template import GPT_OSS, LLAMA3
+from rp_ray.llm.reply import ReplyStream, clean_reply, parse_harmony
+from rp_ray.llm.template import GPT_OSS, LLAMA3
 
 
 @pytest.mark.parametrize(

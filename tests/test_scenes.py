@@ -106,7 +106,7 @@ def test_tokenize_and_retrieve():
 
 def test_cli_scenes_extract_on_the_sample(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "rp_ray.cli", "scenes", "extract", str(SAMPLE), "--out", str(tmp_path)],
+        [sys.executable, "-m", "rp_ray.cli.main", "scenes", "extract", str(SAMPLE), "--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -118,7 +118,7 @@ def test_cli_scenes_extract_on_the_sample(tmp_path):
     haruhi = next(c for c in chars.values() if c.name == "春日")
     assert haruhi.persona.startswith("你正在扮演凉宫春日") and haruhi.key in r.stdout
     r = subprocess.run(
-        [sys.executable, "-m", "rp_ray.cli", "scenes", "extract", str(tmp_path / "missing.json"), "--out", "x"],
+        [sys.executable, "-m", "rp_ray.cli.main", "scenes", "extract", str(tmp_path / "missing.json"), "--out", "x"],
         cwd=REPO,
         capture_output=True,
         text=True,

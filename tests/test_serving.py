@@ -13,6 +13,7 @@ import pytest
 
 from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.data import Message
+from rp_ray.llm.template import LLAMA3, chat_prompt_ids
 from rp_ray.serve.characters import CardSampling, CharacterCard, check_cards
 from rp_ray.serve.protocol import (
     APIError,
@@ -31,7 +32,6 @@ from rp_ray.serve.protocol import (
     token_logprobs,
 )
 from rp_ray.serve.serving import DONE, ChatServing, split_system
-from rp_ray.template import LLAMA3, chat_prompt_ids
 
 USER = [{"role": "user", "content": "阿虚:「早」"}]
 STOP_IDS = [7, 9]

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from conftest import AUTH, KEY, PROMPTS, SYSTEM, client
 
-from rp_ray.reply import clean_reply
-from rp_ray.template import LLAMA3
+from rp_ray.llm.reply import clean_reply
+from rp_ray.llm.template import LLAMA3
 
 pytestmark = pytest.mark.slow  # talks to the real Serve app
 

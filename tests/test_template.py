@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 from rp_ray.data import Conversation, Message
-from rp_ray.template import (
+from rp_ray.llm.template import (
     GPT_OSS,
     IGNORE_INDEX,
     LLAMA3,

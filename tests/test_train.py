@@ -85,8 +85,8 @@ def test_adapter_loads_in_peft_and_lowers_the_loss(zero2_run, tiny_llama3, llama
 
     from rp_ray.config import DataConfig
     from rp_ray.data import load_splits
-    from rp_ray.models import load_model
-    from rp_ray.template import LLAMA3, encode_supervised
+    from rp_ray.llm.models import load_model
+    from rp_ray.llm.template import LLAMA3, encode_supervised
 
     res, _ = zero2_run
     train, _, _ = load_splits(DataConfig(use_sample=True))
@@ -245,7 +245,7 @@ def recomputed_validation_loss(model_dir: Path, adapter: Path, cfg: TrainConfig)
     """Token-weighted validation loss of base + adapter in one process, from scratch: the reference."""
     from peft import PeftModel
 
-    from rp_ray.models import load_model
+    from rp_ray.llm.models import load_model
     from rp_ray.preparation import absolute_paths, encode_split, prepare
     from rp_ray.train.worker import step_loss_sum
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rp_ray.config import ModelConfig, TrainConfig
-from rp_ray.template import IGNORE_INDEX
+from rp_ray.llm.template import IGNORE_INDEX
 from rp_ray.train.batching import collate
 from rp_ray.train.worker import World, build_engine, optimizer_step
 

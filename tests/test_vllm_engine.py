@@ -13,7 +13,7 @@ from conftest import make_adapter
 from safetensors.torch import load_file
 
 from rp_ray.config import VllmSettings
-from rp_ray.vllm_engine import (
+from rp_ray.llm.vllm_engine import (
     GPU_MAX_NUM_BATCHED_TOKENS,
     GPU_MAX_NUM_SEQS,
     ZERO_ADAPTER,
@@ -76,8 +76,8 @@ def test_cpu_engines_of_eval_and_serving_run_the_cpu_executor():
     """Single-device CPU engines, eval's and the chat engine, run the model in the engine process with the grouped
     LoRA kernels; GPU engines and CPU tensor parallelism keep vLLM's own executor."""
     from rp_ray.config import EvalConfig, ServeConfig
-    from rp_ray.cpu_executor import CpuExecutor
     from rp_ray.eval.engines import async_engine_kwargs
+    from rp_ray.llm.cpu_executor import CpuExecutor
     from rp_ray.serve.engine import chat_engine_kwargs
 
     assert cpu_executor_kwargs(CPU) == {"distributed_executor_backend": CpuExecutor}
@@ -106,7 +106,7 @@ def test_grouped_lora_kernels_match_vllm_cpu_ones():
     from vllm.lora.ops.torch_ops import lora_ops
 
     reference = {name: getattr(lora_ops, name) for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
-    from rp_ray import cpu_executor as grouped
+    from rp_ray.llm import cpu_executor as grouped
 
     torch.manual_seed(0)
     tokens, width, rank, out = 37, 64, 16, 96
@@ -138,7 +138,7 @@ def test_max_lora_rank_follows_the_adapters(tmp_path, tiny_llama3):
     rank); set, it wins; an unreadable adapter folder is named."""
     from conftest import make_adapter
 
-    from rp_ray.models import random_lora_adapter
+    from rp_ray.llm.models import random_lora_adapter
 
     r8 = make_adapter(tiny_llama3, tmp_path / "r8")
     r20 = random_lora_adapter(tiny_llama3, tmp_path / "r20", rank=20)

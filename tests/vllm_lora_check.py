@@ -15,8 +15,8 @@ if __name__ == "__main__":
     from vllm.lora.request import LoRARequest
 
     from rp_ray.data import Message
-    from rp_ray.models import load_tokenizer
-    from rp_ray.template import LLAMA3, chat_prompt_ids
+    from rp_ray.llm.models import load_tokenizer
+    from rp_ray.llm.template import LLAMA3, chat_prompt_ids
 
     model, adapter, out = sys.argv[1:4]
     tok = load_tokenizer(model, LLAMA3)

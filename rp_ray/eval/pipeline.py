@@ -40,13 +40,13 @@ from rp_ray.cluster import ensure_ray
 from rp_ray.config import EvalConfig
 from rp_ray.data import Conversation
 from rp_ray.eval.engines import HfEngine, Request, Run, too_long_output
+from rp_ray.eval.metrics import mean_scores, score_pairs_parallel
 from rp_ray.eval.scheduler import Scheduler
 from rp_ray.eval.shards import Row, ShardWriter, output_line, shard_path, write_atomic
-from rp_ray.metrics import mean_scores, score_pairs_parallel
-from rp_ray.models import load_model, load_tokenizer, resolve_dtype
+from rp_ray.llm.models import load_model, load_tokenizer, resolve_dtype
+from rp_ray.llm.reply import clean_reply
+from rp_ray.llm.template import encode_prediction, get_template, stop_token_ids
 from rp_ray.preparation import absolute_paths, prepare
-from rp_ray.reply import clean_reply
-from rp_ray.template import encode_prediction, get_template, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -4,5 +4,5 @@
 (``app``: thin routes, auth) in front of a vLLM engine deployment (``engine``). The chat logic (prompt building,
 limits, sampling, responses and streams) is in ``serving``, the wire types in ``protocol``, the deployment options
 in ``deployments``, character cards in ``characters``, the API key in ``auth``; replies are cleaned by
-``rp_ray.reply``.
+``rp_ray.llm.reply``.
 """

@@ -34,8 +34,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rp_ray.character.card import MAX_PNG_BYTES
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
-from rp_ray.hub import resolve_model
-from rp_ray.models import check_model_dir
+from rp_ray.llm.hub import resolve_model
+from rp_ray.llm.models import check_model_dir
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
 from rp_ray.serve.characters import CharacterCard, check_cards, load_cards, resolve_adapter
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options

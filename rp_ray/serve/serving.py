@@ -24,8 +24,9 @@ from typing import Any
 
 from rp_ray.config import ServeConfig
 from rp_ray.data import Message
-from rp_ray.models import load_tokenizer
-from rp_ray.reply import ReplyStream
+from rp_ray.llm.models import load_tokenizer
+from rp_ray.llm.reply import ReplyStream
+from rp_ray.llm.template import Template, chat_prompt_ids, get_template, stop_token_ids
 from rp_ray.serve.characters import CharacterCard
 from rp_ray.serve.personas import Assembly, Persona, Personas, leading_system
 from rp_ray.serve.protocol import (
@@ -58,7 +59,6 @@ from rp_ray.serve.protocol import (
     check_limits,
     finish_reason,
 )
-from rp_ray.template import Template, chat_prompt_ids, get_template, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rp_ray.template import IGNORE_INDEX
+from rp_ray.llm.template import IGNORE_INDEX
 
 MEGABATCH_STEPS = 16  # global steps whose examples are sorted by length together
 

@@ -24,7 +24,7 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
-from rp_ray.models import check_partitionable
+from rp_ray.llm.models import check_partitionable
 from rp_ray.preparation import absolute_paths, encode_split, prepare
 from rp_ray.train.summary import write_summary
 from rp_ray.train.tracking import Tracker, flat_config

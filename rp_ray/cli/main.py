@@ -8,11 +8,12 @@ import logging
 import os
 import sys
 
-from rp_ray import chat_repl, tiny_model
 from rp_ray import config as cfgmod
 from rp_ray.character import card as cardmod
 from rp_ray.character import prompt, scenes
+from rp_ray.cli import chat as chat_repl
 from rp_ray.cluster import wait_for_job_agent
+from rp_ray.llm import tiny_model
 from rp_ray.preparation import absolute_paths, encode_split, prepare
 
 DEFAULT_REGISTRY = "outputs/characters"
@@ -61,7 +62,7 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
 
 
 def cmd_download(a: argparse.Namespace) -> None:
-    from rp_ray.hub import cache_root, download
+    from rp_ray.llm.hub import cache_root, download
 
     folder = download(a.model_id, a.hub, a.cache_dir)
     keys = [f"model.path={a.model_id}"] + (["model.hub=modelscope"] if a.hub == "modelscope" else [])
@@ -70,7 +71,7 @@ def cmd_download(a: argparse.Namespace) -> None:
 
 
 def cmd_convert_mxfp4(a: argparse.Namespace) -> None:
-    from rp_ray.checkpoint import dequantize_checkpoint
+    from rp_ray.llm.checkpoint import dequantize_checkpoint
 
     out = dequantize_checkpoint(a.src, a.dest, dtype=a.dtype, max_shard_size=a.max_shard_size, progress=True)
     print(

@@ -1,9 +1,9 @@
 """Loading local models safely.
 
 Models load only from a local directory (a hub model id is resolved to its folder in
-the model cache first, offline: ``rp_ray.hub``), only from safetensors, with
+the model cache first, offline: ``rp_ray.llm.hub``), only from safetensors, with
 ``trust_remote_code=False``. Tiny models for the tests and the demo are built
-by ``rp_ray.tiny_model``.
+by ``rp_ray.llm.tiny_model``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from rp_ray.config import AttnImplementation, Family
-from rp_ray.hub import is_model_id, resolve_model_path
-from rp_ray.template import Template
+from rp_ray.llm.hub import is_model_id, resolve_model_path
+from rp_ray.llm.template import Template
 
 
 class ModelDirError(ValueError):
@@ -26,7 +26,7 @@ def check_model_dir(path: str | Path) -> Path:
 
     ``path`` may also be a Hugging Face model id (``org/name``) that is not a local path: it is looked up in the
     model cache ($RP_RAY_MODEL_CACHE, else huggingface_hub's), offline, and its snapshot folder checked. Jobs
-    resolve their config's model (hub, cache_dir) first (``rp_ray.hub.resolve_model``) and pass the folder.
+    resolve their config's model (hub, cache_dir) first (``rp_ray.llm.hub.resolve_model``) and pass the folder.
     """
     p = Path(path)
     if not p.exists() and is_model_id(str(path)):

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from rp_ray.config import Family, StrictModel
 from rp_ray.data import read_rows
-from rp_ray.template import Template, get_template
+from rp_ray.llm.template import Template, get_template
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def _model_card(meta: dict, params: int, out: Path) -> str:
 {how}
 
 The val split is never read by the build, so the model has not seen the rows it is evaluated on.
-Built by `rp_ray.tiny_model.build_tiny_model` (build version {BUILD_VERSION}); rebuilt only when one of its
+Built by `rp_ray.llm.tiny_model.build_tiny_model` (build version {BUILD_VERSION}); rebuilt only when one of its
 inputs changes (build key `{meta["build_key"][:16]}...` in `{STAMP}`).
 """
 

