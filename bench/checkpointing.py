@@ -37,7 +37,8 @@ def one_setting(checkpointing: bool, cutoff: int, micro_batch: int, accumulation
     from rp_ray.llm.template import IGNORE_INDEX
     from rp_ray.llm.tiny_model import build_tiny_model
     from rp_ray.train.batching import collate
-    from rp_ray.train.worker import World, build_engine, optimizer_step, prepare_for_lora
+    from rp_ray.train.deepspeed_config import deepspeed_config
+    from rp_ray.train.step import World, build_engine, join_deepspeed, optimizer_step, prepare_for_lora
 
     torch.set_num_threads(2)
     model_dir = build_tiny_model(
@@ -60,7 +61,9 @@ def one_setting(checkpointing: bool, cutoff: int, micro_batch: int, accumulation
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     world = World(0, 1, torch.device("cpu"))
-    engine, _ = build_engine(cfg, prepare_for_lora(cfg, load_model(model_dir)), total_steps=4, world=world, bf16=False)
+    join_deepspeed(world)
+    model = prepare_for_lora(cfg, load_model(model_dir))
+    engine, _ = build_engine(cfg, model, total_steps=4, ds_config=deepspeed_config(cfg, bf16=False))
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(micro_batch * accumulation):

@@ -11,7 +11,7 @@ NCCL on a GPU, gloo on CPU. Checks, most valuable first; each is skipped when th
 
 - ``train_llama31_8b``: Llama-3.1-8B with random weights, set up exactly as ``jobs/configs/llama31_8b_4gpu.yaml``
   trains it (the config is loaded and ``prepare_for_lora`` / ``build_engine`` / ``optimizer_step`` from
-  ``rp_ray.train.worker`` do the work): ZeRO stage, bf16 with fp32 gradient accumulation, micro-batch x cutoff,
+  ``rp_ray.train.step`` do the work): ZeRO stage, bf16 with fp32 gradient accumulation, micro-batch x cutoff,
   accumulation, the config's gradient checkpointing. Peak memory, non-pad tokens/s per GPU, MFU.
 - ``train_gpt_oss_20b_z2`` / ``_z3``: the gpt-oss-20b shape (all 24 layers, bf16, flex attention with sinks) as
   ``jobs/configs/gpt_oss_20b_8gpu.yaml`` trains it, at ZeRO-2 and ZeRO-3, micro-batches of random lengths
@@ -57,7 +57,14 @@ from rp_ray.llm.models import resolve_attn_implementation, resolve_dtype  # noqa
 from rp_ray.llm.template import IGNORE_INDEX  # noqa: E402
 from rp_ray.train.batching import collate  # noqa: E402
 from rp_ray.train.deepspeed_config import deepspeed_config  # noqa: E402
-from rp_ray.train.worker import World, build_engine, optimizer_step, prepare_for_lora, step_loss_sum  # noqa: E402
+from rp_ray.train.step import (  # noqa: E402
+    World,
+    build_engine,
+    join_deepspeed,
+    optimizer_step,
+    prepare_for_lora,
+    step_loss_sum,
+)
 
 CONFIGS = {"llama31_8b": "jobs/configs/llama31_8b_4gpu.yaml", "gpt_oss_20b": "jobs/configs/gpt_oss_20b_8gpu.yaml"}
 # check name -> (shape, overrides, seconds it needs on an H200, start-up included)
@@ -217,7 +224,8 @@ def check_train(name: str, world: World, tiny: bool, peak: float, steps: int, ex
         )
     n_active = active_params(model, shape_cfg)
     model = prepare_for_lora(cfg, model)
-    engine, _ = build_engine(cfg, model, total_steps=steps + 2, world=world, bf16=on_gpu)
+    join_deepspeed(world)
+    engine, _ = build_engine(cfg, model, total_steps=steps + 2, ds_config=deepspeed_config(cfg, bf16=on_gpu))
     setup_s = time.perf_counter() - t0
     experts_impl = getattr(engine.module.config, "_experts_implementation", None)
     rng = random.Random(1)
@@ -323,9 +331,10 @@ def check_hf_engine(world: World, tiny: bool) -> dict[str, Any]:
     """The ``hf`` eval engine on the gpt-oss layer shape at a real batch, with its own attention choice and eager."""
     from transformers import AutoModelForCausalLM
 
-    from rp_ray.eval.engines import HfEngine, Run
+    from rp_ray.config import EvalConfig, SamplingConfig
+    from rp_ray.eval.engines import HfEngine, Request, Run
     from rp_ray.llm.models import load_tokenizer
-    from rp_ray.llm.template import get_template
+    from rp_ray.llm.template import get_template, stop_token_ids
     from rp_ray.llm.tiny_model import build_tiny_model
 
     on_gpu = world.device.type == "cuda"
@@ -346,26 +355,26 @@ def check_hf_engine(world: World, tiny: bool) -> dict[str, Any]:
         prompts = [
             [g.randrange(10, 4000) for _ in range(prompt_len - g.randrange(0, prompt_len // 4))] for _ in range(batch)
         ]
-        from rp_ray.config import SamplingConfig
-
-        sampling = SamplingConfig(max_new_tokens=new)
+        sampling = SamplingConfig(max_new_tokens=new, seed=0)
         out |= {"batch": batch, "prompt_tokens": prompt_len, "max_new_tokens": new}
         for attn in ("auto", "eager"):
             if on_gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                eng = HfEngine(
-                    str(model_dir), tok, tpl, [Run("base", None)], on_gpu, prompt_len + new + 8, "auto", attn
-                )
+                model_cfg = {"path": str(model_dir), "template": "gpt_oss", "attn_implementation": attn}
+                cfg = EvalConfig(model=model_cfg, use_gpu=on_gpu, max_model_len=prompt_len + new + 8, sampling=sampling)
+                eng = HfEngine(cfg, str(model_dir), [Run("base", None)], stop_token_ids(tok, tpl))
                 rounds, errors = [], []
                 for k in range(2):  # the first round compiles what it compiles; the second, other widths, steady
                     batch_prompts = [p[: len(p) - 37 * k] for p in prompts]
                     t = time.perf_counter()
-                    res = eng.generate(batch_prompts, [0] * batch, [Run("base", None)], sampling)
+                    res = eng.generate_batch(
+                        [Request(i, "base", False, p, new, sampling.seed) for i, p in enumerate(batch_prompts)]
+                    )
                     sync(world)
                     rounds.append(round(time.perf_counter() - t, 2))
-                    errors += [o.error for o in res["base"] if o.error]
+                    errors += [o.error for o in res if o.error]
                 out[attn] = {
                     "attn_implementation": eng.attn_implementation,
                     "seconds": rounds,

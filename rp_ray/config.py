@@ -12,10 +12,21 @@ again on the worker (``TrainConfig.model_validate(d)``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rp_ray.character.names import valid_name
 
 Family = Literal["llama3", "gpt_oss"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"]
@@ -325,9 +336,8 @@ class EvalConfig(VllmSettings):
     merge_adapter: bool = Field(False, description="Merge each adapter into the base weights first (no runtime LoRA).")
     prefix_caching: bool = Field(
         True,
-        description="vLLM prefix caching: the persona prompt that a character's rows share is computed once. On for "
-        "evaluation: it changed no greedy reply (0 of 400 on the first 200 full val rows, base + LoRA; 0 of 200 on the "
-        "val sample); prediction of the sample took 24 s instead of 42 s, of the shuffled full rows the same time.",
+        description="vLLM prefix caching: the persona prompt that a character's rows share is computed once. It "
+        "changes no greedy reply (the README's evaluation benchmark has the comparison).",
     )
     num_actors: int = Field(1, ge=1, description="Prediction actors (one engine each) in the pool.")
     cpus_per_actor: int = Field(
@@ -364,10 +374,8 @@ class ServeConfig(VllmSettings):
     """The Ray Serve chat app: the `args` of `rp_ray.serve.app:build_app` in serve_configs/<name>.yaml."""
 
     model: ModelConfig
-    base_name: str = Field(
-        "base",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="The `model` a request names to talk to the base model without an adapter.",
+    base_name: Annotated[str, AfterValidator(valid_name)] = Field(
+        "base", description="The `model` a request names to talk to the base model without an adapter."
     )
     adapter_root: str = Field("outputs", description="Adapter folders resolve only inside this directory.")
     adapters: dict[str, str] = Field(

@@ -106,8 +106,8 @@ def encode_split(
     """The one supervised encoding loop: ``convs`` -> rows (``idx``, ``input_ids``, ``labels``) and their statistics.
 
     Training runs it in the driver with the tokenizer :func:`prepare` loaded, then hands the rows to the workers
-    through Ray Data (a Ray Data actor pool of one cost 8-9 s of process start and tokenizer load per run, for no
-    parallelism); ``rp-ray data`` reports the statistics of exactly what training will see.
+    through Ray Data (an actor pool would pay a process start and a tokenizer load per run, for no parallelism);
+    ``rp-ray data`` reports the statistics of exactly what training will see.
     """
     from tqdm.auto import tqdm
 

@@ -206,7 +206,7 @@ ZERO3_SCRIPT = textwrap.dedent(
     from transformers.integrations import HfDeepSpeedConfig
     from rp_ray.cluster import free_port
     from rp_ray.llm.models import load_model
-    from rp_ray.train.worker import World, join_deepspeed
+    from rp_ray.train.step import World, join_deepspeed
 
     os.environ["LOCAL_RANK"] = "0"  # as torchrun sets it; DeepSpeed requires it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -77,7 +77,7 @@ RUN = textwrap.dedent("""
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                           LOCAL_RANK=str(rank))
         import deepspeed
-        from rp_ray.train.worker import World, join_deepspeed
+        from rp_ray.train.step import World, join_deepspeed
         join_deepspeed(World(rank, 2, torch.device("cpu")))  # as training joins: gloo, no shm op compiled
         results = {}
         for name, cfg in configs.items():

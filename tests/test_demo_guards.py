@@ -18,8 +18,8 @@ from rp_ray.cli.main import main as rp_ray_main
 from rp_ray.config import TrainConfig, load_config
 from rp_ray.eval.compare import MAX_EMPTY_SHARE, empty_share, markdown_table, write_comparison
 from rp_ray.llm.tiny_model import STAMP, PretrainConfig, build_tiny_model, built_key
+from rp_ray.train.state import TrainState
 from rp_ray.train.summary import loss_warnings, write_summary
-from rp_ray.train.worker import TrainState
 
 RESULT = {
     "predict_bleu-4": 1.0,

@@ -40,6 +40,16 @@ def test_the_blocker_really_blocks_ray_and_vllm():
         assert r.returncode != 0 and "blocked: the GPU machine has no Ray or vLLM" in r.stderr
 
 
+def test_the_training_step_imports_without_ray_or_vllm():
+    """What the bench imports of training (the step, batching, the checkpoint state, the DeepSpeed config) needs
+    neither Ray nor vLLM."""
+    mods = "rp_ray.train.step, rp_ray.train.batching, rp_ray.train.state, rp_ray.train.deepspeed_config, rp_ray.train"
+    code = f"import sys, {mods}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=NO_RAY_VLLM, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_every_check_runs_without_ray_or_vllm_and_measures_what_training_runs(tmp_path):
     out = tmp_path / "summary.json"

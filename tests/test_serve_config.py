@@ -10,13 +10,14 @@ from conftest import REPO
 from ray.serve.schema import ServeDeploySchema
 
 from rp_ray.config import ConfigError, ServeConfig
-from rp_ray.serve.characters import check_cards, load_cards
+from rp_ray.character.card import rp_settings
+from rp_ray.character.catalog import check_characters as check_cards
+from rp_ray.character.catalog import load_characters_file as load_cards
 from rp_ray.serve.deployments import (
     APP_IMPORT_PATH,
     DEPLOYMENT_DEFAULTS,
     ENGINE_TARGET_SHARE,
     deployment_overrides,
-    engine_concurrency,
     load_serve_config,
     merged_options,
 )
@@ -45,7 +46,7 @@ def test_repo_serve_configs_pass_rays_schema_and_ours():
             assert opts["max_queued_requests"] > 0, (p.name, name)  # bounded: a full queue answers 503
         # the cards each config serves (the GPU ones are copied to shared storage) speak through its adapters
         cards = load_cards(REPO / "serve_configs" / ("characters_gpu.yaml" if cfg.use_gpu else "characters.yaml"))
-        assert {c.adapter for c in cards.values()} - {None} <= set(cfg.adapters), p.name
+        assert {rp_settings(c).adapter for c in cards.values()} - {None} <= set(cfg.adapters), p.name
         check_cards(cards, served_adapters=cfg.adapters, reserved={cfg.base_name})
         if cfg.use_gpu:
             eng = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "ChatServer")
@@ -62,7 +63,10 @@ def test_gpu_engine_concurrency_follows_from_max_num_seqs(path):
     cfg = ServeConfig.model_validate(appl.args)
     assert cfg.max_num_seqs is not None, f"{path.name}: set max_num_seqs; the engine's concurrency follows from it"
     engine = merged_options(deployment_overrides(appl))["ChatServer"]
-    want = engine_concurrency(cfg.max_num_seqs)
+    want = {
+        "max_ongoing_requests": cfg.max_num_seqs,
+        "target_ongoing_requests": max(1, round(ENGINE_TARGET_SHARE * cfg.max_num_seqs)),
+    }
     assert engine["max_ongoing_requests"] == want["max_ongoing_requests"] == cfg.max_num_seqs
     assert engine["autoscaling_config"]["target_ongoing_requests"] == want["target_ongoing_requests"]
     assert want["target_ongoing_requests"] == round(ENGINE_TARGET_SHARE * cfg.max_num_seqs)

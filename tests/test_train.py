@@ -247,7 +247,7 @@ def recomputed_validation_loss(model_dir: Path, adapter: Path, cfg: TrainConfig)
 
     from rp_ray.llm.models import load_model
     from rp_ray.preparation import absolute_paths, encode_split, prepare
-    from rp_ray.train.worker import step_loss_sum
+    from rp_ray.train.step import step_loss_sum
 
     cfg = absolute_paths(cfg)
     prep = prepare(cfg.model, cfg.data, Path(cfg.output_dir) / "recompute", need=("val",))

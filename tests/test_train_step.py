@@ -19,7 +19,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from rp_ray.config import ModelConfig, TrainConfig
 from rp_ray.llm.template import IGNORE_INDEX
 from rp_ray.train.batching import collate
-from rp_ray.train.worker import World, build_engine, optimizer_step
+from rp_ray.train.deepspeed_config import deepspeed_config
+from rp_ray.train.step import World, build_engine, join_deepspeed, optimizer_step
 
 VOCAB = 96
 # first loss of the fixed-init model on BATCHES[0] (float32, CPU); pinned when the step was written
@@ -30,6 +31,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def engine_of(cfg: TrainConfig, model, total_steps: int, world: World):
+    """The DeepSpeed engine as training's ``setup`` builds it: DeepSpeed joined first, then the engine."""
+    join_deepspeed(world)
+    return build_engine(cfg, model, total_steps, deepspeed_config(cfg, bf16=False))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +117,7 @@ def test_first_loss_is_the_models_own_loss_and_the_golden_value(group):
     model = fixed_model()
     batches = [collate(examples(0, 3), pad_id=0)]
     want = mean_loss_by_hand(model, batches)
-    engine, _ = build_engine(train_cfg(1, 3), model, total_steps=4, world=group, bf16=False)
+    engine, _ = engine_of(train_cfg(1, 3), model, 4, group)
     loss, tokens = optimizer_step(engine, batches, group, accumulation=1)
     assert loss == pytest.approx(want, rel=1e-6)
     assert loss == pytest.approx(GOLDEN_FIRST_LOSS, abs=1e-4)
@@ -127,7 +134,7 @@ def test_loss_scale_over_accumulated_micro_batches_is_the_token_weighted_mean(gr
     mean_of_means = sum(mean_loss_by_hand(model, [b]) for b in batches) / 3
     assert abs(want - mean_of_means) > 1e-3  # the two readings differ, so the test can tell them apart
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    engine, _ = build_engine(train_cfg(3, 2), model, total_steps=4, world=group, bf16=False)
+    engine, _ = engine_of(train_cfg(3, 2), model, 4, group)
     loss, _ = optimizer_step(engine, batches, group, accumulation=3)
     assert loss == pytest.approx(want, rel=1e-6)
     moved = [n for n, p in engine.module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -147,7 +154,7 @@ def test_gradient_is_that_of_the_mean_loss(group):
 
     cfg = train_cfg(2, 2)
     cfg.optim.max_grad_norm = 1e9  # no clipping: the optimizer sees the raw gradient
-    engine, _ = build_engine(cfg, model, total_steps=4, world=group, bf16=False)
+    engine, _ = engine_of(cfg, model, 4, group)
     norms: list[float] = []
 
     def grad_norm_at_step(optimizer, *_):
@@ -180,7 +187,7 @@ def test_step_collectives_never_see_a_tensor_off_the_training_device(group, monk
 
     monkeypatch.setattr(dist, "all_reduce", recording)
     model = fixed_model()
-    engine, _ = build_engine(train_cfg(1, 2), model, total_steps=2, world=group, bf16=False)
+    engine, _ = engine_of(train_cfg(1, 2), model, 2, group)
     optimizer_step(engine, [collate(examples(3, 2), 0)], group, accumulation=1)
     assert seen and all(d == group.device for d in seen), seen
 
@@ -204,5 +211,5 @@ def test_deepspeed_joins_the_group_without_compiling_its_inference_op(group):
     that only DeepSpeed inference uses."""
     from deepspeed.comm import comm  # the module holding DeepSpeed's backend (cdb)
 
-    build_engine(train_cfg(1, 3), fixed_model(), total_steps=4, world=group, bf16=False)
+    engine_of(train_cfg(1, 3), fixed_model(), 4, group)
     assert comm.cdb is not None and comm.cdb.shm_comm_op is None

@@ -3,7 +3,7 @@
 1. `ray job submit -- python jobs/train.py --config jobs/configs/tiny_llama3.yaml ...`  -> an adapter
 2. `serve deploy <serve config naming the new adapter>`                              -> the chat app, starting
 3. `ray job submit -- python jobs/eval.py --config jobs/configs/eval_tiny_llama3.yaml adapters.tuned=<it>` -> scores
-4. `python jobs/chat.py --model haruhi ...` (the official `openai` client), then `serve shutdown`.
+4. `rp-ray chat --model haruhi ...` (the official `openai` client), then `serve shutdown`.
 
 It runs on a `ray start` cluster of its own, not the session's: `serve deploy` makes the deployed config the
 cluster's whole Serve state and `serve shutdown` removes every app, which would take the session's shared app away.
@@ -130,10 +130,10 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key guards the app
 
-        # 4. chat with the fine-tuned character (jobs/chat.py streams through the openai client)
+        # 4. chat with the fine-tuned character (rp-ray chat streams through the openai client)
         env = {**ENV, "RP_RAY_API_KEY": key}
         listed = subprocess.run(
-            [sys.executable, "jobs/chat.py", "--url", url, "--list"],
+            [sys.executable, "-m", "rp_ray.cli.main", "chat", "--base-url", url, "--list"],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -145,8 +145,10 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
         chat = subprocess.run(
             [
                 sys.executable,
-                "jobs/chat.py",
-                "--url",
+                "-m",
+                "rp_ray.cli.main",
+                "chat",
+                "--base-url",
                 url,
                 "--model",
                 "haruhi",
@@ -164,7 +166,7 @@ def test_train_eval_deploy_chat_on_a_ray_start_cluster(dash, tiny_llama3, tmp_pa
         )
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
         bad = subprocess.run(
-            [sys.executable, "jobs/chat.py", "--url", url, "--model", "nobody", "hi"],
+            [sys.executable, "-m", "rp_ray.cli.main", "chat", "--base-url", url, "--model", "nobody", "hi"],
             cwd=REPO,
             env=env,
             capture_output=True,

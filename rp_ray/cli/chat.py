@@ -1,4 +1,5 @@
-"""A terminal chat with a running rp_ray app over its OpenAI API: ``rp-ray chat --model haruhi``.
+"""A terminal chat with a running rp_ray app over its OpenAI API: ``rp-ray chat --model haruhi``; with a message
+(``rp-ray chat --model haruhi "hi"``) it prints the one reply and exits, and ``--list`` lists the served models.
 
 Replies stream to the terminal token by token; a character's greeting (``GET /v1/models``) opens the chat. The
 history stays within the served context: before each message the oldest turns are dropped until the prompt plus
@@ -157,6 +158,28 @@ class ModelInfo:
     greeting: str = ""
 
 
+def stream_reply(client, model: str, messages: Messages, kw: dict[str, Any], out: TextIO) -> str:
+    """Stream a chat completion's text to ``out`` (terminal escapes made visible); the whole reply."""
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, **kw)
+    parts: list[str] = []
+    try:
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    parts.append(choice.delta.content)
+                    out.write(printable(choice.delta.content))
+                    out.flush()
+    finally:
+        stream.close()
+    return "".join(parts)
+
+
+def sampling_kwargs(temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
+    """Only what the user set: everything else is the card's or the server's default."""
+    kw: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens is not None else {}
+    return kw | ({"temperature": temperature} if temperature is not None else {})
+
+
 @dataclass
 class ChatSession:
     """The chat's state: the model, the system message, the history."""
@@ -290,9 +313,7 @@ class ChatREPL:
         history, dropped = trim_history(s.system, [*s.history, {"role": "user", "content": text}], self.count, budget)
         if dropped:
             self.say(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context)")
-        kw: dict[str, Any] = {"max_tokens": self.max_tokens}
-        if self.temperature is not None:
-            kw["temperature"] = self.temperature
+        kw = sampling_kwargs(self.temperature, self.max_tokens)
         self.out.write(f"{s.model.name}> ")
         self.out.flush()
         try:
@@ -308,18 +329,7 @@ class ChatREPL:
         s.history = [*history, {"role": "assistant", "content": reply}]
 
     def _stream(self, messages: Messages, kw: dict[str, Any]) -> str:
-        stream = self.client.chat.completions.create(model=self.session.model.id, messages=messages, stream=True, **kw)
-        parts: list[str] = []
-        try:
-            for chunk in stream:
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        parts.append(choice.delta.content)
-                        self.out.write(printable(choice.delta.content))
-                        self.out.flush()
-        finally:
-            stream.close()
-        return "".join(parts)
+        return stream_reply(self.client, self.session.model.id, messages, kw, self.out)
 
     def run(self) -> int:
         """The loop: the greeting, then a line at a time until /exit or end of input (Ctrl-D)."""
@@ -343,7 +353,9 @@ class ChatREPL:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a character, an adapter or the base model (GET /v1/models)")
+    p.add_argument("message", nargs="?", help="send this one message, print the reply and exit (no REPL)")
+    p.add_argument("--model", help="a character, an adapter or the base model (GET /v1/models; --list)")
+    p.add_argument("--list", action="store_true", help="list the served models and characters, then exit")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"the app's URL (default {DEFAULT_BASE_URL})")
     p.add_argument("--api-key-file", help=f"file holding the API key (default: ${API_KEY_ENV})")
     p.add_argument("--system", help="system message (default: none, so a character's own applies)")
@@ -360,15 +372,38 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def one_shot(client, args: argparse.Namespace, root: str) -> int:
+    """``--list`` (id, kind, display name; tab-separated), or one message whose reply streams to stdout; 1 with the
+    reason on stderr when the server refuses."""
+    try:
+        if args.list:
+            for m in client.models.list().data:
+                print(f"{m.id}\t{getattr(m, 'kind', '')}\t{getattr(m, 'display_name', '') or ''}")
+            return 0
+        messages = build_messages(args.system, [{"role": "user", "content": args.message}])
+        stream_reply(client, args.model, messages, sampling_kwargs(args.temperature, args.max_tokens), sys.stdout)
+        print()
+        return 0
+    except Exception as e:  # noqa: BLE001 -- one line, no traceback
+        print(f"error: {describe_error(e, root)}", file=sys.stderr)
+        return 1
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    """Start the chat; the exit status: 0 after /exit or Ctrl-D, 2 when it cannot start (the reason printed)."""
+    """Start the chat; the exit status: 0 after /exit or Ctrl-D, 2 when it cannot start (the reason printed).
+    With a message or ``--list``: :func:`one_shot`."""
     import httpx
     from openai import OpenAI
 
     root = server_root(args.base_url)
+    if args.model is None and not args.list:
+        print("error: name a --model (a character, an adapter or the base model; --list shows them)", file=sys.stderr)
+        return 2
     try:
         key = read_api_key(args.api_key_file)
         client = OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0, timeout=args.timeout)
+        if args.list or args.message:
+            return one_shot(client, args, root)
         http = httpx.Client(base_url=root, headers={"Authorization": f"Bearer {key}"}, timeout=args.timeout)
 
         def tokenize(body: dict[str, Any]) -> dict[str, Any]:

@@ -169,7 +169,19 @@ def card_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rp-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in (
+        _add_model_commands,
+        _add_data_commands,
+        _add_card_commands,
+        _add_scenes_commands,
+        chat_repl.add_parser,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_model_commands(sub) -> None:
+    """tiny-model, download, convert-mxfp4."""
     p = sub.add_parser(
         "tiny-model",
         help="build a tiny model in Hugging Face layout: random weights (seconds) "
@@ -226,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.set_defaults(func=cmd_convert_mxfp4)
 
+
+def _add_data_commands(sub) -> None:
+    """data, wait-jobs, config."""
     p = sub.add_parser("data", help="validate + encode the config's datasets and write the data report")
     config_args(p)
     p.add_argument("--out", default="outputs/data", help="where data_report.json/.txt go")
@@ -244,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=sorted(KINDS))
     p.set_defaults(func=cmd_config)
 
+
+def _add_card_commands(sub) -> None:
     card = sub.add_parser("card", help="character cards (V1/V2/V3 JSON or PNG): import, export, show, list")
     card_sub = card.add_subparsers(dest="card_cmd", required=True)
     p = card_sub.add_parser("import", help="validate a card file (JSON or PNG) and add it to the registry")
@@ -274,15 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     card_args(p)
     p.set_defaults(func=cmd_card_list)
 
+
+def _add_scenes_commands(sub) -> None:
     sc = sub.add_parser("scenes", help="ChatHaruhi scene memory")
     sc_sub = sc.add_subparsers(dest="scenes_cmd", required=True)
     p = sc_sub.add_parser("extract", help="one scene corpus (JSONL) per character from a sharegpt dataset + index")
     p.add_argument("dataset", help="sharegpt JSON/JSONL whose system prompts hold persona + classic scenes")
     p.add_argument("--out", required=True, help="output folder (characters.json and one <key>.jsonl per character)")
     p.set_defaults(func=cmd_scenes_extract)
-
-    chat_repl.add_parser(sub)
-    return parser
 
 
 def run(func, *args) -> int:

@@ -197,15 +197,51 @@ def dequantize_checkpoint(
     Everything is written into a hidden temporary folder next to ``dest`` and renamed to ``dest`` at the end, so
     an interrupted conversion never leaves a ``dest`` that looks complete.
     """
-    import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors import safe_open
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     src, dest = Path(src), Path(dest)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: the dequantized copy is one of {', '.join(DTYPES)}")
+    config = _mxfp4_config(src)
+    _check_dest(src, dest)
+
+    weight_map = _source_files(src)
+    umask = os.umask(0)
+    os.umask(umask)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        with contextlib.ExitStack() as stack:
+            # memory-mapped: opening every shard reads nothing yet
+            handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in set(weight_map.values())}
+            plan = _plan(src, handles, weight_map, dtype)
+            new_config = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
+            new_config["dtype"] = dtype
+            (staging / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+            _check_against_model(staging, plan)
+            log.info("dequantizing %s -> %s via %s", src, dest, staging)
+            _write_shards(plan, handles, weight_map, staging, max_shard_size, umask, progress)
+        _copy_other_files(src, staging)
+        provenance = {
+            "source": str(src.resolve()),
+            "dtype": dtype,
+            "dequantized": sorted((t.name for t in plan if len(t.sources) == 2), key=_natural_key),
+            "max_shard_size": max_shard_size,
+            "how": "rp_ray.llm.checkpoint.dequantize_checkpoint (transformers' convert_moe_packed_tensors)",
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the copy is an ordinary model folder
+        if dest.is_dir():
+            dest.rmdir()  # empty: checked above
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def _mxfp4_config(src: Path) -> dict[str, Any]:
+    """``src``'s config.json, after checking it declares gpt-oss's MXFP4 weights."""
     if not src.is_dir():
         raise ModelDirError(f"source checkpoint folder {src} not found")
     config_file = src / "config.json"
@@ -224,82 +260,59 @@ def dequantize_checkpoint(
             f"{config_file}: model_type {config.get('model_type')!r}; this conversion knows gpt-oss's MXFP4 layout "
             f"only (model_type 'gpt_oss')"
         )
-    _check_dest(src, dest)
+    return config
 
-    weight_map = _source_files(src)
-    umask = os.umask(0)
-    os.umask(umask)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
-        with contextlib.ExitStack() as stack:
-            # memory-mapped: opening every shard reads nothing yet
-            handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in set(weight_map.values())}
-            plan = _plan(src, handles, weight_map, dtype)
-            new_config = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
-            new_config["dtype"] = dtype
-            (staging / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-            _check_against_model(staging, plan)
 
-            meta = {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="meta") for t in plan}
-            split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
-            total = split.metadata["total_size"]
-            free = shutil.disk_usage(staging).free
-            if total > free:
-                raise ModelDirError(
-                    f"the dequantized copy needs {total / 1e9:.1f} GB and {dest.parent} has {free / 1e9:.1f} GB free; "
-                    f"free space or give DEST on a bigger disk"
-                )
-            log.info(
-                "dequantizing %s -> %s: %d tensors (%d MXFP4 expert tensors), %.2f GB in %d shard(s), via %s",
-                src,
-                dest,
-                len(plan),
-                sum(len(t.sources) == 2 for t in plan),
-                total / 1e9,
-                len(split.filename_to_tensors),
-                staging,
-            )
-            by_name = {t.name: t for t in plan}
-            with tqdm(total=total, unit="B", unit_scale=True, desc="dequantize", disable=not progress) as bar:
-                for filename, names in split.filename_to_tensors.items():
-                    shard = {}
-                    for name in names:
-                        shard[name] = _read(by_name[name], handles, weight_map)
-                        bar.update(shard[name].nbytes)
-                    save_file(shard, staging / filename, metadata={"format": "pt"})
-                    os.chmod(staging / filename, 0o666 & ~umask)  # safetensors writes 0600
-                    del shard
-        if split.is_sharded:
-            index = {
-                "metadata": {"total_parameters": sum(m.numel() for m in meta.values()), **split.metadata},
-                "weight_map": split.tensor_to_filename,
-            }
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+def _write_shards(plan, handles, weight_map, staging: Path, max_shard_size, umask: int, progress: bool) -> None:
+    """The planned tensors as ``save_pretrained`` shards them (and its index when sharded), one shard in memory."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
-        skipped = []
-        for f in sorted(src.iterdir()):
-            if f.is_dir():
-                skipped.append(f.name + "/")
-            elif f.name in ("config.json", INDEX_FILE, PROVENANCE_FILE) or f.name.endswith(WEIGHT_SUFFIXES):
-                continue
-            else:
-                shutil.copy2(f, staging / f.name)
-        if skipped:
-            log.info("not copied from %s: %s (other weight formats, not needed to load the copy)", src, skipped)
-        provenance = {
-            "source": str(src.resolve()),
-            "dtype": dtype,
-            "dequantized": sorted((t.name for t in plan if len(t.sources) == 2), key=_natural_key),
-            "max_shard_size": max_shard_size,
-            "how": "rp_ray.llm.checkpoint.dequantize_checkpoint (transformers' convert_moe_packed_tensors)",
+    meta = {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="meta") for t in plan}
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    total = split.metadata["total_size"]
+    free = shutil.disk_usage(staging).free
+    if total > free:
+        raise ModelDirError(
+            f"the dequantized copy needs {total / 1e9:.1f} GB and {staging.parent} has {free / 1e9:.1f} GB free; "
+            f"free space or give DEST on a bigger disk"
+        )
+    log.info(
+        "%d tensors (%d MXFP4 expert tensors), %.2f GB in %d shard(s)",
+        len(plan),
+        sum(len(t.sources) == 2 for t in plan),
+        total / 1e9,
+        len(split.filename_to_tensors),
+    )
+    by_name = {t.name: t for t in plan}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="dequantize", disable=not progress) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            shard = {}
+            for name in names:
+                shard[name] = _read(by_name[name], handles, weight_map)
+                bar.update(shard[name].nbytes)
+            save_file(shard, staging / filename, metadata={"format": "pt"})
+            os.chmod(staging / filename, 0o666 & ~umask)  # safetensors writes 0600
+            del shard
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_parameters": sum(m.numel() for m in meta.values()), **split.metadata},
+            "weight_map": split.tensor_to_filename,
         }
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the copy is an ordinary model folder
-        if dest.is_dir():
-            dest.rmdir()  # empty: checked above
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_other_files(src: Path, staging: Path) -> None:
+    """The top-level files that are not weights (tokenizer, chat template, ...); sub-folders are skipped."""
+    skipped = []
+    for f in sorted(src.iterdir()):
+        if f.is_dir():
+            skipped.append(f.name + "/")
+        elif f.name in ("config.json", INDEX_FILE, PROVENANCE_FILE) or f.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        else:
+            shutil.copy2(f, staging / f.name)
+    if skipped:
+        log.info("not copied from %s: %s (other weight formats, not needed to load the copy)", src, skipped)

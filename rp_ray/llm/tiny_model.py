@@ -254,8 +254,7 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
 
     Runs on one CPU thread: the result is then the same on any machine whatever
     its core count, and a box whose other core is busy does not stall every
-    operation on thread synchronisation (two threads against a busy core ran
-    about 20x slower per step than one thread when this was measured).
+    operation on thread synchronisation.
     """
     import torch
 
@@ -273,20 +272,7 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
     order: list[int] = []
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-    )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = _pretrain_optimizer(params, cfg)
     model.train()
     losses = []
     t0 = time.perf_counter()
@@ -308,6 +294,26 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
             )
     model.eval()
     return losses
+
+
+def _pretrain_optimizer(params: list, cfg: PretrainConfig):
+    """AdamW (no weight decay on biases and norms) with linear warmup, then cosine decay to ``min_lr_ratio``."""
+    import torch
+
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
 def init_unseen_rows(model, token_ids: list[int], seed: int) -> None:
@@ -394,14 +400,7 @@ def build_tiny_model(
     Returns at once when ``out_dir`` already holds a build with the same inputs.
     """
     import torch
-    from transformers import (
-        GenerationConfig,
-        GptOssConfig,
-        GptOssForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import GenerationConfig
 
     out, corpus = Path(out_dir), Path(corpus_file)
     key = build_key(family, corpus, vocab_size, hidden_size, num_layers, seed, pretrain)
@@ -415,49 +414,12 @@ def build_tiny_model(
 
     tpl = get_template(family)
     docs = _documents(corpus)
-    raw_tok = _train_tokenizer((t for doc in docs for t in doc), tpl, vocab_size)
+    tok = _tokenizer(family, docs, vocab_size)
     slots = SPECIAL_TOKEN_SLOTS[family]
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw_tok,
-        bos_token=slots["bos"],
-        eos_token=slots["eos"],
-        pad_token=slots["pad"],
-        chat_template=chat_template_jinja(tpl),
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-    )
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in slots.items() if k != "gen_eos"}
     gen_eos = [tok.convert_tokens_to_ids(t) for t in slots["gen_eos"]]
-    heads, head_dim = 4, hidden_size // 4
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(seed)
-    if family == "llama3":
-        cfg = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GptOssConfig(
-            **common,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            sliding_window=128,
-            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
-            + ["sliding_attention"] * (num_layers % 2),
-            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
-        )
-        model = GptOssForCausalLM(cfg)
+    model = _random_model(family, len(tok), hidden_size, num_layers, ids)
     meta = {
         "family": family,
         "architecture": type(model).__name__,
@@ -470,23 +432,14 @@ def build_tiny_model(
         "pretrain": pretrain.model_dump() if pretrain else None,
     }
     if pretrain is not None:
-        deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        try:
-            losses = pretrain_lm(model, tok, docs, pretrain, seed)
-        finally:
-            torch.use_deterministic_algorithms(deterministic)
-            torch.set_num_threads(threads)
-        init_unseen_rows(model, [tok.convert_tokens_to_ids(t) for t in tpl.special_tokens if t != slots["bos"]], seed)
-        n_tokens = len(token_stream(tok, docs))
-        meta |= {
-            "corpus_tokens": n_tokens,
-            "pretrain_tokens": pretrain.steps * pretrain.batch_size * pretrain.seq_len,
-            "loss_first": losses[0],
-            "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-            "loss_curve": losses,
-        }
+        meta |= _pretrain(
+            model,
+            tok,
+            docs,
+            pretrain,
+            seed,
+            [tok.convert_tokens_to_ids(t) for t in tpl.special_tokens if t != slots["bos"]],
+        )
     model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=gen_eos, pad_token_id=ids["pad"])
     model.to(torch.float32).save_pretrained(out)
     tok.save_pretrained(out)
@@ -508,6 +461,82 @@ def build_tiny_model(
         meta["build_seconds"],
     )
     return out
+
+
+def _tokenizer(family: Family, docs: list[list[str]], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``docs`` with the family's special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tpl = get_template(family)
+    raw_tok = _train_tokenizer((t for doc in docs for t in doc), tpl, vocab_size)
+    slots = SPECIAL_TOKEN_SLOTS[family]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw_tok,
+        bos_token=slots["bos"],
+        eos_token=slots["eos"],
+        pad_token=slots["pad"],
+        chat_template=chat_template_jinja(tpl),
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _random_model(family: Family, vocab_size: int, hidden_size: int, num_layers: int, ids: dict[str, int]):
+    """The family's architecture at a tiny size, random weights (from torch's current seed)."""
+    from transformers import GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    heads, head_dim = 4, hidden_size // 4
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        tie_word_embeddings=False,
+    )
+    if family == "llama3":
+        cfg = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+        return LlamaForCausalLM(cfg)
+    else:
+        cfg = GptOssConfig(
+            **common,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["sliding_attention"] * (num_layers % 2),
+            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+        )
+        return GptOssForCausalLM(cfg)
+
+
+def _pretrain(model, tok, docs: list[list[str]], pretrain: PretrainConfig, seed: int, unseen: list[int]) -> dict:
+    """Pretrain ``model`` on ``docs`` deterministically (one thread), then give the special tokens the corpus never
+    shows a usable embedding; what the model card reports of it."""
+    import torch
+
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        losses = pretrain_lm(model, tok, docs, pretrain, seed)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    init_unseen_rows(model, unseen, seed)
+    return {
+        "corpus_tokens": len(token_stream(tok, docs)),
+        "pretrain_tokens": pretrain.steps * pretrain.batch_size * pretrain.seq_len,
+        "loss_first": losses[0],
+        "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "loss_curve": losses,
+    }
 
 
 def build_default_model(out_dir: str | Path, corpus_file: str | Path = DEFAULT_CORPUS) -> Path:

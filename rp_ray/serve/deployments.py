@@ -41,14 +41,6 @@ DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
 ENGINE_TARGET_SHARE = 0.75
 
 
-def engine_concurrency(max_num_seqs: int) -> dict[str, int]:
-    """The ChatServer ``max_ongoing_requests`` and autoscaling ``target_ongoing_requests`` for a vLLM batch size."""
-    return {
-        "max_ongoing_requests": max_num_seqs,
-        "target_ongoing_requests": max(1, round(ENGINE_TARGET_SHARE * max_num_seqs)),
-    }
-
-
 def deployment_overrides(app: ServeApplicationSchema) -> dict[str, dict[str, Any]]:
     """Deployment name -> the options a config's ``deployments:`` entry sets (only those it sets)."""
     out: dict[str, dict[str, Any]] = {}

@@ -25,10 +25,11 @@ import ray.train
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
 from rp_ray.llm.models import check_partitionable
-from rp_ray.preparation import absolute_paths, encode_split, prepare
+from rp_ray.preparation import Prepared, absolute_paths, encode_split, prepare
+from rp_ray.train.recipe import train_loop_per_worker
+from rp_ray.train.state import ADAPTER_DIR, BEST_ADAPTER_DIR, STATE_FILE, TrainState
 from rp_ray.train.summary import write_summary
-from rp_ray.train.tracking import Tracker, flat_config
-from rp_ray.train.worker import ADAPTER_DIR, BEST_ADAPTER_DIR, STATE_FILE, TrainState, train_loop_per_worker
+from rp_ray.train.tracking import Tracker, TrackerError, flat_config
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,6 @@ def validation_rows(cfg: TrainConfig, train: list, val: list) -> tuple[list, lis
 
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Validate + encode data, train LoRA on Ray Train with DeepSpeed, write the adapter and summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     cfg = absolute_paths(cfg)
     check_partitionable(cfg.model.path, cfg.deepspeed.stage)
     out = Path(cfg.output_dir)
@@ -128,6 +126,24 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         resume_hint="run the same command again: it continues from the last checkpoint",
     )
     t0 = time.perf_counter()
+    result = trainer_for(cfg, name, encoded_datasets(cfg, prep, train, val), prep.tok.pad_token_id).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see the run in {cfg.storage_path}/{name}")
+    extra = {
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "checkpoint": result.checkpoint.path,
+        "run_name": name,
+        "examples": len(train),
+        "validation_examples": len(val),
+        "data_report": str(prep.report_path),
+    }
+    return write_outputs(cfg, out, result.checkpoint, extra)
+
+
+def encoded_datasets(cfg: TrainConfig, prep: Prepared, train: list, val: list) -> dict[str, ray.data.Dataset]:
+    """The train (and validation) rows, encoded in the driver (which holds the tokenizer), as Ray datasets."""
     rows, stats = encode_split(prep.tok, prep.tpl, train, cfg.data.cutoff_len, cfg.model.enable_thinking)
     log.info("encoded %s", stats.summary())
     datasets = {"train": ray.data.from_items(rows)}
@@ -135,13 +151,20 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         val_rows, _ = encode_split(prep.tok, prep.tpl, val, cfg.data.cutoff_len, cfg.model.enable_thinking)
         datasets["val"] = ray.data.from_items(val_rows)
         log.info("validation: %d conversations, every %d steps", len(val_rows), cfg.eval_every_steps)
-    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    return datasets
 
-    trainer = TorchTrainer(
+
+def trainer_for(cfg: TrainConfig, name: str, datasets: dict[str, ray.data.Dataset], pad_id: int):
+    """The ``TorchTrainer`` of run ``name``: the recipe on every worker, checkpoints kept, failures retried."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.model_dump(),
-            "pad_id": prep.tok.pad_token_id,
+            "pad_id": pad_id,
             "fail_at_step": int(fail_at) if fail_at else None,
         },
         scaling_config=ScalingConfig(
@@ -159,34 +182,28 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         datasets=datasets,
         dataset_config=EveryRowToEveryWorker(),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see the run in {cfg.storage_path}/{name}")
+
+
+def write_outputs(cfg: TrainConfig, out: Path, checkpoint: ray.train.Checkpoint, extra: dict[str, Any]) -> TrainResult:
+    """The adapter (the best one when asked and validation ran), the summary and loss plot, and MLflow's artifacts."""
     adapter_dir = out / ADAPTER_DIR
-    with result.checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d:
         state = TrainState.from_json((Path(d) / STATE_FILE).read_text())
         best = Path(d) / BEST_ADAPTER_DIR
         use_best = cfg.load_best_adapter and state.best_step is not None and best.is_dir()
         publish_adapter(best if use_best else Path(d) / ADAPTER_DIR, adapter_dir)
     if use_best:
         log.info("adapter: the best validation loss, step %d (%.4f)", state.best_step, state.best_loss)
-    extra = {
-        "wall_seconds": round(time.perf_counter() - t0, 2),
-        "checkpoint": result.checkpoint.path,
-        "run_name": name,
-        "examples": len(train),
-        "validation_examples": len(val),
-        "adapter_step": state.best_step if use_best else state.step,
-        "data_report": str(prep.report_path),
-    }
+    extra["adapter_step"] = state.best_step if use_best else state.step
     summary_path, plot_path, summary = write_summary(state, cfg, extra, out)
     # rank 0 logged the metrics live and left MLflow's run open: the artifacts exist only now (the other trackers
     # were closed by rank 0: a second writer would start a new run, or for TensorBoard rewrite step 0)
     if "mlflow" in cfg.report_to:
-        mlflow_only = cfg.model_copy(update={"report_to": ["mlflow"]})
-        Tracker.start(mlflow_only).finish(artifacts=[adapter_dir, summary_path, plot_path])
+        try:
+            mlflow_only = cfg.model_copy(update={"report_to": ["mlflow"]})
+            Tracker.start(mlflow_only).finish(artifacts=[adapter_dir, summary_path, plot_path])
+        except TrackerError as e:  # the run itself is done and written: a tracker gone since is worth a warning
+            log.warning("the run's artifacts were not added to MLflow: %s", e)
     log.info("adapter: %s | summary: %s | loss plot: %s", adapter_dir, summary_path, plot_path)
     return TrainResult(adapter_dir, summary_path, plot_path, summary)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rp_ray.config import TrainConfig
 
 if TYPE_CHECKING:
-    from rp_ray.train.worker import TrainState
+    from rp_ray.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
