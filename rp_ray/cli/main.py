@@ -63,8 +63,10 @@ def cmd_tiny_model(a: argparse.Namespace) -> None:
 
 def cmd_download(a: argparse.Namespace) -> None:
     from rp_ray.llm.hub import cache_root, download
+    from rp_ray.llm.models import check_model_dir
 
     folder = download(a.model_id, a.hub, a.cache_dir)
+    check_model_dir(folder)  # e.g. a repo with pickle weights only: said now, not by the first job
     keys = [f"model.path={a.model_id}"] + (["model.hub=modelscope"] if a.hub == "modelscope" else [])
     keys += [f"model.cache_dir={cache_root(a.cache_dir)}"] if a.cache_dir else []
     print(f"{a.model_id} is in the model cache: {folder}\njobs load it, offline, with {' '.join(keys)}")

@@ -241,18 +241,14 @@ def _ms_download(model_id: str, cache: Path | None) -> Path:
 
 
 def download(model_id: str, hub: Hub = "huggingface", cache_dir: str | Path | None = None) -> Path:
-    """Fetch ``model_id`` into the model cache (``ALLOW_PATTERNS`` only) and check that a job can load it.
+    """Fetch ``model_id`` into the model cache (``ALLOW_PATTERNS`` only).
 
     Returns the local folder; a job with ``model.path=<model_id>`` (and the same ``model.hub`` and cache) then
-    resolves to it offline.
+    resolves to it offline. ``rp-ray download`` then checks the folder loads (``rp_ray.llm.models.check_model_dir``).
     """
-    from rp_ray.llm.models import check_model_dir
-
     if not is_model_id(model_id):
         raise HubError(f"{model_id!r} is not a model id (org/name, e.g. meta-llama/Llama-3.1-8B-Instruct)")
     if hub not in HUBS:
         raise HubError(f"--hub {hub!r}: not one of {', '.join(HUBS)}")
     cache = cache_root(cache_dir)
-    folder = _hf_download(model_id, cache) if hub == "huggingface" else _ms_download(model_id, cache)
-    check_model_dir(folder)  # e.g. a repo with pickle weights only: said now, not by the first job
-    return folder
+    return _hf_download(model_id, cache) if hub == "huggingface" else _ms_download(model_id, cache)
