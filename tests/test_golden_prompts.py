@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from rp_ray.character.card import CardRegistry
+from rp_ray.character.catalog import load_catalog
+from rp_ray.character.catalog import load_characters_file as load_cards
 from rp_ray.character.scenes import extract_scenes, write_scene_corpus
 from rp_ray.config import ServeConfig
-from rp_ray.serve.characters import load_cards
-from rp_ray.serve.personas import load_personas
-from rp_ray.serve.protocol import parse_request
-from rp_ray.serve.serving import ChatServing
+from rp_ray.serve.chat import parse_request
+from rp_ray.serve.endpoints import ChatServing
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = REPO / "tests" / "fixtures" / "cards"
@@ -83,7 +83,7 @@ def build(model: Path, template: str, work: Path) -> tuple[ChatServing, dict[str
         lorebooks={"v3": str(CARDS / "world_info.json")},
         scenes={f"scene{i}": str(work / "scenes" / f"{c.key}.jsonl") for i, c in enumerate(chosen)},
     )
-    serving = ChatServing(cfg, cards, personas=load_personas(cfg, cards))
+    serving = ChatServing(cfg, load_catalog(cfg, cards))
     chats = {name: [chat(1), chat(3), own_system(2)] for name in ("haruhi", "harry", "haruhi-base", "v1", "v2")}
     chats["v3"] = [chat(1), chat(2), chat(3), own_system(1)]
     for i, c in enumerate(chosen):

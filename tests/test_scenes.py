@@ -16,8 +16,8 @@ from rp_ray.character.scenes import (
     SCENE_SEP,
     SCENES_HEADER,
     SceneIndex,
-    build_system_prompt,
     extract_scenes,
+    fit_scenes,
     join_system_prompt,
     load_scene_corpus,
     persona_hash,
@@ -50,10 +50,14 @@ def test_split_and_join_are_inverse():
         assert join_system_prompt(*split_system_prompt(odd)) == odd
 
 
-def test_build_system_prompt_budget():
+def test_scene_budget_in_the_data_layout():
     persona = "P"
     scenes = ["a b c", "d e", "f g h i"]
     count = lambda s: len(s.split())
+
+    def build_system_prompt(persona, scenes, count, budget=1500):
+        return join_system_prompt(persona, fit_scenes(scenes, count, budget))
+
     assert (
         build_system_prompt(persona, scenes, count, budget=5) == persona + SCENES_HEADER + "a b c" + SCENE_SEP + "d e"
     )

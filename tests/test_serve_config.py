@@ -9,10 +9,10 @@ import yaml
 from conftest import REPO
 from ray.serve.schema import ServeDeploySchema
 
-from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.character.card import rp_settings
 from rp_ray.character.catalog import check_characters as check_cards
 from rp_ray.character.catalog import load_characters_file as load_cards
+from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.serve.deployments import (
     APP_IMPORT_PATH,
     DEPLOYMENT_DEFAULTS,

@@ -10,25 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import make_adapter
 
-from rp_ray.config import ConfigError
-from rp_ray.serve.app import build_app
+from rp_ray.character.card import CardError, check_name, rp_settings
+from rp_ray.character.catalog import load_characters_file as load_cards
+from rp_ray.character.names import is_name
+from rp_ray.config import ConfigError, ServeConfig
+from rp_ray.serve.app import build_app, resolve_adapter
 from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
-from rp_ray.serve.characters import CardError, apply_card, load_cards, resolve_adapter
-from rp_ray.serve.protocol import (
-    APIError,
-    AssistantMessage,
-    ChatCompletionChoice,
-    ChatCompletionResponse,
-    ChatMessage,
-    CompletionRequest,
-    DetokenizeRequest,
-    Limits,
-    TokenizeRequest,
-    Usage,
-    check_limits,
-    parse_body,
-    parse_request,
-)
+from rp_ray.serve.chat import AssistantMessage, ChatCompletionChoice, ChatCompletionResponse, parse_request
+from rp_ray.serve.completion import CompletionRequest
+from rp_ray.serve.protocol import APIError, Limits, Usage, check_limits, parse_body
+from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 OK = {"model": "haruhi", "messages": [{"role": "user", "content": "阿虚:「早」"}]}
 
@@ -187,7 +178,7 @@ def test_completion_body_shape():
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
-def test_cards_load_and_apply(tmp_path):
+def test_cards_load(tmp_path):
     p = tmp_path / "cards.yaml"
     p.write_text(
         "characters:\n  - name: haruhi\n    display_name: 凉宫春日\n    system_prompt: 你是凉宫春日。\n"
@@ -195,12 +186,17 @@ def test_cards_load_and_apply(tmp_path):
         encoding="utf-8",
     )
     cards = load_cards(p)
-    card = cards["haruhi"]
+    card = rp_settings(cards["haruhi"])
     assert card.adapter == "haruhi-lora" and card.sampling.temperature == 0.7
-    msgs = [ChatMessage(role="user", content="早")]
-    assert [m.role for m in apply_card(card, msgs)] == ["system", "user"]
-    own = [ChatMessage(role="system", content="mine"), *msgs]
-    assert apply_card(card, own) == own  # the request's own system message wins
+
+
+def test_a_name_is_a_full_match():
+    """A trailing newline (which ``$`` lets through) or anything around the name is refused everywhere."""
+    assert is_name("haruhi-1.v2") and not is_name("name\n") and not is_name(" name") and not is_name("x" * 65)
+    with pytest.raises(CardError, match=r"card name 'name\\n'"):
+        check_name("name\n")
+    with pytest.raises(ValueError, match="base_name"):
+        ServeConfig(model={"path": "m", "template": "llama3"}, base_name="name\n")
 
 
 @pytest.mark.parametrize(
@@ -298,7 +294,7 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
 def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_data(tiny_llama3, tmp_path, monkeypatch):
     """Relative paths resolve where the config is read; the replicas get card JSON, lorebooks and corpora as data;
     a bad card, lorebook or corpus fails there, naming the file and the field."""
-    from rp_ray.character.card import CardError as CharacterCardError
+    CharacterCardError = CardError
     from rp_ray.character.card import CardRegistry
     from rp_ray.character.scenes import CharacterScenes, write_scene_corpus
 
@@ -319,7 +315,8 @@ def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_d
         "lorebooks": {"aoi": str(fixtures / "world_info.json")},
         "scenes": {"haruhi": "scenes/h.jsonl", "aoi": "scenes"},
     }
-    conf, _, cards, personas = build_app(args)._bound_deployment.init_args  # (config, adapter dirs, cards, personas)
+    conf, _, personas = build_app(args)._bound_deployment.init_args  # (config, adapter dirs, characters)
+    cards = personas["characters"]
     assert conf["card_registry"] == str(tmp_path / "reg") and conf["scenes"]["haruhi"] == str(
         tmp_path / "scenes/h.jsonl"
     )

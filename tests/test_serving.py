@@ -11,27 +11,27 @@ from types import SimpleNamespace
 
 import pytest
 
+from rp_ray.character.card import Sampling as CardSampling
+from rp_ray.character.catalog import entry_card, load_catalog
+from rp_ray.character.prompt import leading_system
 from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.data import Message
 from rp_ray.llm.template import LLAMA3, chat_prompt_ids
-from rp_ray.serve.characters import CardSampling, CharacterCard, check_cards
+from rp_ray.serve.chat import ChatCompletionChunk, DeltaMessage, parse_request
+from rp_ray.serve.completion import CompletionRequest
+from rp_ray.serve.endpoints import ChatServing
 from rp_ray.serve.protocol import (
     APIError,
-    ChatCompletionChunk,
-    ChatSampling,
-    CompletionRequest,
     Delta,
-    DeltaMessage,
-    DetokenizeRequest,
     Limits,
-    TokenizeRequest,
+    SamplingDefaults,
     TokenLogprob,
     Usage,
     parse_body,
-    parse_request,
     token_logprobs,
 )
-from rp_ray.serve.serving import DONE, ChatServing, split_system
+from rp_ray.serve.serving import DONE
+from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 USER = [{"role": "user", "content": "阿虚:「早」"}]
 STOP_IDS = [7, 9]
@@ -46,51 +46,43 @@ def req(**kw):
 
 def test_to_sampling_takes_the_request_then_the_card_then_openai_defaults():
     card = CardSampling(temperature=0.7, top_p=0.9, max_tokens=128)
-    s = req().to_sampling(card, max_tokens=512, stop_token_ids=STOP_IDS)
+    s = req().to_sampling_params(SamplingDefaults(512, STOP_IDS, card))
     assert (s.temperature, s.top_p, s.top_k) == (0.7, 0.9, -1)  # card, card, default
     assert s.max_tokens == 128  # the card's max_tokens lowers the cap when the request names none
-    s = req(temperature=0.0, top_k=5, max_tokens=300).to_sampling(card, 512, STOP_IDS)
-    assert (s.temperature, s.top_p, s.top_k, s.max_tokens) == (0.0, 0.9, 5, 512)  # the request's own max_tokens
-    s = req(max_completion_tokens=20).to_sampling(card, 20, STOP_IDS)
+    s = req(temperature=0.0, top_k=5, max_tokens=300).to_sampling_params(SamplingDefaults(512, STOP_IDS, card))
+    assert (s.temperature, s.max_tokens) == (0.0, 512)  # the request's own max_tokens; greedy: vLLM drops top_p/k
+    s = req(temperature=0.5, top_k=5, max_tokens=300).to_sampling_params(SamplingDefaults(512, STOP_IDS, card))
+    assert (s.temperature, s.top_p, s.top_k, s.max_tokens) == (0.5, 0.9, 5, 512)
+    s = req(max_completion_tokens=20).to_sampling_params(SamplingDefaults(20, STOP_IDS, card))
     assert s.max_tokens == 20
-    s = req().to_sampling(None, 512, STOP_IDS)
+    s = req().to_sampling_params(SamplingDefaults(512, STOP_IDS, None))
     assert (s.temperature, s.top_p, s.top_k, s.max_tokens) == (1.0, 1.0, -1, 512)
-    s = req().to_sampling(CardSampling(max_tokens=1024), 512, STOP_IDS)
+    s = req().to_sampling_params(SamplingDefaults(512, STOP_IDS, CardSampling(max_tokens=1024)))
     assert s.max_tokens == 512  # a card never raises the cap
 
 
 def test_to_sampling_carries_the_rest_of_the_request():
-    s = req(n=2, seed=3, stop="」", presence_penalty=0.5, frequency_penalty=-0.5, stream=True).to_sampling(
-        None, 64, STOP_IDS
-    )
-    assert s == ChatSampling(
-        n=2,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        max_tokens=64,
-        seed=3,
-        stop=["」"],
-        presence_penalty=0.5,
-        frequency_penalty=-0.5,
-        stop_token_ids=STOP_IDS,
-        stream=True,
-    )
-    assert req(stop=["a", "b"]).to_sampling(None, 8, []).stop == ["a", "b"]
-    assert req(stop=[]).to_sampling(None, 8, []).stop is None
-    with pytest.raises(Exception):  # noqa: B017 -- frozen: what crosses the handle is not changed on the way
-        s.n = 3
+    from vllm.sampling_params import RequestOutputKind
+
+    r = req(n=2, seed=3, stop="」", presence_penalty=0.5, frequency_penalty=-0.5, stream=True)
+    s = r.to_sampling_params(SamplingDefaults(64, STOP_IDS, None))
+    fields = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "presence_penalty")
+    assert [getattr(s, f) for f in fields] == [2, 1.0, 1.0, -1, 64, 3, ["」"], 0.5]
+    assert (s.frequency_penalty, s.stop_token_ids, s.output_kind) == (-0.5, STOP_IDS, RequestOutputKind.DELTA)
+    assert req(stop=["a", "b"]).to_sampling_params(SamplingDefaults(8, [], None)).stop == ["a", "b"]
+    assert not req(stop=[]).to_sampling_params(SamplingDefaults(8, [], None)).stop
 
 
 def test_sampling_becomes_vllm_sampling_params():
     from vllm.sampling_params import RequestOutputKind
 
-    s = req(seed=1, stop="x", stream=True).to_sampling(CardSampling(temperature=0.7), 16, STOP_IDS)
-    p = s.to_sampling_params()
+    p = req(seed=1, stop="x", stream=True).to_sampling_params(
+        SamplingDefaults(16, STOP_IDS, CardSampling(temperature=0.7))
+    )
     assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.seed) == (0.7, 1.0, -1, 16, 1)
     assert p.stop == ["x"] and p.stop_token_ids == STOP_IDS and not p.skip_special_tokens
     assert p.output_kind == RequestOutputKind.DELTA
-    assert req().to_sampling(None, 16, []).to_sampling_params().output_kind == RequestOutputKind.FINAL_ONLY
+    assert req().to_sampling_params(SamplingDefaults(16, [], None)).output_kind == RequestOutputKind.FINAL_ONLY
 
 
 # -- limits and validators -----------------------------------------------------------------------------------
@@ -115,8 +107,15 @@ def test_adapter_names_may_not_be_the_base_name():
     ServeConfig(model={"path": "m", "template": "llama3"}, base_name="chat", adapters={"base": "x"})
 
 
-def card(name: str, adapter: str | None = None) -> CharacterCard:
-    return CharacterCard(name=name, display_name=name, system_prompt="S", adapter=adapter)
+def card(name: str, adapter: str | None = None, **entry):
+    return entry_card({"name": name, "display_name": name, "system_prompt": "S", "adapter": adapter, **entry}, name)
+
+
+def check_cards(cards, served_adapters, reserved):
+    (base,) = reserved
+    load_catalog(
+        ServeConfig(model={"path": "m", "template": "llama3"}, base_name=base, adapters=served_adapters), cards
+    )
 
 
 def test_check_cards_messages():
@@ -166,15 +165,18 @@ def serving(tiny_llama3):
         max_tokens_cap=64,
     )
     cards = {
-        "haruhi": CharacterCard(
-            name="haruhi",
-            display_name="H",
-            system_prompt="你是凉宫春日。",
-            adapter="a1",
-            sampling=CardSampling(temperature=0.7, max_tokens=32),
+        "haruhi": entry_card(
+            {
+                "name": "haruhi",
+                "display_name": "H",
+                "system_prompt": "你是凉宫春日。",
+                "adapter": "a1",
+                "sampling": {"temperature": 0.7, "max_tokens": 32},
+            },
+            "haruhi",
         )
     }
-    return ChatServing(cfg, cards)
+    return ChatServing(cfg, load_catalog(cfg, cards))
 
 
 def test_prepare_builds_the_prompt_adapter_and_sampling(serving):
@@ -197,7 +199,6 @@ def test_prepare_builds_the_prompt_adapter_and_sampling(serving):
         with pytest.raises(APIError) as e:
             serving.prepare(parse_request(body))
         assert (e.value.status, e.value.param) == (status, param)
-    assert split_system(req().messages) == ("", req().messages)
 
 
 async def _deltas(*batches):
@@ -281,7 +282,7 @@ def test_leading_system_messages_are_one_system_prompt(serving):
             ],
         }
     ).messages
-    system, turns = split_system(msgs)
+    _, system, turns = leading_system(msgs)
     assert system == "你是凉宫春日。\n\n[Start a new chat]" and [m.role for m in turns] == ["assistant", "user"]
     chat = serving.prepare(parse_request({"model": "haruhi", "messages": msgs}))
     want = [Message("assistant", "「你好！」"), Message("user", USER[0]["content"])]
@@ -301,7 +302,7 @@ def test_completion_prompt_is_the_raw_text_with_one_bos(serving):
     assert serving.prepare_completion(completion(prompt=[5, 6, 7])).prompt == [5, 6, 7]  # ids go as they are
     s = chat.sampling
     assert s.max_tokens == 16 and s.temperature == 1.0 and s.skip_special_tokens and s.stop_token_ids
-    p = s.to_sampling_params()
+    p = s  # already vLLM SamplingParams
     assert p.skip_special_tokens and p.logprobs is None and p.logit_bias is None
     # a card lends its adapter and sampling, never its system prompt; its max_tokens is the default
     carded = serving.prepare_completion(completion(model="haruhi"))
@@ -338,7 +339,7 @@ def test_completion_sampling_carries_sillytaverns_fields(serving):
     ).sampling
     assert (s.min_p, s.repetition_penalty, s.top_k, s.logprobs, s.n, s.seed) == (0.1, 1.2, 0, 5, 2, 3)
     assert s.logit_bias == {5: -100.0, 6: 2.5} and s.stop == ["\nUser:", "<|eot_id|>"]
-    p = s.to_sampling_params()
+    p = s  # already vLLM SamplingParams
     assert (p.min_p, p.repetition_penalty, p.logprobs, p.min_tokens) == (0.1, 1.2, 5, 2)
     assert p.logit_bias == {5: -100.0, 6: 2.5} and not p.skip_special_tokens and p.include_stop_str_in_output
     chat = serving.prepare(req(logprobs=True, top_logprobs=3, logit_bias={"9": 1}, min_p=0.2))
@@ -552,7 +553,6 @@ def carded(tiny_llama3, tmp_path_factory):
     the world info as aoi's standalone lorebook, and scene memory for the characters_file character `haruhi`."""
     from rp_ray.character.card import CardRegistry
     from rp_ray.character.scenes import CharacterScenes, write_scene_corpus
-    from rp_ray.serve.personas import load_personas
 
     work = tmp_path_factory.mktemp("carded")
     CardRegistry(work / "cards").import_file(
@@ -573,10 +573,12 @@ def carded(tiny_llama3, tmp_path_factory):
         lorebooks={"aoi": str(FIXTURES / "world_info.json")},
         scenes={"haruhi": str(work / "scenes" / "春日-00000000.jsonl")},
     )
-    yaml_cards = {"haruhi": CharacterCard(name="haruhi", display_name="H", system_prompt=persona, adapter="a1")}
-    data = load_personas(cfg, yaml_cards)
+    yaml_cards = {
+        "haruhi": entry_card({"name": "haruhi", "display_name": "H", "system_prompt": persona, "adapter": "a1"}, "h")
+    }
+    data = load_catalog(cfg, yaml_cards)
     assert set(data["cards"]) == {"aoi"} and data["scenes"]["haruhi"]["scenes"] == scenes
-    return SimpleNamespace(serving=ChatServing(cfg, yaml_cards, personas=data), cfg=cfg, yaml=yaml_cards, data=data)
+    return SimpleNamespace(serving=ChatServing(cfg, data), cfg=cfg, yaml=yaml_cards, data=data)
 
 
 def aoi_system(lore_before: list[str], lore_after: list[str], user: str = "User") -> str:
@@ -725,13 +727,12 @@ def test_completions_with_a_card_use_its_adapter_and_sampling_only(carded):
 def test_personas_are_checked_where_the_config_is_read(carded, tmp_path):
     from rp_ray.character.card import CardError, CardRegistry
     from rp_ray.character.scenes import CharacterScenes, write_scene_corpus
-    from rp_ray.serve.personas import load_personas
 
     cfg, yaml_cards = carded.cfg, carded.yaml
 
     def fails(match: str, exc=ConfigError, **update):
         with pytest.raises(exc, match=match):
-            load_personas(cfg.model_copy(update=update), yaml_cards)
+            load_catalog(cfg.model_copy(update=update), yaml_cards)
 
     fails(r"card_registry .*nowhere: no such folder; create it", card_registry=str(tmp_path / "nowhere"))
     reg = CardRegistry(tmp_path / "reg")
@@ -761,7 +762,7 @@ def test_personas_are_checked_where_the_config_is_read(carded, tmp_path):
     two = {k: CharacterScenes(key=k, name=k, persona_hash=k, persona=k, scenes=["x"]) for k in ("one", "two")}
     write_scene_corpus(two, tmp_path / "corpus")
     fails(r"holds 2 characters; name one's file: one.jsonl, two.jsonl", scenes={"haruhi": str(tmp_path / "corpus")})
-    data = load_personas(cfg.model_copy(update={"scenes": {"aoi": str(tmp_path / "corpus" / "two.jsonl")}}), yaml_cards)
+    data = load_catalog(cfg.model_copy(update={"scenes": {"aoi": str(tmp_path / "corpus" / "two.jsonl")}}), yaml_cards)
     assert data["scenes"] == {"aoi": {"key": "two", "persona": "two", "scenes": ["x"]}}
 
 
@@ -769,12 +770,11 @@ def test_a_card_imported_through_one_replica_is_served_by_the_others(carded, tmp
     """POST /v1/characters: validated, written into the registry and served at once; another replica finds it when a
     request names it (the folder's mtime changed), and drops it once its file is gone."""
     from rp_ray.character.card import card_png_bytes, parse_card
-    from rp_ray.serve.personas import load_personas
 
     cfg = carded.cfg.model_copy(update={"card_registry": str(tmp_path / "reg"), "lorebooks": {}})
     (tmp_path / "reg").mkdir()
-    data = load_personas(cfg, carded.yaml)
-    one, two = (ChatServing(cfg, carded.yaml, tok=carded.serving.tok, personas=data) for _ in range(2))
+    data = load_catalog(cfg, carded.yaml)
+    one, two = (ChatServing(cfg, data, tok=carded.serving.tok) for _ in range(2))
     raw = (FIXTURES / "v2_card.json").read_bytes()
 
     def refused(status, code_or_param, *args, serving=one, **kw):
@@ -783,7 +783,7 @@ def test_a_card_imported_through_one_replica_is_served_by_the_others(carded, tmp
         assert e.value.status == status and code_or_param in (e.value.code, e.value.param), e.value.message
         return e.value.message
 
-    nothing = ChatServing(carded.cfg.model_copy(update={"card_registry": None, "lorebooks": {}}), {}, tok=one.tok)
+    nothing = ChatServing(carded.cfg.model_copy(update={"card_registry": None, "lorebooks": {}}), tok=one.tok)
     assert "set card_registry" in refused(409, "no_card_registry", raw, serving=nothing)
     assert "not valid JSON" in refused(400, "invalid_card", b"{nope")
     assert "not a character card" in refused(400, "invalid_card", b'{"entries": []}')
@@ -843,7 +843,6 @@ def test_served_scene_memory_has_the_chatharuhi_layout(tiny_llama3, tmp_path):
         split_system_prompt,
         write_scene_corpus,
     )
-    from rp_ray.serve.personas import load_personas
 
     if not (SHARED_HARUHI / "haruhi_val.json").is_file() or not (SHARED_HARUHI / "haruhi_train.json").is_file():
         pytest.skip(f"the full ChatHaruhi splits are not at {SHARED_HARUHI}")
@@ -861,8 +860,8 @@ def test_served_scene_memory_has_the_chatharuhi_layout(tiny_llama3, tmp_path):
         max_tokens_cap=64,
         scenes={"haruhi": str(tmp_path / "scenes" / corpus_file_name(corpus))},
     )
-    yaml_cards = {"haruhi": CharacterCard(name="haruhi", display_name="凉宫春日", system_prompt=persona)}
-    serving = ChatServing(cfg, yaml_cards, personas=load_personas(cfg, yaml_cards))
+    yaml_cards = {"haruhi": entry_card({"name": "haruhi", "display_name": "凉宫春日", "system_prompt": persona}, "h")}
+    serving = ChatServing(cfg, load_catalog(cfg, yaml_cards))
     count = serving.count_tokens
     for row in rows[:5]:
         conv = row["conversations"]

@@ -25,7 +25,9 @@ JSON card file at most 2 MiB, a PNG card at most 20 MiB, JSON nesting at most 64
 
 rp_ray's own settings for a card (the served adapter it speaks through and its default sampling) live inside the
 card, in ``data.extensions["rp_ray"] = {"adapter": ..., "sampling": {"temperature", "top_p", "top_k",
-"max_tokens"}}``, so they travel with it. ``CardRegistry`` keeps imported cards as ``<root>/<name>.json``.
+"max_tokens"}}``, so they travel with it; a characters_file entry is read as a V2 card with its system prompt and
+these settings (plus its display_name and greeting). ``CardRegistry`` keeps imported cards as
+``<root>/<name>.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rp_ray.character import png
+from rp_ray.character.names import NAME_RULE, is_name
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,6 @@ V3_ONLY_FIELDS = (
     "creation_date",
     "modification_date",
 )
-# a registry name is what a chat request names as its `model`: the same rule as served adapter names
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RP_RAY_EXTENSION = "rp_ray"
 
 
@@ -176,7 +177,7 @@ class CardDataV3(CardData):
 
 
 class Sampling(BaseModel):
-    """A card's default sampling (rp_ray's own; each unset value falls back to the request's or the server's)."""
+    """A character's default sampling (rp_ray's own): a request's own value wins, an unset one is the server's."""
 
     model_config = ConfigDict(extra="forbid")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -186,11 +187,14 @@ class Sampling(BaseModel):
 
 
 class RpRaySettings(BaseModel):
-    """``data.extensions["rp_ray"]``: the served adapter (None = the base model) and default sampling."""
+    """``data.extensions["rp_ray"]``: the served adapter (None = the base model) and default sampling; a
+    characters_file entry also keeps its display name and greeting here."""
 
     model_config = ConfigDict(extra="allow")
     adapter: str | None = None
     sampling: Sampling = Field(default_factory=Sampling)
+    display_name: str | None = Field(None, min_length=1)
+    greeting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -490,11 +494,9 @@ def slugify(name: str) -> str:
     return s or "card-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
 
 
-def check_name(name: str) -> str:
-    if not NAME.match(name):
-        raise CardError(
-            f"card name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit"
-        )
+def check_name(name: str, what: str = "card name") -> str:
+    if not is_name(name):
+        raise CardError(f"{what} {name!r}: {NAME_RULE}")
     return name
 
 
@@ -532,7 +534,7 @@ class CardRegistry:
         return self.root / f"{check_name(name)}.json"
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.json") if NAME.match(p.stem))
+        return sorted(p.stem for p in self.root.glob("*.json") if is_name(p.stem))
 
     def get(self, name: str) -> Card:
         p = self.path(name)
@@ -540,9 +542,6 @@ class CardRegistry:
             known = ", ".join(self.names()) or "none"
             raise CardError(f"no card named {name!r} in {self.root} (cards there: {known}); import it first")
         return read_card_file(p)
-
-    def cards(self) -> dict[str, Card]:
-        return {n: self.get(n) for n in self.names()}
 
     def image(self, name: str) -> bytes | None:
         p = self.root / f"{check_name(name)}.png"

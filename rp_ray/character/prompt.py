@@ -1,4 +1,5 @@
-"""Chat-completion messages for a card, assembled the way SillyTavern does for a chat-completion backend.
+"""A card's prompt, assembled the way SillyTavern does for a chat-completion backend, and the typed ``Prompt`` a
+served chat is built from.
 
 ``build_messages`` gives, in order:
 
@@ -17,17 +18,24 @@
 card's name), ``{{user}}`` (``user_name``), and the legacy ``<BOT>`` / ``<USER>``; macro names are matched
 case-insensitively, as SillyTavern does. ``greetings`` gives ``[first_mes, *alternate_greetings]`` (empty ones
 dropped) with macros applied.
+
+A served chat (``Prompt``) has one system text and the turns the training template lays out; the templates have one
+system slot, at the start, so ``card_turns`` appends the post-history instructions to the last user message after a
+blank line: still the last text before the reply. A request whose messages start with system messages keeps them
+(``leading_system``) as its whole system prompt.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from rp_ray.character.card import BookEntry, Card
 from rp_ray.character.lorebook import entry_text
 from rp_ray.character.scenes import SCENE_SEP, SCENES_HEADER
+from rp_ray.data import Message
 
 DEFAULT_SYSTEM = (
     "Write {{char}}'s next reply in a fictional chat between {{char}} and {{user}}. Stay in character, keep the "
@@ -39,6 +47,43 @@ START = re.compile(r"<start>", re.IGNORECASE)
 _CHAR = re.compile(r"\{\{char\}\}|<bot>", re.IGNORECASE)
 _USER = re.compile(r"\{\{user\}\}|<user>", re.IGNORECASE)
 _ORIGINAL = re.compile(r"\{\{original\}\}", re.IGNORECASE)
+
+
+class PromptError(ValueError):
+    """Messages no prompt can be built from; the message says why."""
+
+
+class Turn(Protocol):
+    """A chat message as a request brings it (serving's pydantic messages, ``rp_ray.data.Message``)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a chat prompt is made of: the system text and the turns the template lays out, and (for ``rp_debug``)
+    the lorebook entries and scenes that went in."""
+
+    system: str
+    turns: list[Message]
+    lore: tuple[dict[str, Any], ...] = ()
+    scenes: tuple[str, ...] = ()
+
+    def debug(self) -> dict[str, Any]:
+        """The ``rp_ray`` field of a response to a request with ``rp_debug: true``."""
+        return {"lore": list(self.lore), "scenes": list(self.scenes), "system_prompt": self.system}
+
+
+def leading_system(messages: Sequence[Turn]) -> tuple[bool, str, list[Message]]:
+    """(whether the messages start with system messages, those joined by blank lines (empty ones skipped), the
+    turns after them); a system message after the first turn is a ``PromptError``."""
+    lead = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
+    system = "\n\n".join(m.content for m in messages[:lead] if m.content)
+    turns = [Message(m.role, m.content) for m in messages[lead:]]
+    if any(m.role == "system" for m in turns):
+        raise PromptError("a system message may only come first")
+    return lead > 0, system, turns
 
 
 def apply_macros(text: str, char: str, user: str = "User") -> str:
@@ -110,10 +155,25 @@ def build_messages(
     for m in history:
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content)
         out.append({"role": role, "content": apply_macros(content, card.name, user_name)})
+    post = post_history(card, user_name, default_post_history)
+    if post is not None:
+        out.append({"role": "system", "content": post})
+    return out
+
+
+def post_history(card: Card, user_name: str = "User", default_post_history: str = "") -> str | None:
+    """The post-history instructions with macros (``{{original}}`` -> ``default_post_history``); None when empty."""
     post = card.data.post_history_instructions
     post = _original(post, default_post_history) if post.strip() else default_post_history
-    if post.strip():
-        out.append({"role": "system", "content": apply_macros(post, card.name, user_name)})
+    return apply_macros(post, card.name, user_name) if post.strip() else None
+
+
+def card_turns(card: Card, turns: Sequence[Turn], user_name: str = "User") -> list[Message]:
+    """The chat history with macros applied, the post-history instructions appended to a last user message."""
+    out = [Message(m.role, apply_macros(m.content, card.name, user_name)) for m in turns]
+    post = post_history(card, user_name)
+    if post is not None and out and out[-1].role == "user":
+        out[-1] = Message("user", f"{out[-1].content}\n\n{post}")
     return out
 
 

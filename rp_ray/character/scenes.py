@@ -14,10 +14,9 @@ character's distinct scenes in first-seen order.
 
 ``SceneIndex`` ranks a character's scenes against a query with BM25 (the ``bm25s`` library) over ``jieba``
 tokens (lower-cased; tokens made only of whitespace, punctuation or symbols dropped), which serves Chinese and
-English text alike. ``build_system_prompt`` puts the retrieved scenes after the persona in the data's layout while
-their token count (``count_tokens``, summed over the scenes) stays within the budget (1500 by default, as
-ChatHaruhi's story budget); the first scene that does not fit ends the list; with no scene the prompt is the
-persona alone, as in the data.
+English text alike. ``fit_scenes`` keeps the retrieved scenes while their token count (``count_tokens``, summed over
+the scenes) stays within the budget (1500 by default, as ChatHaruhi's story budget); the first scene that does not
+fit ends the list; with no scene the system prompt is the persona alone, as in the data.
 """
 
 from __future__ import annotations
@@ -65,13 +64,6 @@ def fit_scenes(
             break
         out.append(scene)
     return out
-
-
-def build_system_prompt(
-    persona: str, scenes: Sequence[str], count_tokens: Callable[[str], int], budget: int = DEFAULT_SCENE_BUDGET
-) -> str:
-    """The persona followed by as many of ``scenes`` (in order) as fit the token budget, in the data's layout."""
-    return join_system_prompt(persona, fit_scenes(scenes, count_tokens, budget))
 
 
 def persona_hash(persona: str) -> str:

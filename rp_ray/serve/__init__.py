@@ -1,8 +1,9 @@
 """Serving role-play characters behind an OpenAI-compatible API on Ray Serve.
 
-``rp_ray.serve.app:build_app`` is the application (``serve run serve_configs/<name>.yaml``): an HTTP ingress
-(``app``: thin routes, auth) in front of a vLLM engine deployment (``engine``). The chat logic (prompt building,
-limits, sampling, responses and streams) is in ``serving``, the wire types in ``protocol``, the deployment options
-in ``deployments``, character cards in ``characters``, the API key in ``auth``; replies are cleaned by
-``rp_ray.llm.reply``.
+``rp_ray.serve.app:build_app`` is the application (``serve run serve_configs/<name>.yaml``): one deployment whose
+replica holds the HTTP routes (``app``: thin routes, API key in ``auth``) and a vLLM engine in-process (``engine``).
+Each endpoint has its types and serving logic in a module of its own (``chat``, ``completion``, ``tokenization``),
+sharing the wire types in ``protocol`` and the replica's state in ``serving`` (``endpoints`` joins them); the
+deployment options are in ``deployments``. The characters a request can name are ``rp_ray.character``; replies are
+cleaned by ``rp_ray.llm.reply``.
 """

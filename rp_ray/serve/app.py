@@ -6,8 +6,9 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming an
 ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``POST /v1/characters`` (import a card file into the card
 registry), ``GET /health`` (no key), and the chat page at ``/``: what OpenAI clients and SillyTavern (chat and text
 completion modes) call. The request's ``model`` names the base model, a served adapter, or a character.
-The routes are thin: the chat logic is ``rp_ray.serve.serving``, the wire types ``rp_ray.serve.protocol``, the
-deployment options ``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
+The routes are thin: each endpoint's types and serving logic are ``rp_ray.serve.chat``, ``completion`` and
+``tokenization`` (over ``serving``), the characters ``rp_ray.character.catalog``, the deployment options
+``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
 ``serve run`` does and :func:`run_local` the default app for a ``ServeConfig``.
 """
 
@@ -32,27 +33,21 @@ from ray.serve import RunTarget
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rp_ray.character.card import MAX_PNG_BYTES
+from rp_ray.character.card import MAX_PNG_BYTES, CardError
+from rp_ray.character.catalog import load_catalog, load_characters_file
+from rp_ray.character.names import NAME_RULE, is_name
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.llm.hub import resolve_model
 from rp_ray.llm.models import check_model_dir
 from rp_ray.serve.auth import key_matches, load_api_key, presented_key
-from rp_ray.serve.characters import CharacterCard, check_cards, load_cards, resolve_adapter
+from rp_ray.serve.chat import ChatCompletionRequest, parse_request
+from rp_ray.serve.completion import CompletionRequest
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
+from rp_ray.serve.endpoints import ChatServing
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.personas import load_personas
-from rp_ray.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    Delta,
-    DetokenizeRequest,
-    TokenizeRequest,
-    completion_id,
-    parse_body,
-    parse_request,
-)
-from rp_ray.serve.serving import ChatServing, PreparedChat
+from rp_ray.serve.protocol import APIError, Delta, completion_id, parse_body
+from rp_ray.serve.serving import PreparedChat
+from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +180,9 @@ class ChatServer:
     check asks the engine (``check_health``), so a replica whose engine died is replaced.
     """
 
-    def __init__(
-        self,
-        cfg: dict[str, Any],
-        adapter_dirs: dict[str, str],
-        cards: dict[str, dict],
-        personas: dict[str, Any] | None = None,
-    ):
+    def __init__(self, cfg: dict[str, Any], adapter_dirs: dict[str, str], characters: dict[str, Any]):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.serving = ChatServing(
-            self.cfg, {n: CharacterCard.model_validate(c) for n, c in cards.items()}, personas=personas
-        )
+        self.serving = ChatServing(self.cfg, characters)
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
         self.engine = ChatEngine(self.cfg, adapter_dirs)
 
@@ -330,9 +317,9 @@ class ChatServer:
             cancel()
             raise self.serving.timeout_error() from None
 
-    async def _peek(self, gen: AsyncIterator[list[Delta]], cancel: Callable[[], None], deadline: float):
-        """Await the engine's first output before any response starts, so a refused request still gets its
-        4xx/504; then every delta, the first output's included."""
+    async def _peek(self, gen: AsyncIterator[Delta], cancel: Callable[[], None], deadline: float):
+        """Await the engine's first delta before any response starts, so a refused request still gets its
+        4xx/504; then every delta, the first included."""
         try:
             first = [await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())]
         except StopAsyncIteration:
@@ -344,15 +331,28 @@ class ChatServer:
             raise APIError(400, f"the engine refused the request: {str(e).splitlines()[-1][:500]}") from None
 
         async def deltas() -> AsyncIterator[Delta]:
-            for batch in first:
-                for d in batch:
-                    yield d
+            for d in first:
+                yield d
             if first:
-                async for batch in gen:
-                    for d in batch:
-                        yield d
+                async for d in gen:
+                    yield d
 
         return deltas()
+
+
+def resolve_adapter(root: str | Path, name: str, folder: str) -> Path:
+    """The adapter folder ``folder`` under ``root``: a peft folder with safetensors weights, never outside root."""
+    if not is_name(name):
+        raise CardError(f"adapter name {name!r}: {NAME_RULE}")
+    base = Path(root).resolve()
+    path = (base / folder).resolve()
+    if path != base and base not in path.parents:
+        raise CardError(f"adapter {name!r}: {folder!r} resolves outside the adapter root {base}")
+    if not (path / "adapter_config.json").is_file():
+        raise CardError(f"adapter {name!r}: {path} is not a peft adapter folder (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise CardError(f"adapter {name!r}: {path} has no adapter_model.safetensors (pickle weights are refused)")
+    return path
 
 
 def _abs(path: str | None) -> str | None:
@@ -377,19 +377,14 @@ def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None
     cfg.api_key_file = _abs(cfg.api_key_file)
     load_api_key(cfg.api_key_env, cfg.api_key_file)  # fail now, not as replicas that crash-loop
     dirs = {name: str(resolve_adapter(cfg.adapter_root, name, folder)) for name, folder in cfg.adapters.items()}
-    loaded = {}
-    if cfg.characters_file:
-        cfg.characters_file = _abs(cfg.characters_file)
-        loaded = load_cards(cfg.characters_file)
-        check_cards(loaded, served_adapters=dirs, reserved={cfg.base_name})
-    cards = {name: card.model_dump() for name, card in loaded.items()}
+    cfg.characters_file = _abs(cfg.characters_file)
+    characters = load_characters_file(cfg.characters_file) if cfg.characters_file else {}
     cfg.card_registry = _abs(cfg.card_registry)
     cfg.lorebooks = {name: _abs(path) for name, path in cfg.lorebooks.items()}
     cfg.scenes = {name: _abs(path) for name, path in cfg.scenes.items()}
-    personas = load_personas(cfg, loaded)  # imported cards, lorebooks, scene corpora: read here, sent as data
-    conf = cfg.model_dump()
+    data = load_catalog(cfg, characters)  # every character, lorebook and scene corpus: read here, sent as data
     options = deployments or {}
-    return ChatServer.options(**options.get("ChatServer", {})).bind(conf, dirs, cards, personas)
+    return ChatServer.options(**options.get("ChatServer", {})).bind(cfg.model_dump(), dirs, data)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

