@@ -253,10 +253,11 @@ def offline_replies(model: Path, root: Path):
     `haruhi` is adapter a1 with the card's system prompt.
     """
     import ray
+    from engines import VllmEngine
 
     from rp_ray.config import SamplingConfig, VllmSettings
     from rp_ray.data import Message
-    from rp_ray.eval.engines import Run, VllmEngine
+    from rp_ray.eval.engines import Run
     from rp_ray.llm.template import LLAMA3, chat_prompt_ids
 
     tok = load_tokenizer(model, LLAMA3)

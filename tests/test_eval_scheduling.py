@@ -18,13 +18,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import ray.cloudpickle
 
 from rp_ray.config import DataConfig, EvalConfig, load_config
 from rp_ray.data import load_splits
 from rp_ray.eval import run_eval
-from rp_ray.eval.engines import Output, Request
+from rp_ray.eval.engines import BACKENDS, Output, Request
 
 REPO = Path(__file__).resolve().parents[1]
 if __name__ != "__main__":  # the stand-in engines travel to the actors by value: workers need not import this module
@@ -80,6 +81,12 @@ def fake_engine(log_dir: Path, **attrs) -> type:
     return type("Fake", (FakeEngine,), {"log_dir": str(log_dir), **attrs})
 
 
+def run_eval_with(engine: type, cfg: EvalConfig):
+    """``run_eval`` with the stand-in as the vllm backend's engine (the driver hands it to the actors)."""
+    with patch.dict(BACKENDS, vllm=engine):
+        return run_eval(cfg)
+
+
 def events(log_dir: Path) -> dict[int, list[dict]]:
     out = {}
     for p in sorted(log_dir.glob("engine_*.jsonl")):
@@ -119,7 +126,7 @@ def test_requests_stay_in_flight_up_to_the_bound(ray_cluster, tiny_llama3, tmp_p
     """One engine, bound 6: never more than 6 requests inside it, and 6 nearly all the time until the rows run out."""
     engine = fake_engine(tmp_path / "log", max_num_seqs=6, delays={0: 0.1})
     cfg = eval_cfg(tiny_llama3, tmp_path / "out", f"adapters.tuned={fake_adapter(tmp_path / 'a')}", "num_actors=1")
-    run_eval(cfg, engine_cls=engine)
+    run_eval_with(engine, cfg)
     ev = events(tmp_path / "log")[0]
     starts = [e for e in ev if e["kind"] == "start"]
     assert len(starts) == 200  # 100 rows x (base, tuned): one request each, one pass
@@ -149,7 +156,7 @@ def test_actors_are_balanced(ray_cluster, tiny_llama3, tmp_path):
     )
     a, b = fake_adapter(tmp_path / "a"), fake_adapter(tmp_path / "b")
     cfg = eval_cfg(tiny_llama3, tmp_path / "out", f"adapters.a={a}", f"adapters.b={b}", "num_actors=3")
-    run_eval(cfg, engine_cls=engine)
+    run_eval_with(engine, cfg)
     ev = events(tmp_path / "log")
     got = {i: [(e["row"], e["run"]) for e in evs if e["kind"] == "start"] for i, evs in ev.items()}
     pairs = [p for rows in got.values() for p in rows]
@@ -195,7 +202,7 @@ def test_killed_eval_resumes_with_one_line_per_row_in_order(ray_cluster, tiny_ll
     assert 2 <= len(before) < 10, before
 
     engine = fake_engine(tmp_path / "log2", max_num_seqs=4, delays={0: 0.2, 1: 0.2})
-    run_eval(eval_cfg(tiny_llama3, out, f"adapters.tuned={adapter}", "num_actors=2"), engine_cls=engine)
+    run_eval_with(engine, eval_cfg(tiny_llama3, out, f"adapters.tuned={adapter}", "num_actors=2"))
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.jsonl") if p.name in before} == before
     redone = {e["row"] // 10 for evs in events(tmp_path / "log2").values() for e in evs if e["run"] == "tuned"}
     assert redone.isdisjoint(int(name[6:11]) for name in before)  # finished shards are not predicted again
@@ -205,4 +212,4 @@ def test_killed_eval_resumes_with_one_line_per_row_in_order(ray_cluster, tiny_ll
 if __name__ == "__main__":  # the job the kill test kills: run_eval with the stand-in engine, slow enough to kill
     model, out, adapter, log_dir = map(Path, sys.argv[1:5])
     engine = fake_engine(log_dir, max_num_seqs=4, delays={0: 0.2, 1: 0.2})
-    run_eval(eval_cfg(model, out, f"adapters.tuned={adapter}", "num_actors=2"), engine_cls=engine)
+    run_eval_with(engine, eval_cfg(model, out, f"adapters.tuned={adapter}", "num_actors=2"))

@@ -1,12 +1,12 @@
 """Batch evaluation: every run in one pass over the val set, engines full from the first row to the last.
 
 The driver encodes the val rows once (the tokenizer it already loaded for the data checks), starts
-``num_actors`` prediction actors (``rp_ray.eval.predictor``; each builds one vLLM ``AsyncLLM`` serving the base
-model and every adapter, while the driver encodes) and hands them (row, run) requests in small chunks, on
-demand (``rp_ray.eval.scheduler``): base + 3 adapters is one pass with four requests per row, not four passes.
-Each engine holds as many requests as it can batch; replies come back as token ids and the driver writes each
-shard's file the moment its rows are done. ``merge_adapter`` runs one such pass per merged model; the ``hf``
-backend (transformers ``generate``) keeps a simpler Ray Data path, a shard per call.
+``num_actors`` prediction actors (``rp_ray.eval.predictor``; each builds one engine of the configured backend,
+``rp_ray.eval.engines``, serving the base model and every adapter, while the driver encodes) and hands them
+(row, run) requests in small chunks, on demand (``rp_ray.eval.scheduler``): base + 3 adapters is one pass with four
+requests per row, not four passes. Each engine holds as many requests as it can batch; replies come back as token
+ids and the driver writes each shard's file the moment its rows are done (``rp_ray.eval.shards``), then scores
+every run. ``merge_adapter`` runs one such pass per merged model.
 
 Layout of ``output_dir`` (one folder per run, LLaMA-Factory's file names):
 
@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,13 @@ from typing import Any
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import EvalConfig
 from rp_ray.data import Conversation
-from rp_ray.eval.engines import HfEngine, Request, Run, too_long_output
+from rp_ray.eval.engines import BACKENDS, Request, Run, eval_max_model_len, row_seed, too_long_output
 from rp_ray.eval.metrics import mean_scores, score_pairs_parallel
 from rp_ray.eval.scheduler import Scheduler
-from rp_ray.eval.shards import Row, ShardWriter, output_line, shard_path, write_atomic
-from rp_ray.llm.models import load_model, load_tokenizer, resolve_dtype
+from rp_ray.eval.shards import Row, ShardWriter, shard_path, write_atomic
+from rp_ray.llm.models import load_model, resolve_dtype
 from rp_ray.llm.reply import clean_reply
-from rp_ray.llm.template import encode_prediction, get_template, stop_token_ids
+from rp_ray.llm.template import encode_prediction, stop_token_ids
 from rp_ray.preparation import absolute_paths, prepare
 
 log = logging.getLogger(__name__)
@@ -92,62 +93,6 @@ def check_or_write_fingerprint(out: Path, cfg: EvalConfig, run: Run) -> None:
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(fp, indent=2))
-
-
-class _HfShardPredictor:
-    """Ray Data actor of the ``hf`` backend: transformers ``generate``, one shard per call, every run in turn.
-
-    transformers has no continuous batching to keep full, so this backend keeps the simple shape: a shard is one
-    left-padded batch per run, and the actor writes the shard's files itself.
-    """
-
-    def __init__(self, cfg: dict[str, Any], model_path: str, runs: list[Run], out: str):
-        t0 = time.perf_counter()
-        self.cfg = EvalConfig.model_validate(cfg)
-        self.runs, self.out = runs, Path(out)
-        self.tpl = get_template(self.cfg.model.template)
-        self.tok = load_tokenizer(model_path, self.tpl)
-        max_len = self.cfg.max_model_len or self.cfg.data.cutoff_len + self.cfg.sampling.max_new_tokens
-        self.engine = HfEngine(
-            model_path,
-            self.tok,
-            self.tpl,
-            runs,
-            self.cfg.use_gpu,
-            max_len,
-            self.cfg.model.dtype,
-            self.cfg.model.attn_implementation,
-        )
-        self.prep_s = time.perf_counter() - t0
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        stats: dict[str, list] = {"shard": [], "rows": [], "errors": [], "prep_s": []}
-        for shard, blob in zip(batch["shard"], batch["convs"]):
-            items = json.loads(blob)
-            prompts, rows, seeds = [], [], []
-            for item in items:
-                ex = encode_prediction(
-                    self.tok,
-                    self.tpl,
-                    Conversation.from_dict(item["conv"]),
-                    self.cfg.data.cutoff_len,
-                    self.cfg.model.enable_thinking,
-                )
-                prompts.append(ex.prompt_ids)
-                rows.append(encoded_row(self.tok, self.tpl, item["index"], ex))
-                seed = self.cfg.sampling.seed
-                seeds.append(None if seed is None else seed + item["index"])  # per row: independent of batching
-            outputs = self.engine.generate(prompts, seeds, self.runs, self.cfg.sampling)
-            n_err = 0
-            for run in self.runs:
-                lines = [output_line(row, o.text, o.error) for row, o in zip(rows, outputs[run.name])]
-                n_err += sum(1 for o in outputs[run.name] if o.error)
-                write_atomic(shard_path(self.out, run.name, int(shard)), lines)
-            stats["shard"].append(int(shard))
-            stats["rows"].append(len(items))
-            stats["errors"].append(n_err)
-            stats["prep_s"].append(self.prep_s)
-        return stats
 
 
 def merge_adapter(base: str, adapter: str, dest: Path, dtype: str = "float32") -> str:
@@ -206,24 +151,18 @@ class GroupStats:
     predict_s: float = 0.0
     shards_done: int = 0
     samples: int = 0
-    detail: dict[str, Any] | None = None  # the streaming pass's engines and timings (engines.json)
-
-
-def encoded_row(tok, tpl, index: int, ex) -> Row:
-    return Row(
-        index=index,
-        prompt_ids=ex.prompt_ids,
-        prompt_text=tok.decode(ex.prompt_ids, skip_special_tokens=True),
-        label=clean_reply(tpl, tok.decode(ex.label_ids, skip_special_tokens=False)),
-    )
+    detail: dict[str, Any] | None = None  # the pass's engines and timings (engines.json)
 
 
 def encode_rows(tok, tpl, val: list[Conversation], cfg: EvalConfig) -> list[Row]:
     """Every val row as the prediction prompt LLaMA-Factory builds (``encode_prediction``) and its label."""
-    return [
-        encoded_row(tok, tpl, i, encode_prediction(tok, tpl, c, cfg.data.cutoff_len, cfg.model.enable_thinking))
-        for i, c in enumerate(val)
-    ]
+    rows = []
+    for i, c in enumerate(val):
+        ex = encode_prediction(tok, tpl, c, cfg.data.cutoff_len, cfg.model.enable_thinking)
+        prompt_text = tok.decode(ex.prompt_ids, skip_special_tokens=True)
+        label = clean_reply(tpl, tok.decode(ex.label_ids, skip_special_tokens=False))
+        rows.append(Row(index=i, prompt_ids=ex.prompt_ids, prompt_text=prompt_text, label=label))
+    return rows
 
 
 def todo_shards(out: Path, runs: list[Run], n_shards: int) -> dict[str, list[int]]:
@@ -231,14 +170,11 @@ def todo_shards(out: Path, runs: list[Run], n_shards: int) -> dict[str, list[int
     return {r.name: [s for s in range(n_shards) if not shard_path(out, r.name, s).exists()] for r in runs}
 
 
-def start_predictors(
-    cfg: EvalConfig, model_path: str, runs: list[Run], stops: list[int], engine_cls: type | None = None
-) -> tuple[list[Any], float]:
+def start_predictors(cfg: EvalConfig, model_path: str, runs: list[Run], stops: list[int]) -> tuple[list[Any], float]:
     """Ask Ray for ``num_actors`` prediction actors (they build their engines meanwhile); returns them and when.
 
     GPU engines build side by side. CPU engines build one after another, each once the one before it is ready:
-    engines starting on the same cores slow each other down (two engines of the 65M-parameter bench model on 2
-    cores: first ready after 38 s side by side, after 20 s alone), and the first predicts while the next builds.
+    engines starting on the same cores slow each other down, and the first predicts while the next builds.
     The actors' processes start at once either way; only the engine builds wait.
     """
     import ray
@@ -251,11 +187,11 @@ def start_predictors(
         max_concurrency=1000,  # concurrent predict calls (chunks), each many requests
     )
     created = time.time()
-    dump = cfg.model_dump()
+    engine, dump = BACKENDS[cfg.backend], cfg.model_dump()
     actors: list[Any] = []
     for i in range(cfg.num_actors):
         after = [actors[-1].info.remote()] if actors and not cfg.use_gpu else None  # in a list: waited, not resolved
-        actors.append(actor.remote(dump, model_path, runs, stops, i, engine_cls, after))
+        actors.append(actor.remote(engine, dump, model_path, runs, stops, i, after))
     return actors, created
 
 
@@ -270,14 +206,60 @@ def stop_predictors(actors: list[Any]) -> None:
             ray.kill(a, no_restart=True)
 
 
-def _predict_streaming(
-    cfg: EvalConfig,
-    rows: list[Row],
-    runs: list[Run],
-    out: Path,
-    tok,
-    tpl,
-    started: tuple[list[Any], float],
+def plan_requests(cfg: EvalConfig, writer: ShardWriter, todo: dict[str, list[int]], runs: list[Run]) -> list[Request]:
+    """The requests of every unfinished (run, shard): one per (row, run) whose prompt leaves room to generate; the
+    other rows are given their ``too_long`` error at once.
+
+    In input order, shard by shard, every run of a row together, so shards complete early and in order. The ``hf``
+    engine generates a shard's rows of one run as one batch: its requests go out run by run within a shard, each
+    carrying the size of its batch.
+    """
+    max_len = eval_max_model_len(cfg)
+    planned: list[tuple[int, Row, Run]] = []
+    for s in sorted({s for shards in todo.values() for s in shards}):
+        need = [r for r in runs if s in todo[r.name]]
+        for row in writer.rows_of(s):
+            for r in need:
+                if len(row.prompt_ids) >= max_len:
+                    writer.add(r.name, row.index, too_long_output(len(row.prompt_ids), max_len))
+                else:
+                    planned.append((s, row, r))
+    batched = cfg.backend == "hf"
+    if batched:
+        planned.sort(key=lambda p: (p[0], runs.index(p[2])))  # stable: rows stay in order within a batch
+    sizes = Counter((s, r.name) for s, _, r in planned)
+    return [
+        Request(
+            row.index,
+            r.name,
+            r.adapter is not None,
+            row.prompt_ids,
+            min(cfg.sampling.max_new_tokens, max_len - len(row.prompt_ids)),
+            row_seed(cfg.sampling, row.index),
+            sizes[(s, r.name)] if batched else 1,
+        )
+        for s, row, r in planned
+    ]
+
+
+def log_engines(engines: list[dict[str, Any]]) -> None:
+    for e in engines:
+        log.info(
+            "engine %d: ready after %.1f s (Ray actor %.1f s, waiting for the engine before it %.1f s, vLLM import "
+            "%.1f s, engine build %.1f s), bound %d, %d requests",
+            e["index"],
+            e["ready_s"],
+            e["actor_start_s"],
+            e["waited_s"],
+            e.get("import_vllm_s", 0.0),
+            e.get("build_engine_s", 0.0),
+            e["bound"],
+            e["requests"],
+        )
+
+
+def _predict_group(
+    cfg: EvalConfig, rows: list[Row], runs: list[Run], out: Path, decode, started: tuple[list[Any], float]
 ) -> GroupStats:
     """Every unfinished (run, shard) of one engine group in one pass: each (row, run) is one request."""
     from tqdm.auto import tqdm
@@ -285,31 +267,8 @@ def _predict_streaming(
     actors, created = started
     n_shards = -(-len(rows) // cfg.shard_size)
     todo = todo_shards(out, runs, n_shards)
-    writer = ShardWriter(
-        out, rows, cfg.shard_size, todo, lambda ids: clean_reply(tpl, tok.decode(list(ids), skip_special_tokens=False))
-    )
-    max_len = cfg.max_model_len or cfg.data.cutoff_len + cfg.sampling.max_new_tokens
-    by_run = {r.name: r for r in runs}
-    requests: list[Request] = []
-    for s in sorted({s for shards in todo.values() for s in shards}):
-        need = [by_run[name] for name, shards in todo.items() if s in shards]
-        for row in writer.rows_of(s):
-            for r in need:
-                room = max_len - len(row.prompt_ids)
-                if room < 1:
-                    writer.add(r.name, row.index, too_long_output(len(row.prompt_ids), max_len))
-                    continue
-                seed = None if cfg.sampling.seed is None else cfg.sampling.seed + row.index  # per row, any batching
-                requests.append(
-                    Request(
-                        row.index,
-                        r.name,
-                        r.adapter is not None,
-                        row.prompt_ids,
-                        min(cfg.sampling.max_new_tokens, room),
-                        seed,
-                    )
-                )
+    writer = ShardWriter(out, rows, cfg.shard_size, todo, decode)
+    requests = plan_requests(cfg, writer, todo, runs)
     log.info(
         "runs %s: %d of %d shards to predict, %d requests (rows x runs) in one pass over %d engine(s)",
         [r.name for r in runs],
@@ -324,19 +283,7 @@ def _predict_streaming(
     finally:
         stop_predictors(actors)
     assert writer.done, "every (run, shard) of the pass is written"
-    for e in stats.engines:
-        log.info(
-            "engine %d: ready after %.1f s (Ray actor %.1f s, waiting for the engine before it %.1f s, vLLM import "
-            "%.1f s, engine build %.1f s), bound %d, %d requests",
-            e["index"],
-            e["ready_s"],
-            e["actor_start_s"],
-            e["waited_s"],
-            e.get("import_vllm_s", 0.0),
-            e.get("build_engine_s", 0.0),
-            e["bound"],
-            e["requests"],
-        )
+    log_engines(stats.engines)
     detail = {
         "prep_s": round(stats.prep_s, 2),
         "first_result_s": round(stats.first_result_s, 2),
@@ -352,43 +299,8 @@ def _predict_streaming(
     return GroupStats(stats.prep_s, stats.predict_s, shards_done, len(requests), detail)
 
 
-def _predict_group_hf(cfg: EvalConfig, items: list[dict], model_path: str, runs: list[Run], out: Path) -> GroupStats:
-    """``hf`` backend: every unfinished shard of ``runs`` through Ray Data, a shard per call."""
-    import ray
-    from tqdm.auto import tqdm
-
-    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
-    todo = [s for s in range(len(shards)) if not all(shard_path(out, r.name, s).exists() for r in runs)]
-    for r in runs:
-        shard_path(out, r.name, 0).parent.mkdir(parents=True, exist_ok=True)
-    if not todo:
-        log.info("runs %s: all %d shards already done", [r.name for r in runs], len(shards))
-        return GroupStats()
-    log.info("runs %s: %d of %d shards to predict", [r.name for r in runs], len(todo), len(shards))
-    t0 = time.perf_counter()
-    ds = ray.data.from_items(
-        [{"shard": s, "convs": json.dumps(shards[s], ensure_ascii=False)} for s in todo], override_num_blocks=len(todo)
-    )
-    ds = ds.map_batches(
-        _HfShardPredictor,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(), "model_path": model_path, "runs": runs, "out": str(out)},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo))),
-        num_cpus=1 if not cfg.use_gpu else 0,
-        num_gpus=cfg.tensor_parallel_size if cfg.use_gpu else 0,
-    )
-    ds.context.enable_progress_bars = False  # our own bar counts samples
-    prep, made = 0.0, 0
-    with tqdm(total=sum(len(shards[s]) for s in todo) * len(runs), desc="predict", unit="sample") as bar:
-        for stat in ds.iter_rows():
-            prep = max(prep, stat["prep_s"])
-            made += stat["rows"] * len(runs)
-            bar.update(stat["rows"] * len(runs))
-    wall = time.perf_counter() - t0
-    return GroupStats(prep, max(wall - prep, 1e-9), len(todo), made)
-
-
 def _finish_run(out: Path, run: Run, n_shards: int, g: GroupStats) -> dict[str, Any]:
+    """Join a run's shards into its predictions, score them; returns its ``predict_results`` (written by the job)."""
     lines = []
     for s in range(n_shards):
         lines += shard_path(out, run.name, s).read_text(encoding="utf-8").splitlines(keepends=True)
@@ -401,7 +313,7 @@ def _finish_run(out: Path, run: Run, n_shards: int, g: GroupStats) -> dict[str, 
     )
     did = g.shards_done > 0
     runtime = max(g.predict_s, 1e-9)
-    results = mean_scores(scores) | {
+    return mean_scores(scores) | {
         # prediction time only (engines ready -> last reply), as LLaMA-Factory's; every run of a group shares it
         "predict_runtime": round(runtime, 4) if did else 0.0,
         "predict_samples_per_second": round(g.samples / runtime, 3) if did else 0.0,
@@ -411,21 +323,41 @@ def _finish_run(out: Path, run: Run, n_shards: int, g: GroupStats) -> dict[str, 
         "n_scored": len(ok),
         "n_error": len(recs) - len(ok),
     }
-    (out / run.name / "predict_results.json").write_text(json.dumps(results, indent=2))
+
+
+def _predict_groups(
+    cfg: EvalConfig, groups: list[tuple[str, list[Run]]], out: Path, prep, n_shards: int
+) -> dict[str, dict[str, Any]]:
+    """Predict every engine group's unfinished shards and score each run; writes ``engines.json``."""
+    tok, tpl = prep.tok, prep.tpl
+    stops = stop_token_ids(tok, tpl)
+    busy = [(m, runs) for m, runs in groups if any(todo_shards(out, runs, n_shards).values())]
+    # the first group's engines start now and build while the driver encodes the prompts
+    started = {busy[0][0]: start_predictors(cfg, busy[0][0], busy[0][1], stops)} if busy else {}
+    rows = encode_rows(tok, tpl, prep.val, cfg)
+    decode = lambda ids: clean_reply(tpl, tok.decode(list(ids), skip_special_tokens=False))  # noqa: E731
+    results: dict[str, dict[str, Any]] = {}
+    timings: dict[str, Any] = {}
+    for model_path, runs in groups:
+        g = GroupStats()
+        if any(m == model_path for m, _ in busy):
+            actors = started.pop(model_path, None) or start_predictors(cfg, model_path, runs, stops)
+            g = _predict_group(cfg, rows, runs, out, decode, actors)
+            timings[",".join(r.name for r in runs)] = g.detail
+        else:
+            log.info("runs %s: all %d shards already done", [r.name for r in runs], n_shards)
+        results |= {r.name: _finish_run(out, r, n_shards, g) for r in runs}
+    if timings:
+        (out / "engines.json").write_text(json.dumps(timings, indent=2))
     return results
 
 
-def run_eval(cfg: EvalConfig, engine_cls: type | None = None) -> EvalResult:
-    """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs.
-
-    ``engine_cls`` replaces the vLLM engine of the prediction actors (tests observe scheduling with a stand-in).
-    """
+def run_eval(cfg: EvalConfig) -> EvalResult:
+    """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs."""
     t_job = time.perf_counter()
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     prep = prepare(cfg.model, cfg.data, out / "data", need=("val",))
-    tok, tpl, val = prep.tok, prep.tpl, prep.val
-
     ensure_ray(
         cfg.num_actors * cfg.cpus_per_actor + 1,
         resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept",
@@ -434,31 +366,7 @@ def run_eval(cfg: EvalConfig, engine_cls: type | None = None) -> EvalResult:
     for _, runs in groups:
         for r in runs:
             check_or_write_fingerprint(out, cfg, r)
-    n_shards = -(-len(val) // cfg.shard_size)
-    results: dict[str, dict[str, Any]] = {}
-    if cfg.backend == "hf":
-        items = [{"index": i, "conv": c.to_dict()} for i, c in enumerate(val)]
-        for model_path, runs in groups:
-            g = _predict_group_hf(cfg, items, model_path, runs, out)
-            results |= {r.name: _finish_run(out, r, n_shards, g) for r in runs}
-    else:
-        stops = stop_token_ids(tok, tpl)
-        busy = [(m, runs) for m, runs in groups if any(todo_shards(out, runs, n_shards).values())]
-        # the first group's engines start now and build while the driver encodes the prompts
-        started = {busy[0][0]: start_predictors(cfg, busy[0][0], busy[0][1], stops, engine_cls)} if busy else {}
-        rows = encode_rows(tok, tpl, val, cfg)
-        timings: dict[str, Any] = {}
-        for model_path, runs in groups:
-            g = GroupStats()
-            if any(m == model_path for m, _ in busy):
-                actors = started.pop(model_path, None) or start_predictors(cfg, model_path, runs, stops, engine_cls)
-                g = _predict_streaming(cfg, rows, runs, out, tok, tpl, actors)
-                timings[",".join(r.name for r in runs)] = g.detail
-            else:
-                log.info("runs %s: all %d shards already done", [r.name for r in runs], n_shards)
-            results |= {r.name: _finish_run(out, r, n_shards, g) for r in runs}
-        if timings:
-            (out / "engines.json").write_text(json.dumps(timings, indent=2))
+    results = _predict_groups(cfg, groups, out, prep, -(-len(prep.val) // cfg.shard_size))
     job_wall = round(time.perf_counter() - t_job, 2)
     for name, res in results.items():
         res["job_wall_seconds"] = job_wall  # the whole job: preparation, engines, prediction, scoring

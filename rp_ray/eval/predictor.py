@@ -1,11 +1,11 @@
 """The prediction actor of batch evaluation: one engine, kept full.
 
-A :class:`Predictor` is a plain async Ray actor. It builds its engine once (base model and every adapter on it)
-and then serves ``predict`` calls, each a small chunk of (row, run) requests handed out by the driver's
-:class:`rp_ray.eval.scheduler.Scheduler`. Calls run concurrently on the actor's event loop; every request waits
-for one of ``bound`` slots, so at most ``bound`` requests are inside the engine at once, and the few queued
-behind them (the driver sends a chunk ahead) refill a slot the moment a request finishes: the engine never
-drains toward one sequence between chunks.
+A :class:`Predictor` is a plain async Ray actor. It builds its engine once (base model and every adapter on it;
+the backend's engine class, ``rp_ray.eval.engines.BACKENDS``, chosen by the driver) and then serves ``predict``
+calls, each a small chunk of (row, run) requests handed out by the driver's :class:`rp_ray.eval.scheduler.Scheduler`.
+Calls run concurrently on the actor's event loop; every request waits for one of ``bound`` slots, so at most
+``bound`` requests are inside the engine at once, and the few queued behind them (the driver sends a chunk ahead)
+refill a slot the moment a request finishes: the engine never drains toward one sequence between chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from rp_ray.config import EvalConfig
-from rp_ray.eval.engines import AsyncVllmEngine, Output, Request, Run
+from rp_ray.eval.engines import Engine, Output, Request, Run
 
 
 class Predictor:
@@ -24,12 +24,12 @@ class Predictor:
 
     def __init__(
         self,
+        engine_cls: type[Engine],
         cfg: dict[str, Any],
         model_path: str,
         runs: list[Run],
         stops: list[int],
         index: int = 0,
-        engine_cls: type | None = None,
         after: list | None = None,
     ):
         self.started = time.time()  # wall clock: the driver compares it with when it asked for the actor
@@ -39,8 +39,7 @@ class Predictor:
 
             ray.wait(after, num_returns=len(after))
             self.waited = time.time() - self.started
-        cls = engine_cls or AsyncVllmEngine
-        self.engine = cls(EvalConfig.model_validate(cfg), model_path, runs, stops, index)
+        self.engine = engine_cls(EvalConfig.model_validate(cfg), model_path, runs, stops, index)
         self.ready = time.time()
         self.index = index
         self.bound = 0

@@ -98,7 +98,8 @@ def steady_rate(
 class Scheduler:
     """Hands ``requests`` to ``actors`` (``Predictor`` handles) in chunks, on demand; calls ``on_result`` per reply.
 
-    ``created`` is the wall-clock time the actors were asked for (start-up times are measured from it).
+    ``created`` is the wall-clock time the actors were asked for (start-up times are measured from it). The
+    requests of one batch (``Request.batch``, consecutive in ``requests``) always go to one actor in one chunk.
     """
 
     def __init__(
@@ -112,94 +113,116 @@ class Scheduler:
     ):
         self.actors = [ActorState(i, a) for i, a in enumerate(actors)]
         self.pending: deque[Request] = deque(requests)
+        self.total = len(requests)
         self.on_result = on_result
         self.created = created
         self.progress = progress or (lambda n: None)
         tokens = [len(r.prompt_ids) + r.max_tokens for r in requests]
         self.mean_tokens = sum(tokens) / len(tokens) if tokens else 1.0
+        self.largest_batch = max((r.batch for r in requests), default=1)
         self.infos: dict[int, dict[str, Any]] = {}
         self.max_inflight = max_inflight
         self.timeline: list[tuple[float, int]] = []  # (wall time, requests done) after every returned chunk
+        self.live: dict[int, ActorState] = {}
+        self.inflight: dict[Any, tuple[ActorState, list[Request]]] = {}
+        self.failures: list[str] = []
+        self.first_ready: float | None = None
+        self.first_result: float | None = None
 
-    def _feed(self, live: dict[int, ActorState], inflight: dict[Any, tuple[ActorState, list[Request]]]) -> None:
+    def _take(self, n: int) -> list[Request]:
+        """The next ``n`` pending requests (fewer when fewer are left), rounded up to whole batches."""
+        reqs: list[Request] = []
+        while self.pending and len(reqs) < n:
+            first = self.pending.popleft()
+            reqs += [first, *(self.pending.popleft() for _ in range(first.batch - 1))]
+        return reqs
+
+    def _feed(self) -> None:
         """Top every live actor up to ``bound + chunk`` outstanding requests, least loaded first."""
-        for st in sorted(live.values(), key=lambda s: s.outstanding / s.bound):
+        for st in sorted(self.live.values(), key=lambda s: s.outstanding / s.bound):
             while self.pending and st.outstanding <= st.bound:
-                n = min(st.chunk, len(self.pending))
-                reqs = [self.pending.popleft() for _ in range(n)]
-                inflight[st.handle.predict.remote(reqs, st.bound)] = (st, reqs)
-                st.outstanding += n
+                reqs = self._take(st.chunk)
+                self.inflight[st.handle.predict.remote(reqs, st.bound)] = (st, reqs)
+                st.outstanding += len(reqs)
+
+    def _started(self, st: ActorState, ref: Any) -> None:
+        """An actor's engine is up (or failed to start): size its bound and chunk from the engine's info."""
+        import ray
+
+        try:
+            info = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 -- the pool goes on without it; fails if none is left
+            self.failures.append(f"actor {st.index} failed to start: {e}")
+            log.warning("%s", self.failures[-1])
+            return
+        self.first_ready = self.first_ready or time.time()
+        # a batch waits in the engine for all of its requests: the bound must hold the largest one
+        st.bound = max(request_bound(info, self.mean_tokens, self.max_inflight), self.largest_batch)
+        st.chunk = max(1, math.ceil(st.bound / CHUNKS_PER_BOUND))
+        self.infos[st.index] = info
+        self.live[st.index] = st
+        log.info(
+            "engine %d ready after %.1f s: up to %d requests in flight (max_num_seqs %d, KV cache %d tokens, "
+            "mean request %.0f tokens), chunks of %d",
+            st.index,
+            info["ready"] - self.created,
+            st.bound,
+            info["max_num_seqs"],
+            info["kv_tokens"],
+            self.mean_tokens,
+            st.chunk,
+        )
+
+    def _returned(self, ref: Any) -> None:
+        """A chunk came back: record its replies, or hand its requests back to the pool if its actor died."""
+        import ray
+
+        st, reqs = self.inflight.pop(ref)
+        st.outstanding -= len(reqs)
+        try:
+            results = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 -- the actor is gone: its rows go to the others
+            if st.index in self.live:
+                self.failures.append(f"actor {st.index} failed: {e}")
+                log.warning("%s; its outstanding requests go to the other actors", self.failures[-1])
+                self.live.pop(st.index)
+                ray.kill(st.handle, no_restart=True)
+            self.pending.extendleft(reversed(reqs))
+            return
+        self.first_result = self.first_result or time.time()
+        st.requests_done += len(reqs)
+        for run, row, out in results:
+            st.rows.append(row)
+            self.on_result(run, row, out)
+        self.progress(len(reqs))
+        self.timeline.append((time.time(), (self.timeline[-1][1] if self.timeline else 0) + len(reqs)))
 
     def run(self) -> ScheduleStats:
         import ray
 
-        total = len(self.pending)
         starting = {st.handle.info.remote(): st for st in self.actors}
-        live: dict[int, ActorState] = {}
-        inflight: dict[Any, tuple[ActorState, list[Request]]] = {}
-        failures: list[str] = []
-        first_ready = first_result = None
-        while self.pending or inflight:
-            self._feed(live, inflight)
-            waitable = list(inflight) + list(starting)
+        while self.pending or self.inflight:
+            self._feed()
+            waitable = list(self.inflight) + list(starting)
             if not waitable:
                 raise RuntimeError(
-                    f"every prediction actor failed ({len(failures)}); {len(self.pending)} of {total} requests left. "
-                    f"First failure: {failures[0] if failures else 'unknown'}"
+                    f"every prediction actor failed ({len(self.failures)}); {len(self.pending)} of {self.total} "
+                    f"requests left. First failure: {self.failures[0] if self.failures else 'unknown'}"
                 )
             (ref,), _ = ray.wait(waitable, num_returns=1)
             if ref in starting:
-                st = starting.pop(ref)
-                try:
-                    info = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 -- the pool goes on without it; fails if none is left
-                    failures.append(f"actor {st.index} failed to start: {e}")
-                    log.warning("%s", failures[-1])
-                    continue
-                first_ready = first_ready or time.time()
-                st.bound = request_bound(info, self.mean_tokens, self.max_inflight)
-                st.chunk = max(1, math.ceil(st.bound / CHUNKS_PER_BOUND))
-                self.infos[st.index] = info
-                live[st.index] = st
-                log.info(
-                    "engine %d ready after %.1f s: up to %d requests in flight (max_num_seqs %d, KV cache %d tokens, "
-                    "mean request %.0f tokens), chunks of %d",
-                    st.index,
-                    info["ready"] - self.created,
-                    st.bound,
-                    info["max_num_seqs"],
-                    info["kv_tokens"],
-                    self.mean_tokens,
-                    st.chunk,
-                )
-                continue
-            st, reqs = inflight.pop(ref)
-            st.outstanding -= len(reqs)
-            try:
-                results = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 -- the actor is gone: its rows go to the others
-                if st.index in live:
-                    failures.append(f"actor {st.index} failed: {e}")
-                    log.warning("%s; its outstanding requests go to the other actors", failures[-1])
-                    live.pop(st.index)
-                    ray.kill(st.handle, no_restart=True)
-                self.pending.extendleft(reversed(reqs))
-                continue
-            first_result = first_result or time.time()
-            st.requests_done += len(reqs)
-            for run, row, out in results:
-                st.rows.append(row)
-                self.on_result(run, row, out)
-            self.progress(len(reqs))
-            self.timeline.append((time.time(), (self.timeline[-1][1] if self.timeline else 0) + len(reqs)))
+                self._started(starting.pop(ref), ref)
+            else:
+                self._returned(ref)
         end = time.time()
+        first_ready = self.first_ready or end
         return ScheduleStats(
-            prep_s=(first_ready or end) - self.created,
-            predict_s=end - (first_ready or end),
-            first_result_s=(first_result or end) - self.created,
-            requests=total,
+            prep_s=first_ready - self.created,
+            predict_s=end - first_ready,
+            first_result_s=(self.first_result or end) - self.created,
+            requests=self.total,
             engines=[self._engine_stats(st) for st in self.actors if st.index in self.infos],
-            failures=failures,
+            failures=self.failures,
             steady_rate=steady_rate(self.timeline),
         )
 

