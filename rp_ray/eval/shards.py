@@ -69,7 +69,6 @@ class ShardWriter:
                 self.outputs[(run, s)] = [None] * n
                 self.remaining[(run, s)] = n
         self.written: list[tuple[str, int]] = []
-        self.errors = 0
         self.reply_tokens = 0  # tokens generated (replies with token ids)
 
     def rows_of(self, shard: int) -> list[Row]:
@@ -91,7 +90,6 @@ class ShardWriter:
         for row, o in zip(self.rows_of(s), self.outputs.pop((run, s))):
             assert o is not None
             predict = "" if o.error else (self.decode(o.token_ids) if o.token_ids else o.text)
-            self.errors += bool(o.error)
             lines.append(output_line(row, predict, o.error))
         write_atomic(shard_path(self.out, run, s), lines)
         self.written.append((run, s))
