@@ -31,7 +31,6 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import RunTarget
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rp_ray.character.card import MAX_PNG_BYTES, CardError
 from rp_ray.character.catalog import load_catalog, load_characters_file
@@ -39,7 +38,7 @@ from rp_ray.character.names import NAME_RULE, is_name
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.llm.hub import resolve_model
 from rp_ray.llm.models import check_model_dir
-from rp_ray.serve.auth import key_matches, load_api_key, presented_key
+from rp_ray.serve.auth import RequireKey, error_response, load_api_key
 from rp_ray.serve.chat import ChatCompletionRequest, parse_request
 from rp_ray.serve.completion import CompletionRequest
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
@@ -50,50 +49,6 @@ from rp_ray.serve.serving import PreparedChat
 from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = {"/health"}
-
-
-def _error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type_, code=code).body(), status_code=status, headers=headers)
-
-
-class RequireKey:
-    """ASGI middleware: every route but ``/health`` needs the API key (``Authorization: Bearer <key>``, or Basic
-    auth with the key as password, which is how a browser opening the chat page sends it).
-
-    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` passes every
-    chunk of a streamed reply through a memory stream and a task of its own.
-    """
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, root = scope["path"], scope.get("root_path", "")
-        route = path[len(root) :] if root and path.startswith(root) else path  # the path within the app
-        if route in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        presented = presented_key(authorization.decode("latin-1") if authorization is not None else None)
-        key = getattr(scope["app"].state, "api_key", None) if "app" in scope else None
-        if presented is None:
-            # the page is opened by a browser: ask it for the key (Basic auth, key as password)
-            challenge = 'Basic realm="rp_ray", charset="UTF-8"' if route in ("", "/") else "Bearer"
-            response = _error(
-                401,
-                "missing API key: send `Authorization: Bearer <key>`",
-                "authentication_error",
-                "missing_api_key",
-                {"WWW-Authenticate": challenge},
-            )
-        elif key is None or not key_matches(presented, key):
-            response = _error(401, "invalid API key", "authentication_error", "invalid_api_key")
-        else:
-            return await self.app(scope, receive, send)
-        await response(scope, receive, send)
 
 
 def make_fastapi() -> FastAPI:
@@ -111,11 +66,11 @@ def make_fastapi() -> FastAPI:
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), "invalid_request_error")
+        return error_response(e.status_code, str(e.detail), "invalid_request_error")
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
-        return _error(400, str(e.errors()[0].get("msg", e)), "invalid_request_error")
+        return error_response(400, str(e.errors()[0].get("msg", e)), "invalid_request_error")
 
     return api
 
@@ -197,7 +152,7 @@ class ChatServer:
         try:
             await asyncio.wait_for(self.engine.check_health(), 10)
         except Exception as e:  # noqa: BLE001 -- any failure means unhealthy
-            return _error(503, f"engine unhealthy: {type(e).__name__}: {e}", "service_unavailable")
+            return error_response(503, f"engine unhealthy: {type(e).__name__}: {e}", "service_unavailable")
         return {"status": "ok"}
 
     @api.get("/v1/models", summary="The base model, the served adapters and the characters")

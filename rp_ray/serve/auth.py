@@ -2,7 +2,8 @@
 
 Clients send ``Authorization: Bearer <key>`` (the OpenAI clients do). Browsers opening the chat page may use
 HTTP Basic auth with the key as password (any user name): the page at ``/`` answers 401 with a Basic challenge,
-so the browser asks once and then sends the key with the page's own API calls.
+so the browser asks once and then sends the key with the page's own API calls. ``RequireKey`` is the ASGI
+middleware that checks it on every route but ``/health``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import binascii
 import hmac
 import os
 from pathlib import Path
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from rp_ray.serve.protocol import APIError
 
 MIN_KEY_LEN = 8
 
@@ -58,3 +64,50 @@ def presented_key(authorization: str | None) -> str | None:
 
 def key_matches(presented: str, key: str) -> bool:
     return hmac.compare_digest(presented.encode("utf-8"), key.encode("utf-8"))
+
+
+OPEN_PATHS = {"/health"}
+
+
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(APIError(status, message, type_, code=code).body(), status_code=status, headers=headers)
+
+
+class RequireKey:
+    """ASGI middleware: every route but ``/health`` needs the API key (``Authorization: Bearer <key>``, or Basic
+    auth with the key as password, which is how a browser opening the chat page sends it).
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` passes every
+    chunk of a streamed reply through a memory stream and a task of its own.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root) :] if root and path.startswith(root) else path  # the path within the app
+        if route in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        presented = presented_key(authorization.decode("latin-1") if authorization is not None else None)
+        key = getattr(scope["app"].state, "api_key", None) if "app" in scope else None
+        if presented is None:
+            # the page is opened by a browser: ask it for the key (Basic auth, key as password)
+            challenge = 'Basic realm="rp_ray", charset="UTF-8"' if route in ("", "/") else "Bearer"
+            response = error_response(
+                401,
+                "missing API key: send `Authorization: Bearer <key>`",
+                "authentication_error",
+                "missing_api_key",
+                {"WWW-Authenticate": challenge},
+            )
+        elif key is None or not key_matches(presented, key):
+            response = error_response(401, "invalid API key", "authentication_error", "invalid_api_key")
+        else:
+            return await self.app(scope, receive, send)
+        await response(scope, receive, send)
