@@ -110,7 +110,9 @@ class SamplingDefaults:
 
 
 class SamplingRequest(BaseModel):
-    """What chat and text completion requests share: the model, how to sample, how to answer."""
+    """What chat and text completion requests share: the model, how to sample, how to answer. Each kind adds
+    ``requested_max_tokens``, ``top_logprobs_asked`` (None: no logprobs) and ``endpoint_params`` (the
+    ``SamplingParams`` fields it sets its own way)."""
 
     model_config = ConfigDict(extra="ignore")
     PROMPT_PARAM: ClassVar[str] = "messages"  # the parameter a context overflow is blamed on
@@ -130,24 +132,11 @@ class SamplingRequest(BaseModel):
     user: str | None = None
 
     @property
-    def requested_max_tokens(self) -> int | None:
-        raise NotImplementedError
-
-    @property
-    def top_logprobs_asked(self) -> int | None:
-        """Alternatives per generated token to report; None: no logprobs."""
-        raise NotImplementedError
-
-    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def check(self) -> None:
         """Raise a 400 for fields that do not go together or are not supported."""
-
-    def endpoint_params(self) -> dict[str, Any]:
-        """The ``SamplingParams`` fields this kind of request sets its own way."""
-        raise NotImplementedError
 
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         """vLLM ``SamplingParams``: each setting from the request, else the character's, else OpenAI's default;
