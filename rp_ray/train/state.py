@@ -1,10 +1,6 @@
-"""A training run's state and its checkpoints.
-
-``TrainState`` is where a run is and what it has measured (JSON in ``train_state.json``, the same on every rank):
-the part of a checkpoint that is not DeepSpeed's, and what the driver's summary is written from. A checkpoint holds
-the peft adapter (and the best one so far when validation runs), DeepSpeed's state without frozen weights
-(optimizer, scheduler, LoRA parameters), each rank's RNG state and the train state, so a restarted worker continues
-exactly where the checkpoint was taken.
+"""A training run's state and its checkpoints: the peft adapter (and the best one so far when validation runs),
+DeepSpeed's state without frozen weights (optimizer, scheduler, LoRA parameters), each rank's RNG state and the
+``TrainState``, so a restarted worker continues exactly where the checkpoint was taken.
 """
 
 from __future__ import annotations
