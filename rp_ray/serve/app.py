@@ -6,8 +6,8 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming an
 ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``POST /v1/characters`` (import a card file into the card
 registry), ``GET /health`` (no key), and the chat page at ``/``: what OpenAI clients and SillyTavern (chat and text
 completion modes) call. The request's ``model`` names the base model, a served adapter, or a character.
-The routes are thin: each endpoint's types and serving logic are ``rp_ray.serve.chat``, ``completion`` and
-``tokenization`` (over ``serving``), the characters ``rp_ray.character.catalog``, the deployment options
+The routes are thin: the endpoints' types and serving logic are ``rp_ray.serve.chat``, ``completion`` and
+``serving``, the characters ``rp_ray.character.catalog``, the deployment options
 ``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
 ``serve run`` does and :func:`run_local` the default app for a ``ServeConfig``.
 """
@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import RunTarget
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,43 +39,39 @@ from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.llm.hub import resolve_model
 from rp_ray.llm.models import check_model_dir
 from rp_ray.serve.auth import RequireKey, error_response, load_api_key
-from rp_ray.serve.chat import ChatCompletionRequest, parse_request
+from rp_ray.serve.chat import ChatCompletionRequest, ChatServing
 from rp_ray.serve.completion import CompletionRequest
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
-from rp_ray.serve.endpoints import ChatServing
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.protocol import APIError, Delta, completion_id, parse_body
+from rp_ray.serve.protocol import APIError, Delta, DetokenizeRequest, TokenizeRequest, completion_id, parse_body
 from rp_ray.serve.serving import PreparedChat
-from rp_ray.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
 
-def make_fastapi() -> FastAPI:
-    api = FastAPI(
-        title="rp_ray chat",
-        version="0.1.0",
-        description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
-    )
-
-    api.add_middleware(RequireKey)
-
-    @api.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error")
-
-    @api.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
-        return error_response(400, str(e.errors()[0].get("msg", e)), "invalid_request_error")
-
-    return api
+api = FastAPI(
+    title="rp_ray chat",
+    version="0.1.0",
+    description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
+)
+api.add_middleware(RequireKey)
 
 
-api = make_fastapi()
+@api.exception_handler(APIError)
+async def api_error(_: Request, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(_: Request, e: StarletteHTTPException):
+    return error_response(e.status_code, str(e.detail), "invalid_request_error")
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(_: Request, e: RequestValidationError):
+    return error_response(400, str(e.errors()[0].get("msg", e)), "invalid_request_error")
+
+
 _SCHEMAS: dict[str, Any] = {}  # the request models' nested schemas, listed under components/schemas
 
 
@@ -111,17 +107,6 @@ async def read_raw(request: Request, cap: int) -> bytes:
             raise APIError(413, f"request body over {cap} bytes", code="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def read_body(request: Request, cap: int) -> Any:
-    """The decoded JSON body, refusing more than ``cap`` bytes before reading them all."""
-    raw = await read_raw(request, cap)
-    try:
-        payload = json.loads(raw)
-        json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
-    except ValueError as e:  # not JSON, not UTF-8, a lone surrogate, an integer of more digits than Python converts
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    return payload
 
 
 @serve.deployment(name="ChatServer", **merged_options()["ChatServer"])
@@ -166,20 +151,11 @@ class ChatServer:
         "registry and serve it at once; the answer is its /v1/models entry",
         openapi_extra={
             "parameters": [
-                {
-                    "name": "adapter",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string"},
-                    "description": "A served adapter the character speaks through (kept in the card)",
-                },
-                {
-                    "name": "name",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string"},
-                    "description": "The model name requests use (default: the character's name as a slug)",
-                },
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": text}
+                for name, text in (
+                    ("adapter", "A served adapter the character speaks through (kept in the card)"),
+                    ("name", "The model name requests use (default: the character's name as a slug)"),
+                )
             ],
             "requestBody": {
                 "required": True,
@@ -199,16 +175,9 @@ class ChatServer:
         openapi_extra=_body(ChatCompletionRequest),
     )
     async def chat(self, request: Request):
-        req = parse_request(await read_body(request, self.serving.limits.max_body_bytes))
-        chat = self.serving.prepare(req)
-        cid = completion_id()
-        cancel, outputs, deadline = await self._generate(chat, cid)
-        if req.stream:
-            return StreamingResponse(
-                self.serving.stream(outputs, cid, req, chat, deadline, cancel), media_type="text/event-stream"
-            )
-        replies = await self._collect(self.serving.collect(outputs, req.n), cancel, deadline)
-        return self._json(self.serving.response(cid, req, chat, replies))
+        req = await self._read(request, ChatCompletionRequest)
+        s = self.serving
+        return await self._complete(req, s.prepare(req), completion_id(), s.stream, s.collect, s.response)
 
     @api.post(
         "/v1/completions",
@@ -216,17 +185,10 @@ class ChatServer:
         openapi_extra=_body(CompletionRequest),
     )
     async def completions(self, request: Request):
-        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), CompletionRequest)
-        prepared = self.serving.prepare_completion(req)
-        cid = completion_id("cmpl")
-        cancel, outputs, deadline = await self._generate(prepared, cid)
-        if req.stream:
-            return StreamingResponse(
-                self.serving.completion_stream(outputs, cid, req, prepared, deadline, cancel),
-                media_type="text/event-stream",
-            )
-        choices = await self._collect(self.serving.collect_text(outputs, req.n), cancel, deadline)
-        return self._json(self.serving.completion_response(cid, req, prepared, choices))
+        req = await self._read(request, CompletionRequest)
+        s = self.serving
+        prepared, cid = s.prepare_completion(req), completion_id("cmpl")
+        return await self._complete(req, prepared, cid, s.completion_stream, s.collect_text, s.completion_response)
 
     @api.post(
         "/tokenize",
@@ -234,13 +196,11 @@ class ChatServer:
         openapi_extra=_body(TokenizeRequest),
     )
     async def tokenize(self, request: Request):
-        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), TokenizeRequest)
-        return self._json(self.serving.tokenize(req))
+        return self._json(self.serving.tokenize(await self._read(request, TokenizeRequest)))
 
     @api.post("/detokenize", summary="vLLM's detokenize: token ids to text", openapi_extra=_body(DetokenizeRequest))
     async def detokenize(self, request: Request):
-        req = parse_body(await read_body(request, self.serving.limits.max_body_bytes), DetokenizeRequest)
-        return self._json(self.serving.detokenize(req))
+        return self._json(self.serving.detokenize(await self._read(request, DetokenizeRequest)))
 
     @api.get("/", response_class=HTMLResponse, summary="The web chat page")
     async def page(self):
@@ -248,29 +208,40 @@ class ChatServer:
 
     # -- the engine ----------------------------------------------------------------------------------------
 
+    async def _read(self, request: Request, model: type[BaseModel]) -> Any:
+        """The JSON body validated as ``model`` (see ``parse_body``), refusing more than ``max_body_bytes`` before
+        reading them all."""
+        raw = await read_raw(request, self.serving.limits.max_body_bytes)
+        try:
+            payload = json.loads(raw)
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
+        except ValueError as e:  # not JSON, not UTF-8, a lone surrogate, an integer of more digits than Python converts
+            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        return parse_body(payload, model)
+
     @staticmethod
     def _json(body) -> Response:
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _generate(
-        self, prepared: PreparedChat, rid: str
-    ) -> tuple[Callable[[], None], AsyncIterator[Delta], float]:
-        """(a callable that cancels the engine request, its deltas, the deadline): the first output already awaited."""
-        gen = self.engine.generate(prepared.prompt, prepared.sampling, prepared.adapter, rid)
+    async def _complete(self, req, prepared: PreparedChat, cid: str, stream, collect, respond) -> Response:
+        """Run a chat or text completion on the engine: its event stream, or, once the engine is done, its
+        response; past the deadline the engine request is cancelled (a whole reply's answer is then a 504)."""
+        gen = self.engine.generate(prepared.prompt, prepared.sampling, prepared.adapter, cid)
         deadline = time.monotonic() + self.cfg.request_timeout_s
 
         def cancel() -> None:
-            self.engine.cancel(rid)
+            self.engine.cancel(cid)
 
-        return cancel, await self._peek(gen, cancel, deadline), deadline
-
-    async def _collect(self, collecting, cancel: Callable[[], None], deadline: float):
-        """Await a whole reply; past the deadline the engine request is cancelled and the answer is a 504."""
+        outputs = await self._peek(gen, cancel, deadline)
+        if req.stream:
+            events = stream(outputs, cid, req, prepared, deadline, cancel)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
-            return await asyncio.wait_for(collecting, deadline - time.monotonic())
+            choices = await asyncio.wait_for(collect(outputs, req.n), deadline - time.monotonic())
         except TimeoutError:
             cancel()
             raise self.serving.timeout_error() from None
+        return self._json(respond(cid, req, prepared, choices))
 
     async def _peek(self, gen: AsyncIterator[Delta], cancel: Callable[[], None], deadline: float):
         """Await the engine's first delta before any response starts, so a refused request still gets its
@@ -314,9 +285,11 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
-    """The app for a serve config's ``args`` (a ServeConfig), each deployment with the default options of
-    ``rp_ray.serve.deployments`` and ``deployments[name]`` (a serve config's entry: options it sets) over them.
+def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The app for a serve config's ``args`` (a ServeConfig): ``import_path: rp_ray.serve.app:build_app``, called by
+    ``serve run`` / ``serve deploy`` with its ``args`` (Serve then applies the config's ``deployments:`` over the
+    defaults); from Python each deployment gets the default options of ``rp_ray.serve.deployments`` and
+    ``deployments[name]`` (a serve config's entry: options it sets) over them.
 
     Paths are made absolute here, in the process that reads the config, and every adapter, card, lorebook and scene
     corpus is read and checked before any replica starts, so a bad config fails at once with a message instead of
@@ -342,12 +315,6 @@ def bind_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None
     return ChatServer.options(**options.get("ChatServer", {})).bind(cfg.model_dump(), dirs, data)
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The app of a serve config (``import_path: rp_ray.serve.app:build_app``), called by ``serve run`` /
-    ``serve deploy`` with its ``args``; Serve then applies the config's ``deployments:`` over the defaults."""
-    return bind_app(args)
-
-
 def deploy_config(
     config: str | Path | dict[str, Any],
     args: dict[str, Any] | None = None,
@@ -369,7 +336,7 @@ def deploy_config(
     serve.start(proxy_location=schema.proxy_location, http_options=http.model_dump())
     targets = [
         RunTarget(
-            bind_app(appl.args, deployment_overrides(appl)),
+            build_app(appl.args, deployment_overrides(appl)),
             name=appl.name,
             route_prefix=appl.route_prefix,
             logging_config=appl.logging_config if "logging_config" in appl.model_fields_set else None,
@@ -377,7 +344,11 @@ def deploy_config(
         for appl in schema.applications
     ]
     serve.run_many(targets, wait_for_applications_running=wait)
-    running = serve_http_options()  # Serve keeps the HTTP options it was first started with
+    from ray.serve.context import _get_global_client  # no public getter for the running proxy's options
+
+    # Serve keeps the HTTP options it was first started with: ``serve.start`` on a cluster where Serve already runs
+    # keeps the running proxy's host and port (it only logs that the new ones are ignored)
+    running = _get_global_client().http_config
     host_ = "127.0.0.1" if running.host in ("0.0.0.0", "::", "") else running.host
     prefix = (schema.applications[0].route_prefix or "/").rstrip("/") if schema.applications else ""
     return f"http://{host_}:{running.port}{prefix}"
@@ -401,14 +372,6 @@ def wait_until_running(names: list[str], timeout_s: float = 900.0, poll_s: float
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"Serve applications not RUNNING after {timeout_s:.0f} s: {statuses}")
         time.sleep(poll_s)
-
-
-def serve_http_options() -> Any:
-    """The HTTP options of the Serve instance running on the connected cluster. ``serve.start`` on a cluster where
-    Serve already runs keeps the running proxy's host and port (it only logs that the new ones are ignored)."""
-    from ray.serve.context import _get_global_client  # no public getter for the running proxy's options
-
-    return _get_global_client().http_config
 
 
 def run_local(

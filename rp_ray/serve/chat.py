@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from rp_ray.llm.reply import ReplyStream
 from rp_ray.llm.template import Template
+from rp_ray.serve.completion import CompletionServing
 from rp_ray.serve.protocol import (
     MAX_TOP_LOGPROBS,
     APIError,
@@ -31,7 +32,7 @@ from rp_ray.serve.protocol import (
     finish_reason,
     parse_body,
 )
-from rp_ray.serve.serving import PreparedChat, Serving
+from rp_ray.serve.serving import PreparedChat, usage
 
 # -- requests ------------------------------------------------------------------------------------------------
 
@@ -205,8 +206,9 @@ class ChatChoice(ReplyStream):
         return self.feed(d.text, d.tokens, d.finish_reason)
 
 
-class ChatEndpoint(Serving):
-    """Chat completions: request -> prompt ids, adapter and sampling; engine deltas -> the response or its stream."""
+class ChatServing(CompletionServing):
+    """One replica's whole API: chat completions here (request -> prompt ids, adapter and sampling; engine deltas ->
+    the response or its stream), text completions, tokenize and the model list from its bases."""
 
     def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
         """The engine input of a chat request, or a 4xx ``APIError`` saying what is wrong with it."""
@@ -261,7 +263,7 @@ class ChatEndpoint(Serving):
             id=cid,
             model=req.model,
             choices=choices,
-            usage=Usage.of(len(chat.prompt), sum(r.tokens for r in replies)),
+            usage=usage(chat, replies),
             rp_ray=chat.debug,
         )
 
@@ -295,10 +297,7 @@ class ChatEndpoint(Serving):
                     cid, req.model, d.index, DeltaMessage(), finish_reason(d.finish_reason)
                 ).sse()
 
-        def tail() -> list[str]:
-            if not req.include_usage:
-                return []
-            usage = Usage.of(len(chat.prompt), sum(r.tokens for r in replies))
-            return [ChatCompletionChunk(id=cid, model=req.model, choices=[], usage=usage).sse()]
+        def usage_event() -> str:
+            return ChatCompletionChunk(id=cid, model=req.model, choices=[], usage=usage(chat, replies)).sse()
 
-        return self._events(outputs, cid, head, render, tail, deadline, cancel)
+        return self._events(outputs, cid, head, render, usage_event if req.include_usage else None, deadline, cancel)

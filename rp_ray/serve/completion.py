@@ -24,7 +24,7 @@ from rp_ray.serve.protocol import (
     _now,
     finish_reason,
 )
-from rp_ray.serve.serving import PreparedChat, Serving
+from rp_ray.serve.serving import PreparedChat, Serving, usage
 
 # -- requests ------------------------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ def completion_logprobs(lps: Sequence[TokenLogprob], offset: int = 0) -> tuple[C
     return out, offset
 
 
-class CompletionEndpoint(Serving):
+class CompletionServing(Serving):
     """Text completions: the raw prompt in, the raw text (as vLLM cut it) out, whole or streamed."""
 
     completion_logprobs = staticmethod(completion_logprobs)
@@ -211,7 +211,7 @@ class CompletionEndpoint(Serving):
                 )
                 for i, c in enumerate(choices)
             ],
-            usage=Usage.of(len(prepared.prompt), sum(c.tokens for c in choices)),
+            usage=usage(prepared, choices),
         )
 
     def completion_stream(
@@ -240,10 +240,7 @@ class CompletionEndpoint(Serving):
                 )
                 yield CompletionResponse(id=cid, model=req.model, choices=[choice]).sse()
 
-        def tail() -> list[str]:
-            if not req.include_usage:
-                return []
-            usage = Usage.of(len(prepared.prompt), sum(c.tokens for c in choices))
-            return [CompletionResponse(id=cid, model=req.model, choices=[], usage=usage).sse()]
+        def usage_event() -> str:
+            return CompletionResponse(id=cid, model=req.model, choices=[], usage=usage(prepared, choices)).sse()
 
-        return self._events(outputs, cid, [], render, tail, deadline, cancel)
+        return self._events(outputs, cid, [], render, usage_event if req.include_usage else None, deadline, cancel)

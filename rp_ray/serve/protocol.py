@@ -1,7 +1,8 @@
 """What the endpoints share on the wire: OpenAI-style errors, chat messages, the sampling fields of chat and text
 completion requests and how they become vLLM ``SamplingParams`` (in one step, with the character's sampling, the
 max_tokens the limits allow and the stop token ids as defaults), the request limits, usage, and the deltas the
-in-process engine yields. Each endpoint's own types are in ``chat``, ``completion`` and ``tokenization``.
+in-process engine yields, and vLLM's ``/tokenize`` and ``/detokenize`` types. The chat and text completion types
+are in ``chat`` and ``completion``.
 
 Unknown request fields are ignored (official clients and SillyTavern send optional extras), but every known field is
 typed and range-checked, and the serving limits (messages, max_tokens, n, body size) are checked before a request
@@ -195,6 +196,24 @@ def parse_body(payload: Any, model: type[BaseModel]) -> Any:
         raise APIError(400, f"{param}: {first['msg']}", param=param) from None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a prompt (``add_special_tokens``: the BOS, as a text completion adds it) or chat
+    messages (the prompt a chat completion builds, the card applied)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=128)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=128)
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 # -- limits ----------------------------------------------------------------------------------------------------
 
 
@@ -322,6 +341,17 @@ def completion_id(prefix: str = "chatcmpl") -> str:
 
 def _now() -> int:
     return int(time.time())
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(None, exclude_if=_none)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Usage(BaseModel):

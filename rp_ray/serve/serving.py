@@ -1,11 +1,8 @@
 """What every endpoint's serving logic shares, without Ray: the served tokenizer and template, the characters
 (``rp_ray.character.catalog``), the request's ``model`` resolved to an adapter and a character, chat prompts and raw
 prompts as token ids, the request turned into vLLM ``SamplingParams`` within the limits, ``GET /v1/models``, card
-imports, and the server-sent event loop with its deadline.
-
-The endpoints build on it: ``chat`` (``/v1/chat/completions``), ``completion`` (``/v1/completions``) and
-``tokenization`` (``/tokenize``, ``/detokenize``); ``endpoints.ChatServing`` is all of them over one replica's
-state, and ``rp_ray.serve.app`` the thin routes (the replica holds the engine in-process).
+imports, vLLM's ``/tokenize`` and ``/detokenize``, and the server-sent event loop with its deadline. Text
+completions (``completion``) and chat completions (``chat.ChatServing``, every endpoint) build on it.
 """
 
 from __future__ import annotations
@@ -24,7 +21,19 @@ from rp_ray.character.prompt import Prompt, Turn, leading_system
 from rp_ray.config import ServeConfig
 from rp_ray.llm.models import load_tokenizer
 from rp_ray.llm.template import chat_prompt_ids, get_template, stop_token_ids
-from rp_ray.serve.protocol import APIError, Delta, Limits, SamplingDefaults, SamplingRequest, check_limits
+from rp_ray.serve.protocol import (
+    APIError,
+    Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    Limits,
+    SamplingDefaults,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+    check_limits,
+)
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -42,6 +51,11 @@ class PreparedChat:
     adapter: str | None
     sampling: SamplingParams
     debug: dict[str, Any] | None = None  # the response's ``rp_ray`` field (``rp_debug``)
+
+
+def usage(prepared: PreparedChat, choices: Sequence[Any]) -> Usage:
+    """The usage of a reply whose choices (chat or text) counted their tokens."""
+    return Usage.of(len(prepared.prompt), sum(c.tokens for c in choices))
 
 
 def error_event(e: APIError) -> str:
@@ -146,6 +160,25 @@ class Serving:
         sampling = character.sampling if character else None
         return req.to_sampling_params(SamplingDefaults(max_tokens, stop_ids, sampling))
 
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's ``/tokenize``: a prompt as ``/v1/completions`` encodes it (the BOS unless ``add_special_tokens``
+        is false), or messages as ``/v1/chat/completions`` builds their prompt."""
+        _, character = self.resolve_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if req.messages is not None:
+            self.limits.check_messages(req.messages)
+            ids = self.chat_prompt(req.messages, character)[1]
+        else:
+            ids = self.encode_text(req.prompt, add_bos=req.add_special_tokens)
+        strs = self.tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.cfg.max_model_len, tokens=ids, token_strs=strs)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.resolve_model(req.model)
+        self.check_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tok.decode(req.tokens))
+
     # -- streams -------------------------------------------------------------------------------------------
 
     def timeout_error(self) -> APIError:
@@ -157,11 +190,12 @@ class Serving:
         cid: str,
         head: list[str],
         render: Callable[[Delta], Iterable[str]],
-        tail: Callable[[], list[str]],
+        usage: Callable[[], str] | None,
         deadline: float,
         cancel: Callable[[], None],
     ) -> AsyncIterator[str]:
-        """Server-sent events: ``head``, the events ``render`` makes of each delta, ``tail()``, ``[DONE]``.
+        """Server-sent events: ``head``, the events ``render`` makes of each delta, the ``usage()`` event (when the
+        request asked for it: ``stream_options.include_usage``), ``[DONE]``.
 
         ``cancel`` stops the engine request: when the client goes away or ``deadline`` (``time.monotonic``) passes.
         """
@@ -181,6 +215,6 @@ class Serving:
         except Exception as e:
             log.exception("stream %s failed", cid)
             yield error_event(APIError(500, f"generation failed: {type(e).__name__}", "server_error"))
-        for event in tail():
-            yield event
+        if usage is not None:
+            yield usage()
         yield DONE
