@@ -515,12 +515,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     source = "overrides"
     if path is not None:
         p = Path(path)
-        loaded = read_yaml_mapping(p)
-        tree = loaded
-        source = str(p)
-        if isinstance(loaded.get("applications"), list) and loaded["applications"]:  # a Serve config file
-            tree = loaded["applications"][0].get("args") or {}
-            source = f"{p}: applications[0].args"
+        tree, source = read_yaml_mapping(p), str(p)
+        if isinstance(tree.get("applications"), list) and tree["applications"]:  # a Serve config file
+            tree, source = tree["applications"][0].get("args") or {}, f"{p}: applications[0].args"
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     try:

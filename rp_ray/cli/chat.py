@@ -213,7 +213,6 @@ class ChatREPL:
         self.tokenize = tokenize
         self.out = out
         self.read = read
-        self.context = DEFAULT_CONTEXT
         self.session = ChatSession(self.lookup(model), system)
         self.context = self._context()
 
@@ -230,22 +229,21 @@ class ChatREPL:
             raise ChatError(f"no model {name!r} on the server; it serves: {', '.join(x.id for x in models)}")
         return ModelInfo(m.id, getattr(m, "display_name", None) or m.id, getattr(m, "greeting", None) or "")
 
+    def _ask_tokenize(self, body: dict[str, Any], key: str, default: int) -> int:
+        """``key`` of the server's ``/tokenize`` answer for the current model; ``default`` when it cannot say."""
+        if self.tokenize is not None:
+            try:
+                return int(self.tokenize({"model": self.session.model.id, **body})[key])
+            except Exception:  # noqa: BLE001 -- a server without /tokenize: the default
+                pass
+        return default
+
     def _context(self) -> int:
-        if self.tokenize is None:
-            return DEFAULT_CONTEXT
-        try:
-            return int(self.tokenize({"model": self.session.model.id, "prompt": ""})["max_model_len"])
-        except Exception:  # noqa: BLE001 -- a server without /tokenize: the default context
-            return DEFAULT_CONTEXT
+        return self._ask_tokenize({"prompt": ""}, "max_model_len", DEFAULT_CONTEXT)
 
     def count(self, messages: Messages) -> int:
         """Prompt tokens of ``messages`` as the server builds the prompt; estimated when it cannot count."""
-        if self.tokenize is not None:
-            try:
-                return int(self.tokenize({"model": self.session.model.id, "messages": messages})["count"])
-            except Exception:  # noqa: BLE001 -- fall back to the estimate
-                pass
-        return estimate_tokens(messages)
+        return self._ask_tokenize({"messages": messages}, "count", estimate_tokens(messages))
 
     # -- output ------------------------------------------------------------------------------------------------
 
@@ -255,9 +253,8 @@ class ChatREPL:
     def error(self, e: Exception) -> None:
         self.say(f"error: {describe_error(e, self.base_url)}")
 
-    def greet(self) -> None:
+    def greeting(self) -> None:
         m = self.session.model
-        self.say(f"[{m.id}] /help for commands, /exit or Ctrl-D to quit")
         if m.greeting:
             self.say(f"{m.name}> {printable(m.greeting)}")
 
@@ -303,8 +300,7 @@ class ChatREPL:
             return
         self.context = self._context()
         self.say(f"(switched to {name}; the history is kept)")
-        if self.session.model.greeting:
-            self.say(f"{self.session.model.name}> {printable(self.session.model.greeting)}")
+        self.greeting()
 
     def send(self, text: str) -> None:
         """Send a message with the history that fits, stream the reply, keep both when it succeeds."""
@@ -317,7 +313,7 @@ class ChatREPL:
         self.out.write(f"{s.model.name}> ")
         self.out.flush()
         try:
-            reply = self._stream(build_messages(s.system, history), kw)
+            reply = stream_reply(self.client, s.model.id, build_messages(s.system, history), kw, self.out)
         except KeyboardInterrupt:
             self.say("\n(reply interrupted; not kept)")
             return
@@ -328,12 +324,10 @@ class ChatREPL:
         self.say()
         s.history = [*history, {"role": "assistant", "content": reply}]
 
-    def _stream(self, messages: Messages, kw: dict[str, Any]) -> str:
-        return stream_reply(self.client, self.session.model.id, messages, kw, self.out)
-
     def run(self) -> int:
         """The loop: the greeting, then a line at a time until /exit or end of input (Ctrl-D)."""
-        self.greet()
+        self.say(f"[{self.session.model.id}] /help for commands, /exit or Ctrl-D to quit")
+        self.greeting()
         while True:
             try:
                 line = self.read("you> ")
@@ -352,7 +346,9 @@ class ChatREPL:
 # -- command line --------------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The ``chat`` subcommand on an ``add_subparsers()`` object; it runs :func:`run_chat`."""
+    p = sub.add_parser("chat", help="chat with a served model or character in the terminal (streams replies)")
     p.add_argument("message", nargs="?", help="send this one message, print the reply and exit (no REPL)")
     p.add_argument("--model", help="a character, an adapter or the base model (GET /v1/models; --list)")
     p.add_argument("--list", action="store_true", help="list the served models and characters, then exit")
@@ -362,12 +358,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's or card's)")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (default 120)")
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """The ``chat`` subcommand on an ``add_subparsers()`` object; it runs :func:`run_chat`."""
-    p = sub.add_parser("chat", help="chat with a served model or character in the terminal (streams replies)")
-    add_arguments(p)
     p.set_defaults(func=run_chat)
     return p
 
@@ -428,13 +418,3 @@ def run_chat(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     return repl.run()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rp-ray chat", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_arguments(p)
-    return run_chat(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,6 @@ from rp_ray.preparation import absolute_paths, encode_split, prepare
 
 DEFAULT_REGISTRY = "outputs/characters"
 KINDS = {"train": cfgmod.TrainConfig, "eval": cfgmod.EvalConfig, "serve": cfgmod.ServeConfig}
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, TimeoutError)
 
 
 def setup_logging() -> None:
@@ -38,11 +37,6 @@ def job_config(cls: type, doc: str | None, example: str, argv: list[str] | None 
     ap.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     a = ap.parse_args(argv)
     return cfgmod.load_config(cls, a.config, a.overrides)
-
-
-def config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config file (e.g. jobs/configs/tiny_llama3.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cutoff_len=1024 lora.rank=16")
 
 
 def cmd_tiny_model(a: argparse.Namespace) -> None:
@@ -244,7 +238,8 @@ def _add_model_commands(sub) -> None:
 def _add_data_commands(sub) -> None:
     """data, wait-jobs, config."""
     p = sub.add_parser("data", help="validate + encode the config's datasets and write the data report")
-    config_args(p)
+    p.add_argument("--config", required=True, help="YAML config file (e.g. jobs/configs/tiny_llama3.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cutoff_len=1024 lora.rank=16")
     p.add_argument("--out", default="outputs/data", help="where data_report.json/.txt go")
     p.set_defaults(func=cmd_data)
 
@@ -307,7 +302,7 @@ def run(func, *args) -> int:
     """Run a command; expected failures print one clear message and exit 2 instead of a traceback."""
     try:
         status = func(*args)
-    except EXPECTED_ERRORS as e:
+    except (ValueError, FileNotFoundError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0

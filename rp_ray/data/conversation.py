@@ -46,10 +46,6 @@ class Conversation:
     def to_dict(self) -> dict[str, Any]:
         return {"system": self.system, "messages": [{"role": m.role, "content": m.content} for m in self.messages]}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Conversation:
-        return cls(d.get("system") or "", tuple(Message(m["role"], m["content"]) for m in d["messages"]))
-
     def key(self) -> str:
         """Content hash used to find duplicates and train/val overlap."""
         blob = json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)

@@ -24,7 +24,6 @@ from typing import IO, Any
 BOM = b"\xef\xbb\xbf"
 CHUNK = 1 << 20  # bytes read (and decompressed) at a time
 COMPRESSED = {".xz": lzma.open}  # suffix -> opener of the decompressed byte stream
-JSON_WS = " \t\n\r"
 _NOT_WS = re.compile(r"[^ \t\n\r]")
 _STRUCTURE = re.compile(r'[\[\]{}"]')  # outside a string: what changes the nesting
 _IN_STRING = re.compile(r'["\\]')  # inside a string: its end, or an escape

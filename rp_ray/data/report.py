@@ -63,15 +63,10 @@ class DataReport(BaseModel):
                     lines.append(f"    {reason:18s} {d.dropped[reason]:6d}  e.g. {'; '.join(d.examples[reason])}")
         return "\n".join(lines)
 
-    def over_limit(self) -> list[DatasetReport]:
-        return [d for d in self.datasets if d.drop_ratio > self.max_drop_ratio]
-
     def write(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        payload = self.model_dump() | {
-            "drop_reasons": DROP_REASONS,
-        }
+        payload = self.model_dump() | {"drop_reasons": DROP_REASONS}
         (out / "data_report.json").write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
         (out / "data_report.txt").write_text(self.summary() + "\n", encoding="utf-8")
         return out / "data_report.json"
@@ -131,7 +126,7 @@ def load_splits(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation]
 
 def check_drop_ratio(report: DataReport) -> None:
     """Raise DataQualityError naming each dataset whose drop ratio is above the limit."""
-    bad = report.over_limit()
+    bad = [d for d in report.datasets if d.drop_ratio > report.max_drop_ratio]
     if bad:
         names = ", ".join(f"{d.name} ({d.drop_ratio:.1%})" for d in bad)
         raise DataQualityError(

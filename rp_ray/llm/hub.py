@@ -40,8 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Hub = Literal["huggingface", "modelscope"]
-HUBS: tuple[Hub, ...] = ("huggingface", "modelscope")
+Hub = Literal["huggingface", "modelscope"]  # checked where a user gives it: ModelConfig, `rp-ray download --hub`
 CACHE_ENV = "RP_RAY_MODEL_CACHE"
 # What a job loads. fnmatch patterns on the repo path ("*" also matches "/").
 ALLOW_PATTERNS = [
@@ -157,8 +156,6 @@ def resolve_model_path(path: str, hub: Hub = "huggingface", cache_dir: str | Pat
     local = Path(path).expanduser()
     if local.exists() or not is_model_id(path):
         return Path(os.path.abspath(local))
-    if hub not in HUBS:
-        raise HubError(f"model.hub={hub!r}: not one of {', '.join(HUBS)}")
     cache = cache_root(cache_dir)
     found = hf_cached(path, cache) if hub == "huggingface" else ms_cached(path, cache)
     if found is not None:
@@ -182,10 +179,11 @@ def resolve_model(model: ModelConfig) -> Path:
     return resolve_model_path(model.path, model.hub, model.cache_dir)
 
 
-def _locked(lock_file: Path):
+def _locked(lock_dir: Path, model_id: str):
     """A file lock held while a model downloads (waiting, with a log line, for another download of it)."""
     from filelock import FileLock, Timeout
 
+    lock_file = lock_dir / f"rp_ray--{model_id.replace('/', '--')}.lock"
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_file))
     try:
@@ -199,7 +197,7 @@ def _locked(lock_file: Path):
 def _hf_download(model_id: str, cache: Path | None) -> Path:
     from huggingface_hub import errors, snapshot_download
 
-    lock = _locked((cache or hf_default_cache()) / ".locks" / f"rp_ray--{model_id.replace('/', '--')}.lock")
+    lock = _locked((cache or hf_default_cache()) / ".locks", model_id)
     try:
         return Path(
             snapshot_download(model_id, cache_dir=cache, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
@@ -224,8 +222,7 @@ def _ms_download(model_id: str, cache: Path | None) -> Path:
             "--hub modelscope needs the modelscope package, which rp_ray does not install: "
             "pip install modelscope (then run this command again)"
         ) from None
-    root = cache or ms_default_caches()[0]
-    lock = _locked(root / ".lock" / f"rp_ray--{model_id.replace('/', '--')}.lock")
+    lock = _locked((cache or ms_default_caches()[0]) / ".lock", model_id)
     try:
         folder = snapshot_download(
             model_id,
@@ -248,7 +245,5 @@ def download(model_id: str, hub: Hub = "huggingface", cache_dir: str | Path | No
     """
     if not is_model_id(model_id):
         raise HubError(f"{model_id!r} is not a model id (org/name, e.g. meta-llama/Llama-3.1-8B-Instruct)")
-    if hub not in HUBS:
-        raise HubError(f"--hub {hub!r}: not one of {', '.join(HUBS)}")
     cache = cache_root(cache_dir)
     return _hf_download(model_id, cache) if hub == "huggingface" else _ms_download(model_id, cache)

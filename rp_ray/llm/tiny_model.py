@@ -11,7 +11,7 @@ Two kinds are built here:
 - pretrained (``pretrain=PretrainConfig(...)``): the same architecture trained as a
   plain language model on the text of a train split (each conversation's messages
   one per line, no chat layout, no special tokens but the document-opening
-  bos). The demo's default base model is built this way (``build_default_model``):
+  bos). The demo's default base model is built this way (``rp-ray tiny-model --pretrain``):
   a random-weight model cannot learn a character in a few minutes of LoRA on a
   CPU, a model that already knows the corpus's words can. The val split is never
   read, so the base model has not seen the rows it is evaluated on.
@@ -414,7 +414,7 @@ def build_tiny_model(
 
     tpl = get_template(family)
     docs = _documents(corpus)
-    tok = _tokenizer(family, docs, vocab_size)
+    tok = _tokenizer(tpl, docs, vocab_size)
     slots = SPECIAL_TOKEN_SLOTS[family]
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in slots.items() if k != "gen_eos"}
     gen_eos = [tok.convert_tokens_to_ids(t) for t in slots["gen_eos"]]
@@ -463,13 +463,12 @@ def build_tiny_model(
     return out
 
 
-def _tokenizer(family: Family, docs: list[list[str]], vocab_size: int):
+def _tokenizer(tpl: Template, docs: list[list[str]], vocab_size: int):
     """A byte-level BPE tokenizer trained on ``docs`` with the family's special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    tpl = get_template(family)
     raw_tok = _train_tokenizer((t for doc in docs for t in doc), tpl, vocab_size)
-    slots = SPECIAL_TOKEN_SLOTS[family]
+    slots = SPECIAL_TOKEN_SLOTS[tpl.name]
     return PreTrainedTokenizerFast(
         tokenizer_object=raw_tok,
         bos_token=slots["bos"],
@@ -537,8 +536,3 @@ def _pretrain(model, tok, docs: list[list[str]], pretrain: PretrainConfig, seed:
         "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "loss_curve": losses,
     }
-
-
-def build_default_model(out_dir: str | Path, corpus_file: str | Path = DEFAULT_CORPUS) -> Path:
-    """The demo's default base model: llama3, ``DEFAULT_SIZES``, pretrained with ``DEFAULT_PRETRAIN`` (cached)."""
-    return build_tiny_model("llama3", out_dir, corpus_file=corpus_file, **DEFAULT_SIZES, pretrain=DEFAULT_PRETRAIN)

@@ -38,6 +38,7 @@ Failures: a backend that cannot start (package missing, bad URI) raises :class:`
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -55,9 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROJECT = "rp_ray"  # MLflow experiment, wandb and SwanLab project
-TB_DIR = "runs"
-MLRUNS_DIR = "mlruns"
-SWANLAB_DIR = "swanlog"
 MLFLOW_PARAM_MAX_CHARS = 6000  # MLflow refuses longer param values
 MLFLOW_PARAMS_PER_BATCH = 100  # MLflow's limit of params in one log_batch call
 
@@ -97,6 +95,23 @@ def run_name(cfg: TrainConfig) -> str:
     return Path(cfg.output_dir).resolve().name or "train"
 
 
+def _require(name: str, module: str):
+    """Import the package of the backend ``name``; a TrackerError saying what to install when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise TrackerError(
+            f"report_to includes {name} but its package is not installed: {INSTALL_HINT[name]} "
+            f"(or remove {name} from report_to)"
+        ) from e
+
+
+def _offline_unless(prefix: str) -> str | None:
+    """The mode of a hosted tracker: without an API key its SDK would prompt for a login (and block a Ray worker),
+    so the run is kept offline (synced later) unless ``<prefix>_API_KEY`` or ``<prefix>_MODE`` is set."""
+    return None if os.environ.get(f"{prefix}_API_KEY") or os.environ.get(f"{prefix}_MODE") else "offline"
+
+
 class Backend:
     """One tracker. ``log`` and ``finish`` may raise: :class:`Tracker` contains the failure."""
 
@@ -116,19 +131,16 @@ class TensorBoardBackend(Backend):
     name = "tensorboard"
 
     def __init__(self, cfg: TrainConfig, resumed_at: int | None = None):
-        try:
-            from tensorboardX import SummaryWriter
-            from tensorboardX.summary import hparams
-        except ImportError as e:
-            raise _missing("tensorboard") from e
+        tbx = _require("tensorboard", "tensorboardX")
+        hparams = _require("tensorboard", "tensorboardX.summary").hparams
         import yaml
 
-        self.logdir = Path(cfg.output_dir).resolve() / TB_DIR / (cfg.run_name or "train")
+        self.logdir = Path(cfg.output_dir).resolve() / "runs" / (cfg.run_name or "train")
         # purge_step: TensorBoard hides what an interrupted attempt logged at or after the step resumed from, so a
         # resumed run's curves have one value per step
         # the suffix: tensorboardX names event files by the second and the host only, and a writer opened in the
         # same second (a quick restart) would overwrite the last one's file; nanoseconds keep them apart, in order
-        self.writer = SummaryWriter(
+        self.writer = tbx.SummaryWriter(
             logdir=str(self.logdir),
             purge_step=resumed_at,
             flush_secs=30,
@@ -166,21 +178,17 @@ class MLflowBackend(Backend):
 
     def __init__(self, cfg: TrainConfig):
         out = Path(cfg.output_dir).resolve()
-        uri = cfg.tracking_uri or (out / MLRUNS_DIR).as_uri()
+        uri = cfg.tracking_uri or (out / "mlruns").as_uri()
         if urlparse(uri).scheme in ("", "file"):
             # MLflow 3.x refuses its file store unless this is set (it steers users to a database, which needs the
             # full mlflow package with SQLAlchemy); the file store is what tracking_uri=None promises.
             # setdefault: an explicit MLFLOW_ALLOW_FILE_STORE=false still wins
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        try:
-            from mlflow.entities import Metric, Param
-            from mlflow.tracking import MlflowClient
-        except ImportError as e:
-            raise _missing("mlflow") from e
-        self._metric = Metric
+        entities = _require("mlflow", "mlflow.entities")
+        self._metric = entities.Metric
         # the client API with an explicit URI, not mlflow.start_run(): no process-wide active run or tracking URI
         # is set, so nothing else in the worker process (Ray's own MLflow hooks, user code) is affected
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _require("mlflow", "mlflow.tracking").MlflowClient(tracking_uri=uri)
         experiment_id = self._experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT)
         # the output_dir identifies a training run across restarts; its hash keeps the search filter free of quotes
         key = hashlib.sha1(str(out).encode()).hexdigest()[:16]
@@ -197,7 +205,7 @@ class MLflowBackend(Backend):
             known = set()
             log.info("mlflow: run %s (%s) in %s", run.info.run_name, self.run_id, uri)
         # a param, once logged, cannot change: a continued run keeps those it has and adds only new keys
-        params = [Param(k, param_value(v)) for k, v in flat_config(cfg).items() if k not in known]
+        params = [entities.Param(k, param_value(v)) for k, v in flat_config(cfg).items() if k not in known]
         for i in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[i : i + MLFLOW_PARAMS_PER_BATCH])
         self.client.log_dict(self.run_id, cfg.model_dump(mode="json"), "config.json")
@@ -246,22 +254,16 @@ class WandbBackend(Backend):
     name = "wandb"
 
     def __init__(self, cfg: TrainConfig):
-        try:
-            import wandb
-        except ImportError as e:
-            raise _missing("wandb") from e
-        self._wandb = wandb
+        self._wandb = _require("wandb", "wandb")
         out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        # without an API key wandb would prompt for a login (and block a Ray worker): offline runs are synced later
-        mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
         self.name_ = run_name(cfg)
-        self.run = wandb.init(
+        self.run = self._wandb.init(
             project=os.environ.get("WANDB_PROJECT") or PROJECT,
             name=self.name_,
             dir=str(out),
             config=cfg.model_dump(mode="json"),
-            mode=mode,
+            mode=_offline_unless("WANDB"),
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -272,10 +274,7 @@ class WandbBackend(Backend):
             # artifact names allow letters, digits, dashes, underscores and dots
             art = self._wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{self.name_}-outputs"), type="model")
             for path in artifacts:
-                if path.is_dir():
-                    art.add_dir(str(path), name=path.name)
-                else:
-                    art.add_file(str(path), name=path.name)
+                (art.add_dir if path.is_dir() else art.add_file)(str(path), name=path.name)
             self.run.log_artifact(art)
         self.run.finish(exit_code=1 if failed else 0)
 
@@ -287,26 +286,20 @@ class SwanLabBackend(Backend):
     name = "swanlab"
 
     def __init__(self, cfg: TrainConfig):
-        try:
-            import swanlab
-        except ImportError as e:
-            raise _missing("swanlab") from e
-        self._swanlab = swanlab
-        out = Path(cfg.output_dir).resolve()
-        mode = None if os.environ.get("SWANLAB_API_KEY") or os.environ.get("SWANLAB_MODE") else "offline"
-        self.run = swanlab.init(
+        self._swanlab = _require("swanlab", "swanlab")
+        self.run = self._swanlab.init(
             project=PROJECT,
             experiment_name=run_name(cfg),
             config=cfg.model_dump(mode="json"),
-            logdir=str(out / SWANLAB_DIR),
-            mode=mode,
+            logdir=str(Path(cfg.output_dir).resolve() / "swanlog"),
+            mode=_offline_unless("SWANLAB"),
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._swanlab.log(dict(metrics), step=step)
 
     def finish(self, artifacts: list[Path], failed: bool) -> None:
-        self._swanlab.finish()
+        self.abort()
 
     def abort(self) -> None:
         self._swanlab.finish()
@@ -318,13 +311,6 @@ BACKENDS: dict[str, type[Backend]] = {
     "wandb": WandbBackend,
     "swanlab": SwanLabBackend,
 }
-
-
-def _missing(name: str) -> TrackerError:
-    return TrackerError(
-        f"report_to includes {name} but its package is not installed: {INSTALL_HINT[name]} "
-        f"(or remove {name} from report_to)"
-    )
 
 
 class Tracker:
@@ -348,22 +334,21 @@ class Tracker:
         ones already started are closed first.
         """
         started: list[Backend] = []
-        for name in dict.fromkeys(cfg.report_to):  # a name given twice starts once
-            if name not in BACKENDS:
-                _abort_all(started)
-                raise TrackerError(f"report_to: unknown tracker {name!r}; choose from {', '.join(BACKENDS)}")
-            try:
-                if name == "tensorboard":
-                    backend = TensorBoardBackend(cfg, resumed_at=resumed_at)
-                else:
-                    backend = BACKENDS[name](cfg)
-            except TrackerError:
-                _abort_all(started)
-                raise
-            except Exception as e:
-                _abort_all(started)
-                raise TrackerError(f"report_to {name}: could not start ({type(e).__name__}: {e})") from e
-            started.append(backend)
+        try:
+            for name in dict.fromkeys(cfg.report_to):  # a name given twice starts once
+                if name not in BACKENDS:
+                    raise TrackerError(f"report_to: unknown tracker {name!r}; choose from {', '.join(BACKENDS)}")
+                try:
+                    started.append(
+                        TensorBoardBackend(cfg, resumed_at) if name == "tensorboard" else BACKENDS[name](cfg)
+                    )
+                except TrackerError:
+                    raise
+                except Exception as e:
+                    raise TrackerError(f"report_to {name}: could not start ({type(e).__name__}: {e})") from e
+        except TrackerError:
+            _abort_all(started)
+            raise
         return cls(started)
 
     @property
