@@ -257,16 +257,10 @@ def validation_message(
 
 def _upgrade_v1(obj: dict[str, Any], source: str) -> dict[str, Any]:
     log.info("%s: V1 card (flat fields, no spec) upgraded to %s", source, SPEC_V2)
-    data: dict[str, Any] = {f: obj.get(f, "") for f in V1_FIELDS}
-    data |= {
-        "creator_notes": "",
-        "system_prompt": "",
-        "post_history_instructions": "",
-        "alternate_greetings": [],
-        "tags": [],
-        "creator": "",
-        "character_version": "",
-        "extensions": {},
+    # every V2 data field, the V1 ones from the card and the others empty (the optional character_book left out)
+    fields = [f for f in CardData.model_fields if f != "character_book"]
+    data: dict[str, Any] = {
+        f: obj.get(f, "") if f in V1_FIELDS else copy.deepcopy(CardData.model_fields[f].default) for f in fields
     }
     data |= {k: v for k, v in obj.items() if k not in data}
     return {"spec": SPEC_V2, "spec_version": "2.0", "data": data}

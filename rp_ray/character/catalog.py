@@ -13,12 +13,10 @@ Prompt rules:
 - A characters_file character's system prompt is its ``system_prompt``, verbatim. With a scene corpus (``scenes``)
   that text is the persona, followed by the scenes retrieved for the user's last message in ChatHaruhi's layout
   (``persona + "\\n\\nClassic scenes for the role are as follows:\\n" + "\\n###\\n".join(scenes)``).
-- An imported card's system prompt is ``prompt.system_prompt`` (the card's system_prompt with ``{{original}}``,
-  lorebook entries, description, personality, scenario, scene memory, examples) and its turns ``prompt.card_turns``
-  (macros applied, the post-history instructions after the last user message).
-- Lorebooks: the card's ``character_book`` and the standalone lorebook configured for it (``lorebooks``) are each
-  activated over the request's messages (``lorebook.activate``, each within its own ``token_budget``, counted with
-  the served tokenizer); their entries go in by ``insertion_order`` (the card's book first on ties).
+- An imported card's system prompt is ``prompt.system_prompt`` and its turns ``prompt.card_turns``. Its
+  ``character_book`` and the standalone lorebook configured for it (``lorebooks``) are each activated over the
+  request's messages (``lorebook.activate``, tokens counted with the served tokenizer); their entries go in by
+  ``insertion_order`` (the card's book first on ties).
 - Scene memory: the best ``scene_top_k`` scenes for the user's last message (``SceneIndex``, built once per
   replica), as many as fit ``scene_budget`` tokens.
 
@@ -39,9 +37,10 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from rp_ray.character.card import (
     SPEC_V2,
@@ -50,6 +49,7 @@ from rp_ray.character.card import (
     CardRegistry,
     Lorebook,
     RpRaySettings,
+    Sampling,
     card_from_dict,
     card_to_json,
     check_name,
@@ -60,7 +60,7 @@ from rp_ray.character.card import (
     with_rp_settings,
 )
 from rp_ray.character.lorebook import activate, entry_text, load_lorebook_file
-from rp_ray.character.names import is_name
+from rp_ray.character.names import is_name, valid_name
 from rp_ray.character.png import is_png
 from rp_ray.character.prompt import Prompt, Turn, apply_macros, card_turns, leading_system, system_prompt
 from rp_ray.character.scenes import (
@@ -105,10 +105,6 @@ class SceneMemory:
         return fit_scenes(self.index.retrieve(query, self.top_k), count_tokens, self.budget)
 
 
-def last_user(turns: Sequence[Turn]) -> str:
-    return next((m.content for m in reversed(turns) if m.role == "user"), "")
-
-
 @dataclass(frozen=True)
 class Character:
     """A character a request names: its card and rp_ray settings, its lorebooks and scene memory. ``plain``: an
@@ -122,14 +118,6 @@ class Character:
     memory: SceneMemory | None = None
     user_name: str = "User"
 
-    @property
-    def adapter(self) -> str | None:
-        return self.settings.adapter
-
-    @property
-    def sampling(self):
-        return self.settings.sampling
-
     def lore(self, texts: Sequence[str], count_tokens: CountTokens) -> list:
         """The entries every book activates over ``texts``, by insertion_order (book order on ties)."""
         found = [
@@ -142,7 +130,8 @@ class Character:
         own, system, turns = leading_system(messages)
         if own:
             return Prompt(system, turns)
-        scenes = self.memory.recall(last_user(turns), count_tokens) if self.memory else []
+        last_user = next((m.content for m in reversed(turns) if m.role == "user"), "")
+        scenes = self.memory.recall(last_user, count_tokens) if self.memory else []
         if self.plain:
             return Prompt(join_system_prompt(self.card.data.system_prompt, scenes), turns, scenes=tuple(scenes))
         entries = self.lore([m.content for m in turns], count_tokens)
@@ -181,23 +170,30 @@ class Character:
 # -- characters_file -----------------------------------------------------------------------------------------------
 
 
+class CharacterEntry(BaseModel):
+    """A characters_file entry: its name and system_prompt go in the card's ``data``, the rest
+    (``ENTRY_SETTINGS``) in ``data.extensions["rp_ray"]``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, AfterValidator(valid_name)]
+    display_name: str = Field(min_length=1)
+    system_prompt: str = Field(min_length=1)
+    adapter: str | None = None
+    greeting: str | None = None
+    sampling: Sampling | None = None
+
+
 def entry_card(item: Any, source: str) -> Card:
-    """A characters_file entry as a V2 card: its name and system_prompt in ``data``, its display_name, adapter,
-    greeting and sampling in ``data.extensions["rp_ray"]``."""
-    if not isinstance(item, dict):
-        raise CardError(f"{source}: a character is a mapping (name, display_name, system_prompt, ...)")
-    unknown = sorted(set(item) - {"name", "system_prompt", *ENTRY_SETTINGS})
-    if unknown:
-        raise CardError(f"{source}: {unknown[0]}: not a field of a character (name, system_prompt, {ENTRY_SETTINGS})")
-    for key in ("name", "display_name", "system_prompt"):
-        if not isinstance(item.get(key), str) or not item[key]:
-            raise CardError(f"{source}: {key}: a non-empty string is required")
-    check_name(item["name"], f"{source}: name:")
+    """A characters_file entry as a V2 card (see ``CharacterEntry``)."""
+    try:
+        CharacterEntry.model_validate(item)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "".join(f"{p}: " for p in err["loc"])
+        raise CardError(f"{source}: {where}{err['msg'].removeprefix('Value error, ')}") from None
     settings = {k: item[k] for k in ENTRY_SETTINGS if item.get(k) is not None}
     data = {"name": item["name"], "system_prompt": item["system_prompt"], "extensions": {"rp_ray": settings}}
-    card = card_from_dict({"spec": SPEC_V2, "spec_version": "2.0", "data": data}, source)
-    rp_settings(card, source)
-    return card
+    return card_from_dict({"spec": SPEC_V2, "spec_version": "2.0", "data": data}, source)
 
 
 def load_characters_file(path: str | Path) -> dict[str, Card]:

@@ -194,8 +194,8 @@ class SceneIndex:
             self._bm25 = bm25s.BM25()
             self._bm25.index([tokenize(s) for s in self.scenes], show_progress=False)
 
-    def search(self, query: str, k: int = 2) -> list[tuple[str, float]]:
-        """Up to ``k`` ``(scene, score)`` pairs, best first; only scenes sharing a token with the query."""
+    def retrieve(self, query: str, k: int = 2) -> list[str]:
+        """Up to ``k`` scenes, best first (ties in corpus order); only scenes sharing a token with the query."""
         if self._bm25 is None or k <= 0:
             return []
         tokens = tokenize(query)
@@ -204,9 +204,4 @@ class SceneIndex:
         import numpy as np
 
         scores = self._bm25.get_scores(tokens)
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [(self.scenes[i], float(scores[i])) for i in order if scores[i] > 0]
-
-    def retrieve(self, query: str, k: int = 2) -> list[str]:
-        """Up to ``k`` scenes, best first (ties in corpus order)."""
-        return [s for s, _ in self.search(query, k)]
+        return [self.scenes[i] for i in np.argsort(-scores, kind="stable")[:k] if scores[i] > 0]

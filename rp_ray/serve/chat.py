@@ -10,7 +10,7 @@ the prompt holds and its system prompt. OpenAI clients ignore the extra key.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
@@ -239,12 +239,9 @@ class ChatServing(CompletionServing):
             ]
         )
 
-    async def collect(self, outputs: AsyncIterator[Delta], n: int) -> list[ChatChoice]:
+    def collect(self, outputs: AsyncIterator[Delta], n: int) -> Awaitable[list[ChatChoice]]:
         """The clean replies of the ``n`` chat choices (with their logprobs), once the engine is done."""
-        replies = [ChatChoice(self.tpl) for _ in range(n)]
-        async for d in outputs:
-            replies[d.index].add(d)
-        return replies
+        return self.gather(outputs, [ChatChoice(self.tpl) for _ in range(n)])
 
     def response(
         self, cid: str, req: ChatCompletionRequest, chat: PreparedChat, replies: list[ChatChoice]

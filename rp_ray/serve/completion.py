@@ -5,7 +5,7 @@ never its prompt.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -186,14 +186,11 @@ class CompletionServing(Serving):
             prompt = list(req.prompt)
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
-        default = (character.sampling.max_tokens if character else None) or DEFAULT_COMPLETION_MAX_TOKENS
+        default = (character.settings.sampling.max_tokens if character else None) or DEFAULT_COMPLETION_MAX_TOKENS
         return PreparedChat(prompt, adapter, self.sampling_params(req, character, prompt, default))
 
-    async def collect_text(self, outputs: AsyncIterator[Delta], n: int) -> list[TextChoice]:
-        choices = [TextChoice() for _ in range(n)]
-        async for d in outputs:
-            choices[d.index].add(d)
-        return choices
+    def collect_text(self, outputs: AsyncIterator[Delta], n: int) -> Awaitable[list[TextChoice]]:
+        return self.gather(outputs, [TextChoice() for _ in range(n)])
 
     def completion_response(
         self, cid: str, req: CompletionRequest, prepared: PreparedChat, choices: list[TextChoice]

@@ -21,6 +21,8 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from rp_ray.config import ConfigError, read_yaml_mapping
 
 APP_IMPORT_PATH = "rp_ray.serve.app:build_app"
+# an application's fields that deploy_config applies; the others (runtime_env, ...) only `serve run` does
+APPLICATION_FIELDS = {"name", "route_prefix", "import_path", "args", "deployments", "logging_config"}
 
 DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     # One replica = the HTTP routes (auth, validation, prompt building, streaming) + one vLLM engine (on CPU:
@@ -65,22 +67,19 @@ def merged_options(overrides: dict[str, dict[str, Any]] | None = None) -> dict[s
     }
 
 
-def read_serve_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A serve config (``serve run`` / ``serve deploy`` file) as a dict: from a YAML file or a copy of a dict."""
-    if isinstance(source, dict):
-        return copy.deepcopy(source)
-    return read_yaml_mapping(source, "serve config", "serve_configs/tiny_llama3.yaml")
-
-
 def load_serve_config(
     source: str | Path | dict[str, Any],
     args: dict[str, Any] | None = None,
     host: str | None = None,
     port: int | None = None,
 ) -> ServeDeploySchema:
-    """A serve config validated by Ray's own schema, with keys of every application's ``args`` replaced by
-    ``args`` and the HTTP host/port replaced when given."""
-    raw = read_serve_config(source)
+    """A serve config (a ``serve run`` / ``serve deploy`` YAML file, or a dict, copied) validated by Ray's own
+    schema, with keys of every application's ``args`` replaced by ``args`` and the HTTP host/port replaced when
+    given."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        raw = read_yaml_mapping(source, "serve config", "serve_configs/tiny_llama3.yaml")
     http = raw.setdefault("http_options", {}) or {}
     raw["http_options"] = {**http, **({"host": host} if host else {}), **({"port": port} if port else {})}
     for appl in raw.get("applications") or []:
@@ -94,14 +93,7 @@ def load_serve_config(
             raise ConfigError(
                 f"application {appl.name!r}: import_path {appl.import_path!r}; this deploys {APP_IMPORT_PATH} only"
             )
-        unsupported = set(appl.model_dump(exclude_unset=True)) - {
-            "name",
-            "route_prefix",
-            "import_path",
-            "args",
-            "deployments",
-            "logging_config",
-        }
+        unsupported = set(appl.model_dump(exclude_unset=True)) - APPLICATION_FIELDS
         if unsupported:
             raise ConfigError(f"application {appl.name!r}: {sorted(unsupported)} are applied by `serve run` only")
         deployment_overrides(appl)  # unknown deployment names fail here

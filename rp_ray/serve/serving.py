@@ -119,7 +119,7 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
-        return character.adapter, character
+        return character.settings.adapter, character
 
     # -- prompts -------------------------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class Serving:
             self.check_ids((int(k) for k in req.logit_bias), "logit_bias")
         max_tokens = check_limits(req, self.limits, self.cfg.max_model_len, len(prompt), default_max_tokens)
         stop_ids = [] if getattr(req, "ignore_eos", False) else self.stop_ids
-        sampling = character.sampling if character else None
+        sampling = character.settings.sampling if character else None
         return req.to_sampling_params(SamplingDefaults(max_tokens, stop_ids, sampling))
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
@@ -178,6 +178,15 @@ class Serving:
         self.resolve_model(req.model)
         self.check_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=self.tok.decode(req.tokens))
+
+    # -- replies -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def gather(outputs: AsyncIterator[Delta], choices: list[Any]) -> list[Any]:
+        """The ``choices`` (chat or text) once each has taken its deltas and the engine is done."""
+        async for d in outputs:
+            choices[d.index].add(d)
+        return choices
 
     # -- streams -------------------------------------------------------------------------------------------
 
