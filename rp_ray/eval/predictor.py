@@ -11,7 +11,6 @@ refill a slot the moment a request finishes: the engine never drains toward one 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -41,15 +40,12 @@ class Predictor:
             self.waited = time.time() - self.started
         self.engine = engine_cls(EvalConfig.model_validate(cfg), model_path, runs, stops, index)
         self.ready = time.time()
-        self.index = index
         self.bound = 0
         self.slots: asyncio.Semaphore | None = None
 
     async def info(self) -> dict[str, Any]:
         """Engine size and start-up times (called once the actor is up: the engine is built)."""
         return {
-            "index": self.index,
-            "pid": os.getpid(),
             "max_num_seqs": self.engine.max_num_seqs,
             "kv_tokens": self.engine.kv_tokens,
             "block_size": self.engine.block_size,
