@@ -182,9 +182,9 @@ def test_adapter_and_sampling_live_in_the_card(tmp_path):
     odd = load(V2)
     odd["data"]["extensions"]["rp_ray"] = "tiny-lora"
     with pytest.raises(CardError, match=r"odd.json: field data.extensions.rp_ray: must be an object"):
-        cardmod.with_rp_settings(parse_card(odd, "odd.json"), adapter="x", source="odd.json")
+        cardmod.with_rp_settings(cardmod.card_from_dict(odd, "odd.json"), adapter="x", source="odd.json")
     with pytest.raises(CardError, match=r"odd.json: field data.extensions.rp_ray"):
-        cardmod.rp_settings(parse_card(odd, "odd.json"), "odd.json")
+        cardmod.rp_settings(cardmod.card_from_dict(odd, "odd.json"), "odd.json")
 
 
 def test_registry_names_and_conflicts(tmp_path):
@@ -200,7 +200,7 @@ def test_registry_names_and_conflicts(tmp_path):
         reg.get("nobody")
     raw = load(V2)
     raw["data"]["name"] = "涼宮ハルヒ"
-    zh = reg.add(parse_card(raw, "zh.json"))
+    zh = reg.add(cardmod.card_from_dict(raw, "zh.json"))
     assert zh.startswith("card-") and len(zh) == 13 and reg.get(zh).name == "涼宮ハルヒ"
     assert cardmod.slugify("Dr. Jekyll & Mr. Hyde!") == "dr.-jekyll-mr.-hyde"
 
@@ -267,7 +267,7 @@ def test_a_chatharuhi_card_gives_the_data_layout():
     persona = "你正在扮演凉宫春日。\n请用春日的语气回答。"
     scenes = ["阿虚:「早」\n春日:「迟到了！」", "春日:「SOS团集合！」"]
     raw = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "春日", "system_prompt": persona}}
-    card = parse_card(raw, "haruhi.json")
+    card = cardmod.card_from_dict(raw, "haruhi.json")
     assert system_prompt(card, default_system="unused", scenes=scenes) == join_system_prompt(persona, scenes)
     assert system_prompt(card, default_system="unused") == persona
 

@@ -344,14 +344,9 @@ def decode_json(raw: bytes, source: str, where: str = "") -> Any:
         raise CardError(f"{source}: {where}not usable JSON: {e}") from None
 
 
-def parse_card(raw: bytes | dict[str, Any], source: str) -> Card:
-    """A card from a file's bytes (PNG or JSON, told apart by content) or from parsed JSON; ``source`` (the file
-    name) is named in every error."""
-    if isinstance(raw, dict):
-        return card_from_dict(raw, source)
-    if not isinstance(raw, bytes | bytearray):
-        raise CardError(f"{source}: expected the card file's bytes or its parsed JSON, got {type(raw).__name__}")
-    raw = bytes(raw)
+def parse_card(raw: bytes, source: str) -> Card:
+    """A card from a file's bytes (PNG or JSON, told apart by content); ``source`` (the file name) is named in every
+    error."""
     if png.is_png(raw):
         if len(raw) > MAX_PNG_BYTES:
             raise CardError(f"{source}: PNG of {len(raw)} bytes is over the {MAX_PNG_BYTES >> 20} MiB limit")

@@ -378,13 +378,11 @@ class Catalog:
         self.taken = _taken(cfg, self.plain)
         self.registry = CardRegistry(cfg.card_registry) if cfg.card_registry else None
         self.cards: dict[str, Character] = {}
-        self._files: dict[str, int] = {}  # registry name -> mtime_ns of the file its card was read from
-        self._dir_mtime: int | None = None
         for name, raw in data.get("cards", {}).items():
             self.cards[name] = self._character(name, card_from_dict(raw, f"card {name}"))
-            mtime = self._mtime(name)
-            if mtime is not None:
-                self._files[name] = mtime
+        # registry name -> mtime_ns of the file its card was read from
+        self._files = {n: m for n in self.cards if (m := self._mtime(n)) is not None}
+        self._dir_mtime: int | None = None
 
     def _character(self, name: str, card: Card, source: str | None = None) -> Character:
         settings = check_card(name, card, source or f"card {name!r}", self.taken, self.cfg.adapters)

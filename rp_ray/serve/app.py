@@ -6,10 +6,9 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming an
 ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``POST /v1/characters`` (import a card file into the card
 registry), ``GET /health`` (no key), and the chat page at ``/``: what OpenAI clients and SillyTavern (chat and text
 completion modes) call. The request's ``model`` names the base model, a served adapter, or a character.
-The routes are thin: the endpoints' types and serving logic are ``rp_ray.serve.chat``, ``completion`` and
-``serving``, the characters ``rp_ray.character.catalog``, the deployment options
-``rp_ray.serve.deployments``. From Python, :func:`deploy_config` deploys a serve config as
-``serve run`` does and :func:`run_local` the default app for a ``ServeConfig``.
+The routes are thin (the serving logic is ``rp_ray.serve.chat``, see the package docstring). From Python,
+:func:`deploy_config` deploys a serve config as ``serve run`` does and :func:`run_local` the default app for a
+``ServeConfig``.
 """
 
 from __future__ import annotations

@@ -84,9 +84,7 @@ class Serving:
     # -- models --------------------------------------------------------------------------------------------
 
     def models(self) -> dict[str, Any]:
-        """The ``GET /v1/models`` body: the base model, the served adapters and the characters (those of
-        characters_file with display_name, greeting, system_prompt, adapter; imported cards with display_name,
-        greeting, alternate_greetings, adapter, spec)."""
+        """The ``GET /v1/models`` body: the base model, the served adapters and the characters (``Character.entry``)."""
         data = [self._model(self.cfg.base_name, "base")]
         data += [self._model(n, "adapter") for n in self.cfg.adapters]
         data += [self.model_entry(c) for c in self.catalog.all()]
