@@ -197,39 +197,18 @@ def dequantize_checkpoint(
     Everything is written into a hidden temporary folder next to ``dest`` and renamed to ``dest`` at the end, so
     an interrupted conversion never leaves a ``dest`` that looks complete.
     """
-    from safetensors import safe_open
-
     src, dest = Path(src), Path(dest)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: the dequantized copy is one of {', '.join(DTYPES)}")
     config = _mxfp4_config(src)
     _check_dest(src, dest)
 
-    weight_map = _source_files(src)
     umask = os.umask(0)
     os.umask(umask)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
-        with contextlib.ExitStack() as stack:
-            # memory-mapped: opening every shard reads nothing yet
-            handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in set(weight_map.values())}
-            plan = _plan(src, handles, weight_map, dtype)
-            new_config = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
-            new_config["dtype"] = dtype
-            (staging / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-            _check_against_model(staging, plan)
-            log.info("dequantizing %s -> %s via %s", src, dest, staging)
-            _write_shards(plan, handles, weight_map, staging, max_shard_size, umask, progress)
-        _copy_other_files(src, staging)
-        provenance = {
-            "source": str(src.resolve()),
-            "dtype": dtype,
-            "dequantized": sorted((t.name for t in plan if len(t.sources) == 2), key=_natural_key),
-            "max_shard_size": max_shard_size,
-            "how": "rp_ray.llm.checkpoint.dequantize_checkpoint (transformers' convert_moe_packed_tensors)",
-        }
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _write_copy(src, staging, config, dtype, max_shard_size, umask, progress)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the copy is an ordinary model folder
         if dest.is_dir():
             dest.rmdir()  # empty: checked above
@@ -238,6 +217,34 @@ def dequantize_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def _write_copy(
+    src: Path, staging: Path, config: dict[str, Any], dtype: str, max_shard_size: int | str, umask: int, progress: bool
+) -> None:
+    """Write the dequantized model folder (config, shards, other files, provenance) into ``staging``."""
+    from safetensors import safe_open
+
+    weight_map = _source_files(src)
+    with contextlib.ExitStack() as stack:
+        # memory-mapped: opening every shard reads nothing yet
+        handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in set(weight_map.values())}
+        plan = _plan(src, handles, weight_map, dtype)
+        new_config = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
+        new_config["dtype"] = dtype
+        (staging / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        _check_against_model(staging, plan)
+        log.info("dequantizing %s into %s", src, staging)
+        _write_shards(plan, handles, weight_map, staging, max_shard_size, umask, progress)
+    _copy_other_files(src, staging)
+    provenance = {
+        "source": str(src.resolve()),
+        "dtype": dtype,
+        "dequantized": sorted((t.name for t in plan if len(t.sources) == 2), key=_natural_key),
+        "max_shard_size": max_shard_size,
+        "how": "rp_ray.llm.checkpoint.dequantize_checkpoint (transformers' convert_moe_packed_tensors)",
+    }
+    (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def _mxfp4_config(src: Path) -> dict[str, Any]:

@@ -420,26 +420,13 @@ def build_tiny_model(
     gen_eos = [tok.convert_tokens_to_ids(t) for t in slots["gen_eos"]]
     torch.manual_seed(seed)
     model = _random_model(family, len(tok), hidden_size, num_layers, ids)
-    meta = {
-        "family": family,
-        "architecture": type(model).__name__,
-        "corpus": str(corpus),
-        "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
-        "vocab_size": len(tok),
-        "hidden_size": hidden_size,
-        "num_layers": num_layers,
-        "seed": seed,
-        "pretrain": pretrain.model_dump() if pretrain else None,
-    }
+    meta = {"family": family, "architecture": type(model).__name__, "corpus": str(corpus)}
+    meta["corpus_sha256"] = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    meta |= {"vocab_size": len(tok), "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
+    meta["pretrain"] = pretrain.model_dump() if pretrain else None
     if pretrain is not None:
-        meta |= _pretrain(
-            model,
-            tok,
-            docs,
-            pretrain,
-            seed,
-            [tok.convert_tokens_to_ids(t) for t in tpl.special_tokens if t != slots["bos"]],
-        )
+        unseen = [tok.convert_tokens_to_ids(t) for t in tpl.special_tokens if t != slots["bos"]]
+        meta |= _pretrain(model, tok, docs, pretrain, seed, unseen)
     model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=gen_eos, pad_token_id=ids["pad"])
     model.to(torch.float32).save_pretrained(out)
     tok.save_pretrained(out)
@@ -452,14 +439,8 @@ def build_tiny_model(
     }
     (out / "README.md").write_text(_model_card(meta, params, out), encoding="utf-8")
     (out / STAMP).write_text(json.dumps(meta, indent=2, ensure_ascii=False))  # last: marks the build finished
-    log.info(
-        "tiny %s model (%d params, %s) written to %s in %.1f s",
-        family,
-        params,
-        "pretrained" if pretrain else "random weights",
-        out,
-        meta["build_seconds"],
-    )
+    how = "pretrained" if pretrain else "random weights"
+    log.info("tiny %s model (%d params, %s) written to %s in %.1f s", family, params, how, out, meta["build_seconds"])
     return out
 
 
