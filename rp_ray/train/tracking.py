@@ -140,12 +140,8 @@ class TensorBoardBackend(Backend):
         # resumed run's curves have one value per step
         # the suffix: tensorboardX names event files by the second and the host only, and a writer opened in the
         # same second (a quick restart) would overwrite the last one's file; nanoseconds keep them apart, in order
-        self.writer = tbx.SummaryWriter(
-            logdir=str(self.logdir),
-            purge_step=resumed_at,
-            flush_secs=30,
-            filename_suffix=f".{time.time_ns()}.{os.getpid()}",
-        )
+        suffix = f".{time.time_ns()}.{os.getpid()}"
+        self.writer = tbx.SummaryWriter(str(self.logdir), purge_step=resumed_at, flush_secs=30, filename_suffix=suffix)
         tree = cfg.model_dump(mode="json")
         # four-space indent: TensorBoard's text plugin renders markdown, this keeps the YAML a code block
         text = "".join(f"    {line}\n" for line in yaml.safe_dump(tree, sort_keys=False).splitlines())
@@ -224,12 +220,8 @@ class MLflowBackend(Backend):
         return exp.experiment_id
 
     def _unfinished_run(self, experiment_id: str, key: str):
-        runs = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`rp_ray.run_key` = '{key}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+        where = f"tags.`rp_ray.run_key` = '{key}'"
+        runs = self.client.search_runs([experiment_id], where, order_by=["attributes.start_time DESC"], max_results=1)
         # only the newest: an older unfinished run was superseded by it
         return runs[0] if runs and runs[0].info.status != "FINISHED" else None
 
@@ -387,13 +379,8 @@ class Tracker:
                     backend.log(values, step)
                 except Exception as e:
                     self._backends.remove(backend)
-                    log.warning(
-                        "tracking: %s failed at step %s (%s: %s); it is off for the rest of the run, training goes on",
-                        backend.name,
-                        step,
-                        type(e).__name__,
-                        e,
-                    )
+                    msg = "tracking: %s failed at step %s (%s: %s); it is off for the rest of the run, training goes on"
+                    log.warning(msg, backend.name, step, type(e).__name__, e)
                     _abort_all([backend])
 
     def finish(
