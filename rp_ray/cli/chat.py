@@ -151,13 +151,6 @@ def _server_message(e: Any) -> str:
 # -- the loop ------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelInfo:
-    id: str
-    name: str  # what replies are labelled with: a character's display name, else the id
-    greeting: str = ""
-
-
 def stream_reply(client, model: str, messages: Messages, kw: dict[str, Any], out: TextIO) -> str:
     """Stream a chat completion's text to ``out`` (terminal escapes made visible); the whole reply."""
     stream = client.chat.completions.create(model=model, messages=messages, stream=True, **kw)
@@ -182,9 +175,12 @@ def sampling_kwargs(temperature: float | None, max_tokens: int | None) -> dict[s
 
 @dataclass
 class ChatSession:
-    """The chat's state: the model, the system message, the history."""
+    """The chat's state: the model (its id, the name replies are labelled with: a character's display name, else the
+    id, and its greeting), the system message, the history."""
 
-    model: ModelInfo
+    model: str
+    name: str
+    greeting: str
     system: str | None = None
     history: Messages = field(default_factory=list)
 
@@ -213,7 +209,7 @@ class ChatREPL:
         self.tokenize = tokenize
         self.out = out
         self.read = read
-        self.session = ChatSession(self.lookup(model), system)
+        self.session = ChatSession(*self.lookup(model), system)
         self.context = self._context()
 
     # -- server calls ------------------------------------------------------------------------------------------
@@ -221,22 +217,21 @@ class ChatREPL:
     def models(self) -> list[Any]:
         return list(self.client.models.list().data)
 
-    def lookup(self, name: str) -> ModelInfo:
-        """The model ``name`` as the server lists it; a ``ChatError`` naming the served ones if it has none."""
+    def lookup(self, name: str) -> tuple[str, str, str]:
+        """(id, name, greeting) of the model ``name`` as the server lists it; a ``ChatError`` naming the served ones
+        if it has none."""
         models = self.models()
         m = next((m for m in models if m.id == name), None)
         if m is None:
             raise ChatError(f"no model {name!r} on the server; it serves: {', '.join(x.id for x in models)}")
-        return ModelInfo(m.id, getattr(m, "display_name", None) or m.id, getattr(m, "greeting", None) or "")
+        return m.id, getattr(m, "display_name", None) or m.id, getattr(m, "greeting", None) or ""
 
     def _ask_tokenize(self, body: dict[str, Any], key: str, default: int) -> int:
         """``key`` of the server's ``/tokenize`` answer for the current model; ``default`` when it cannot say."""
-        if self.tokenize is not None:
-            try:
-                return int(self.tokenize({"model": self.session.model.id, **body})[key])
-            except Exception:  # noqa: BLE001 -- a server without /tokenize: the default
-                pass
-        return default
+        try:
+            return int(self.tokenize({"model": self.session.model, **body})[key]) if self.tokenize else default
+        except Exception:  # noqa: BLE001 -- a server without /tokenize: the default
+            return default
 
     def _context(self) -> int:
         return self._ask_tokenize({"prompt": ""}, "max_model_len", DEFAULT_CONTEXT)
@@ -254,9 +249,9 @@ class ChatREPL:
         self.say(f"error: {describe_error(e, self.base_url)}")
 
     def greeting(self) -> None:
-        m = self.session.model
-        if m.greeting:
-            self.say(f"{m.name}> {printable(m.greeting)}")
+        s = self.session
+        if s.greeting:
+            self.say(f"{s.name}> {printable(s.greeting)}")
 
     # -- one line ----------------------------------------------------------------------------------------------
 
@@ -294,7 +289,8 @@ class ChatREPL:
             if not name:
                 self.say("models: " + ", ".join(m.id for m in self.models()))
                 return
-            self.session.model = self.lookup(name)
+            s = self.session
+            s.model, s.name, s.greeting = self.lookup(name)
         except Exception as e:  # noqa: BLE001 -- reported, the chat goes on with the old model
             self.error(e)
             return
@@ -310,10 +306,10 @@ class ChatREPL:
         if dropped:
             self.say(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context)")
         kw = sampling_kwargs(self.temperature, self.max_tokens)
-        self.out.write(f"{s.model.name}> ")
+        self.out.write(f"{s.name}> ")
         self.out.flush()
         try:
-            reply = stream_reply(self.client, s.model.id, build_messages(s.system, history), kw, self.out)
+            reply = stream_reply(self.client, s.model, build_messages(s.system, history), kw, self.out)
         except KeyboardInterrupt:
             self.say("\n(reply interrupted; not kept)")
             return
@@ -326,7 +322,7 @@ class ChatREPL:
 
     def run(self) -> int:
         """The loop: the greeting, then a line at a time until /exit or end of input (Ctrl-D)."""
-        self.say(f"[{self.session.model.id}] /help for commands, /exit or Ctrl-D to quit")
+        self.say(f"[{self.session.model}] /help for commands, /exit or Ctrl-D to quit")
         self.greeting()
         while True:
             try:
