@@ -38,12 +38,13 @@ from pydantic import Field
 
 from rp_ray.config import Family, StrictModel
 from rp_ray.data import read_rows
-from rp_ray.llm.template import Template, get_template
+from rp_ray.llm.template import Template, chat_template_jinja, get_template
 
 log = logging.getLogger(__name__)
 
-# Bump when a change to this module changes what a build writes: every cached model is rebuilt.
-BUILD_VERSION = 5
+# Bump when a change here or in the chat template (``chat_template_jinja``) changes what a build writes: every
+# cached model is rebuilt.
+BUILD_VERSION = 6
 STAMP = "rp_ray_tiny.json"
 DEFAULT_CORPUS = "data/sample/haruhi_train.json"
 # Between the messages of a pretraining document. Not a bare "\n": Llama-3's pre-tokenizer fuses a
@@ -91,29 +92,6 @@ class PretrainConfig(StrictModel):
 # pretraining (about a minute) and the LoRA run after it fit in a few minutes on 2 CPU cores.
 DEFAULT_SIZES = {"vocab_size": 4096, "hidden_size": 128, "num_layers": 4}
 DEFAULT_PRETRAIN = PretrainConfig(steps=200, seq_len=256, batch_size=8, learning_rate=3e-3)
-
-
-def chat_template_jinja(tpl: Template) -> str:
-    """A Jinja chat template that renders the same layout as ``chat_prompt_ids`` (thinking off)."""
-    if tpl.name == "llama3":
-        return (
-            "{{ bos_token }}"
-            "{% for m in messages if m['role'] != 'system' or m['content'] %}"
-            "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-        )
-    return (
-        "{% set ns = namespace(system='" + tpl.default_system + "') %}"
-        "{% if messages and messages[0]['role'] == 'system' and messages[0]['content'] %}"
-        "{% set ns.system = messages[0]['content'] %}{% endif %}"
-        "{{ '<|start|>system<|message|>' + ns.system + '<|end|>' }}"
-        "{% for m in messages if m['role'] != 'system' %}"
-        "{% if m['role'] == 'user' %}{{ '<|start|>user<|message|>' + m['content'] + '<|end|>' }}"
-        "{% else %}{{ '<|start|>assistant' + m['content'] }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start|>assistant" + tpl.empty_thought + "' }}{% endif %}"
-    )
 
 
 def _train_tokenizer(texts: Iterable[str], tpl: Template, vocab_size: int):
