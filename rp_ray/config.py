@@ -29,7 +29,13 @@ from pydantic import (
 from rp_ray.character.names import valid_name
 
 Family = Literal["llama3", "gpt_oss"]
+Hub = Literal["huggingface", "modelscope"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"]
+# refused by the config and, for a caller that skips it, when the attention is resolved (rp_ray.llm.models)
+GPT_OSS_SDPA = (
+    "model.attn_implementation=sdpa: gpt-oss has no SDPA attention in transformers (attention sinks); "
+    "use auto, flex_attention (GPU) or eager"
+)
 
 # What lora.target=all reaches on each family (nn.Linear layers but the output head), for the descriptions below.
 LORA_ALL_MODULES = (
@@ -54,9 +60,7 @@ class ModelConfig(StrictModel):
         "looked up in the model cache, offline: jobs never contact a hub; `rp-ray download ID` fills the cache "
         "once (safetensors, configs and tokenizer files only, never code). A path that exists locally wins."
     )
-    hub: Literal["huggingface", "modelscope"] = Field(
-        "huggingface", description="Where a model id in model.path comes from (its cache layout)."
-    )
+    hub: Hub = Field("huggingface", description="Where a model id in model.path comes from (its cache layout).")
     cache_dir: str | None = Field(
         None,
         description="Model cache for a model id in model.path; None = $RP_RAY_MODEL_CACHE, else the hub's own "
@@ -94,10 +98,7 @@ class ModelConfig(StrictModel):
                 f"(got template={self.template}); remove model.enable_thinking"
             )
         if self.template == "gpt_oss" and self.attn_implementation == "sdpa":
-            raise ValueError(
-                "model.attn_implementation=sdpa: gpt-oss has no SDPA attention in transformers (attention sinks); "
-                "use auto, flex_attention (GPU) or eager"
-            )
+            raise ValueError(GPT_OSS_SDPA)
         return self
 
 
@@ -464,14 +465,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _section(cls: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The model of the field ``name`` of ``cls`` when that field is a nested section, else None."""
+    ann = getattr(cls.model_fields.get(name), "annotation", None)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (nested) model that ``loc`` points into."""
     for part in loc:
-        field = cls.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if (cls := _section(cls, str(part))) is None:
             return []
-        cls = ann
     return list(cls.model_fields)
 
 
@@ -499,11 +503,9 @@ def read_yaml_mapping(path: str | Path, what: str = "config file", example: str 
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
+    if not isinstance(loaded, dict | None):
         raise ConfigError(f"{what} {p} must hold a mapping of keys, got {type(loaded).__name__}")
-    return loaded
+    return loaded or {}
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
@@ -530,9 +532,8 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
     """Every key of a config model with its type, default and description (for --help)."""
     lines = []
     for name, field in cls.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(describe(ann, f"{prefix}{name}."))
+        if section := _section(cls, name):
+            lines.extend(describe(section, f"{prefix}{name}."))
             continue
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
         lines.append(f"  {prefix}{name} ({default}): {field.description or ''}")

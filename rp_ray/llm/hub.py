@@ -33,14 +33,11 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:
-    from rp_ray.config import ModelConfig
+from rp_ray.config import Hub, ModelConfig
 
 log = logging.getLogger(__name__)
 
-Hub = Literal["huggingface", "modelscope"]  # checked where a user gives it: ModelConfig, `rp-ray download --hub`
 CACHE_ENV = "RP_RAY_MODEL_CACHE"
 # What a job loads. fnmatch patterns on the repo path ("*" also matches "/").
 ALLOW_PATTERNS = [
@@ -56,6 +53,7 @@ ALLOW_PATTERNS = [
 # duplicate checkpoints some repos carry (meta-llama's original/*.pth, openai/gpt-oss's original/ and metal/).
 IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.py", "*.gguf", "*.onnx", "*.h5", "*.msgpack"]
 IGNORE_PATTERNS += ["original/*", "metal/*"]
+PATTERNS = {"allow_patterns": ALLOW_PATTERNS, "ignore_patterns": IGNORE_PATTERNS}  # snapshot_download's filter
 MS_REVISION = "master"  # the branch modelscope downloads by default
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
@@ -130,13 +128,7 @@ def hf_cached(model_id: str, cache: Path | None) -> Path | None:
 
     incomplete = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 2.x
     try:
-        folder = snapshot_download(
-            model_id,
-            cache_dir=cache,
-            local_files_only=True,
-            allow_patterns=ALLOW_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        folder = snapshot_download(model_id, cache_dir=cache, local_files_only=True, **PATTERNS)
     except incomplete as e:
         raise HubError(
             f"{model_id}: the cached download is incomplete ({e}). Finish it: "
@@ -161,11 +153,8 @@ def resolve_model_path(path: str, hub: Hub = "huggingface", cache_dir: str | Pat
     if found is not None:
         log.info("model.path %s: %s cache folder %s", path, hub, found)
         return found
-    where = (
-        str(cache)
-        if cache is not None
-        else (str(hf_default_cache()) if hub == "huggingface" else " or ".join(map(str, ms_default_caches())))
-    )
+    roots = [cache] if cache is not None else [hf_default_cache()] if hub == "huggingface" else ms_default_caches()
+    where = " or ".join(map(str, roots))
     raise HubError(
         f"model.path {path!r} is not a local folder ({os.path.abspath(local)} does not exist), and {hub} model "
         f"{path} is not in the model cache {where} (model.cache_dir, ${CACHE_ENV}). Jobs never download: "
@@ -199,9 +188,7 @@ def _hf_download(model_id: str, cache: Path | None) -> Path:
 
     lock = _locked((cache or hf_default_cache()) / ".locks", model_id)
     try:
-        return Path(
-            snapshot_download(model_id, cache_dir=cache, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
-        )
+        return Path(snapshot_download(model_id, cache_dir=cache, **PATTERNS))
     except errors.GatedRepoError as e:
         raise HubError(f"{model_id} is gated: accept its license on the hub and set HF_TOKEN ({e})") from None
     except errors.RepositoryNotFoundError as e:
@@ -224,12 +211,7 @@ def _ms_download(model_id: str, cache: Path | None) -> Path:
         ) from None
     lock = _locked((cache or ms_default_caches()[0]) / ".lock", model_id)
     try:
-        folder = snapshot_download(
-            model_id,
-            cache_dir=str(cache) if cache else None,
-            allow_patterns=ALLOW_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        folder = snapshot_download(model_id, cache_dir=str(cache) if cache else None, **PATTERNS)
     except Exception as e:  # modelscope raises its own error types, and requests'
         raise HubError(f"{model_id}: ModelScope download failed: {e}") from None
     finally:

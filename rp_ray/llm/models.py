@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rp_ray.config import AttnImplementation, Family
+from rp_ray.config import GPT_OSS_SDPA, AttnImplementation, Family
 from rp_ray.llm.hub import is_model_id, resolve_model_path
 from rp_ray.llm.template import Template
 
@@ -111,10 +111,7 @@ def resolve_attn_implementation(family: Family, requested: AttnImplementation, u
             return "sdpa"
         return "flex_attention" if use_gpu else "eager"
     if family == "gpt_oss" and requested == "sdpa":
-        raise ValueError(
-            "model.attn_implementation=sdpa: gpt-oss has no SDPA attention in transformers (attention sinks); "
-            "use auto, flex_attention (GPU) or eager"
-        )
+        raise ValueError(GPT_OSS_SDPA)
     if not use_gpu and requested == "flash_attention_2":
         raise ValueError("model.attn_implementation=flash_attention_2 needs a GPU; use auto on CPU")
     if not use_gpu and family == "gpt_oss" and requested == "flex_attention":
