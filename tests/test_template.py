@@ -379,9 +379,56 @@ def test_chat_template_matches_prompt_encoding(family, llama3_tok, gpt_oss_tok):
     assert tok.decode(ours) == theirs
 
 
-def test_chat_prompt_needs_user_last(llama3_tok):
-    with pytest.raises(ValueError, match="end with a user message"):
-        chat_prompt_ids(llama3_tok, LLAMA3, "", list(CONV.messages))
+# The message shapes SillyTavern sends in Chat Completion mode: a head of system messages and the greeting, then
+# post-history instructions, an Author's Note at depth, Impersonate, Continue, a generation right after the greeting
+HEAD = [
+    ("system", "Write Haruhi's next reply in a fictional chat between Haruhi and User."),
+    ("system", "Haruhi Suzumiya, the brigade chief of the SOS Brigade."),
+    ("system", ""),
+    ("system", "[Start a new Chat]"),
+    ("assistant", "「我对普通的人类没有兴趣！」"),
+]
+SHAPES = {
+    "plain": [("system", CONV.system), ("user", "阿虚:「早」"), ("assistant", "「你又迟到了！」"), ("user", "抱歉")],
+    "post_history": [*HEAD, ("user", "阿虚:「早」"), ("system", "Stay in character as Haruhi.")],
+    "authors_note": [
+        *HEAD,
+        *[("user", "u0"), ("assistant", "a0"), ("system", "[Author's note: rainy day]"), ("user", "u1")],
+        *[("assistant", "a1"), ("system", ""), ("user", "u2"), ("assistant", "a2"), ("user", "u3")],
+    ],
+    "impersonate": [*HEAD, ("user", "u"), ("assistant", "a"), ("system", "[Write your next reply as User.]")],
+    "continue": [*HEAD, ("user", "阿虚:「早」"), ("assistant", "春日:「你来晚了！")],
+    "after_greeting": HEAD,
+    "no_system": [("user", "hi"), ("assistant", "yo"), ("user", "again")],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("family", ["llama3", "gpt_oss"])
+def test_every_message_shape_renders_as_the_chat_template(family, shape, llama3_tok, gpt_oss_tok):
+    """Any message order: the prompt ids are the model's own chat template's (``apply_chat_template`` with the
+    tiny model's chat_template.jinja), a trailing assistant message continued (``continue_final_message``)."""
+    tok, tpl = (llama3_tok, LLAMA3) if family == "llama3" else (gpt_oss_tok, GPT_OSS)
+    chat = [{"role": r, "content": c} for r, c in SHAPES[shape]]
+    lead = next(i for i, m in enumerate(chat) if m["role"] != "system")
+    system = "\n\n".join(m["content"] for m in chat[:lead] if m["content"])
+    ours = chat_prompt_ids(tok, tpl, system, [Message(m["role"], m["content"]) for m in chat[lead:]])
+    cont = chat[-1]["role"] == "assistant"
+    text = tok.apply_chat_template(chat, add_generation_prompt=not cont, continue_final_message=cont, tokenize=False)
+    assert tok.decode(ours) == text
+    assert ours == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_continued_reply_is_open_and_mid_chat_system_has_its_block(llama3_tok):
+    ids = chat_prompt_ids(llama3_tok, LLAMA3, "", [Message("user", "u"), Message("assistant", "春日:「你")])
+    assert llama3_tok.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n春日:「你")
+    ids = chat_prompt_ids(llama3_tok, LLAMA3, "S", [Message("user", "u"), Message("system", "note")])
+    assert llama3_tok.decode(ids).endswith(
+        "u<|eot_id|><|start_header_id|>system<|end_header_id|>\n\nnote<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    with pytest.raises(ValueError, match="at least one message"):
+        chat_prompt_ids(llama3_tok, LLAMA3, "S", [])
 
 
 def test_stop_tokens(llama3_tok, gpt_oss_tok):

@@ -60,11 +60,18 @@ class Template:
     efficient_eos: str | None
     stop_words: tuple[str, ...]
     special_tokens: tuple[str, ...]  # the family's special tokens that a tokenizer must know
+    # the reply's header, which LLaMA-Factory writes at the end of the user slot
+    reply_header: str = ""
 
     @property
     def empty_thought(self) -> str:
         assert self.thought_words is not None
         return self.thought_words[0] + self.thought_words[1]
+
+    @property
+    def user_block(self) -> str:
+        """The user slot without the reply's header: a user message that no reply follows."""
+        return self.user_slot.removesuffix(self.reply_header)
 
 
 LLAMA3 = Template(
@@ -87,6 +94,7 @@ LLAMA3 = Template(
         "<|eot_id|>",
         "<|python_tag|>",
     ),
+    reply_header="<|start_header_id|>assistant<|end_header_id|>\n\n",
 )
 
 GPT_OSS = Template(
@@ -110,6 +118,7 @@ GPT_OSS = Template(
         "<|message|>",
         "<|call|>",
     ),
+    reply_header="<|start|>assistant",
 )
 
 TEMPLATES: dict[str, Template] = {"llama3": LLAMA3, "gpt_oss": GPT_OSS}
@@ -275,16 +284,91 @@ def encode_prediction(
 def chat_prompt_ids(
     tok: PreTrainedTokenizerBase, tpl: Template, system: str, messages: list[Message], enable_thinking: bool = False
 ) -> list[int]:
-    """Generation prompt for a chat that ends with a user message (serving and live chat).
+    """Generation prompt for a chat (serving and live chat), for messages in any order a chat template accepts.
 
-    The history is replayed as ``encode_oneturn`` lays out a prediction prompt (for gpt_oss:
-    earlier replies bare, the empty reasoning block only after the last user turn), the
-    layout a LoRA trained here saw.
+    Each message is laid out as its slot, in order: the first with the BOS and the system slot (``system``, else
+    the template's default), a user message as the user slot up to the reply's header, an assistant message as the
+    reply's header and the assistant slot, a system message after the first turn as the system slot, where it
+    stands (an empty one is skipped). After a trailing user or system message the reply's header opens the reply;
+    a trailing assistant message is continued: its text is the start of the reply, without an end-of-turn token.
+    For gpt_oss, earlier replies lose any reasoning block and the empty one goes after the last reply header
+    (thinking off). The ids are those of LLaMA-Factory's slots: a chat of user/assistant turns ending with a user
+    message gets exactly ``encode_oneturn``'s prediction prompt, the layout a LoRA trained here saw.
     """
-    if not messages or messages[-1].role != "user":
-        raise ValueError("a chat prompt needs messages that end with a user message")
-    prompt, _ = encode_oneturn(tok, tpl, system, [*messages, Message("assistant", "")], enable_thinking)
-    return prompt
+    if not messages:
+        raise ValueError("a chat prompt needs at least one message besides the system prompt")
+    ids = [tok.bos_token_id] if tpl.bos else []
+    system = system or tpl.default_system
+    if system:
+        ids += _ids(tok, tpl.system_slot.replace("{content}", system, 1))
+    end = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m.role == "user":
+            ids += _ids(tok, tpl.user_block.replace("{content}", m.content, 1))
+        elif m.role == "system":
+            if m.content:
+                ids += _ids(tok, tpl.system_slot.replace("{content}", m.content, 1))
+        elif i < end:
+            content = _remove_thought(tpl, m.content) if tpl.thought_words is not None else m.content
+            ids += _ids(tok, tpl.reply_header + tpl.assistant_slot.replace("{content}", content, 1))
+    last = messages[-1]
+    ids += _ids(tok, tpl.reply_header)
+    if (
+        tpl.thought_words is not None
+        and not enable_thinking
+        and not (last.role == "assistant" and _has_thought(tpl, last.content))
+    ):
+        ids += _ids(tok, tpl.empty_thought)
+    if last.role == "assistant":
+        ids += _ids(tok, last.content)  # continued: no end-of-turn token
+    return ids
+
+
+def _emit(slot: str, content: str = "") -> str:
+    """A Jinja statement writing ``slot`` with ``{content}`` replaced by the Jinja expression ``content``."""
+
+    def lit(text: str) -> str:
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+    head, has_content, tail = slot.partition("{content}")
+    parts = [lit(head), *([content] if has_content else []), *([lit(tail)] if tail else [])]
+    return "{{ " + " + ".join(parts) + " }}"
+
+
+def chat_template_jinja(tpl: Template) -> str:
+    """A Jinja chat template rendering what ``chat_prompt_ids`` lays out (thinking off): leading system messages
+    joined by blank lines into the system slot, every other message in its slot where it stands, and the final
+    assistant message of a gpt_oss chat after the empty reasoning block (``continue_final_message`` continues it as
+    the served prompt does)."""
+    reply = tpl.reply_header + (tpl.empty_thought if tpl.thought_words is not None else "")
+    text = "m['content']"
+    default = _emit(tpl.default_system)[3:-3]
+    return (
+        "{% set ns = namespace(lead=0) %}"
+        "{% for m in messages %}{% if m['role'] == 'system' and ns.lead == loop.index0 %}{% set ns.lead = loop.index %}"
+        "{% endif %}{% endfor %}"
+        "{% set system = messages[:ns.lead] | selectattr('content') | map(attribute='content') | join('\\n\\n') %}"
+        "{% set system = system or "
+        + default
+        + " %}"
+        + ("{{ bos_token }}" if tpl.bos else "")
+        + "{% if system %}"
+        + _emit(tpl.system_slot, "system")
+        + "{% endif %}"
+        "{% for m in messages[ns.lead:] %}"
+        "{% if m['role'] == 'user' %}"
+        + _emit(tpl.user_block, text)
+        + "{% elif m['role'] == 'system' %}{% if m['content'] %}"
+        + _emit(tpl.system_slot, text)
+        + "{% endif %}"
+        "{% elif loop.last %}"
+        + _emit(reply + tpl.assistant_slot, text)
+        + "{% else %}"
+        + _emit(tpl.reply_header + tpl.assistant_slot, text)
+        + "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}" + _emit(reply) + "{% endif %}"
+    )
 
 
 def stop_token_ids(tok: PreTrainedTokenizerBase, tpl: Template) -> list[int]:
