@@ -77,24 +77,22 @@ def top_changes(out: Path, base: str, run: str, k: int = TOP_CHANGES) -> list[di
     b, t = by_index(base), by_index(run)
     preds_b = _read_jsonl(out / base / "generated_predictions.jsonl")
     preds_t = _read_jsonl(out / run / "generated_predictions.jsonl")
-    rows = []
-    for i in sorted(b.keys() & t.keys(), key=lambda i: -abs(t[i] - b[i]))[:k]:
-        rows.append(
-            {
-                "index": i,
-                "delta": round(t[i] - b[i], 4),
-                "base_score": round(b[i], 4),
-                "tuned_score": round(t[i], 4),
-                "prompt_tail": preds_b[i]["prompt"][-200:],
-                "label": preds_b[i]["label"],
-                "base_predict": preds_b[i]["predict"],
-                "tuned_predict": preds_t[i]["predict"],
-            }
-        )
-    return rows
+    return [
+        {
+            "index": i,
+            "delta": round(t[i] - b[i], 4),
+            "base_score": round(b[i], 4),
+            "tuned_score": round(t[i], 4),
+            "prompt_tail": preds_b[i]["prompt"][-200:],
+            "label": preds_b[i]["label"],
+            "base_predict": preds_b[i]["predict"],
+            "tuned_predict": preds_t[i]["predict"],
+        }
+        for i in sorted(b.keys() & t.keys(), key=lambda i: -abs(t[i] - b[i]))[:k]
+    ]
 
 
-def bar_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+def bar_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +112,6 @@ def bar_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> Pat
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
 
 
 def write_comparison(out: Path, model_name: str, results: dict[str, dict[str, Any]]) -> dict[str, Path]:
@@ -123,7 +120,8 @@ def write_comparison(out: Path, model_name: str, results: dict[str, dict[str, An
     Runs whose replies are mostly empty are flagged in the table and logged as warnings.
     """
     empty = empty_shares(out, list(results))
-    for w in empty_warnings(empty):
+    warnings = empty_warnings(empty)
+    for w in warnings:
         log.warning("%s", w)
     table = markdown_table(model_name, results, empty)
     changes = {run: top_changes(out, "base", run) for run in results if run != "base" and "base" in results}
@@ -145,19 +143,13 @@ def write_comparison(out: Path, model_name: str, results: dict[str, dict[str, An
         md.append("")
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json", "png": out / "comparison.png"}
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
-    paths["json"].write_text(
-        json.dumps(
-            {
-                "model": model_name,
-                "results": results,
-                "empty_reply_share": empty,
-                "empty_reply_warnings": empty_warnings(empty),
-                "top_changes": changes,
-            },
-            indent=2,
-            ensure_ascii=False,
-        ),
-        encoding="utf-8",
-    )
+    report = {
+        "model": model_name,
+        "results": results,
+        "empty_reply_share": empty,
+        "empty_reply_warnings": warnings,
+        "top_changes": changes,
+    }
+    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     bar_chart(results, paths["png"], f"{model_name}: base vs fine-tuned on the val set")
     return paths

@@ -3,11 +3,6 @@
 A run is the base model (``adapter=None``) or one LoRA adapter. A prediction actor (``rp_ray.eval.predictor``)
 holds one engine serving every run of its group and calls ``generate`` once per (row, run) request, many at once.
 Neither engine decodes: replies go back as token ids and the driver decodes them with the tokenizer it already has.
-
-- :class:`AsyncVllmEngine` (``backend=vllm``): one vLLM ``AsyncLLM`` serving the base model and every adapter, built
-  by :class:`rp_ray.llm.vllm_engine.AsyncEngine`; requests of every run share its batches.
-- :class:`HfEngine` (``backend=hf``, transformers ``generate``) runs what vLLM cannot on CPU (gpt-oss + LoRA), one
-  left-padded batch per shard and run.
 """
 
 from __future__ import annotations
@@ -243,14 +238,10 @@ class HfEngine:
         if adapter:
             self.model.set_adapter(run)
         base_of_peft = not adapter and hasattr(self.model, "disable_adapter")
-        shard_start = reqs[0].row - reqs[0].row % self.cfg.shard_size
+        seed = row_seed(self.cfg.sampling, reqs[0].row - reqs[0].row % self.cfg.shard_size)  # the shard's first row
         try:
             with self.model.disable_adapter() if base_of_peft else contextlib.nullcontext():
-                replies = self._generate(
-                    [r.prompt_ids for r in reqs],
-                    min(r.max_tokens for r in reqs),
-                    row_seed(self.cfg.sampling, shard_start),
-                )
+                replies = self._generate([r.prompt_ids for r in reqs], min(r.max_tokens for r in reqs), seed)
         except Exception as e:  # noqa: BLE001 -- a failed batch is recorded per row
             return [Output(error=f"engine_error: {type(e).__name__}: {e}") for _ in reqs]
         return [Output(token_ids=tuple(ids)) for ids in replies]

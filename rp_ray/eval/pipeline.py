@@ -129,9 +129,7 @@ def engine_groups(cfg: EvalConfig, out: Path) -> list[tuple[str, list[Run]]]:
 
     groups = [(cfg.model.path, [base])] if cfg.include_base else []
     dtype = resolve_dtype(cfg.model.dtype, cfg.use_gpu)
-    task = ray.remote(merge_adapter).options(
-        name="merge_adapter", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0, max_retries=0
-    )
+    task = ray.remote(merge_adapter).options(name="merge_adapter", num_cpus=1, num_gpus=int(cfg.use_gpu), max_retries=0)
     merged = ray.get([task.remote(cfg.model.path, r.adapter, out / "merged" / r.name, dtype) for r in adapters])
     groups += [(path, [Run(r.name, None)]) for path, r in zip(merged, adapters)]
     return groups
@@ -243,19 +241,13 @@ def plan_requests(cfg: EvalConfig, writer: ShardWriter, todo: dict[str, list[int
 
 
 def log_engines(engines: list[dict[str, Any]]) -> None:
+    msg = (
+        "engine %d: ready after %.1f s (Ray actor %.1f s, waiting for the engine before it %.1f s, vLLM import "
+        "%.1f s, engine build %.1f s), bound %d, %d requests"
+    )
     for e in engines:
-        log.info(
-            "engine %d: ready after %.1f s (Ray actor %.1f s, waiting for the engine before it %.1f s, vLLM import "
-            "%.1f s, engine build %.1f s), bound %d, %d requests",
-            e["index"],
-            e["ready_s"],
-            e["actor_start_s"],
-            e["waited_s"],
-            e.get("import_vllm_s", 0.0),
-            e.get("build_engine_s", 0.0),
-            e["bound"],
-            e["requests"],
-        )
+        vllm = e.get("import_vllm_s", 0.0), e.get("build_engine_s", 0.0)
+        log.info(msg, e["index"], e["ready_s"], e["actor_start_s"], e["waited_s"], *vllm, e["bound"], e["requests"])
 
 
 def _predict_group(
@@ -269,14 +261,9 @@ def _predict_group(
     todo = todo_shards(out, runs, n_shards)
     writer = ShardWriter(out, rows, cfg.shard_size, todo, decode)
     requests = plan_requests(cfg, writer, todo, runs)
-    log.info(
-        "runs %s: %d of %d shards to predict, %d requests (rows x runs) in one pass over %d engine(s)",
-        [r.name for r in runs],
-        len({s for shards in todo.values() for s in shards}),
-        n_shards,
-        len(requests),
-        len(actors),
-    )
+    msg = "runs %s: %d of %d shards to predict, %d requests (rows x runs) in one pass over %d engine(s)"
+    n_todo = len({s for shards in todo.values() for s in shards})
+    log.info(msg, [r.name for r in runs], n_todo, n_shards, len(requests), len(actors))
     try:
         with tqdm(total=len(requests), desc="predict", unit="sample", mininterval=1.0) as bar:
             stats = Scheduler(actors, requests, writer.add, created, bar.update, cfg.max_inflight).run()
@@ -308,9 +295,8 @@ def _finish_run(out: Path, run: Run, n_shards: int, g: GroupStats) -> dict[str, 
     recs = [json.loads(x) for x in lines]
     ok = [i for i, r in enumerate(recs) if "error" not in r]
     scores = score_pairs_parallel([recs[i]["predict"] for i in ok], [recs[i]["label"] for i in ok])
-    write_atomic(
-        out / run.name / "sample_scores.jsonl", [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)]
-    )
+    per_row = [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)]
+    write_atomic(out / run.name / "sample_scores.jsonl", per_row)
     did = g.shards_done > 0
     runtime = max(g.predict_s, 1e-9)
     return mean_scores(scores) | {
@@ -358,10 +344,8 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     prep = prepare(cfg.model, cfg.data, out / "data", need=("val",))
-    ensure_ray(
-        cfg.num_actors * cfg.cpus_per_actor + 1,
-        resume_hint=f"rerun the same eval with output_dir={out}: finished shards are kept",
-    )
+    hint = f"rerun the same eval with output_dir={out}: finished shards are kept"
+    ensure_ray(cfg.num_actors * cfg.cpus_per_actor + 1, resume_hint=hint)
     groups = engine_groups(cfg, out)
     for _, runs in groups:
         for r in runs:
@@ -371,10 +355,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     for name, res in results.items():
         res["job_wall_seconds"] = job_wall  # the whole job: preparation, engines, prediction, scoring
         (out / name / "predict_results.json").write_text(json.dumps(res, indent=2))
-        log.info(
-            "%s: %s",
-            name,
-            {k: v for k, v in res.items() if k.startswith(("predict_b", "predict_r", "predict_s", "n_", "job_"))},
-        )
+        shown = {k: v for k, v in res.items() if k.startswith(("predict_b", "predict_r", "predict_s", "n_", "job_"))}
+        log.info("%s: %s", name, shown)
     (out / "eval_summary.json").write_text(json.dumps(results, indent=2))
     return EvalResult(out, results)

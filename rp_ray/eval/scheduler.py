@@ -9,9 +9,8 @@ driver keeps, per actor, at most ``bound + chunk`` requests outstanding (``bound
 :func:`request_bound`; ``chunk`` = ``bound / 4``), sends the next small chunk to whichever actor returned one,
 and so balances a pool of engines of any speed with at most one chunk queued in front of each engine.
 
-Requests go out in input order, shard by shard, every run of a row together, so shards complete early and in
-order, for every run at about the same time. An actor that dies (its engine failed, its node went away) has
-its outstanding requests handed to the others; only when none is left does the job fail.
+An actor that dies (its engine failed, its node went away) has its outstanding requests handed to the others; only
+when none is left does the job fail.
 """
 
 from __future__ import annotations
@@ -161,17 +160,12 @@ class Scheduler:
         st.chunk = max(1, math.ceil(st.bound / CHUNKS_PER_BOUND))
         self.infos[st.index] = info
         self.live[st.index] = st
-        log.info(
+        msg = (
             "engine %d ready after %.1f s: up to %d requests in flight (max_num_seqs %d, KV cache %d tokens, "
-            "mean request %.0f tokens), chunks of %d",
-            st.index,
-            info["ready"] - self.created,
-            st.bound,
-            info["max_num_seqs"],
-            info["kv_tokens"],
-            self.mean_tokens,
-            st.chunk,
+            "mean request %.0f tokens), chunks of %d"
         )
+        sizes = info["max_num_seqs"], info["kv_tokens"], self.mean_tokens
+        log.info(msg, st.index, info["ready"] - self.created, st.bound, *sizes, st.chunk)
 
     def _returned(self, ref: Any) -> None:
         """A chunk came back: record its replies, or hand its requests back to the pool if its actor died."""
