@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from rp_ray.character.card import Card, card_from_dict
 from rp_ray.character.card import Sampling as CardSampling
 from rp_ray.character.catalog import entry_card, load_catalog
-from rp_ray.character.prompt import leading_system
+from rp_ray.character.prompt import card_turns, leading_system
 from rp_ray.config import ConfigError, ServeConfig
 from rp_ray.data import Message
 from rp_ray.llm.template import LLAMA3, chat_prompt_ids
@@ -192,7 +193,11 @@ def test_prepare_builds_the_prompt_adapter_and_sampling(serving):
     assert serving.prepare(parse_request({"model": "a1", "messages": USER})).adapter == "a1"
     for body, status, param in [
         ({"model": "nobody", "messages": USER}, 404, "model"),
-        ({"model": "base", "messages": [*USER, {"role": "system", "content": "x"}, *USER]}, 400, "messages"),
+        (
+            {"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "messages.0.content",
+        ),
         ({"model": "base", "messages": USER, "max_tokens": 65}, 400, "max_tokens"),
         ({"model": "base", "messages": [{"role": "user", "content": "你好" * 400}]}, 400, "messages"),
     ]:
@@ -287,6 +292,32 @@ def test_leading_system_messages_are_one_system_prompt(serving):
     chat = serving.prepare(parse_request({"model": "haruhi", "messages": msgs}))
     want = [Message("assistant", "「你好！」"), Message("user", USER[0]["content"])]
     assert chat.prompt == chat_prompt_ids(serving.tok, LLAMA3, system, want)  # the request's system wins the card's
+
+
+def note_card(note: dict | None, post: str = "Stay {{char}}.") -> Card:
+    ext = {"depth_prompt": note} if note is not None else {}
+    data = {"name": "Aoi", "post_history_instructions": post, "extensions": ext}
+    return card_from_dict({"spec": "chara_card_v2", "spec_version": "2.0", "data": data}, "test card")
+
+
+def test_characters_note_and_post_history_land_where_sillytavern_puts_them():
+    """The Character's Note (``extensions.depth_prompt``) ``depth`` messages from the end of the history, in its
+    role; the post-history instructions after the history, as a system message."""
+    turns = [Message("user", "u0"), Message("assistant", "a0"), Message("user", "u1")]
+    note = {"prompt": "[{{char}} is tired]", "depth": 2, "role": "system"}
+    assert card_turns(note_card(note), turns) == [
+        turns[0],
+        Message("system", "[Aoi is tired]"),
+        *turns[1:],
+        Message("system", "Stay Aoi."),
+    ]
+    at_end = card_turns(note_card(note | {"depth": 0, "role": "user"}, post=""), turns)
+    assert at_end == [*turns, Message("user", "[Aoi is tired]")]
+    assert card_turns(note_card(note | {"depth": 99}, post=""), turns)[0] == Message("system", "[Aoi is tired]")
+    # as SillyTavern reads a malformed note: depth 4 (here: before everything), role system
+    odd = card_turns(note_card(note | {"depth": "x", "role": "narrator"}, post=""), turns)
+    assert odd[0] == Message("system", "[Aoi is tired]")
+    assert card_turns(note_card({"prompt": " "}, post=""), turns) == turns
 
 
 def completion(**kw):
@@ -395,12 +426,6 @@ def test_tokenize_counts_what_the_completions_send(serving):
         (serving.tokenize, TokenizeRequest(model="nobody", prompt="x"), 404, "model"),
         (serving.tokenize, TokenizeRequest(model="base"), 400, "prompt"),
         (serving.tokenize, TokenizeRequest(model="base", prompt="x", messages=USER), 400, "prompt"),
-        (
-            serving.tokenize,
-            TokenizeRequest(model="base", messages=[{"role": "assistant", "content": "x"}]),
-            400,
-            "messages",
-        ),
         (serving.detokenize, DetokenizeRequest(model="base", tokens=[1, 4096]), 400, "tokens"),
         (serving.detokenize, DetokenizeRequest(model="nobody", tokens=[1]), 404, "model"),
     ]:
@@ -599,8 +624,8 @@ def aoi_system(lore_before: list[str], lore_after: list[str], user: str = "User"
 
 def test_a_v3_card_prompt_in_sillytaverns_order(carded):
     """System prompt ({{original}}), lore before_char, description, personality, scenario, lore after_char,
-    examples; then the history (macros applied); post_history_instructions last (after the last user message: the
-    template's only system slot is the first); creator_notes nowhere."""
+    examples; then the history (macros applied); post_history_instructions last, as a system message after the
+    history; creator_notes nowhere."""
     s = carded.serving
     history = [*chat_of(2), {"role": "assistant", "content": "Fine, {{user}}."}, chat_of(3)[-1]]
     chat = s.prepare(parse_request({"model": "aoi", "messages": history, "rp_debug": True}))
@@ -610,7 +635,7 @@ def test_a_v3_card_prompt_in_sillytaverns_order(carded):
     )
     turns = [Message(m["role"], m["content"]) for m in history[:-1]]
     turns[-1] = Message("assistant", "Fine, User.")
-    turns.append(Message("user", TURNS[4] + f"\n\nReply as {AOI} in under 60 words."))
+    turns += [Message("user", TURNS[4]), Message("system", f"Reply as {AOI} in under 60 words.")]
     assert chat.debug["system_prompt"] == system
     assert chat.prompt == chat_prompt_ids(s.tok, LLAMA3, system, turns)
     text = s.tok.decode(chat.prompt)

@@ -399,6 +399,7 @@ SHAPES = {
     "impersonate": [*HEAD, ("user", "u"), ("assistant", "a"), ("system", "[Write your next reply as User.]")],
     "continue": [*HEAD, ("user", "阿虚:「早」"), ("assistant", "春日:「你来晚了！")],
     "after_greeting": HEAD,
+    "only_system": HEAD[:2],
     "no_system": [("user", "hi"), ("assistant", "yo"), ("user", "again")],
 }
 
@@ -410,10 +411,10 @@ def test_every_message_shape_renders_as_the_chat_template(family, shape, llama3_
     tiny model's chat_template.jinja), a trailing assistant message continued (``continue_final_message``)."""
     tok, tpl = (llama3_tok, LLAMA3) if family == "llama3" else (gpt_oss_tok, GPT_OSS)
     chat = [{"role": r, "content": c} for r, c in SHAPES[shape]]
-    lead = next(i for i, m in enumerate(chat) if m["role"] != "system")
+    lead = next((i for i, m in enumerate(chat) if m["role"] != "system"), len(chat))
     system = "\n\n".join(m["content"] for m in chat[:lead] if m["content"])
     ours = chat_prompt_ids(tok, tpl, system, [Message(m["role"], m["content"]) for m in chat[lead:]])
-    cont = chat[-1]["role"] == "assistant"
+    cont = len(chat) > lead and chat[-1]["role"] == "assistant"
     text = tok.apply_chat_template(chat, add_generation_prompt=not cont, continue_final_message=cont, tokenize=False)
     assert tok.decode(ours) == text
     assert ours == tok(text, add_special_tokens=False)["input_ids"]
@@ -427,8 +428,8 @@ def test_continued_reply_is_open_and_mid_chat_system_has_its_block(llama3_tok):
         "u<|eot_id|><|start_header_id|>system<|end_header_id|>\n\nnote<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    with pytest.raises(ValueError, match="at least one message"):
-        chat_prompt_ids(llama3_tok, LLAMA3, "S", [])
+    only_system = llama3_tok.decode(chat_prompt_ids(llama3_tok, LLAMA3, "S", []))
+    assert only_system.endswith("S<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_stop_tokens(llama3_tok, gpt_oss_tok):

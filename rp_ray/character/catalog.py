@@ -126,7 +126,7 @@ class Character:
         return [e for _, _, e in sorted(found, key=lambda t: (t[0], t[1]))]
 
     def prompt(self, messages: Sequence[Turn], count_tokens: CountTokens) -> Prompt:
-        """The chat's prompt (rules in the module docstring); a ``PromptError`` for misplaced system messages."""
+        """The chat's prompt (rules in the module docstring)."""
         own, system, turns = leading_system(messages)
         if own:
             return Prompt(system, turns)

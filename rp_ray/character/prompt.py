@@ -10,7 +10,8 @@ served chat is built from.
    memory in ChatHaruhi's layout (``"Classic scenes for the role are as follows:\\n"`` + scenes joined by
    ``"\\n###\\n"``, so a card whose only text is a ChatHaruhi persona gives exactly the data's system prompt); the
    example messages (``mes_example`` split on ``<START>``, each block as ``"[Example Chat]\\n" + block``);
-2. the chat history as given;
+2. the chat history as given, with the Character's Note (``extensions.depth_prompt``: ``prompt``, ``depth``,
+   ``role``) inserted ``depth`` messages from its end;
 3. ``post_history_instructions`` (``{{original}}`` -> ``default_post_history``; ``default_post_history`` when the
    card has none) as a final system message, when not empty.
 
@@ -19,10 +20,9 @@ card's name), ``{{user}}`` (``user_name``), and the legacy ``<BOT>`` / ``<USER>`
 case-insensitively, as SillyTavern does. ``greetings`` gives ``[first_mes, *alternate_greetings]`` (empty ones
 dropped) with macros applied.
 
-A served chat (``Prompt``) has one system text and the turns the training template lays out; the templates have one
-system slot, at the start, so ``card_turns`` appends the post-history instructions to the last user message after a
-blank line: still the last text before the reply. A request whose messages start with system messages keeps them
-(``leading_system``) as its whole system prompt.
+A served chat (``Prompt``) is the system text of part 1 and the messages of parts 2 and 3 (``card_turns``), laid
+out by the chat template message by message. A request whose messages start with system messages keeps them
+(``leading_system``) as its whole system prompt; later system messages stay where they stand.
 """
 
 from __future__ import annotations
@@ -49,10 +49,6 @@ _USER = re.compile(r"\{\{user\}\}|<user>", re.IGNORECASE)
 _ORIGINAL = re.compile(r"\{\{original\}\}", re.IGNORECASE)
 
 
-class PromptError(ValueError):
-    """Messages no prompt can be built from; the message says why."""
-
-
 class Turn(Protocol):
     """A chat message as a request brings it (serving's pydantic messages, ``rp_ray.data.Message``)."""
 
@@ -77,13 +73,10 @@ class Prompt:
 
 def leading_system(messages: Sequence[Turn]) -> tuple[bool, str, list[Message]]:
     """(whether the messages start with system messages, those joined by blank lines (empty ones skipped), the
-    turns after them); a system message after the first turn is a ``PromptError``."""
+    messages after them, later system messages included)."""
     lead = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
     system = "\n\n".join(m.content for m in messages[:lead] if m.content)
-    turns = [Message(m.role, m.content) for m in messages[lead:]]
-    if any(m.role == "system" for m in turns):
-        raise PromptError("a system message may only come first")
-    return lead > 0, system, turns
+    return lead > 0, system, [Message(m.role, m.content) for m in messages[lead:]]
 
 
 def apply_macros(text: str, char: str, user: str = "User") -> str:
@@ -144,21 +137,16 @@ def build_messages(
     lore: Sequence[BookEntry | str] = (),
     scenes: Sequence[str] = (),
 ) -> list[dict[str, str]]:
-    """``[system, *history, post-history system?]`` as ``{"role", "content"}`` dicts (rules in the module
-    docstring). ``history`` items are mappings or objects with ``role`` and ``content`` (e.g. pydantic messages);
+    """``[system, *history (with the Character's Note), post-history system?]`` as ``{"role", "content"}`` dicts
+    (rules in the module docstring). ``history`` items are mappings or objects with ``role`` and ``content``;
     ``lore`` is what ``lorebook.activate`` returned (entries keep their position); ``scenes`` the retrieved scene
     memory, already fitted to its budget (``scenes.fit_scenes``)."""
-    out = []
     system = system_prompt(card, user_name=user_name, default_system=default_system, lore=lore, scenes=scenes)
-    if system.strip():
-        out.append({"role": "system", "content": system})
-    for m in history:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content)
-        out.append({"role": role, "content": apply_macros(content, card.name, user_name)})
-    post = post_history(card, user_name, default_post_history)
-    if post is not None:
-        out.append({"role": "system", "content": post})
-    return out
+    turns = [Message(m["role"], m["content"]) if isinstance(m, Mapping) else m for m in history]
+    out = [{"role": "system", "content": system}] if system.strip() else []
+    return out + [
+        {"role": m.role, "content": m.content} for m in card_turns(card, turns, user_name, default_post_history)
+    ]
 
 
 def post_history(card: Card, user_name: str = "User", default_post_history: str = "") -> str | None:
@@ -168,12 +156,31 @@ def post_history(card: Card, user_name: str = "User", default_post_history: str 
     return apply_macros(post, card.name, user_name) if post.strip() else None
 
 
-def card_turns(card: Card, turns: Sequence[Turn], user_name: str = "User") -> list[Message]:
-    """The chat history with macros applied, the post-history instructions appended to a last user message."""
+def depth_prompt(card: Card) -> tuple[str, int, str] | None:
+    """The Character's Note (``extensions.depth_prompt``) as (text, depth, role), None when the card has none; as
+    SillyTavern reads it, a depth that is not a whole number is 4 and a role it does not know is system."""
+    note = card.data.extensions.get("depth_prompt")
+    if not isinstance(note, dict) or not isinstance(note.get("prompt"), str) or not note["prompt"].strip():
+        return None
+    depth = note.get("depth")
+    depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0 else 4
+    role = note.get("role") if note.get("role") in ("system", "user", "assistant") else "system"
+    return note["prompt"], depth, role
+
+
+def card_turns(
+    card: Card, turns: Sequence[Turn], user_name: str = "User", default_post_history: str = ""
+) -> list[Message]:
+    """The chat history with macros applied, the Character's Note ``depth`` messages from its end and the
+    post-history instructions after it."""
     out = [Message(m.role, apply_macros(m.content, card.name, user_name)) for m in turns]
-    post = post_history(card, user_name)
-    if post is not None and out and out[-1].role == "user":
-        out[-1] = Message("user", f"{out[-1].content}\n\n{post}")
+    note = depth_prompt(card)
+    if note is not None:
+        text, depth, role = note
+        out.insert(max(0, len(out) - depth), Message(role, apply_macros(text, card.name, user_name)))
+    post = post_history(card, user_name, default_post_history)
+    if post is not None:
+        out.append(Message("system", post))
     return out
 
 

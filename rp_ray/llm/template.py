@@ -295,8 +295,6 @@ def chat_prompt_ids(
     (thinking off). The ids are those of LLaMA-Factory's slots: a chat of user/assistant turns ending with a user
     message gets exactly ``encode_oneturn``'s prediction prompt, the layout a LoRA trained here saw.
     """
-    if not messages:
-        raise ValueError("a chat prompt needs at least one message besides the system prompt")
     ids = [tok.bos_token_id] if tpl.bos else []
     system = system or tpl.default_system
     if system:
@@ -310,17 +308,13 @@ def chat_prompt_ids(
                 ids += _ids(tok, tpl.system_slot.replace("{content}", m.content, 1))
         elif i < end:
             content = _remove_thought(tpl, m.content) if tpl.thought_words is not None else m.content
-            ids += _ids(tok, tpl.reply_header + tpl.assistant_slot.replace("{content}", content, 1))
-    last = messages[-1]
+            ids += _ids(tok, tpl.reply_header) + _ids(tok, tpl.assistant_slot.replace("{content}", content, 1))
+    continued = messages[-1].content if messages and messages[-1].role == "assistant" else None
     ids += _ids(tok, tpl.reply_header)
-    if (
-        tpl.thought_words is not None
-        and not enable_thinking
-        and not (last.role == "assistant" and _has_thought(tpl, last.content))
-    ):
+    if tpl.thought_words is not None and not enable_thinking and not _has_thought(tpl, continued or ""):
         ids += _ids(tok, tpl.empty_thought)
-    if last.role == "assistant":
-        ids += _ids(tok, last.content)  # continued: no end-of-turn token
+    if continued is not None:
+        ids += _ids(tok, continued)  # no end-of-turn token: the reply goes on from here
     return ids
 
 

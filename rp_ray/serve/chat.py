@@ -13,7 +13,7 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from rp_ray.llm.reply import ReplyStream
 from rp_ray.llm.template import Template
@@ -22,9 +22,9 @@ from rp_ray.serve.protocol import (
     MAX_TOP_LOGPROBS,
     APIError,
     ChatMessage,
-    ChatStop,
     Delta,
     SamplingRequest,
+    Stop,
     TokenLogprob,
     Usage,
     _none,
@@ -41,7 +41,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: ChatStop = None
+    stop: Stop = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     rp_debug: bool = Field(
@@ -50,12 +50,12 @@ class ChatCompletionRequest(SamplingRequest):
         "entries, scenes and system prompt the prompt was built with.",
     )
 
-    @field_validator("messages")
-    @classmethod
-    def _ends_with_user(cls, v: list[ChatMessage]) -> list[ChatMessage]:
-        if v[-1].role != "user":
-            raise ValueError("the last message must have role 'user'")
-        return v
+    add_generation_prompt: bool = Field(
+        True, description="vLLM's: false only with a final assistant message, which is then continued"
+    )
+    continue_final_message: bool = Field(
+        False, description="vLLM's: continue the final assistant message (a final assistant message always is)"
+    )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -68,6 +68,15 @@ class ChatCompletionRequest(SamplingRequest):
     def check(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        continued = self.messages[-1].role == "assistant"
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "set add_generation_prompt: false to continue the final message", param="messages")
+        if (self.continue_final_message or not self.add_generation_prompt) and not continued:
+            raise APIError(
+                400,
+                "continuing a message (add_generation_prompt: false) needs a final assistant message",
+                param="messages",
+            )
 
     def endpoint_params(self) -> dict[str, Any]:
         # special tokens kept: gpt-oss channels are parsed out of the raw text (``ChatChoice``), never shown

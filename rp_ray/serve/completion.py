@@ -15,9 +15,9 @@ from rp_ray.serve.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     MAX_TOP_LOGPROBS,
     APIError,
-    CompletionStop,
     Delta,
     SamplingRequest,
+    Stop,
     TokenLogprob,
     Usage,
     _none,
@@ -62,7 +62,7 @@ class CompletionRequest(SamplingRequest):
     PROMPT_PARAM: ClassVar[str] = "prompt"
     prompt: Prompt
     max_tokens: int | None = Field(None, ge=1)
-    stop: CompletionStop = None
+    stop: Stop = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from rp_ray.character.card import Sampling
 from rp_ray.config import ServeConfig
@@ -34,9 +34,9 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for text completions that
 MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300  # entries of one logit_bias map
 MAX_STOP_CHARS = 256  # characters of one stop string
-CHAT_MAX_STOP = 4  # OpenAI's cap on stop strings
-# SillyTavern's text-completion mode sends the names and instruct sequences as stop strings besides the user's own
-COMPLETION_MAX_STOP = 16
+# stop strings of one request: vLLM sets no cap; SillyTavern's text-completion mode sends every group member's name
+# and the instruct sequences besides the user's own (18 for a group of 14)
+MAX_STOP = 256
 INT64 = 1 << 63
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON: vLLM's server and OpenAI floor logprobs here
 
@@ -62,10 +62,34 @@ class APIError(Exception):
 # -- requests --------------------------------------------------------------------------------------------------
 
 
+def _text_of(content: Any) -> Any:
+    """A message's content: a string, or a list of text parts (``{"type": "text", "text": ...}``) joined by newlines
+    as vLLM joins them; any other part is refused (the served models read text only)."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a {kind!r} part" if isinstance(kind, str) else "not a text part"
+            raise ValueError(f"part {i} is {what}; the served models read text only: send text parts or a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class ChatMessage(BaseModel):
+    """A chat message: ``developer`` (OpenAI's newer name for system instructions) is a system message; ``name`` is
+    accepted and, as the served chat templates do, not rendered."""
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Annotated[str, BeforeValidator(_text_of)]
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, v: str) -> str:
+        return "system" if v == "developer" else v
 
 
 class StreamOptions(BaseModel):
@@ -88,8 +112,7 @@ def stop_type(max_items: int) -> Any:
     ]
 
 
-ChatStop = stop_type(CHAT_MAX_STOP)
-CompletionStop = stop_type(COMPLETION_MAX_STOP)
+Stop = stop_type(MAX_STOP)
 # token id (a string key, as JSON objects have) -> bias added to its logit
 LogitBias = (
     Annotated[
@@ -122,7 +145,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # vLLM's range
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -251,7 +274,8 @@ def check_limits(
     if room < 1:
         raise APIError(
             400,
-            f"the prompt has {prompt_tokens} tokens; the context holds {context_len}",
+            f"the prompt has {prompt_tokens} tokens and the context holds {context_len}: {1 - room} tokens too many "
+            f"to leave room for a reply; drop the oldest messages",
             param=req.PROMPT_PARAM,
             code="context_length_exceeded",
         )
