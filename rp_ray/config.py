@@ -417,7 +417,12 @@ class ServeConfig(VllmSettings):
     )
     api_key_env: str = Field("RP_RAY_API_KEY", description="Environment variable holding the bearer API key.")
     api_key_file: str | None = Field(None, description="File holding the API key (used when the variable is unset).")
-    max_messages: int = Field(64, ge=1, description="Most messages one request may carry.")
+    max_messages: int = Field(
+        1000,
+        ge=1,
+        description="Most messages one request may carry: a sanity cap far above real chats (SillyTavern trims by "
+        "tokens, not messages); the context length is the real limit.",
+    )
     max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for (also the default).")
     max_n: int = Field(4, ge=1, description="Largest n a request may ask for.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above it).")

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "RP_RAY_API_KEY"
 DEFAULT_CONTEXT = 4096  # when the server does not say (no /tokenize)
-MAX_MESSAGES = 64  # the serve config's default max_messages
+MAX_MESSAGES = 1000  # the serve config's default max_messages
 PER_MESSAGE_TOKENS = 8  # what a chat template adds around one message, for the estimate
 HELP = """commands:
   /reset          forget the conversation
