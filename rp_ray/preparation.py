@@ -60,8 +60,7 @@ def prepare(model: ModelConfig, data: DataConfig, report_dir: str | Path, need: 
     """Load the tokenizer (a bad model fails before any data work), read and check the splits, write the data report.
 
     ``model`` and ``data`` should carry absolute paths (:func:`absolute_paths`). Every split named in ``need``
-    must keep at least one conversation. The report is written before the drop-ratio check, so a refused run
-    leaves it behind.
+    must keep at least one conversation.
     """
     tpl = get_template(model.template)
     tok = load_tokenizer(model.path, tpl)
@@ -105,9 +104,8 @@ def encode_split(
 ) -> tuple[list[dict[str, Any]], EncodeStats]:
     """The one supervised encoding loop: ``convs`` -> rows (``idx``, ``input_ids``, ``labels``) and their statistics.
 
-    Training runs it in the driver with the tokenizer :func:`prepare` loaded, then hands the rows to the workers
-    through Ray Data (an actor pool would pay a process start and a tokenizer load per run, for no parallelism);
-    ``rp-ray data`` reports the statistics of exactly what training will see.
+    Training runs it in the driver with the tokenizer :func:`prepare` loaded (an actor pool would pay a process start
+    and a tokenizer load per run, for no parallelism).
     """
     from tqdm.auto import tqdm
 

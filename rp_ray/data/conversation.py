@@ -75,11 +75,7 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
     t = attr.tags
     pairs: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get(t.role_tag), str)
-            or not isinstance(m.get(t.content_tag), str)
-        ):
+        if not (isinstance(m, dict) and isinstance(m.get(t.role_tag), str) and isinstance(m.get(t.content_tag), str)):
             raise Dropped("bad_message", f"message {i} needs string {t.role_tag!r} and {t.content_tag!r}")
         pairs.append((m[t.role_tag], m[t.content_tag]))
 

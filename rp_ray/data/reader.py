@@ -61,9 +61,7 @@ def data_suffix(path: Path) -> str:
 
 def _is_json_array(path: Path) -> bool:
     with _open(path) as f:
-        head = f.read(4096)
-    head = head.removeprefix(BOM).lstrip()
-    return head.startswith(b"[")
+        return f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
 
 
 def _too_long(size: int, max_row_bytes: int) -> str:
@@ -113,12 +111,7 @@ class _ArrayText:
 
     def drop(self, k: int) -> None:
         """Forget ``buf[:k]``, keeping the file position of what is left."""
-        n = self.buf.count("\n", 0, k)
-        if n:
-            self.line += n
-            self.col = k - self.buf.rfind("\n", 0, k)
-        else:
-            self.col += k
+        self.line, self.col = self.where(k)
         self.buf = self.buf[k:]
         self.pos -= k
 
@@ -227,10 +220,7 @@ def _read_array(f: IO[bytes], path: Path, max_row_bytes: int) -> Iterator[RawRow
     t = _ArrayText(f, path)
     t.next_char()
     t.pos += 1  # the "[" (the caller checked it is there)
-    c = t.next_char()
-    index = 0
-    if c == "]":
-        t.pos += 1
+    c, index = t.next_char(), 0
     while c != "]":
         if c is None:
             raise t.error("the file ends before the array's closing ]", t.where(t.pos))
@@ -251,15 +241,11 @@ def _read_array(f: IO[bytes], path: Path, max_row_bytes: int) -> Iterator[RawRow
         c = t.next_char()
         if c == ",":
             t.pos += 1
-            c = t.next_char()
-            if c == "]":
+            if (c := t.next_char()) == "]":
                 raise t.error("a comma before the closing ]", t.where(t.pos))
-        elif c == "]":
-            t.pos += 1
-        elif c is None:
-            raise t.error("the file ends before the array's closing ]", t.where(t.pos))
-        else:
+        elif c not in ("]", None):  # None: the loop's check names the end of the file
             raise t.error("Expecting ',' delimiter", t.where(t.pos))
+    t.pos += 1  # the "]"
     if t.next_char() is not None:
         raise t.error("Extra data after the array", t.where(t.pos))
 

@@ -108,11 +108,7 @@ def sample_candidates(dataset_dir: str | Path, file_name: str) -> list[Path]:
     """Where the shipped sample of a registered file lies: ``sample/<file_name>``, and for a compressed
     ``file_name`` its uncompressed name (``haruhi_train.json.xz`` -> ``sample/haruhi_train.json``)."""
     base = Path(dataset_dir) / SAMPLE_SUBDIR
-    out = [base / file_name]
-    for suffix in COMPRESSED:
-        if file_name.endswith(suffix):
-            out.append(base / file_name.removesuffix(suffix))
-    return out
+    return [base / file_name] + [base / file_name.removesuffix(s) for s in COMPRESSED if file_name.endswith(s)]
 
 
 def resolve(dataset_dir: str | Path, name: str, use_sample: bool = False) -> tuple[DatasetAttr, Path]:

@@ -26,9 +26,7 @@ class DatasetReport(BaseModel):
     rows_read: int = 0
     kept: int = 0
     dropped: dict[str, int] = Field(default_factory=dict)
-    examples: dict[str, list[str]] = Field(
-        default_factory=dict, description="where + detail of the first drops per reason"
-    )
+    examples: dict[str, list[str]] = Field(default_factory=dict)  # where + detail of the first drops per reason
 
     @property
     def n_dropped(self) -> int:
