@@ -163,6 +163,97 @@ def test_sillytavern_text_completion_body_streamed_and_not(app):
     assert [o for e in events for c in e["choices"] for o in c["logprobs"]["text_offset"]] == lp["text_offset"]
 
 
+def _system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+_HEAD = ST_CHAT["messages"][:4]  # the prompt manager's system messages and the greeting
+_USER = ST_CHAT["messages"][4]
+_REPLY = {"role": "assistant", "content": "春日:「你来晚了！」"}
+_CUT = {"role": "assistant", "content": "春日:「你来"}
+# SillyTavern's everyday Chat Completion shapes, as its openai.js builds them
+ST_SHAPES = {
+    "post_history_instructions": [*_HEAD, _USER, _system("Stay in character as 凉宫春日.")],
+    "impersonate": [
+        *[*_HEAD, _USER, _REPLY],
+        _system(
+            "[Write your next reply from the point of view of 阿虚, using the chat history so far as a guideline.]"
+        ),
+    ],
+    "group_nudge": [*_HEAD, _USER, _system("[Write the next reply only as 凉宫春日.]")],
+    "quiet_prompt": [*_HEAD, _USER, _REPLY, _system("[Pause your roleplay. Summarize the story so far.]")],
+    "continue": [*_HEAD, _USER, _CUT, _system(f"[Continue the following message: {_CUT['content']}]")],
+    "continue_prefill": [*_HEAD, _USER, _CUT],
+    "after_greeting": _HEAD,
+    "authors_note": [
+        *[*_HEAD, _USER, _REPLY, _system("[Author's note: it is raining in the story.]")],
+        *[_USER, _REPLY, _USER, _REPLY, _USER],
+    ],
+    "long_chat": [*_HEAD, *[{"role": "user", "content": "早"}, {"role": "assistant", "content": "嗯"}] * 37, _USER],
+    "text_parts": [
+        *_HEAD,
+        {"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}, {"type": "text", "text": "(笑)"}]},
+    ],
+}
+
+
+def _template_ids(tok, messages: list[dict]) -> list[int]:
+    """The prompt ids the model's own chat template gives (its chat_template.jinja through apply_chat_template), a
+    final assistant message continued."""
+    flat = [
+        m | {"content": "\n".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+        for m in messages
+    ]
+    cont = flat[-1]["role"] == "assistant"
+    text = tok.apply_chat_template(flat, add_generation_prompt=not cont, continue_final_message=cont, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("shape", sorted(ST_SHAPES))
+def test_sillytaverns_message_shapes_get_replies_on_the_templates_prompt(app, llama3_tok, shape):
+    """Each shape, through plain HTTP and the official client, streamed and not: 200 and a non-empty reply; the
+    served prompt is the chat template's (``/tokenize`` of the messages, whose count is the reply's
+    ``usage.prompt_tokens``)."""
+    messages = ST_SHAPES[shape]
+    if shape == "long_chat":
+        assert len(messages) == 79
+    body = ST_CHAT | {"messages": messages, "logprobs": False, "top_logprobs": None}
+    r = post(app, "/tokenize", {"model": "haruhi", "messages": messages})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == _template_ids(llama3_tok, messages)
+    count = r.json()["count"]
+
+    r = post(app, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] and r.json()["usage"]["prompt_tokens"] == count
+    events = sse(post(app, "/v1/chat/completions", body | {"stream": True, "stream_options": {"include_usage": True}}))
+    assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"])
+    assert events[-1]["usage"]["prompt_tokens"] == count
+
+    kw = {k: body[k] for k in ("temperature", "max_tokens", "seed", "top_p")}
+    oa = client(app)
+    reply = oa.chat.completions.create(model="haruhi", messages=messages, **kw)
+    assert reply.choices[0].message.content and reply.usage.prompt_tokens == count
+    stream = oa.chat.completions.create(model="haruhi", messages=messages, stream=True, **kw)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_sillytaverns_text_completion_presets_beyond_openais_ranges(app):
+    """A sampler preset at the repetition-penalty slider's maximum and a group chat's 18 stop strings."""
+    stops = [*ST_TEXT["stop"], *(f"\nMember {i}:" for i in range(12))]
+    body = ST_TEXT | {"repetition_penalty": 3.0, "stop": stops}
+    assert len(stops) == 18
+    r = post(app, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"]
+    events = sse(post(app, "/v1/completions", body | {"stream": True}))
+    assert "".join(c["text"] for e in events for c in e["choices"])
+    reply = client(app).completions.create(
+        model="haruhi", prompt=body["prompt"], max_tokens=48, stop=stops, extra_body={"repetition_penalty": 3.0}
+    )
+    assert reply.choices[0].text
+
+
 @pytest.mark.parametrize("model", ["base", "a1", "haruhi"])
 def test_text_completion_of_the_rendered_chat_prompt_is_the_chat_reply(app, model):
     """The raw prompt a llama3 instruct template writes gives, token for token, what the chat route answers; a card
