@@ -18,7 +18,7 @@ import re
 
 import httpx
 import pytest
-from conftest import AUTH, KEY, PROMPTS, SYSTEM, client
+from conftest import AUTH, KEY, PROMPTS, REPO, SYSTEM, client
 
 from rp_ray.llm.reply import clean_reply
 from rp_ray.llm.template import LLAMA3
@@ -252,6 +252,38 @@ def test_sillytaverns_text_completion_presets_beyond_openais_ranges(app):
         model="haruhi", prompt=body["prompt"], max_tokens=48, stop=stops, extra_body={"repetition_penalty": 3.0}
     )
     assert reply.choices[0].text
+
+
+def test_a_cut_greedy_reply_sent_back_continues_to_the_same_text(app):
+    """Continue: on 10 val rows, the greedy reply cut at a token boundary and sent back as a trailing assistant
+    message continues to the uncut reply's text (the cut text is tokenized anew, so a row may differ: 9 of 10)."""
+    rows = json.loads((REPO / "data" / "sample" / "haruhi_val.json").read_text(encoding="utf-8"))
+    same, tried = 0, 0
+    for row in rows:
+        messages = [{"role": t["from"], "content": t["value"]} for t in row["conversations"][:-1]]
+        if len(json.dumps(messages, ensure_ascii=False)) > 2500:  # keep the prompt well inside the tiny context
+            continue
+        greedy = {"model": "base", "messages": messages, "temperature": 0, "max_tokens": 24, "logprobs": True}
+        r = post(app, "/v1/chat/completions", greedy).json()
+        full, tokens = r["choices"][0]["message"]["content"], r["choices"][0]["logprobs"]["content"]
+        cut = len(tokens) // 2
+        while cut > 0:  # a boundary that is also a character boundary
+            try:
+                prefix = b"".join(bytes(t["bytes"]) for t in tokens[:cut]).decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                cut -= 1
+        if cut == 0 or not full.startswith(prefix):
+            continue
+        body = greedy | {"messages": [*messages, {"role": "assistant", "content": prefix}], "max_tokens": 24 - cut}
+        r = post(app, "/v1/chat/completions", body | {"logprobs": False})
+        assert r.status_code == 200, r.text
+        same += prefix + r.json()["choices"][0]["message"]["content"] == full
+        tried += 1
+        if tried == 10:
+            break
+    print(f"continued to the same text: {same} of {tried}")
+    assert tried == 10 and same >= 9, f"{same} of {tried} continued to the same text"
 
 
 @pytest.mark.parametrize("model", ["base", "a1", "haruhi"])
