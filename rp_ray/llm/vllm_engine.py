@@ -158,10 +158,7 @@ class AsyncEngine:
     """
 
     def __init__(
-        self,
-        settings: VllmSettings,
-        adapters: dict[str, str],
-        engine_args: Callable[[dict[str, str]], dict[str, Any]],
+        self, settings: VllmSettings, adapters: dict[str, str], engine_args: Callable[[dict[str, str]], dict[str, Any]]
     ):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

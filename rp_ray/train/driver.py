@@ -121,10 +121,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     prep = prepare(cfg.model, cfg.data, out / "data", need=need)
     train, val = validation_rows(cfg, prep.train, prep.val)
     name = run_name_for(cfg, out)
-    ensure_ray(
-        cfg.num_workers * cfg.cpus_per_worker,
-        resume_hint="run the same command again: it continues from the last checkpoint",
-    )
+    hint = "run the same command again: it continues from the last checkpoint"
+    ensure_ray(cfg.num_workers * cfg.cpus_per_worker, resume_hint=hint)
     t0 = time.perf_counter()
     result = trainer_for(cfg, name, encoded_datasets(cfg, prep, train, val), prep.tok.pad_token_id).fit()
     if result.error is not None:
@@ -160,13 +158,10 @@ def trainer_for(cfg: TrainConfig, name: str, datasets: dict[str, ray.data.Datase
     from ray.train.torch import TorchConfig, TorchTrainer
 
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    loop_config = {"cfg": cfg.model_dump(), "pad_id": pad_id, "fail_at_step": int(fail_at) if fail_at else None}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "pad_id": pad_id,
-            "fail_at_step": int(fail_at) if fail_at else None,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,

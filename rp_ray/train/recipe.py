@@ -158,9 +158,8 @@ class LoraRecipe:
         cfg, done = self.cfg, step + 1
         self._fail_here(step)
         epoch, in_epoch = divmod(step, self.per_epoch)
-        batches = [
-            collate([self.rows[i] for i in mb], self.pad_id) for mb in self.plan(epoch)[in_epoch][self.world.rank]
-        ]
+        mine = self.plan(epoch)[in_epoch][self.world.rank]
+        batches = [collate([self.rows[i] for i in mb], self.pad_id) for mb in mine]
         loss, n_tokens = optimizer_step(self.engine, batches, self.world, cfg.gradient_accumulation_steps)
         lr = self.scheduler.get_last_lr()[0]
         self.state.step = done
@@ -210,18 +209,9 @@ class LoraRecipe:
         if self.world.rank != 0:
             return
         eta = (now - clock.t_attempt) / (step - clock.start_step) * (self.total_steps - step)
-        log.info(
-            "step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s",
-            step,
-            self.total_steps,
-            metrics["epoch"],
-            metrics["loss"],
-            metrics["lr"],
-            metrics["tokens_per_s"],
-            metrics["tokens_per_s_per_worker"],
-            "GPU" if self.use_gpu else "worker",
-            _fmt_eta(eta),
-        )
+        msg = "step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.0f tok/s (%.0f per %s) | eta %s"
+        speed = metrics["tokens_per_s"], metrics["tokens_per_s_per_worker"], "GPU" if self.use_gpu else "worker"
+        log.info(msg, step, self.total_steps, metrics["epoch"], metrics["loss"], metrics["lr"], *speed, _fmt_eta(eta))
         for key, gauge in self.gauges.items():
             gauge.set(metrics[key])
 

@@ -1,10 +1,8 @@
 """One LoRA training step, Ray-free: the model (peft LoRA on the loaded base), the DeepSpeed engine around it, the
 loss of a micro-batch, an optimizer step over a global batch and the validation loss.
 
-The loss of an optimizer step is the token-weighted mean over the whole global batch (all micro-batches on all
-ranks), so the update does not depend on how the batch is split into micro-batches or ranks. Everything here runs
-in any ``torch.distributed`` group (Ray Train's, or one started the way ``torchrun`` does): the recipe
-(``rp_ray.train.recipe``) drives it inside Ray Train, the GPU check (``bench/gpu_check.py``) without Ray.
+Everything here runs in any ``torch.distributed`` group (Ray Train's, or one started the way ``torchrun`` does): the
+recipe (``rp_ray.train.recipe``) drives it inside Ray Train, the GPU check (``bench/gpu_check.py``) without Ray.
 """
 
 from __future__ import annotations

@@ -384,11 +384,7 @@ class Tracker:
                     _abort_all([backend])
 
     def finish(
-        self,
-        artifacts: Iterable[str | os.PathLike[str]] = (),
-        *,
-        failed: bool = False,
-        leave_open: Iterable[str] = (),
+        self, artifacts: Iterable[str | os.PathLike[str]] = (), *, failed: bool = False, leave_open: Iterable[str] = ()
     ) -> None:
         """Log ``artifacts`` (files or folders; missing ones are skipped with a warning) and close every run, as
         failed when ``failed``; the trackers named in ``leave_open`` are let go without closing their run (MLflow's
