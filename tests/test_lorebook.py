@@ -1,15 +1,18 @@
 """Lorebook activation: scan window, constant / selective / case-sensitive / regex / disabled entries, recursion,
-decorators and the token budget; standalone lorebook files (character_book shape, lorebook_v3, SillyTavern)."""
+decorators and the token budget; keys matched as SillyTavern 1.12.6 matches them, regexes on RE2; the limits on
+books, entries and keys; standalone lorebook files (character_book shape, lorebook_v3, SillyTavern)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from rp_ray.character.card import BookEntry, CardError, Lorebook, read_card_file
-from rp_ray.character.lorebook import activate, entry_text, key_matches, load_lorebook_file, parse_decorators
+from rp_ray.character.card import MAX_BOOK_ENTRIES, BookEntry, CardError, Lorebook, parse_card, read_card_file
+from rp_ray.character.keys import MAX_ENTRY_KEYS, MAX_KEY_CHARS, key_matches, parse_decorators
+from rp_ray.character.lorebook import MAX_RECURSION_ROUNDS, activate, entry_text, load_lorebook_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 
@@ -85,14 +88,181 @@ def test_budget_ranks_constant_then_priority_then_order():
 def test_key_matching_rules():
     assert key_matches("Sword", "a sword!")
     assert not key_matches("Sword", "a sword!", case_sensitive=True)
-    assert key_matches("sw.rd", "a SWORD", regex=True)
-    assert not key_matches("sw.rd", "a SWORD", regex=True, case_sensitive=True)
+    assert key_matches("  sword\t", "a sword!")  # keys are trimmed, as SillyTavern trims them
     assert key_matches("/^hi$/m", "x\nhi\ny")
-    assert not key_matches("/[unclosed/", "[unclosed")  # a broken regex never matches (logged)
+    assert not key_matches("/^hi$/", "x\nhi\ny")
+    assert key_matches("/a.b/s", "a\nb") and not key_matches("/a.b/", "a\nb")
+    assert key_matches("/ga?te/i", "GATE") and not key_matches("/ga?te/", "GATE")  # the regex alone decides
+    assert not key_matches("/[unclosed/", "[unclosed")  # RE2 refuses it: never matches (reading a card refuses it)
     assert not key_matches("   ", "anything")
+    # not /pattern/flags as a whole (an unescaped slash inside, repeated or unknown flags): plain text
+    assert key_matches("/a/b/", "see /a/b/ here") and not key_matches("/a/b/", "a/b")
+    assert key_matches("/x/ii", "/X/II") and not key_matches("/x/ii", "x")
+    assert key_matches("/x/x", "/x/x") and not key_matches("/x/x", "x")
+    assert key_matches("/a\\/b/", "a/b")  # an escaped slash is part of the pattern
+    # JavaScript's toLowerCase, not casefold: "ß" stays "ß"
+    assert not key_matches("Straße", "STRASSE") and key_matches("STRASSE", "strasse")
     deco = parse_decorators("@@scan_depth 5\n@@exclude_keys foo, bar\n@@@fallback x\n@@depth 4\nReal text\n@@ kept")
     assert deco.scan_depth == 5 and deco.exclude_keys == ("foo", "bar")
     assert deco.text == "Real text\n@@ kept" and deco.ignored == ("fallback", "depth")
+
+
+def test_use_regex_does_not_make_plain_keys_regexes():
+    """SillyTavern's export marks every entry use_regex, and it matches such keys as plain text: so does rp_ray."""
+    book = Lorebook(
+        entries=[
+            BookEntry(keys=["C++"], content="cpp", use_regex=True, id="cpp"),
+            BookEntry(keys=["*sigh*"], content="sigh", use_regex=True, id="sigh"),
+            BookEntry(keys=["/ga?te/i"], content="gate", use_regex=False, id="gate"),
+        ]
+    )
+    assert ids(activate(book, ["Can you open the gate?"], words)) == ["gate"]
+    assert ids(activate(book, ["I write C++ all day"], words)) == ["cpp"]
+    assert ids(activate(book, ["*sigh* fine"], words)) == ["sigh"]
+    assert ids(activate(book, ["THE GATE"], words)) == ["gate"]
+
+
+def test_whole_words_and_case_as_sillytavern_sets_them():
+    """match_whole_words and case_sensitive from the entry (its own field, or its extensions as SillyTavern's export
+    writes them), else the book's extensions, else off."""
+    whole = {"match_whole_words": True}
+    assert key_matches("gate", "the gateway") and not key_matches("gate", "the gateway", whole_words=True)
+    assert key_matches("gate", "the GATE.", whole_words=True) and key_matches("gate", "gate", whole_words=True)
+    assert key_matches("gate", "门gate门", whole_words=True)  # non-ASCII letters are non-word characters there
+    assert not key_matches("gate", "gate_keeper", whole_words=True) and not key_matches(
+        "gate", "gate2", whole_words=True
+    )
+    assert key_matches("*sigh*", "*sigh* fine", whole_words=True)
+    assert not key_matches("*sigh*", "x*sigh*", whole_words=True)
+    # a key of several words counts by plain containment
+    assert key_matches("open the", "reopen thesis", whole_words=True)
+    assert not key_matches("Gate", "the gate", whole_words=True, case_sensitive=True)
+
+    entries = [
+        BookEntry(keys=["gate"], content="g", id="plain"),
+        BookEntry(keys=["gate"], content="w", extensions=whole, id="whole"),
+        BookEntry(keys=["Gate"], content="c", extensions={"case_sensitive": True}, id="case"),
+        BookEntry(keys=["Gate"], content="o", case_sensitive=False, extensions={"case_sensitive": True}, id="own"),
+    ]
+    book = Lorebook(entries=entries)
+    assert ids(activate(book, ["the gateway"], words)) == ["plain", "own"]
+    assert ids(activate(book, ["the gate"], words)) == ["plain", "whole", "own"]
+    assert ids(activate(book, ["the Gate"], words)) == ["plain", "whole", "case", "own"]
+    # the book's defaults (case-sensitive, whole words) apply where an entry sets nothing
+    strict = Lorebook(entries=entries, extensions={"case_sensitive": True, "match_whole_words": True})
+    assert ids(activate(strict, ["the gateway"], words)) == []
+    assert ids(activate(strict, ["the gate"], words)) == ["plain", "whole", "own"]
+    assert ids(activate(strict, ["the Gate"], words)) == ["case", "own"]
+    off = BookEntry(keys=["Gate"], content="x", extensions={"case_sensitive": False, "match_whole_words": False}, id=0)
+    assert ids(activate(strict.model_copy(update={"entries": [off]}), ["gateway"], words)) == [0]
+
+
+def _card(*entries: dict, **book) -> bytes:
+    data = {"name": "X", "character_book": {"entries": list(entries), **book}}
+    return json.dumps({"spec": "chara_card_v2", "spec_version": "2.0", "data": data}).encode()
+
+
+def test_regex_keys_run_in_linear_time():
+    """A key that backtracking engines take exponential time on imports and scans in well under 0.1 s."""
+    card = parse_card(_card({"keys": ["/^(a+)+$/"], "content": "aaa", "id": "evil"}), "evil.json")
+    start = time.perf_counter()
+    inserted = activate(card.book, ["a" * 40 + "b"], words)
+    elapsed = time.perf_counter() - start
+    assert inserted == [] and elapsed < 0.1, elapsed
+    assert ids(activate(card.book, ["a" * 40], words)) == ["evil"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"keys": ["sword", "/(a)\\1/"], "name": "echo"}, "entries[0]: keys[1] '/(a)\\\\1/' in entry 'echo': RE2"),
+        ({"keys": ["x"], "secondary_keys": ["/(?=a)/"]}, "entries[0]: secondary_keys[0] '/(?=a)/': RE2"),
+        ({"keys": ["x"], "content": "@@exclude_keys /(?<=a)b/\ntext"}, "@@exclude_keys '/(?<=a)b/': RE2"),
+    ],
+)
+def test_a_key_re2_refuses_is_an_import_error(tmp_path, entry, fragment):
+    with pytest.raises(CardError) as info:
+        parse_card(_card(entry), "refused.json")
+    message = str(info.value)
+    assert message.startswith("refused.json: field data.character_book.entries[0]") and fragment in message, message
+    assert "drop the surrounding slashes" in message
+    path = tmp_path / "lore.json"
+    path.write_text(json.dumps({"entries": [entry]}), encoding="utf-8")
+    with pytest.raises(CardError, match=r"lore.json: field entries\[0\]: .*RE2"):
+        load_lorebook_file(path)
+
+
+def _keys(n: int) -> dict:
+    return {"keys": [f"k{i}" for i in range(n - 1)], "secondary_keys": ["s"]}
+
+
+@pytest.mark.parametrize(
+    ("at_limit", "over", "fragment"),
+    [
+        (
+            [{"keys": ["k"]}] * MAX_BOOK_ENTRIES,
+            [{"keys": ["k"]}] * (MAX_BOOK_ENTRIES + 1),
+            f"field data.character_book.entries: {MAX_BOOK_ENTRIES + 1} entries, over the limit of "
+            f"{MAX_BOOK_ENTRIES} per lorebook; remove or merge entries",
+        ),
+        (
+            [_keys(MAX_ENTRY_KEYS)],
+            [_keys(MAX_ENTRY_KEYS + 1)],
+            f"entries[0]: {MAX_ENTRY_KEYS + 1} keys (keys, secondary_keys and @@additional_keys / @@exclude_keys "
+            f"together), over the limit of {MAX_ENTRY_KEYS} per entry; merge keys into one regex key",
+        ),
+        (
+            [{"keys": ["k"], "content": "@@additional_keys " + ",".join(map(str, range(MAX_ENTRY_KEYS - 1)))}],
+            [{"keys": ["k"], "content": "@@additional_keys " + ",".join(map(str, range(MAX_ENTRY_KEYS)))}],
+            f"entries[0]: {MAX_ENTRY_KEYS + 1} keys",
+        ),
+        (
+            [{"keys": ["k", "x" * MAX_KEY_CHARS]}],
+            [{"keys": ["k", "x" * (MAX_KEY_CHARS + 1)]}],
+            f"entries[0]: keys[1]: a key of {MAX_KEY_CHARS + 1} characters, over the limit of {MAX_KEY_CHARS}; "
+            f"shorten it",
+        ),
+    ],
+)
+def test_book_entry_and_key_limits(at_limit, over, fragment):
+    assert parse_card(_card(*at_limit), "ok.json").book is not None
+    with pytest.raises(CardError) as info:
+        parse_card(_card(*over), "big.json")
+    assert str(info.value).startswith("big.json: ") and fragment in str(info.value), str(info.value)
+
+
+def test_recursion_is_capped_and_quick():
+    """400 entries each keyed by the previous one's content: the chain stops after the round limit, quickly."""
+    n = 400
+    entries = [BookEntry(keys=[f"link{i}"], content=f"link{i + 1} " + "lore " * 20, id=i) for i in range(n)]
+    book = Lorebook(entries=entries, recursive_scanning=True, token_budget=10**9)
+    start = time.perf_counter()
+    inserted = activate(book, ["start at link0"], words)
+    elapsed = time.perf_counter() - start
+    assert ids(inserted) == list(range(MAX_RECURSION_ROUNDS + 1)) and elapsed < 0.5, elapsed
+    # the lore an entry is reached through is the text of entries activated in earlier rounds
+    two = Lorebook(entries=entries[:3], recursive_scanning=True)
+    assert ids(activate(two, ["link1"], words)) == [1, 2]
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "9" * 5000, "-1", "4x", ""])
+def test_a_scan_depth_that_is_not_a_plain_number_is_ignored(value):
+    card = parse_card(_card({"keys": ["k"], "content": f"@@scan_depth {value}\ntext", "id": 1}), "odd.json")
+    assert parse_decorators(card.book.entries[0].content).scan_depth is None
+    assert ids(activate(card.book, ["k", "x"], words)) == [1]  # the book's window of 2 messages
+    assert ids(activate(card.book, ["k", "x", "y"], words)) == []
+
+
+def test_world_info_keys_and_whole_words(tmp_path):
+    """A world-info entry keyed "²" (digit to isdigit, not to int) keeps it as its id; matchWholeWords carries over."""
+    wi = {"entries": {"²": {"key": ["gate"], "content": "c", "matchWholeWords": True}, "7": {"key": ["x"]}}}
+    path = tmp_path / "wi.json"
+    path.write_text(json.dumps(wi), encoding="utf-8")
+    book = load_lorebook_file(path)
+    assert [e.id for e in book.entries] == ["²", 7]
+    assert book.entries[0].extensions == {"sillytavern": {}, "match_whole_words": True}
+    assert ids(activate(book, ["the gateway"], words)) == []
+    assert ids(activate(book, ["the gate"], words)) == ["²"]
 
 
 def test_decorators_activate_exclude_and_own_scan_depth():

@@ -20,8 +20,9 @@ Formats read (the card JSON is kept exactly as it came; the pydantic models only
 
 Fields missing from a card read as empty (``""``, ``[]``, ``{}``) and ``null`` reads as missing; nothing is added to
 the stored JSON. A present field of the wrong type is an error. Limits: each text field at most 64 KiB (UTF-8), a
-JSON card file at most 2 MiB, a PNG card at most 20 MiB, JSON nesting at most 64 levels. Every problem is a
-``CardError`` naming the file, the field and the fix.
+JSON card file at most 2 MiB, a PNG card at most 20 MiB, JSON nesting at most 64 levels, a lorebook at most
+``MAX_BOOK_ENTRIES`` entries, and an entry's keys as ``keys.check_keys`` says. Every problem is a ``CardError`` naming
+the file, the field and the fix.
 
 rp_ray's own settings for a card (the served adapter it speaks through and its default sampling) live inside the
 card, in ``data.extensions["rp_ray"] = {"adapter": ..., "sampling": {"temperature", "top_p", "top_k",
@@ -49,6 +50,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rp_ray.character import png
+from rp_ray.character.keys import check_keys
 from rp_ray.character.names import NAME_RULE, is_name
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 MAX_TEXT_BYTES = 64 * 1024
 MAX_JSON_BYTES = 2 * 1024 * 1024
 MAX_PNG_BYTES = 20 * 1024 * 1024
+MAX_BOOK_ENTRIES = 1024
 SPEC_V2, SPEC_V3 = "chara_card_v2", "chara_card_v3"
 V1_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")
 V3_ONLY_FIELDS = (
@@ -117,6 +120,11 @@ class BookEntry(SpecModel):
     position: Literal["before_char", "after_char"] | None = None
     use_regex: bool | None = None
 
+    @model_validator(mode="after")
+    def _usable_keys(self) -> BookEntry:
+        check_keys(self.keys, self.secondary_keys, self.content, self.name or self.comment)
+        return self
+
 
 class Lorebook(SpecModel):
     """A character_book (or a standalone lorebook file)."""
@@ -128,6 +136,16 @@ class Lorebook(SpecModel):
     recursive_scanning: bool | None = None
     extensions: dict[str, Any] = {}
     entries: list[BookEntry] = []
+
+    @field_validator("entries", mode="before")
+    @classmethod
+    def _few_enough(cls, entries: Any) -> Any:
+        # counted before each entry is validated, so an oversized book is refused without compiling its keys
+        if isinstance(entries, list) and len(entries) > MAX_BOOK_ENTRIES:
+            raise ValueError(
+                f"{len(entries)} entries, over the limit of {MAX_BOOK_ENTRIES} per lorebook; remove or merge entries"
+            )
+        return entries
 
 
 class CardData(SpecModel):

@@ -4,13 +4,13 @@ Activation (``activate``), following Character Card V2/V3:
 
 - The scan window is the last ``scan_depth`` messages (``DEFAULT_SCAN_DEPTH`` = 2, SillyTavern's default, when the
   book sets none; 0 scans nothing). Entries with ``enabled: false`` are never used.
-- ``constant`` entries are always in. Another entry is in when any of its ``keys`` occurs in the window: a plain
-  substring match, case-insensitive unless the entry is ``case_sensitive``. A ``selective`` entry also needs one of
-  its ``secondary_keys`` (with no secondary keys it acts as a plain entry). With ``use_regex`` every key is a
-  regular expression; a key written ``/pattern/flags`` (flags ``i m s x``; ``g`` and ``u`` ignored) is one in any
-  case, as SillyTavern reads them. A key that does not compile is logged and never matches.
-- With the book's ``recursive_scanning``, the content of the activated entries is scanned too, round after round,
-  until a round adds nothing (at most one round per entry).
+- ``constant`` entries are always in. Another entry is in when any of its ``keys`` occurs in the window, each key
+  matched as SillyTavern matches it (``keys.py``: ``/pattern/flags`` keys are regexes run on RE2, any other key is
+  plain text, whatever ``use_regex`` says); plain keys are case-insensitive and match anywhere unless the entry is
+  case-sensitive or matches whole words (``match_options``). A ``selective`` entry also needs one of its
+  ``secondary_keys`` (with no secondary keys it acts as a plain entry).
+- With the book's ``recursive_scanning``, the window followed by the text of the activated entries is scanned
+  again, round after round, until a round adds nothing or ``MAX_RECURSION_ROUNDS`` rounds have run.
 - V3 decorators, lines at the top of ``content`` starting with ``@@`` (``@@@`` fallbacks too), never reach the
   prompt. Honoured: ``@@activate`` (always in), ``@@dont_activate`` (never in), ``@@scan_depth N`` (this entry's
   window), ``@@additional_keys a,b`` (more keys), ``@@exclude_keys a,b`` (out when one matches); others ignored.
@@ -26,16 +26,14 @@ Activation (``activate``), following Character Card V2/V3:
 "keysecondary", "content", "constant", "selective", "order", "disable", "position": 0|1, ...}}}``) converted to the
 same entries (``key`` -> keys, ``keysecondary`` -> secondary_keys, ``order`` -> insertion_order, ``disable`` -> not
 enabled, ``position`` 0 -> before_char and any other -> after_char, ``uid`` -> id, ``caseSensitive`` ->
-case_sensitive; every other field kept under ``extensions["sillytavern"]``).
+case_sensitive, ``matchWholeWords`` -> ``extensions["match_whole_words"]`` (where SillyTavern's card export puts it);
+every other field kept under ``extensions["sillytavern"]``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,53 +48,14 @@ from rp_ray.character.card import (
     read_file_bytes,
     validation_message,
 )
+from rp_ray.character.keys import Decorators, Haystack, ascii_int, key_matches, parse_decorators
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SCAN_DEPTH = 2
 DEFAULT_TOKEN_BUDGET = 2048
 MAX_LOREBOOK_BYTES = 10 * MAX_JSON_BYTES
-REGEX_KEY = re.compile(r"^/(.+)/([gimsuxy]*)$", re.DOTALL)
-REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
-
-
-@dataclass(frozen=True)
-class Decorators:
-    """The ``@@`` decorators of an entry that activation honours, and the content without them."""
-
-    text: str
-    activate: bool = False
-    dont_activate: bool = False
-    scan_depth: int | None = None
-    additional_keys: tuple[str, ...] = ()
-    exclude_keys: tuple[str, ...] = ()
-    ignored: tuple[str, ...] = ()
-
-
-def _key_list(value: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in value.split(",") if k.strip())
-
-
-def parse_decorators(content: str) -> Decorators:
-    if not content.startswith("@@"):
-        return Decorators(text=content)
-    lines = content.split("\n")
-    n = 0
-    found: dict[str, Any] = {}
-    ignored: list[str] = []
-    while n < len(lines) and lines[n].startswith("@@"):
-        name, _, value = lines[n].lstrip("@").partition(" ")
-        value = value.strip()
-        if name in ("activate", "dont_activate"):
-            found[name] = True
-        elif name == "scan_depth" and value.isdigit():
-            found[name] = int(value)
-        elif name in ("additional_keys", "exclude_keys"):
-            found[name] = found.get(name, ()) + _key_list(value)
-        else:
-            ignored.append(name)
-        n += 1
-    return Decorators(text="\n".join(lines[n:]), ignored=tuple(ignored), **found)
+MAX_RECURSION_ROUNDS = 8
 
 
 def entry_text(entry: BookEntry) -> str:
@@ -104,43 +63,37 @@ def entry_text(entry: BookEntry) -> str:
     return parse_decorators(entry.content).text
 
 
-@functools.lru_cache(maxsize=4096)
-def _compile(key: str, regex: bool, case_sensitive: bool) -> re.Pattern[str] | None:
-    m = REGEX_KEY.match(key)
-    if m:
-        pattern, flags = m.group(1), 0
-        for f in m.group(2):
-            flags |= REGEX_FLAGS.get(f, 0)
-    elif regex:
-        pattern, flags = key, 0 if case_sensitive else re.IGNORECASE
-    else:
-        return None
-    try:
-        return re.compile(pattern, flags)
-    except re.error as e:
-        log.warning("lorebook key %r is not a valid regular expression (%s); it never matches", key, e)
-        return re.compile(r"(?!)")
+def _setting(name: str, *sources: dict[str, Any]) -> bool:
+    for source in sources:
+        if isinstance(source.get(name), bool):
+            return source[name]
+    return False
 
 
-def key_matches(key: str, text: str, *, case_sensitive: bool = False, regex: bool = False) -> bool:
-    """Whether one key occurs in ``text`` (substring, or regex for ``use_regex`` / ``/pattern/flags`` keys)."""
-    if not key.strip():
-        return False
-    pattern = _compile(key, regex, case_sensitive)
-    if pattern is not None:
-        return pattern.search(text) is not None
-    return key in text if case_sensitive else key.casefold() in text.casefold()
+def match_options(entry: BookEntry, book: Lorebook | None = None) -> dict[str, bool]:
+    """How an entry's plain-text keys match (``key_matches`` keywords): case-sensitive by its ``case_sensitive``,
+    else its ``extensions.case_sensitive`` (where SillyTavern's export writes it), else the book's
+    ``extensions.case_sensitive``; whole words by its ``extensions.match_whole_words``, else the book's; off when
+    none is set."""
+    book_ext = book.extensions if book is not None else {}
+    case = entry.case_sensitive
+    if case is None:
+        case = _setting("case_sensitive", entry.extensions, book_ext)
+    return {"case_sensitive": case, "whole_words": _setting("match_whole_words", entry.extensions, book_ext)}
 
 
-def entry_matches(entry: BookEntry, text: str) -> bool:
+def entry_matches(
+    entry: BookEntry, text: str | Haystack, book: Lorebook | None = None, deco: Decorators | None = None
+) -> bool:
     """Whether an enabled, non-constant entry is triggered by ``text`` (keys, selective secondary keys, excludes)."""
-    deco = parse_decorators(entry.content)
-    opts = {"case_sensitive": bool(entry.case_sensitive), "regex": bool(entry.use_regex)}
-    if not any(key_matches(k, text, **opts) for k in (*entry.keys, *deco.additional_keys)):
+    deco = deco or parse_decorators(entry.content)
+    hay = text if isinstance(text, Haystack) else Haystack(text)
+    opts = match_options(entry, book)
+    if not any(key_matches(k, hay, **opts) for k in (*entry.keys, *deco.additional_keys)):
         return False
-    if entry.selective and entry.secondary_keys and not any(key_matches(k, text, **opts) for k in entry.secondary_keys):
+    if entry.selective and entry.secondary_keys and not any(key_matches(k, hay, **opts) for k in entry.secondary_keys):
         return False
-    return not any(key_matches(k, text, **opts) for k in deco.exclude_keys)
+    return not any(key_matches(k, hay, **opts) for k in deco.exclude_keys)
 
 
 def _window(messages: Sequence[str], depth: int) -> str:
@@ -160,23 +113,35 @@ def activate(
     depth = book.scan_depth if book.scan_depth is not None else default_scan_depth
     budget = book.token_budget if book.token_budget is not None else default_token_budget
     live = [(i, e, parse_decorators(e.content)) for i, e in enumerate(book.entries) if e.enabled]
-    # each entry scans its own window (@@scan_depth) or the book's
-    windows = {i: _window(messages, depth if d.scan_depth is None else d.scan_depth) for i, _, d in live}
+    # each entry scans its own window (@@scan_depth) or the book's; entries sharing a depth share one haystack
+    own_depth = {i: depth if d.scan_depth is None else d.scan_depth for i, _, d in live}
+    windows = {k: Haystack(_window(messages, k)) for k in set(own_depth.values())}
     active: dict[int, BookEntry] = {}
-    for i, e, d in live:
-        if not d.dont_activate and (e.constant or d.activate or entry_matches(e, windows[i])):
-            active[i] = e
+
+    def scan(lore: Haystack | None) -> dict[int, BookEntry]:
+        hays = {k: w if lore is None else w + lore for k, w in windows.items()}
+        return {
+            i: e
+            for i, e, d in live
+            if i not in active
+            and not d.dont_activate
+            and (lore is None and (e.constant or d.activate) or entry_matches(e, hays[own_depth[i]], book, d))
+        }
+
+    active |= scan(None)
     if book.recursive_scanning:
-        for _ in range(len(live)):
-            lore = "\n".join(entry_text(e) for e in active.values())
-            new = {
-                i: e
-                for i, e, d in live
-                if i not in active and not d.dont_activate and entry_matches(e, windows[i] + "\n" + lore)
-            }
+        # the window, a newline, then the text of every active entry (by activation) is scanned again, the lore
+        # growing by what each round adds
+        lore = Haystack("\n".join(entry_text(e) for e in active.values()))
+        for _ in range(MAX_RECURSION_ROUNDS):
+            new = scan(lore)
             if not new:
                 break
+            added = Haystack("\n".join(entry_text(e) for e in new.values()))
+            lore = lore + added if active else added
             active |= new
+        else:
+            log.debug("lorebook recursion stopped after %d rounds", MAX_RECURSION_ROUNDS)
 
     def rank(i: int) -> tuple[Any, ...]:
         e = active[i]
@@ -205,7 +170,11 @@ def from_world_info(obj: dict[str, Any], source: str) -> dict[str, Any]:
     for k, e in obj["entries"].items():
         if not isinstance(e, dict):
             raise CardError(f"{source}: field entries.{k}: a world-info entry is an object")
-        rest = {f: v for f, v in e.items() if f not in ST_FIELDS | {"comment", "caseSensitive"}}
+        rest = {f: v for f, v in e.items() if f not in ST_FIELDS | {"comment", "caseSensitive", "matchWholeWords"}}
+        extensions: dict[str, Any] = {"sillytavern": rest}
+        if isinstance(e.get("matchWholeWords"), bool):
+            extensions["match_whole_words"] = e["matchWholeWords"]
+        uid = ascii_int(k)
         entries.append(
             {
                 "keys": e.get("key") or [],
@@ -216,10 +185,10 @@ def from_world_info(obj: dict[str, Any], source: str) -> dict[str, Any]:
                 "insertion_order": e.get("order", 100),
                 "enabled": not e.get("disable", False),
                 "position": "before_char" if e.get("position", 0) == 0 else "after_char",
-                "id": e.get("uid", int(k) if str(k).isdigit() else k),
+                "id": e.get("uid", k if uid is None else uid),
                 "comment": e.get("comment") or "",
                 "case_sensitive": e.get("caseSensitive"),
-                "extensions": {"sillytavern": rest},
+                "extensions": extensions,
             }
         )
     book = {k: v for k, v in obj.items() if k != "entries"}
