@@ -1,5 +1,6 @@
 """Character cards: V1/V2/V3 JSON and PNG in, the same card out (JSON equal, extensions byte for byte), the
-registry and its adapter binding, prompt assembly, every malformed file a clear ``CardError``, and the CLI."""
+registry and its adapter binding, prompt assembly, every malformed file a clear ``CardError`` (PNG text bombs
+included), and the CLI."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import logging
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +30,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 V3 = FIXTURES / "v3_lorebook.json"
 V2 = FIXTURES / "v2_card.json"
 V1 = FIXTURES / "v1_card.json"
+V1_TAVERN = FIXTURES / "v1_tavern_card.json"  # the shape the PyPI tavern-card package writes V1 cards in
 
 
 def load(path: Path) -> dict:
@@ -144,7 +148,7 @@ def test_ccv3_is_read_before_chara(tmp_path):
     assert parse_card(data, "both.png").name == "Aoi Kurosawa"
     # our writer replaces old card chunks instead of adding a second pair
     rewritten = cardmod.card_png_bytes(read_card_file(V2), data)
-    keys = [png.decode_text_chunk(c)[0] for c in png.read_chunks(rewritten) if c.type in png.TEXT_TYPES]
+    keys = [png.chunk_keyword(c) for c in png.read_chunks(rewritten) if c.type in png.TEXT_TYPES]
     assert sorted(keys) == ["ccv3", "chara"]
     assert parse_card(rewritten, "x.png").name == "Haruhi"
 
@@ -157,6 +161,26 @@ def test_v1_card_is_upgraded_with_a_log_line(caplog):
     assert raw["spec"] == "chara_card_v2" and raw["spec_version"] == "2.0"
     assert raw["data"]["name"] == "Old Bob" and raw["data"]["avatar"] == "none"  # unknown V1 keys kept
     assert greetings(card, "Kyon") == ["Evening, Kyon. I'm Old Bob."]
+
+
+def test_v1_card_under_data_with_spec_v1_is_upgraded(tmp_path, caplog):
+    """``{"spec": "chara_card_v1", "data": {...}}`` (tavern-card's V1) reads as its flat V1 twin does, from JSON and
+    from a PNG."""
+    original = load(V1_TAVERN)
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(original["data"]), encoding="utf-8")
+    image = tmp_path / "mira.png"
+    image.write_bytes(pillow_png({"chara": b64(original)}))
+    with caplog.at_level(logging.INFO, logger="rp_ray.character.card"):
+        cards = [read_card_file(p) for p in (V1_TAVERN, image, flat)]
+    assert caplog.text.count("V1 card upgraded to chara_card_v2") == 3
+    raw = card_to_json(cards[0])
+    assert raw["spec"] == "chara_card_v2" and raw["spec_version"] == "2.0"
+    assert {k: raw["data"][k] for k in original["data"]} == original["data"]
+    assert card_to_json(cards[1]) == card_to_json(cards[2]) == raw
+    assert greetings(cards[1], "Kyon") == ["Storm's in, Kyon. Tea's on the stove."]
+    reg = CardRegistry(tmp_path / "reg")
+    assert reg.get(reg.import_file(image)).name == "Mira"
 
 
 def test_adapter_and_sampling_live_in_the_card(tmp_path):
@@ -336,6 +360,56 @@ def test_malformed_card_files_give_a_clear_error(tmp_path, file_name):
         read_card_file(path)
     message = str(info.value)
     assert file_name in message and fragment in message, message
+
+
+# the most a card chunk may hold: the base64 of a card JSON at the limit
+CHUNK_LIMIT = 4 * -(-cardmod.MAX_JSON_BYTES // 3)
+
+
+def _ztxt(keyword: str, size: int) -> bytes:
+    return keyword.encode() + b"\0\0" + zlib.compress(b"A" * size, 9)
+
+
+def test_png_text_bombs_are_refused_quickly():
+    """Only the card chunks are decoded, each inflated no further than a card JSON at the limit needs: 8 zTXt
+    chunks of 20 MiB each under the card keyword are refused fast, and under another keyword never inflated."""
+    bomb = _ztxt("chara", 20 * 1024 * 1024)
+    chunks = [png.Chunk(b"zTXt", bomb)] * 8
+    base = png.read_chunks(png.placeholder_png(2, 2))
+    data = png.SIGNATURE + b"".join(c.encode() for c in [*base[:-1], *chunks, base[-1]])
+    start = time.perf_counter()
+    with pytest.raises(CardError) as info:
+        parse_card(data, "bomb.png")
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert elapsed < 0.5, elapsed
+    assert message.startswith("bomb.png: compressed text chunk 'chara' inflates past the limit of ") and (
+        "within the 2 MiB JSON limit" in message and "shrink the card" in message
+    ), message
+    # the same chunks under another keyword are skipped: the card beside them reads, quickly
+    other = png.Chunk(b"zTXt", _ztxt("Comment", 20 * 1024 * 1024 + 1))
+    card = png.Chunk(b"tEXt", b"chara\0" + b64(load(V2)).encode())
+    data = png.SIGNATURE + b"".join(c.encode() for c in [*base[:-1], *[other] * 8, card, base[-1]])
+    start = time.perf_counter()
+    assert parse_card(data, "comments.png").name == "Haruhi"
+    assert time.perf_counter() - start < 0.5
+
+
+def test_card_chunk_limit_is_the_json_limit():
+    """A card chunk at the limit reads (compressed or not); one byte more is refused, before inflating further."""
+    base = png.read_chunks(png.placeholder_png(2, 2))
+
+    def with_chunk(chunk: png.Chunk) -> bytes:
+        return png.SIGNATURE + b"".join(c.encode() for c in [*base[:-1], chunk, base[-1]])
+
+    for size, ok in ((CHUNK_LIMIT, True), (CHUNK_LIMIT + 1, False)):
+        for chunk in (png.Chunk(b"zTXt", _ztxt("ccv3", size)), png.Chunk(b"tEXt", b"ccv3\0" + b"A" * size)):
+            found = None
+            try:
+                found = png.find_text(with_chunk(chunk), ("ccv3", "chara"), CHUNK_LIMIT)
+            except png.TextTooLarge as e:
+                assert not ok and f"the limit of {CHUNK_LIMIT} bytes" in str(e)
+            assert (found == ("ccv3", "A" * size)) is ok, (size, chunk.type)
 
 
 def test_missing_file_and_directory(tmp_path):

@@ -11,8 +11,9 @@ Formats read (the card JSON is kept exactly as it came; the pydantic models only
   (``[{type, uri, name, ext}]``), nickname, creator_notes_multilingual, source, group_only_greetings,
   creation_date and modification_date (unix seconds); lorebook entries add use_regex and ``@@decorators``.
   spec_version ``3.x`` is read as V3 (minor versions only add fields).
-- V1: a flat object (name, description, personality, scenario, first_mes, mes_example; no spec) is upgraded to V2
-  on reading (logged); unknown V1 keys stay in ``data``.
+- V1: a flat object (name, description, personality, scenario, first_mes, mes_example; no spec), or those fields
+  under ``data`` with ``spec: "chara_card_v1"`` (as the ``tavern-card`` package writes them), is upgraded to V2 on
+  reading (logged); unknown V1 keys stay in ``data``.
 - PNG: a text chunk ``ccv3`` (V3) or ``chara`` (V2) holding base64 of the UTF-8 card JSON; ``ccv3`` is read first.
   Written PNGs carry both: ``chara`` the V2 rendering (V3-only data fields left out) and ``ccv3`` the V3 card (a V2
   card is promoted: spec ``chara_card_v3``, ``group_only_greetings: []`` added when absent), so reading an exported
@@ -20,9 +21,9 @@ Formats read (the card JSON is kept exactly as it came; the pydantic models only
 
 Fields missing from a card read as empty (``""``, ``[]``, ``{}``) and ``null`` reads as missing; nothing is added to
 the stored JSON. A present field of the wrong type is an error. Limits: each text field at most 64 KiB (UTF-8), a
-JSON card file at most 2 MiB, a PNG card at most 20 MiB, JSON nesting at most 64 levels, a lorebook at most
-``MAX_BOOK_ENTRIES`` entries, and an entry's keys as ``keys.check_keys`` says. Every problem is a ``CardError`` naming
-the file, the field and the fix.
+JSON card file at most 2 MiB (in a PNG, the card chunk at most the base64 of that, compressed or not), a PNG card
+at most 20 MiB, JSON nesting at most 64 levels, a lorebook at most ``MAX_BOOK_ENTRIES`` entries, and an entry's keys
+as ``keys.check_keys`` says. Every problem is a ``CardError`` naming the file, the field and the fix.
 
 rp_ray's own settings for a card (the served adapter it speaks through and its default sampling) live inside the
 card, in ``data.extensions["rp_ray"] = {"adapter": ..., "sampling": {"temperature", "top_p", "top_k",
@@ -59,7 +60,7 @@ MAX_TEXT_BYTES = 64 * 1024
 MAX_JSON_BYTES = 2 * 1024 * 1024
 MAX_PNG_BYTES = 20 * 1024 * 1024
 MAX_BOOK_ENTRIES = 1024
-SPEC_V2, SPEC_V3 = "chara_card_v2", "chara_card_v3"
+SPEC_V1, SPEC_V2, SPEC_V3 = "chara_card_v1", "chara_card_v2", "chara_card_v3"
 V1_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")
 V3_ONLY_FIELDS = (
     "assets",
@@ -274,7 +275,7 @@ def validation_message(
 
 
 def _upgrade_v1(obj: dict[str, Any], source: str) -> dict[str, Any]:
-    log.info("%s: V1 card (flat fields, no spec) upgraded to %s", source, SPEC_V2)
+    log.info("%s: V1 card upgraded to %s", source, SPEC_V2)
     # every V2 data field, the V1 ones from the card and the others empty (the optional character_book left out)
     fields = [f for f in CardData.model_fields if f != "character_book"]
     data: dict[str, Any] = {
@@ -305,7 +306,9 @@ def card_from_dict(obj: Any, source: str) -> Card:
     if not isinstance(obj, dict):
         raise CardError(f"{source}: a character card is a JSON object, got a JSON {type(obj).__name__}")
     _check_depth(obj, source)
-    if "spec" not in obj:
+    if obj.get("spec") == SPEC_V1 and isinstance(obj.get("data"), dict):
+        obj = _upgrade_v1(obj["data"], source)
+    elif "spec" not in obj:
         if isinstance(obj.get("name"), str) and any(f in obj for f in V1_FIELDS[1:]):
             obj = _upgrade_v1(obj, source)
         elif "entries" in obj:
@@ -369,12 +372,18 @@ def parse_card(raw: bytes, source: str) -> Card:
         if len(raw) > MAX_PNG_BYTES:
             raise CardError(f"{source}: PNG of {len(raw)} bytes is over the {MAX_PNG_BYTES >> 20} MiB limit")
         try:
-            texts = png.read_text(raw)
+            # the chunk holds the card JSON as base64 (4 characters per 3 bytes), so it is capped at the JSON limit
+            found = png.find_text(raw, ("ccv3", "chara"), limit=4 * -(-MAX_JSON_BYTES // 3))
+        except png.TextTooLarge as e:
+            raise CardError(
+                f"{source}: {e}, more than a card within the {MAX_JSON_BYTES >> 20} MiB JSON limit needs; the card "
+                f"is too large or the file is damaged: shrink the card or export it again"
+            ) from None
         except png.PngError as e:
             raise CardError(f"{source}: {e}") from None
-        for keyword in ("ccv3", "chara"):
-            if keyword in texts:
-                return card_from_dict(_decode_payload(texts[keyword], keyword, source), source)
+        if found is not None:
+            keyword, text = found
+            return card_from_dict(_decode_payload(text, keyword, source), source)
         raise CardError(
             f"{source}: PNG without a character card (no 'ccv3' or 'chara' text chunk); it is a plain image. "
             f"Export the card again from the app it came from, or import its JSON"

@@ -8,23 +8,29 @@ type + data. The first chunk is ``IHDR`` and the last ``IEND``. Character cards 
 - ``iTXt``: ``keyword NUL compressed-flag method language NUL translated-keyword NUL text`` (UTF-8 text).
 
 Reading checks the signature, every length and CRC, that ``IHDR`` comes first and that ``IEND`` ends the file; any
-failure is a ``PngError`` saying where. Writing keeps every chunk of the input as it was (bytes unchanged) except
-the text chunks whose keyword is replaced, and adds new ``tEXt`` chunks just before ``IEND``.
+failure is a ``PngError`` saying where. ``find_text`` decodes only the chunk asked for (a compressed chunk under
+another keyword is never inflated) and stops inflating at the caller's limit. Writing keeps every chunk of the input
+as it was (bytes unchanged) except the text chunks whose keyword is replaced, and adds new ``tEXt`` chunks just
+before ``IEND``.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT_TYPES = (b"tEXt", b"zTXt", b"iTXt")
-MAX_INFLATED = 20 * 1024 * 1024  # a compressed text chunk never inflates past this (decompression bombs)
 
 
 class PngError(ValueError):
     """Bytes that are not a well-formed PNG; the message says what is wrong and where."""
+
+
+class TextTooLarge(PngError):
+    """A text chunk whose text is over the reader's limit."""
 
 
 @dataclass(frozen=True)
@@ -72,55 +78,69 @@ def read_chunks(data: bytes) -> list[Chunk]:
             return chunks
 
 
-def _inflate(data: bytes) -> bytes:
+def _inflate(data: bytes, key: str, limit: int) -> bytes:
     d = zlib.decompressobj()
     try:
-        out = d.decompress(data, MAX_INFLATED)
+        out = d.decompress(data, limit + 1)  # one byte past the limit tells "at the limit" from "over it"
     except zlib.error as e:
-        raise PngError(f"compressed text chunk does not inflate: {e}") from None
-    if d.unconsumed_tail:
-        raise PngError(f"compressed text chunk inflates past {MAX_INFLATED} bytes")
+        raise PngError(f"compressed text chunk {key!r} does not inflate: {e}") from None
+    if len(out) > limit:
+        raise TextTooLarge(f"compressed text chunk {key!r} inflates past the limit of {limit} bytes")
     return out
 
 
-def decode_text_chunk(chunk: Chunk) -> tuple[str, str]:
-    """``(keyword, text)`` of a tEXt, zTXt or iTXt chunk."""
-    keyword, sep, rest = chunk.data.partition(b"\0")
+def chunk_keyword(chunk: Chunk) -> str:
+    """The keyword of a tEXt, zTXt or iTXt chunk."""
+    return chunk.data.partition(b"\0")[0].decode("latin-1")
+
+
+def decode_text_chunk(chunk: Chunk, limit: int) -> tuple[str, str]:
+    """``(keyword, text)`` of a tEXt, zTXt or iTXt chunk whose text is at most ``limit`` bytes (inflating stops
+    there)."""
+    key, sep, rest = chunk.data.partition(b"\0")
     if not sep:
         raise PngError(f"{chunk.type.decode()} chunk without the NUL after its keyword")
-    key = keyword.decode("latin-1")
+    key = key.decode("latin-1")
     if chunk.type == b"tEXt":
-        return key, rest.decode("latin-1")
-    if chunk.type == b"zTXt":
+        text = rest
+    elif chunk.type == b"zTXt":
         if not rest or rest[0] != 0:
             raise PngError(f"zTXt chunk {key!r}: unknown compression method")
-        return key, _inflate(rest[1:]).decode("latin-1")
-    # iTXt: compression flag, method, language NUL, translated keyword NUL, UTF-8 text
-    if len(rest) < 2:
-        raise PngError(f"iTXt chunk {key!r} is cut short")
-    flag, method, tail = rest[0], rest[1], rest[2:]
-    parts = tail.split(b"\0", 2)
-    if len(parts) != 3:
-        raise PngError(f"iTXt chunk {key!r} is cut short")
-    text = parts[2]
-    if flag:
-        if method != 0:
-            raise PngError(f"iTXt chunk {key!r}: unknown compression method")
-        text = _inflate(text)
+        text = _inflate(rest[1:], key, limit)
+    else:  # iTXt: compression flag, method, language NUL, translated keyword NUL, UTF-8 text
+        if len(rest) < 2:
+            raise PngError(f"iTXt chunk {key!r} is cut short")
+        flag, method, tail = rest[0], rest[1], rest[2:]
+        parts = tail.split(b"\0", 2)
+        if len(parts) != 3:
+            raise PngError(f"iTXt chunk {key!r} is cut short")
+        text = parts[2]
+        if flag:
+            if method != 0:
+                raise PngError(f"iTXt chunk {key!r}: unknown compression method")
+            text = _inflate(text, key, limit)
+    if len(text) > limit:
+        raise TextTooLarge(f"text chunk {key!r} of {len(text)} bytes is over the limit of {limit} bytes")
+    if chunk.type != b"iTXt":
+        return key, text.decode("latin-1")
     try:
         return key, text.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PngError(f"iTXt chunk {key!r}: text is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def read_text(data: bytes) -> dict[str, str]:
-    """Keyword -> text of every text chunk (the first chunk wins when a keyword repeats)."""
-    out: dict[str, str] = {}
+def find_text(data: bytes, keywords: Sequence[str], limit: int) -> tuple[str, str] | None:
+    """``(keyword, text)`` of the first text chunk with the first of ``keywords`` (in order of preference) the PNG
+    has, or None. Only that chunk is decoded, its text at most ``limit`` bytes: the other text chunks are never
+    inflated, so what one call inflates in all is bounded by ``limit`` too."""
+    found: dict[str, Chunk] = {}
     for chunk in read_chunks(data):
         if chunk.type in TEXT_TYPES:
-            key, text = decode_text_chunk(chunk)
-            out.setdefault(key, text)
-    return out
+            found.setdefault(chunk_keyword(chunk), chunk)
+    for key in keywords:
+        if key in found:
+            return decode_text_chunk(found[key], limit)
+    return None
 
 
 def text_chunk(keyword: str, text: str) -> Chunk:
@@ -134,9 +154,7 @@ def write_text(data: bytes, texts: dict[str, str]) -> bytes:
     """The PNG ``data`` with a tEXt chunk per ``texts`` item just before IEND; text chunks that had one of these
     keywords are dropped, every other chunk is kept byte for byte."""
     chunks = read_chunks(data)
-    kept = [
-        c for c in chunks[:-1] if not (c.type in TEXT_TYPES and c.data.partition(b"\0")[0].decode("latin-1") in texts)
-    ]
+    kept = [c for c in chunks[:-1] if not (c.type in TEXT_TYPES and chunk_keyword(c) in texts)]
     new = [text_chunk(k, v) for k, v in texts.items()]
     return SIGNATURE + b"".join(c.encode() for c in [*kept, *new, chunks[-1]])
 
