@@ -1,12 +1,11 @@
 """Typed configuration for every rp_ray job.
 
-Each job reads one YAML file that is an instance of one of the models below and
-accepts ``key.sub_key=value`` overrides on the command line. Every model forbids
-unknown keys, so a typo fails before any work starts, with a message naming the
+Each job reads one YAML file that is an instance of one of the models below and accepts ``key.sub_key=value`` overrides
+on the command line. Every model forbids unknown keys, so a typo fails before any work starts, with a message naming the
 key, the bad value and what is allowed.
 
-Configs cross Ray process boundaries as ``cfg.model_dump()`` and are validated
-again on the worker (``TrainConfig.model_validate(d)``).
+Configs cross Ray process boundaries as ``cfg.model_dump()`` and are validated again on the worker
+(``TrainConfig.model_validate(d)``).
 """
 
 from __future__ import annotations

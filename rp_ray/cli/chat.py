@@ -5,11 +5,7 @@ Replies stream to the terminal token by token; a character's greeting (``GET /v1
 history stays within the served context: before each message the oldest turns are dropped until the prompt plus
 ``--max-tokens`` fits, counted by the server (``POST /tokenize`` with the messages, the card applied as chat applies
 it) or, when it cannot count, estimated from the text's UTF-8 bytes (at least one byte a token). Errors (server
-down, wrong key, unknown model, a refused request) are one line each, never a traceback.
-
-Commands: ``/reset`` (forget the history), ``/system TEXT`` (the system message; ``/system`` alone shows it, ``/system
--`` drops it so a card's own applies), ``/model NAME`` (switch; ``/model`` alone lists them), ``/help``, ``/exit``
-(or Ctrl-D). A line starting with ``//`` is sent with one ``/`` less.
+down, wrong key, unknown model, a refused request) are one line each, never a traceback. Commands: :data:`HELP`.
 """
 
 from __future__ import annotations

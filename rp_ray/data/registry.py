@@ -1,11 +1,9 @@
 """The dataset registry: ``dataset_info.json`` in LLaMA-Factory's schema.
 
-Only local sharegpt files are read (no hub is reachable on an offline box): JSON
-or JSON Lines, plain or xz-compressed. A config reads the registered files, and a
-missing one is an error naming the file and the fix; only a config that sets
-``data.use_sample`` reads the shipped sample under ``dataset_dir/sample/`` instead
-(the tiny CPU configs do: the demo and the tests depend on its 300/100 rows), and
-the log and the data report say so.
+Only local sharegpt files are read (no hub is reachable on an offline box): JSON or JSON Lines, plain or xz-compressed.
+A config reads the registered files, and a missing one is an error naming the file and the fix; only a config that sets
+``data.use_sample`` reads the shipped sample under ``dataset_dir/sample/`` instead (the tiny CPU configs do: the demo
+and the tests depend on its 300/100 rows), and the log and the data report say so.
 """
 
 from __future__ import annotations

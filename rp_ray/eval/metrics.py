@@ -1,15 +1,13 @@
 """BLEU-4 and ROUGE-1/2/L exactly as LLaMA-Factory's predict step computes them.
 
 Per (prediction, label) pair:
-- BLEU-4: nltk ``sentence_bleu([list(label)], list(pred))`` on Unicode characters,
-  default 4-gram weights, smoothing method3.
-- ROUGE: both texts cut by jieba (accurate mode) and joined by spaces; if either
-  has no non-space token all three scores are 0; otherwise rouge-chinese 1.0.3
-  semantics, re-implemented here as pure functions (so the top-level ``rouge``
-  package that rouge-chinese installs is never imported at run time): sentences
-  split at 。！？? / ...... / ……, words = the sentences' space-split tokens
-  flattened, ROUGE-N over the *set* of n-grams, ROUGE-L over the plain LCS of
-  the word lists, F = 2PR / (P + R + 1e-8).
+- BLEU-4: nltk ``sentence_bleu([list(label)], list(pred))`` on Unicode characters, default 4-gram weights,
+  smoothing method3.
+- ROUGE: both texts cut by jieba (accurate mode) and joined by spaces; if either has no non-space token all three
+  scores are 0; otherwise rouge-chinese 1.0.3 semantics, re-implemented here as pure functions (so the top-level
+  ``rouge`` package that rouge-chinese installs is never imported at run time): sentences split at 。！？? / ...... /
+  ……, words = the sentences' space-split tokens flattened, ROUGE-N over the *set* of n-grams, ROUGE-L over the
+  plain LCS of the word lists, F = 2PR / (P + R + 1e-8).
 - Each score x100, rounded to 4 decimals; a reported figure is the mean of those.
 """
 

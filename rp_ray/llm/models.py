@@ -1,9 +1,8 @@
 """Loading local models safely.
 
-Models load only from a local directory (a hub model id is resolved to its folder in
-the model cache first, offline: ``rp_ray.llm.hub``), only from safetensors, with
-``trust_remote_code=False``. Tiny models for the tests and the demo are built
-by ``rp_ray.llm.tiny_model``.
+Models load only from a local directory (a hub model id is resolved to its folder in the model cache first, offline:
+``rp_ray.llm.hub``), only from safetensors, with ``trust_remote_code=False``. Tiny models for the tests and the demo are
+built by ``rp_ray.llm.tiny_model``.
 """
 
 from __future__ import annotations
@@ -99,17 +98,14 @@ def resolve_dtype(dtype: str, use_gpu: bool) -> str:
 def resolve_attn_implementation(family: Family, requested: AttnImplementation, use_gpu: bool) -> str:
     """The transformers ``attn_implementation`` to load a model with.
 
-    ``auto``: llama3 -> ``sdpa``. gpt_oss has no SDPA path (its attention sinks, a learned
-    logit per head, do not fit SDPA's softmax) and needs ``flex_attention`` on GPU, which
-    applies the sinks by renormalising with flex's log-sum-exp; transformers 5.19 cannot
-    return that log-sum-exp on CPU and refuses sinks there, so gpt_oss on CPU is ``eager``.
-    An explicit choice is kept, but the combinations that cannot load fail here, before any
-    weights are read, naming the setting to change.
+    ``auto``: llama3 -> ``sdpa``. gpt_oss has no SDPA path (its attention sinks, a learned logit per head, do not fit
+    SDPA's softmax) and needs ``flex_attention`` on GPU, which applies the sinks by renormalising with flex's
+    log-sum-exp; transformers 5.19 cannot return that log-sum-exp on CPU and refuses sinks there, so gpt_oss on CPU is
+    ``eager``. An explicit choice is kept, but the combinations that cannot load fail here, before any weights are read,
+    naming the setting to change.
     """
     if requested == "auto":
-        if family == "llama3":
-            return "sdpa"
-        return "flex_attention" if use_gpu else "eager"
+        return "sdpa" if family == "llama3" else "flex_attention" if use_gpu else "eager"
     if family == "gpt_oss" and requested == "sdpa":
         raise ValueError(GPT_OSS_SDPA)
     if not use_gpu and requested == "flash_attention_2":
@@ -127,11 +123,10 @@ def load_kwargs(
 ) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments for a model whose config.json is ``config``.
 
-    MXFP4 checkpoints (gpt-oss ships its experts that way) load dequantized, explicitly:
-    left to itself transformers keeps them quantized when Triton and the ``kernels``
-    package are present, and quantized experts are frozen blocks that DeepSpeed cannot
-    partition and peft cannot train through; without those packages it dequantizes anyway.
-    Asking for it makes the result the same on every machine.
+    MXFP4 checkpoints (gpt-oss ships its experts that way) load dequantized, explicitly: left to itself transformers
+    keeps them quantized when Triton and the ``kernels`` package are present, and quantized experts are frozen blocks
+    that DeepSpeed cannot partition and peft cannot train through; without those packages it dequantizes anyway. Asking
+    for it makes the result the same on every machine.
     """
     import torch
 
@@ -155,9 +150,9 @@ def load_model(
 ):
     """A causal LM from local safetensors, never running code shipped with the weights.
 
-    ``attn_implementation``: what ``resolve_attn_implementation`` chose; None leaves
-    transformers' own default for the architecture. ``device``: load the weights straight onto it, shard by shard
-    (a GPU worker then never holds the whole model in host memory); None = CPU.
+    ``attn_implementation``: what ``resolve_attn_implementation`` chose; None leaves transformers' own default for the
+    architecture. ``device``: load the weights straight onto it, shard by shard (a GPU worker then never holds the whole
+    model in host memory); None = CPU.
     """
     from transformers import AutoModelForCausalLM
 

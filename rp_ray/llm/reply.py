@@ -20,12 +20,10 @@ _STRIPPED_REASONING = re.compile(r"^\s*analysis.*?assistantfinal", re.DOTALL)
 def parse_harmony(text: str) -> str:
     """The clean final-channel reply of gpt-oss output.
 
-    Accepts text decoded with special tokens kept (preferred): the reply is what
-    follows the last ``<|channel|>final<|message|>`` (or the whole text when the
-    prompt already opened the final channel), cut at ``<|end|>``/``<|return|>``/``<|call|>``.
-    Reasoning that never reached a final channel yields "". Text whose special
-    tokens were stripped (``analysis...assistantfinal...``) is cleaned too, so such
-    literal text never reaches a score or a chat reply.
+    Accepts text decoded with special tokens kept (preferred): the reply is what follows the last
+    ``<|channel|>final<|message|>`` (or the whole text when the prompt already opened the final channel), cut at
+    ``<|end|>``/``<|return|>``/``<|call|>``. Reasoning that never reached a final channel yields "". Text whose special
+    tokens were stripped (``analysis...assistantfinal...``) is cleaned too.
     """
     if _FINAL in text:
         text = text.rsplit(_FINAL, 1)[1]

@@ -1,25 +1,21 @@
 """Tiny models in Hugging Face layout, built locally: for the tests, the benchmarks and the demo.
 
-A tiny model is a small Llama / GPT-OSS config whose byte-level BPE tokenizer is
-trained in-process on role-play text and carries the family's real special
-tokens, so the templates encode them exactly as they would the real model.
+A tiny model is a small Llama / GPT-OSS config whose byte-level BPE tokenizer is trained in-process on role-play text
+and carries the family's real special tokens, so the templates encode them exactly as they would the real model.
 
 Two kinds are built here:
 
-- random weights (``pretrain=None``): seconds on a CPU; what the tests use, where
-  only shapes, token layouts and plumbing matter;
-- pretrained (``pretrain=PretrainConfig(...)``): the same architecture trained as a
-  plain language model on the text of a train split (each conversation's messages
-  one per line, no chat layout, no special tokens but the document-opening
-  bos). The demo's default base model is built this way (``rp-ray tiny-model --pretrain``):
-  a random-weight model cannot learn a character in a few minutes of LoRA on a
-  CPU, a model that already knows the corpus's words can. The val split is never
-  read, so the base model has not seen the rows it is evaluated on.
+- random weights (``pretrain=None``): seconds on a CPU; what the tests use, where only shapes, token layouts and
+  plumbing matter;
+- pretrained (``pretrain=PretrainConfig(...)``): the same architecture trained as a plain language model on the text of
+  a train split (each conversation's messages one per line, no chat layout, no special tokens but the document-opening
+  bos). The demo's default base model is built this way (``rp-ray tiny-model --pretrain``): a random-weight model cannot
+  learn a character in a few minutes of LoRA on a CPU, a model that already knows the corpus's words can. The val split
+  is never read, so the base model has not seen the rows it is evaluated on.
 
-Every build is cached: the folder's ``rp_ray_tiny.json`` holds a hash of all of its
-inputs (corpus bytes, family, sizes, seed, pretraining settings, ``BUILD_VERSION``),
-and a build whose hash matches the folder's returns at once. A ``README.md`` model
-card in the folder says what the model is, how it was made and how long it took.
+Every build is cached: the folder's ``rp_ray_tiny.json`` holds a hash of all of its inputs (corpus bytes, family, sizes,
+seed, pretraining settings, ``BUILD_VERSION``), and a build whose hash matches the folder's returns at once. A
+``README.md`` model card in the folder says what the model is, how it was made and how long it took.
 """
 
 from __future__ import annotations
@@ -189,16 +185,15 @@ def token_stream(tok, docs: list[list[str]]) -> list[int]:
 
 
 def bigram_init(model, ids: list[int], smoothing: float = 0.6) -> None:
-    """Start the model as the corpus's bigram model: embeddings from a low-rank factorisation of its
-    log-bigram table, and every residual branch's output projection at zero.
+    """Start the model as the corpus's bigram model: embeddings from a low-rank factorisation of its log-bigram table,
+    and every residual branch's output projection at zero.
 
-    With ``o_proj`` / ``down_proj`` at zero each layer adds nothing yet, so the logits are the output
-    rows times the (normalised) input row: set to the top ``hidden_size`` singular vectors of
-    ``log P(next | token)`` (interpolated with the unigram, ``smoothing`` on the bigram), they give the
-    bigram's predictions at step 0. Pretraining then only has to add what context brings. From a
-    random init, a model this size does not even reach bigram quality in the few hundred steps the
-    build can afford (its greedy text loops on the commonest token); from here it does in none.
-    The zero branches still learn: their weights get gradients from non-zero inputs.
+    With ``o_proj`` / ``down_proj`` at zero each layer adds nothing yet, so the logits are the output rows times the
+    (normalised) input row: set to the top ``hidden_size`` singular vectors of ``log P(next | token)`` (interpolated
+    with the unigram, ``smoothing`` on the bigram), they give the bigram's predictions at step 0. Pretraining then only
+    has to add what context brings. From a random init, a model this size does not even reach bigram quality in the few
+    hundred steps the build can afford (its greedy text loops on the commonest token); from here it does in none. The
+    zero branches still learn: their weights get gradients from non-zero inputs.
     """
     import torch
 
@@ -223,16 +218,12 @@ def bigram_init(model, ids: list[int], smoothing: float = 0.6) -> None:
 def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: int) -> list[float]:
     """Train ``model`` in place as a plain causal LM on ``docs``; return the loss of every step.
 
-    The model starts from the corpus's bigram model (``bigram_init``). Each conversation
-    becomes one document (``token_stream``); documents are concatenated and cut into
-    ``seq_len + 1``-token blocks; each step
-    draws ``batch_size`` blocks in a seeded order (a fresh permutation per pass), so
-    a build is reproducible. AdamW with linear warmup and cosine decay; gradients
-    are clipped at 1.0.
+    The model starts from the corpus's bigram model (``bigram_init``). Each conversation becomes one document
+    (``token_stream``); documents are concatenated and cut into ``seq_len + 1``-token blocks; each step draws
+    ``batch_size`` blocks in a seeded order (a fresh permutation per pass), so a build is reproducible.
 
-    Runs on one CPU thread: the result is then the same on any machine whatever
-    its core count, and a box whose other core is busy does not stall every
-    operation on thread synchronisation.
+    Runs on one CPU thread (:func:`_pretrain` sets it): the result is then the same on any machine whatever its core
+    count, and a box whose other core is busy does not stall every operation on thread synchronisation.
     """
     import torch
 
@@ -297,13 +288,12 @@ def _pretrain_optimizer(params: list, cfg: PretrainConfig):
 def init_unseen_rows(model, token_ids: list[int], seed: int) -> None:
     """Give the input and output embedding rows of ``token_ids`` fresh values drawn like a trained row.
 
-    The chat special tokens never occur in the plain-text corpus: their input rows keep the small
-    random init and their output rows are only ever pushed down, so a later LoRA fine-tune (which
-    leaves both embeddings frozen) could never make the model end its turn. Their mean row would
-    not do either: with a frozen output head, a row equal to the mean of the others gives a logit
-    equal to the mean logit, never the largest. So each row is drawn from a normal distribution
-    with the mean and covariance of the trained rows (what transformers' ``resize_token_embeddings``
-    does for added tokens, at the full spread): a typical token the fine-tune can learn to emit.
+    The chat special tokens never occur in the plain-text corpus: their input rows keep the small random init and their
+    output rows are only ever pushed down, so a later LoRA fine-tune (which leaves both embeddings frozen) could never
+    make the model end its turn. Their mean row would not do either: with a frozen output head, a row equal to the mean
+    of the others gives a logit equal to the mean logit, never the largest. So each row is drawn from a normal
+    distribution with the mean and covariance of the trained rows (what transformers' ``resize_token_embeddings`` does
+    for added tokens, at the full spread): a typical token the fine-tune can learn to emit.
     """
     import torch
 

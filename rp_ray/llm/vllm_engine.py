@@ -31,7 +31,6 @@ from typing import Any
 from rp_ray.config import VllmSettings
 from rp_ray.llm.models import resolve_dtype
 
-# vLLM's OpenAI-server sizing on GPUs (what `vllm serve` and Ray Serve LLM get); the engine context gives 128 / 2048
 GPU_MAX_NUM_SEQS = 1024
 GPU_MAX_NUM_BATCHED_TOKENS = 8192
 ZERO_ADAPTER = "__base__"  # LoRA name of the all-zero adapter that carries base requests on CPU

@@ -1,19 +1,17 @@
 """Deterministic global batch plans: which examples each rank takes in each micro-batch of each optimizer step.
 
-One plan covers all ranks. Every rank computes it from the lengths of *all* rows with
-the same seed, so ranks agree on it without talking, and a rank that resumes after a
-crash rebuilds it exactly. Planning globally matters because every collective of a
-step (ZeRO's gradient reduce, ZeRO-3's parameter gathers, the loss all-reduce) waits
-for the slowest rank: when each rank planned its own shard, one rank could hold
-2,000-token examples while another held 200-token ones in the same step.
+One plan covers all ranks. Every rank computes it from the lengths of *all* rows with the same seed, so ranks agree on
+it without talking, and a rank that resumes after a crash rebuilds it exactly. Planning globally matters because every
+collective of a step (ZeRO's gradient reduce, ZeRO-3's parameter gathers, the loss all-reduce) waits for the slowest
+rank: when each rank planned its own shard, one rank could hold 2,000-token examples while another held 200-token ones
+in the same step.
 
-So all ranks take the same length bucket in the same step, and within a step the
-examples are dealt so that every rank computes about as many positions (padding
-included) as the others, while each micro-batch holds examples of similar length.
+So all ranks take the same length bucket in the same step, and within a step the examples are dealt so that every rank
+computes about as many positions (padding included) as the others, while each micro-batch holds examples of similar
+length.
 
-The examples of a global step depend only on ``world_size x micro_batch x
-accumulation``, never on how that product is split, so 4 x 1 and 2 x 2 (same world
-size), or 2 ranks x 2 and 4 ranks x 1, apply the same update.
+The examples of a global step depend only on ``world_size x micro_batch x accumulation``, never on how that product is
+split, so 4 x 1 and 2 x 2 (same world size), or 2 ranks x 2 and 4 ranks x 1, apply the same update.
 """
 
 from __future__ import annotations
@@ -48,13 +46,11 @@ def plan_epoch(
 ) -> Plan:
     """Global steps -> ranks -> micro-batches -> example indices, for one epoch.
 
-    ``lengths`` are the token counts of all rows (every rank passes the same list and
-    the same ``seed``). The rows are shuffled with ``seed`` and ``epoch``; the last
-    ``len % step_size`` of that order are left out of the epoch. With
-    ``group_by_length``, each window of ``MEGABATCH_STEPS`` steps is sorted by length
-    before it is cut into steps, and the steps are shuffled, so a step holds examples
-    of similar length. Each step is then dealt to ranks by ``deal_step``. The sizes are
-    keyword-only: the per-rank planner this replaced took (micro_batch, accumulation, seed,
+    ``lengths`` are the token counts of all rows (every rank passes the same list and the same ``seed``). The rows are
+    shuffled with ``seed`` and ``epoch``; the last ``len % step_size`` of that order are left out of the epoch. With
+    ``group_by_length``, each window of ``MEGABATCH_STEPS`` steps is sorted by length before it is cut into steps, and
+    the steps are shuffled, so a step holds examples of similar length. Each step is then dealt to ranks by
+    ``deal_step``. The sizes are keyword-only: the per-rank planner this replaced took (micro_batch, accumulation, seed,
     epoch) positionally, and such a call must fail, not plan something else.
     """
     for name, value in (("world_size", world_size), ("micro_batch", micro_batch), ("accumulation", accumulation)):
@@ -81,13 +77,11 @@ def deal_step(
 ) -> list[list[list[int]]]:
     """One global step's examples -> ranks -> micro-batches, balancing the positions each rank computes.
 
-    The examples are sorted longest first and cut into ``accumulation`` chunks of
-    ``world_size x micro_batch``: chunk j is micro-batch j on every rank, so the ranks
-    run micro-batches of similar cost side by side (ZeRO syncs on each one). Within a
-    chunk, consecutive examples form a micro-batch (similar lengths, little padding),
-    and the costliest micro-batch goes to the rank that has computed least so far in
-    this step. That keeps the spread between ranks within the largest cost gap inside
-    one chunk, whatever the number of chunks.
+    The examples are sorted longest first and cut into ``accumulation`` chunks of ``world_size x micro_batch``: chunk j
+    is micro-batch j on every rank, so the ranks run micro-batches of similar cost side by side (ZeRO syncs on each
+    one). Within a chunk, consecutive examples form a micro-batch (similar lengths, little padding), and the costliest
+    micro-batch goes to the rank that has computed least so far in this step. That keeps the spread between ranks within
+    the largest cost gap inside one chunk, whatever the number of chunks.
     """
     if len(examples) != world_size * micro_batch * accumulation:
         raise ValueError(
@@ -120,9 +114,8 @@ def rank_positions(plan: Plan, lengths: list[int]) -> list[list[int]]:
 def imbalance(plan: Plan, lengths: list[int]) -> float:
     """Mean over steps of (the busiest rank's positions / the mean over ranks); 1.0 = perfectly even.
 
-    Positions include padding, which is what a rank computes; with micro-batches of one
-    they are the tokens. Each step lasts as long as its busiest rank, so the share of
-    GPU time doing useful work is about ``1 / imbalance``.
+    Positions include padding, which is what a rank computes; with micro-batches of one they are the tokens. Each step
+    lasts as long as its busiest rank, so the share of GPU time doing useful work is about ``1 / imbalance``.
     """
     ratios = [max(step) * len(step) / sum(step) for step in rank_positions(plan, lengths) if sum(step)]
     return sum(ratios) / len(ratios) if ratios else 1.0

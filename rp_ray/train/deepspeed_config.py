@@ -2,17 +2,14 @@
 
 Choices that differ from a plain ZeRO config, and why:
 
-- ``overlap_comm`` is on at stage 3 (DeepSpeed's own stage-3 default): there every forward
-  and backward gathers the frozen base weights, the bulk of the traffic, and overlap
-  prefetches them on a side stream instead of stalling compute. At stage 2 it stays off:
-  only the LoRA gradients are reduced (a few tens of MB for an 8B model, one bucket), so
-  there is nothing to overlap, and overlap would hold 4.5 x ``reduce_bucket_size`` extra.
-  On CPU (gloo) DeepSpeed has no streams and the flag is a no-op, so CPU runs use the
-  same JSON as GPU runs.
-- bf16 gradients accumulate in fp32 (``data_types.grad_accum_dtype``): summing 8 or more
-  micro-batches in bf16 (8 bits of mantissa) loses the small ones. DeepSpeed supports
-  that mix with ZeRO (stage 1 and up) only; at stage 0 it refuses it, so there bf16
-  accumulates in bf16.
+- ``overlap_comm`` is on at stage 3 (DeepSpeed's own stage-3 default): there every forward and backward gathers the
+  frozen base weights, the bulk of the traffic, and overlap prefetches them on a side stream instead of stalling
+  compute. At stage 2 it stays off: only the LoRA gradients are reduced (a few tens of MB for an 8B model, one bucket),
+  so there is nothing to overlap, and overlap would hold 4.5 x ``reduce_bucket_size`` extra. On CPU (gloo) DeepSpeed has
+  no streams and the flag is a no-op, so CPU runs use the same JSON as GPU runs.
+- bf16 gradients accumulate in fp32 (``data_types.grad_accum_dtype``): summing 8 or more micro-batches in bf16 (8 bits
+  of mantissa) loses the small ones. DeepSpeed supports that mix with ZeRO (stage 1 and up) only; at stage 0 it refuses
+  it, so there bf16 accumulates in bf16.
 """
 
 from __future__ import annotations
@@ -27,9 +24,8 @@ from rp_ray.config import TrainConfig
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
     """ZeRO stage, offload, batch sizes, clipping and precision as DeepSpeed expects them.
 
-    A user file (``deepspeed.config_file``) replaces the generated dict, but batch
-    sizes, clipping and precision are always set from our config so they cannot
-    disagree with the loop; its own ``data_types`` are kept.
+    A user file (``deepspeed.config_file``) replaces the generated dict, but batch sizes, clipping and precision are
+    always set from our config so they cannot disagree with the loop; its own ``data_types`` are kept.
     """
     ds = cfg.deepspeed
     if ds.config_file:
