@@ -14,7 +14,9 @@ from rp_ray.character.card import CardError, check_name, rp_settings
 from rp_ray.character.catalog import load_characters_file as load_cards
 from rp_ray.character.names import is_name
 from rp_ray.config import ConfigError, ServeConfig
-from rp_ray.serve.app import build_app, resolve_adapter
+from rp_ray.llm.models import random_lora_adapter
+from rp_ray.serve.adapters import resolve_adapter
+from rp_ray.serve.app import build_app
 from rp_ray.serve.auth import AuthSetupError, key_matches, load_api_key, presented_key
 from rp_ray.serve.chat import AssistantMessage, ChatCompletionChoice, ChatCompletionResponse, parse_request
 from rp_ray.serve.completion import CompletionRequest
@@ -269,6 +271,7 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
     """Config mistakes fail in the process that reads the config, with the reason (no Ray needed)."""
     root = tmp_path / "adapters"
     make_adapter(tiny_llama3, root / "a1")
+    random_lora_adapter(tiny_llama3, root / "r32", rank=32)
     (tmp_path / "outside").mkdir()
     cards = tmp_path / "cards.yaml"
     cards.write_text("- {name: haruhi, display_name: H, system_prompt: S, adapter: missing}\n")
@@ -288,6 +291,7 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
         ({"characters_file": str(cards)}, ConfigError, "adapter 'missing', which is not in adapters"),
         ({"model": {"path": str(tmp_path), "template": "llama3"}}, ValueError, "config.json"),
         ({"max_loras": 0}, ConfigError, "max_loras"),
+        ({"adapters": {"a1": "a1", "r32": "r32"}, "max_lora_rank": 16}, CardError, "rank 32; .*max_lora_rank=16"),
         ({"base_name": "../x"}, ConfigError, "base_name"),
     ]:
         with pytest.raises(err, match=match):

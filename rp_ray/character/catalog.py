@@ -375,7 +375,6 @@ class Catalog:
         for name, raw in data.get("characters", {}).items():
             card = card_from_dict(raw, f"character {name}")
             self.plain[name] = Character(name, card, rp_settings(card), True, memory=self.memories.get(name))
-        self.taken = _taken(cfg, self.plain)
         self.registry = CardRegistry(cfg.card_registry) if cfg.card_registry else None
         self.cards: dict[str, Character] = {}
         for name, raw in data.get("cards", {}).items():
@@ -383,6 +382,11 @@ class Catalog:
         # registry name -> mtime_ns of the file its card was read from
         self._files = {n: m for n in self.cards if (m := self._mtime(n)) is not None}
         self._dir_mtime: int | None = None
+
+    @property
+    def taken(self) -> dict[str, str]:
+        """Names an imported card may not have (the served adapters change at run time)."""
+        return _taken(self.cfg, self.plain)
 
     def _character(self, name: str, card: Card, source: str | None = None) -> Character:
         settings = check_card(name, card, source or f"card {name!r}", self.taken, self.cfg.adapters)

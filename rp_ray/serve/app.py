@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import RunTarget
@@ -33,16 +33,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rp_ray.character.card import MAX_PNG_BYTES, CardError
 from rp_ray.character.catalog import load_catalog, load_characters_file
-from rp_ray.character.names import NAME_RULE, is_name
 from rp_ray.config import ConfigError, ServeConfig, format_validation_error
 from rp_ray.llm.hub import resolve_model
 from rp_ray.llm.models import check_model_dir
+from rp_ray.llm.vllm_engine import max_lora_rank
+from rp_ray.serve.adapters import AdapterRegistry, check_rank, resolve_adapter
 from rp_ray.serve.auth import RequireKey, error_response, load_api_key
 from rp_ray.serve.chat import ChatCompletionRequest, ChatServing
 from rp_ray.serve.completion import CompletionRequest
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
 from rp_ray.serve.engine import ChatEngine
-from rp_ray.serve.protocol import APIError, Delta, DetokenizeRequest, TokenizeRequest, completion_id, parse_body
+from rp_ray.serve.protocol import (
+    APIError,
+    Delta,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    TokenizeRequest,
+    UnloadLoraAdapterRequest,
+    completion_id,
+    parse_body,
+)
 from rp_ray.serve.serving import PreparedChat
 
 log = logging.getLogger(__name__)
@@ -124,6 +134,11 @@ class ChatServer:
         self.serving = ChatServing(self.cfg, characters)
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
         self.engine = ChatEngine(self.cfg, adapter_dirs)
+        # the served adapters: the configured ones (fixed) and those loaded at run time (the registry's); the
+        # serving logic and the catalog read the table from cfg.adapters
+        self.configured = set(adapter_dirs)
+        self.cfg.adapters = dict(adapter_dirs)
+        self.registry = AdapterRegistry(self.cfg.adapter_root)
 
     async def check_health(self) -> None:
         """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
@@ -141,7 +156,54 @@ class ChatServer:
 
     @api.get("/v1/models", summary="The base model, the served adapters and the characters")
     async def models(self):
+        await self._sync_adapters()
         return self.serving.models()
+
+    @api.post(
+        "/v1/load_lora_adapter",
+        summary="vLLM's: serve a peft adapter folder under adapter_root as lora_name, on every replica, until unloaded",
+        openapi_extra=_body(LoadLoraAdapterRequest),
+    )
+    async def load_lora_adapter(self, request: Request):
+        req = await self._read(request, LoadLoraAdapterRequest)
+        name = req.lora_name
+        if self.engine.max_lora_rank is None:
+            raise APIError(400, "this app's engine serves no adapters (LoRA is off): configure one in adapters")
+        if name in self.cfg.adapters or name in self.serving.catalog.taken or self.serving.catalog.get(name):
+            raise APIError(400, f"the name {name!r} is taken by a served model; unload it first", param="lora_name")
+        try:
+            path = str(resolve_adapter(self.cfg.adapter_root, name, req.lora_path))
+            check_rank(name, path, self.engine.max_lora_rank)
+        except (CardError, ValueError) as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        try:
+            await self.engine.add_adapter(name, path)
+        except Exception as e:  # noqa: BLE001 -- vLLM's own checks of the adapter (its modules, its weights)
+            msg = f"the engine cannot load adapter {name!r}: {type(e).__name__}: {e}"
+            raise APIError(400, msg, param="lora_path") from None
+        self.cfg.adapters[name] = path
+        self.registry.update(lambda table: table.__setitem__(name, path))
+        log.info("adapter %s loaded from %s", name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @api.post(
+        "/v1/unload_lora_adapter",
+        summary="vLLM's: stop serving an adapter loaded at run time, on every replica",
+        openapi_extra=_body(UnloadLoraAdapterRequest),
+    )
+    async def unload_lora_adapter(self, request: Request):
+        name = (await self._read(request, UnloadLoraAdapterRequest)).lora_name
+        if name in self.configured:
+            raise APIError(
+                400, f"adapter {name!r} is in the serve config's adapters; it cannot be unloaded", param="lora_name"
+            )
+        if name not in self.cfg.adapters:
+            raise APIError(
+                404, f"no adapter {name!r} was loaded at run time", param="lora_name", code="model_not_found"
+            )
+        self.registry.update(lambda table: table.pop(name, None))
+        await self._drop_adapter(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @api.post(
         "/v1/characters",
@@ -207,9 +269,36 @@ class ChatServer:
 
     # -- the engine ----------------------------------------------------------------------------------------
 
+    async def _sync_adapters(self) -> None:
+        """Load and drop what other replicas loaded and unloaded at run time (when the registry file changed)."""
+        if not self.registry.changed():
+            return
+        listed = {n: p for n, p in self.registry.read().items() if n not in self.configured}
+        for name in [
+            n for n in self.cfg.adapters if n not in self.configured and listed.get(n) != self.cfg.adapters[n]
+        ]:
+            await self._drop_adapter(name)
+        for name, path in listed.items():
+            if name in self.cfg.adapters:
+                continue
+            try:
+                check_rank(name, path, self.engine.max_lora_rank or 0)
+                await self.engine.add_adapter(name, path)
+            except Exception as e:  # noqa: BLE001 -- this replica cannot serve it; the others may
+                log.warning("adapter %s from %s is not served: %s", name, path, e)
+                continue
+            self.cfg.adapters[name] = path
+            log.info("adapter %s loaded from %s (by another replica)", name, path)
+
+    async def _drop_adapter(self, name: str) -> None:
+        self.cfg.adapters.pop(name, None)
+        await self.engine.remove_adapter(name)
+        log.info("adapter %s unloaded", name)
+
     async def _read(self, request: Request, model: type[BaseModel]) -> Any:
         """The JSON body validated as ``model`` (see ``parse_body``), refusing more than ``max_body_bytes`` before
-        reading them all."""
+        reading them all; the runtime adapters synced first."""
+        await self._sync_adapters()
         raw = await read_raw(request, self.serving.limits.max_body_bytes)
         try:
             payload = json.loads(raw)
@@ -265,21 +354,6 @@ class ChatServer:
         return deltas()
 
 
-def resolve_adapter(root: str | Path, name: str, folder: str) -> Path:
-    """The adapter folder ``folder`` under ``root``: a peft folder with safetensors weights, never outside root."""
-    if not is_name(name):
-        raise CardError(f"adapter name {name!r}: {NAME_RULE}")
-    base = Path(root).resolve()
-    path = (base / folder).resolve()
-    if path != base and base not in path.parents:
-        raise CardError(f"adapter {name!r}: {folder!r} resolves outside the adapter root {base}")
-    if not (path / "adapter_config.json").is_file():
-        raise CardError(f"adapter {name!r}: {path} is not a peft adapter folder (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise CardError(f"adapter {name!r}: {path} has no adapter_model.safetensors (pickle weights are refused)")
-    return path
-
-
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
@@ -304,6 +378,10 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
     cfg.api_key_file = _abs(cfg.api_key_file)
     load_api_key(cfg.api_key_env, cfg.api_key_file)  # fail now, not as replicas that crash-loop
     dirs = {name: str(resolve_adapter(cfg.adapter_root, name, folder)) for name, folder in cfg.adapters.items()}
+    if dirs:
+        rank = max_lora_rank(cfg, list(dirs.values()))  # as set, else the smallest vLLM rank that holds every adapter
+        for name, path in dirs.items():
+            check_rank(name, path, rank)
     cfg.characters_file = _abs(cfg.characters_file)
     characters = load_characters_file(cfg.characters_file) if cfg.characters_file else {}
     cfg.card_registry = _abs(cfg.card_registry)

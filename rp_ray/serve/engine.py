@@ -44,9 +44,30 @@ class ChatEngine:
     def __init__(self, cfg: ServeConfig, adapter_dirs: dict[str, str]):
         self.cfg = cfg
         self._aborts: set[asyncio.Task] = set()
-        self.vllm = AsyncEngine(cfg, adapter_dirs, lambda dirs: chat_engine_kwargs(cfg, dirs))
+        args: dict[str, Any] = {}
+
+        def engine_args(dirs: dict[str, str]) -> dict[str, Any]:
+            args.update(chat_engine_kwargs(cfg, dirs))
+            return args
+
+        self.vllm = AsyncEngine(cfg, adapter_dirs, engine_args)
         self.engine, self.loras = self.vllm.llm, self.vllm.loras
+        self.max_lora_rank: int | None = args.get("max_lora_rank") if args.get("enable_lora") else None
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
+
+    async def add_adapter(self, name: str, path: str) -> None:
+        """Load an adapter into the running engine (vLLM reads and checks it now, not at the first request)."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, max((r.lora_int_id for r in self.loras.values()), default=0) + 1, path)
+        if not await self.engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter {name!r} from {path}")
+        self.loras[name] = request
+
+    async def remove_adapter(self, name: str) -> None:
+        request = self.loras.pop(name, None)
+        if request is not None:
+            await self.engine.remove_lora(request.lora_int_id)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str

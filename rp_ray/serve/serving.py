@@ -117,7 +117,16 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
-        return character.settings.adapter, character
+        adapter = character.settings.adapter
+        if adapter is not None and adapter not in self.cfg.adapters:  # unloaded at run time
+            raise APIError(
+                404,
+                f"character {model!r} speaks through adapter {adapter!r}, which is no longer served; load it again "
+                f"(POST /v1/load_lora_adapter) or bind the card to a served one",
+                param="model",
+                code="model_not_found",
+            )
+        return adapter, character
 
     # -- prompts -------------------------------------------------------------------------------------------
 
