@@ -12,18 +12,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel
-
-from rp_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rp_ray.config import C, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rp_ray.data import Conversation
 from rp_ray.data.report import load_checked_splits
 from rp_ray.llm.hub import resolve_model
 from rp_ray.llm.models import load_tokenizer
 from rp_ray.llm.template import IGNORE_INDEX, Template, encode_supervised, get_template
 
-C = TypeVar("C", bound=BaseModel)
 Split = Literal["train", "val"]
 
 

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rp_ray.eval.engines import Output
 
@@ -36,13 +35,6 @@ def write_atomic(path: Path, lines: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def output_line(row: Row, predict: str, error: str | None) -> str:
-    rec: dict[str, Any] = {"prompt": row.prompt_text, "predict": predict, "label": row.label}
-    if error:
-        rec["error"] = error
-    return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
 class ShardWriter:
@@ -90,7 +82,10 @@ class ShardWriter:
         for row, o in zip(self.rows_of(s), self.outputs.pop((run, s))):
             assert o is not None
             predict = "" if o.error else (self.decode(o.token_ids) if o.token_ids else o.text)
-            lines.append(output_line(row, predict, o.error))
+            rec = {"prompt": row.prompt_text, "predict": predict, "label": row.label}
+            if o.error:
+                rec["error"] = o.error
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
         write_atomic(shard_path(self.out, run, s), lines)
         self.written.append((run, s))
 
