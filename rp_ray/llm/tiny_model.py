@@ -119,16 +119,9 @@ def _train_tokenizer(texts: Iterable[str], tpl: Template, vocab_size: int):
 
 def _documents(train_file: Path) -> list[list[str]]:
     """The message texts of every conversation in a sharegpt file, one list per conversation."""
-    docs = []
-    for row in read_rows(train_file):
-        texts = [
-            m["value"]
-            for m in (row.value or {}).get("conversations", [])
-            if isinstance(m, dict) and isinstance(m.get("value"), str)
-        ]
-        if texts:
-            docs.append(texts)
-    return docs
+    convs = ((row.value or {}).get("conversations", []) for row in read_rows(train_file))
+    docs = [[m["value"] for m in c if isinstance(m, dict) and isinstance(m.get("value"), str)] for c in convs]
+    return [d for d in docs if d]
 
 
 def build_key(

@@ -298,10 +298,7 @@ class SwanLabBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {
-    "tensorboard": TensorBoardBackend,
-    "mlflow": MLflowBackend,
-    "wandb": WandbBackend,
-    "swanlab": SwanLabBackend,
+    b.name: b for b in (TensorBoardBackend, MLflowBackend, WandbBackend, SwanLabBackend)
 }
 
 
