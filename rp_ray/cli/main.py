@@ -14,6 +14,7 @@ from rp_ray.character import prompt, scenes
 from rp_ray.cli import chat as chat_repl
 from rp_ray.cluster import wait_for_job_agent
 from rp_ray.llm import tiny_model
+from rp_ray.plan import command as plan_command
 from rp_ray.preparation import absolute_paths, encode_split, prepare
 
 DEFAULT_REGISTRY = "outputs/characters"
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_card_commands,
         _add_scenes_commands,
         chat_repl.add_parser,
+        plan_command.add_parser,
     ):
         add(sub)
     return parser

@@ -1,0 +1,212 @@
+"""What jobs achieve, per hardware kind: defaults from published and measured figures, refined by the user's runs.
+
+``rp-ray plan --calibrate OUTPUT_DIR...`` reads finished runs (a training ``output_dir`` with its
+``training_summary.json``; an evaluation ``output_dir`` with ``eval_summary.json``, ``engines.json`` and each run's
+``run_config.json``), predicts each with the plan's own model of time, and fits per hardware kind and job
+(training or evaluation, dense or MoE model):
+
+- training: ``time = X / HFU + micro-batches x overhead`` where ``X`` is the busiest rank's executed FLOPs over the
+  device's peak, and start-up = wall time - training time (less the weights at ``LOAD_BANDWIDTH``);
+- evaluation: ``time = X / scale + decode steps x overhead`` where ``X`` is the prediction pass at the default
+  efficiencies (the compute efficiency of prefill and the bandwidth efficiency of decode are scaled together: one
+  pass's time does not tell them apart), start-up = the first engine's start, and the rest of the job (data checks,
+  scoring) per job.
+
+With one run of a kind only its efficiency is fitted (the overhead keeps its default); from two runs of different
+sizes both are, by least squares on relative error. Each run's figures are kept in the file, so folding more runs
+refits over all of them; a run folded again replaces its old figures. Default location:
+``~/.cache/rp_ray/calibration.json`` (``$RP_RAY_CALIBRATION`` or ``--calibration FILE`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rp_ray.plan.hardware import Hardware
+
+CALIBRATION_ENV = "RP_RAY_CALIBRATION"
+VERSION = 1
+LOAD_BANDWIDTH = 1e9  # bytes/s a job reads weights at from shared storage (assumed)
+
+
+def default_path() -> Path:
+    env = os.environ.get(CALIBRATION_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rp_ray" / "calibration.json"
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The achieved shares and fixed costs a plan's times use; ``sources`` says where each came from."""
+
+    train_hfu: float  # share of peak FLOP/s reached on executed FLOPs (recomputation included)
+    train_overhead_s: float  # per micro-batch, on top of its FLOPs
+    train_startup_s: float  # worker group, process group and DeepSpeed set-up, before the weights load
+    eval_compute: float  # share of peak FLOP/s in prefill and compute-bound decode steps
+    eval_bandwidth: float  # share of memory bandwidth in bandwidth-bound decode steps
+    eval_step_overhead_s: float  # per decode step
+    eval_startup_s: float  # until the first engine predicts, before its weights load
+    eval_other_s: float  # the driver's data checks and Ray start-up
+    eval_scoring_s_per_sample: float
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+GPU_CHECK = "the GPU check on one H200 (README: GPU check)"
+
+
+def defaults(kind: str, moe: bool) -> Efficiency:
+    """Figures before any calibration. GPU training shares come from this project's GPU check (HFU = its MFU times
+    executed over model FLOPs); the rest are stated assumptions until a run of the kind is folded in."""
+    if kind == "cpu":
+        return Efficiency(
+            train_hfu=0.22,
+            train_overhead_s=0.0,
+            train_startup_s=30.0,
+            eval_compute=0.75,
+            eval_bandwidth=0.6,
+            eval_step_overhead_s=0.0,
+            eval_startup_s=20.0,
+            eval_other_s=10.0,
+            eval_scoring_s_per_sample=0.002,
+            sources={
+                "train_hfu": "the README's checkpointing bench (65M model, 2 threads, one step)",
+                "eval_compute": "the README's eval bench (75% of the measured float32 matmul limit)",
+                "eval_startup_s": "the README's eval bench (first engine ready after 19 s)",
+                "*": "assumed",
+            },
+        )
+    hfu, what = (0.147, "gpt-oss-20b, shipped config: 9.8% MFU") if moe else (0.369, "Llama-3.1-8B, shipped: 36.9% MFU")
+    return Efficiency(
+        train_hfu=hfu,
+        train_overhead_s=0.0,
+        train_startup_s=60.0,
+        eval_compute=0.5,
+        eval_bandwidth=0.7,
+        eval_step_overhead_s=0.0,
+        eval_startup_s=60.0,
+        eval_other_s=15.0,
+        eval_scoring_s_per_sample=0.002,
+        sources={
+            "train_hfu": f"{GPU_CHECK}: {what}" + ("" if kind in ("H100", "H200", "H800") else "; same share assumed"),
+            "*": "assumed",
+        },
+    )
+
+
+def section(job: str, moe: bool) -> str:
+    return f"{job}/{'moe' if moe else 'dense'}"
+
+
+@dataclass
+class Calibration:
+    """The calibration file: per hardware kind and section, the folded runs and the fit over them."""
+
+    path: Path | None = None
+    kinds: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Calibration:
+        p = Path(path).expanduser() if path else default_path()
+        if not p.is_file():
+            return cls(p)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"calibration file {p} is not readable JSON ({e}); delete it or pass --calibration") from e
+        if data.get("version") != VERSION:
+            raise ValueError(f"calibration file {p} has version {data.get('version')}, expected {VERSION}; refold it")
+        return cls(p, data.get("kinds", {}))
+
+    def save(self, path: str | Path | None = None) -> Path:
+        p = Path(path).expanduser() if path else (self.path or default_path())
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": VERSION, "kinds": self.kinds}, indent=2, sort_keys=True))
+        os.replace(tmp, p)
+        self.path = p
+        return p
+
+    def efficiency(self, kind: str, moe: bool) -> Efficiency:
+        """Defaults with this kind's fitted figures on top."""
+        eff = defaults(kind, moe)
+        src = dict(eff.sources)
+        where = f"calibrated ({self.path})"
+        for job in ("train", "eval"):
+            fit = self.kinds.get(kind, {}).get(section(job, moe), {}).get("fit", {})
+            for key, value in fit.items():
+                if key.startswith("n_"):
+                    continue
+                if job == "eval" and key == "scale":
+                    eff = replace(eff, eval_compute=eff.eval_compute * value, eval_bandwidth=eff.eval_bandwidth * value)
+                    src["eval_compute"] = src["eval_bandwidth"] = f"{where}, {fit['n_runs']} run(s)"
+                else:
+                    eff = replace(eff, **{key: value})
+                    src[key] = f"{where}, {fit['n_runs']} run(s)"
+        return replace(eff, sources=src)
+
+    def add(self, kind: str, sect: str, run: str, obs: dict[str, Any]) -> dict[str, Any]:
+        """Record one run's figures (replacing an earlier fold of the same run) and refit the section."""
+        entry = self.kinds.setdefault(kind, {}).setdefault(sect, {"runs": {}})
+        entry["runs"][run] = obs
+        entry["fit"] = fit(sect.split("/")[0], list(entry["runs"].values()))
+        return entry["fit"]
+
+
+def _least_squares(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Minimise sum(((u x + o m) - t) / t)^2 over u > 0, o >= 0 for rows (x, m, t)."""
+    a = [(x / t, m / t) for x, m, t in rows]
+    sxx = sum(x * x for x, _ in a)
+    smm = sum(m * m for _, m in a)
+    sxm = sum(x * m for x, m in a)
+    sx = sum(x for x, _ in a)
+    sm = sum(m for _, m in a)
+    det = sxx * smm - sxm * sxm
+    if len(rows) >= 2 and det > 1e-12 * max(sxx * smm, 1e-300):
+        u = (sx * smm - sm * sxm) / det
+        o = (sxx * sm - sxm * sx) / det
+        if u > 0 and o >= 0:
+            return u, o
+    return (sx / sxx if sxx else 0.0), 0.0
+
+
+def fit(job: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The section's fitted figures over ``runs`` (see the module docstring)."""
+    runs = [r for r in runs if r.get("measured_s", 0) > 0 and r.get("x_s", 0) > 0]
+    if not runs:
+        return {"n_runs": 0}
+    u, o = _least_squares([(r["x_s"], r["count"], r["measured_s"]) for r in runs])
+    out: dict[str, Any] = {"n_runs": len(runs)}
+    multi = len({round(r["count"] / r["x_s"], 6) for r in runs}) > 1
+    if job == "train":
+        out["train_hfu"] = round(1 / u, 4) if u > 0 else None
+        if multi:
+            out["train_overhead_s"] = round(o, 5)
+        starts = [r["startup_s"] for r in runs if r.get("startup_s") is not None]
+        if starts:
+            out["train_startup_s"] = round(max(0.0, sum(starts) / len(starts)), 1)
+    else:
+        out["scale"] = round(1 / u, 4) if u > 0 else None
+        if multi:
+            out["eval_step_overhead_s"] = round(o, 6)
+        for key in ("eval_startup_s", "eval_other_s"):
+            vals = [r[key] for r in runs if r.get(key) is not None]
+            if vals:
+                out[key] = round(max(0.0, sum(vals) / len(vals)), 1)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def observation_note(obs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in obs.items())
+
+
+def as_dict(eff: Efficiency) -> dict[str, Any]:
+    return asdict(eff)
+
+
+def worker_hardware(hw: Hardware, threads: int) -> Hardware:
+    from rp_ray.plan.hardware import scaled
+
+    return scaled(hw, threads)

@@ -1,0 +1,746 @@
+"""Plans: what a train, eval or serve config will take on given hardware, before anything is scheduled.
+
+:func:`load_job` reads a config file of any kind (told apart by its keys), :func:`make_plan` computes the plan of
+that kind from the model's shape (``rp_ray.plan.shapes``), the datasets' tokens (``rp_ray.plan.tokens``), memory
+(``rp_ray.plan.memory``), time (``rp_ray.plan.throughput``) and the achieved efficiencies
+(``rp_ray.plan.calibration``); ``rp_ray.plan.report`` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rp_ray.config import (
+    ConfigError,
+    EvalConfig,
+    ServeConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+    read_yaml_mapping,
+)
+from rp_ray.plan import memory as mem
+from rp_ray.plan import throughput as tp
+from rp_ray.plan.calibration import LOAD_BANDWIDTH, Calibration, Efficiency
+from rp_ray.plan.hardware import DEFAULT_GPU, Hardware, hardware, scaled
+from rp_ray.plan.shapes import ModelShape, model_shape
+from rp_ray.plan.tokens import SplitTokens, eval_tokens, train_tokens
+
+JobConfig = TrainConfig | EvalConfig | ServeConfig
+KIND_CLASSES: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "serve": ServeConfig}
+CPU_MAX_NUM_SEQS = 128  # vLLM 0.32's default for the engines rp_ray builds (engine usage context) on CPU
+CPU_MAX_NUM_BATCHED_TOKENS = 2048
+ASSUMED_LORA_RANK = 8  # an adapter that is not here to read
+
+
+def job_kind(tree: dict[str, Any], overrides: list[str] | None = None) -> str:
+    """``serve`` for a Serve config file (``applications:``), else ``train`` or ``eval`` by the keys only one of the
+    two configs has."""
+    if isinstance(tree.get("applications"), list):
+        return "serve"
+    keys = set(tree) | {k.split(".")[0] for k, _ in parse_overrides(overrides or [])}
+    train_only = keys & (set(TrainConfig.model_fields) - set(EvalConfig.model_fields))
+    eval_only = keys & (set(EvalConfig.model_fields) - set(TrainConfig.model_fields))
+    if train_only and not eval_only:
+        return "train"
+    if eval_only and not train_only:
+        return "eval"
+    raise ConfigError(
+        "cannot tell whether this is a train or an eval config: "
+        + (
+            f"it has train keys {sorted(train_only)} and eval keys {sorted(eval_only)}; remove one kind's"
+            if train_only
+            else "it has no key only one of them has (train: num_epochs, per_device_batch_size, ...; "
+            "eval: adapters, sampling, ...); add one, e.g. num_epochs=3"
+        )
+    )
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[str, JobConfig, dict[str, Any]]:
+    """(kind, validated config, the file's raw mapping) of a train, eval or serve config file with overrides."""
+    tree = read_yaml_mapping(path)
+    kind = job_kind(tree, overrides)
+    return kind, load_config(KIND_CLASSES[kind], path, overrides), tree
+
+
+@dataclass
+class Setting:
+    """The hardware and efficiencies a plan is made with, and what it was told."""
+
+    hw: Hardware
+    eff: Efficiency
+    shape: ModelShape
+    dtype_bytes: int
+    price_per_hour: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+def setting(cfg: JobConfig, gpu: str | None, price: float | None, calibration: Calibration | None) -> Setting:
+    """The hardware (``gpu``, else H100 for GPU configs and this CPU for CPU ones), model shape, dtype and achieved
+    efficiencies (``calibration``, else the default file) a plan of ``cfg`` is made with."""
+    from rp_ray.llm.models import resolve_dtype
+
+    notes = []
+    if gpu is None:
+        gpu = DEFAULT_GPU if cfg.use_gpu else "cpu"
+        if cfg.use_gpu:
+            notes.append(f"no --gpu given: {DEFAULT_GPU} assumed (cluster.yaml's workers)")
+    hw = hardware(gpu)
+    if hw.gpu and not cfg.use_gpu:
+        notes.append(f"the config runs on CPU (use_gpu=false); planned as use_gpu=true on {hw.kind}")
+    if not hw.gpu and cfg.use_gpu:
+        notes.append("the config asks for GPUs (use_gpu=true); planned on this machine's CPU")
+    shape = model_shape(cfg.model)
+    dtype = resolve_dtype(cfg.model.dtype, hw.gpu)
+    calib = calibration or Calibration.load()
+    eff = calib.efficiency(hw.kind, bool(shape.experts))
+    return Setting(hw, eff, shape, 4 if dtype == "float32" else 2, price, notes)
+
+
+# -- training --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainPlan:
+    cfg: TrainConfig
+    s: Setting
+    tokens: SplitTokens
+    world: int
+    worker: Hardware
+    lora_params: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    schedule: tp.Schedule
+    flops: tp.TrainFlops
+    memory: mem.Breakdown
+    seq_len: int
+    largest_micro_batch: int
+    alternatives: dict[str, float]  # a fix -> its peak bytes
+    train_s: float
+    validation_s: float
+    startup_s: float
+    comm_s: float  # communication not hidden behind compute (ZeRO-3 gathers, gradient reduction)
+    gather_s: float  # ZeRO-3: one micro-batch's all-gathers
+    micro_compute_s: float  # one mean micro-batch's compute
+    tokens_trained: int
+    supervised_trained: int
+    model_flops: float
+    busiest_flops: float  # executed FLOPs of the busiest rank, summed over steps
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.startup_s + self.train_s + self.validation_s
+
+    @property
+    def device_hours(self) -> float:
+        return self.world * self.total_s / 3600
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / (self.train_s * self.world * self.worker.peak_flops) if self.train_s else 0.0
+
+
+def train_setup(cfg: TrainConfig, shape: ModelShape, dtype_bytes: int, world: int, hw: Hardware) -> mem.TrainSetup:
+    from rp_ray.llm.models import resolve_attn_implementation
+
+    try:
+        attn = resolve_attn_implementation(cfg.model.template, cfg.model.attn_implementation, hw.gpu)
+    except ValueError:
+        attn = cfg.model.attn_implementation
+    modules = shape.lora_modules(cfg.lora.target)
+    return mem.TrainSetup(
+        dtype_bytes=dtype_bytes,
+        world=world,
+        stage=cfg.deepspeed.stage,
+        offload_params=cfg.deepspeed.offload_params,
+        offload_optimizer=cfg.deepspeed.offload_optimizer,
+        checkpointing=cfg.gradient_checkpointing,
+        lora_params=shape.lora_params(cfg.lora.rank, cfg.lora.target),
+        lora_rank=cfg.lora.rank,
+        lora_modules=len(modules),
+        eager_attention=attn == "eager",
+    )
+
+
+def largest_micro_batch(
+    shape: ModelShape, setup: mem.TrainSetup, hw: Hardware, seq_len: int, share: float, limit: int = 256
+) -> int:
+    """The largest micro-batch of ``seq_len``-token rows whose step fits (0: not even one)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mem.train_memory(shape, setup, hw, mid, seq_len, share).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_train(
+    cfg: TrainConfig,
+    gpu: str | None = None,
+    gpus: int | None = None,
+    price: float | None = None,
+    calibration: Calibration | None = None,
+    gpus_per_node: int = 8,
+) -> TrainPlan:
+    from dataclasses import replace
+
+    from rp_ray.train.batching import steps_per_epoch
+
+    if gpus:
+        cfg = cfg.model_copy(update={"num_workers": gpus})
+    s = setting(cfg, gpu, price, calibration)
+    shape, hw, eff, b = s.shape, s.hw, s.eff, s.dtype_bytes
+    world = cfg.num_workers
+    threads = 1 if hw.gpu else max(1, min(int(cfg.cpus_per_worker), hw.cores // world or 1))
+    worker = scaled(hw, threads)
+    tokens = train_tokens(cfg, shape)
+    setup = train_setup(cfg, shape, b, world, hw)
+    flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
+    lengths = tokens.lengths
+    if cfg.eval_every_steps and not cfg.data.val and cfg.val_size:
+        held = max(1, round(len(lengths) * cfg.val_size))
+        val_lengths, lengths = lengths[-held:], lengths[:-held]
+    elif cfg.eval_every_steps and cfg.data.val:
+        val_lengths = train_tokens(cfg, shape, split="val").lengths
+    else:
+        val_lengths = []
+    per_epoch = steps_per_epoch(len(lengths), world, cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{len(lengths)} train examples make no whole optimizer step of num_workers x per_device_batch_size x "
+            f"gradient_accumulation_steps = {world * cfg.per_device_batch_size * cfg.gradient_accumulation_steps} "
+            f"rows; lower gradient_accumulation_steps or per_device_batch_size"
+        )
+    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * per_epoch)
+    sched = tp.epoch_schedule(
+        lengths,
+        shape,
+        flops,
+        world=world,
+        micro_batch=cfg.per_device_batch_size,
+        accumulation=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+        group_by_length=cfg.group_by_length,
+    )
+    runs = total_steps / per_epoch  # epochs run, whole or not
+    rate = worker.peak_flops * eff.train_hfu
+    micro_compute = sum(sched.step_flops) / (per_epoch * cfg.gradient_accumulation_steps) / rate
+    gather = tp.zero3_gather_seconds(shape, b, world, hw, gpus_per_node) if cfg.deepspeed.stage == 3 else 0.0
+    link = hw.interconnect if world <= gpus_per_node else hw.node_network / gpus_per_node
+    reduce_s = 2 * setup.lora_params * b * (world - 1) / world / max(link * tp.NCCL_EFFICIENCY, 1.0) if world > 1 else 0
+    epoch_s, comm_epoch = 0.0, 0.0
+    for f in sched.step_flops:
+        compute = f / rate + cfg.gradient_accumulation_steps * eff.train_overhead_s
+        # ZeRO-3 overlaps a micro-batch's gathers with its compute (overlap_comm): the longer of the two counts
+        gathers = cfg.gradient_accumulation_steps * gather
+        epoch_s += max(compute, gathers) + reduce_s
+        comm_epoch += max(0.0, gathers - compute) + reduce_s
+    seq_len = max(lengths)
+    share = tokens.supervised_share
+    memory = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq_len, share)
+    alternatives: dict[str, float] = {}
+    if not memory.fits:
+        if not cfg.gradient_checkpointing:
+            alt = replace(setup, checkpointing=True)
+            alternatives["gradient_checkpointing=true"] = mem.train_memory(
+                shape, alt, hw, cfg.per_device_batch_size, seq_len, share
+            ).total
+        if cfg.deepspeed.stage != 3 and world > 1:
+            alt = replace(setup, stage=3)
+            alternatives["deepspeed.stage=3"] = mem.train_memory(
+                shape, alt, hw, cfg.per_device_batch_size, seq_len, share
+            ).total
+    val_s = 0.0
+    if val_lengths:
+        evals = total_steps // cfg.eval_every_steps + (total_steps % cfg.eval_every_steps != 0)
+        fwd = sum(
+            (2 * shape.active_params + 2 * setup.lora_params) * n + 4 * shape.q_width * shape.attended_pairs(n)
+            for n in val_lengths
+        )
+        val_s = evals * fwd / world / rate
+    weights = shape.weight_bytes(b) / (world if cfg.deepspeed.stage == 3 else 1)
+    startup = eff.train_startup_s + weights / LOAD_BANDWIDTH
+    plan = TrainPlan(
+        cfg=cfg,
+        s=s,
+        tokens=tokens,
+        world=world,
+        worker=worker,
+        lora_params=setup.lora_params,
+        steps_per_epoch=per_epoch,
+        total_steps=total_steps,
+        epochs=runs,
+        schedule=sched,
+        flops=flops,
+        memory=memory,
+        seq_len=seq_len,
+        largest_micro_batch=largest_micro_batch(shape, setup, hw, seq_len, share),
+        alternatives=alternatives,
+        train_s=epoch_s * runs,
+        validation_s=val_s,
+        startup_s=startup,
+        comm_s=comm_epoch * runs,
+        gather_s=gather,
+        micro_compute_s=micro_compute,
+        tokens_trained=round(sched.tokens * runs),
+        supervised_trained=round(sched.tokens * runs * share),
+        model_flops=sched.model_flops * runs,
+        busiest_flops=sum(sched.step_flops) * runs,
+    )
+    from rp_ray.plan.checks import train_problems
+
+    plan.problems = train_problems(plan, gpus_per_node)
+    return plan
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    name: str
+    requests: int
+    prompt_tokens: int
+    reply_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+@dataclass
+class EnginePlan:
+    """What each engine (one per actor) of a pass holds and does."""
+
+    memory: mem.EngineMemory
+    max_num_seqs: int
+    batch: int
+    max_model_len: int
+    longest: int  # the longest single sequence its KV cache holds
+    lora_rank: int | None
+    lora_slots: int
+    rates: tp.EngineRates
+    decode_steps: int
+    mean_batch: float
+    at_len: Callable[[int], mem.EngineMemory]  # the engine's memory at another max_model_len
+
+
+@dataclass
+class EvalPlan:
+    cfg: EvalConfig
+    s: Setting
+    tokens: SplitTokens
+    actors: int
+    gpus_per_engine: int
+    engine: EnginePlan
+    runs: list[RunPlan]
+    passes: int
+    pass_s: float  # all passes, first engine ready -> last reply
+    startup_s: float  # per pass
+    other_s: float  # data checks and Ray start-up, scoring
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(r.requests for r in self.runs)
+
+    @property
+    def total_s(self) -> float:
+        return self.other_s + self.passes * self.startup_s + self.pass_s
+
+    @property
+    def devices(self) -> int:
+        return self.actors * self.gpus_per_engine
+
+    @property
+    def device_hours(self) -> float:
+        return self.devices * (self.passes * self.startup_s + self.pass_s) / 3600
+
+
+def _adapter_rank(path: str, notes: list[str]) -> int:
+    from rp_ray.llm.vllm_engine import adapter_rank
+
+    try:
+        return adapter_rank(path)
+    except ValueError:
+        notes.append(f"adapter {path} is not here: its LoRA rank is taken as {ASSUMED_LORA_RANK}")
+        return ASSUMED_LORA_RANK
+
+
+def vllm_lora_rank(settings, adapter_paths: list[str], notes: list[str]) -> int | None:
+    """vLLM's max_lora_rank for these adapters, as ``rp_ray.llm.vllm_engine.max_lora_rank`` sets it."""
+    from rp_ray.llm.vllm_engine import VLLM_LORA_RANKS
+
+    if not adapter_paths:
+        return None
+    if settings.max_lora_rank is not None:
+        return settings.max_lora_rank
+    need = max(_adapter_rank(p, notes) for p in adapter_paths)
+    return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
+
+
+def engine_rates(hw: Hardware, eff: Efficiency, devices: int) -> tp.EngineRates:
+    return tp.EngineRates(
+        hw.peak_flops * devices * eff.eval_compute,
+        hw.memory_bandwidth * devices * eff.eval_bandwidth,
+        eff.eval_step_overhead_s,
+    )
+
+
+def engine_sizes(settings, hw: Hardware, max_model_len: int) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) as ``rp_ray.llm.vllm_engine.engine_kwargs`` and vLLM settle them."""
+    from rp_ray.llm.vllm_engine import GPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_SEQS
+
+    seqs = settings.max_num_seqs or (GPU_MAX_NUM_SEQS if hw.gpu else CPU_MAX_NUM_SEQS)
+    tokens = settings.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if hw.gpu else CPU_MAX_NUM_BATCHED_TOKENS)
+    return seqs, max(tokens, max_model_len)
+
+
+def engine_adapters(cfg: EvalConfig | ServeConfig) -> dict[str, str]:
+    """Name -> folder of the adapters an engine loads (none when eval merges them into the weights)."""
+    if isinstance(cfg, EvalConfig):
+        return {} if cfg.merge_adapter else dict(cfg.adapters)
+    return {n: str(Path(cfg.adapter_root) / p) for n, p in cfg.adapters.items()}
+
+
+def engine_lora(cfg: EvalConfig | ServeConfig, hw: Hardware, notes: list[str]) -> tuple[int | None, int]:
+    """(max_lora_rank, LoRA slots) of an engine: every adapter plus, on CPU, the zero adapter; a serving engine at
+    most ``max_loras`` at once."""
+    adapters = engine_adapters(cfg)
+    if isinstance(cfg, EvalConfig) and cfg.backend != "vllm":
+        return None, 0
+    rank = vllm_lora_rank(cfg, list(adapters.values()), notes)
+    slots = len(adapters) + (1 if adapters and not hw.gpu else 0)
+    if isinstance(cfg, ServeConfig):
+        slots = min(cfg.max_loras, slots)
+    return rank, slots if rank else 0
+
+
+def engine_at(
+    cfg: EvalConfig | ServeConfig, shape: ModelShape, hw: Hardware, dtype_bytes: int, notes: list[str]
+) -> Callable[[int], mem.EngineMemory]:
+    """An engine's memory for a given max_model_len (max_num_batched_tokens is raised to it, as rp_ray sets it)."""
+    rank, slots = engine_lora(cfg, hw, notes)
+    devices = cfg.tensor_parallel_size if hw.gpu else 1
+
+    def at(max_model_len: int) -> mem.EngineMemory:
+        seqs, batched = engine_sizes(cfg, hw, max_model_len)
+        return mem.engine_memory(
+            shape,
+            hw,
+            dtype_bytes=dtype_bytes,
+            tp=devices,
+            max_num_seqs=seqs,
+            max_num_batched_tokens=batched,
+            lora_slots=slots,
+            lora_rank=rank or 0,
+            cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
+        )
+
+    return at
+
+
+def plan_eval(
+    cfg: EvalConfig,
+    gpu: str | None = None,
+    gpus: int | None = None,
+    price: float | None = None,
+    calibration: Calibration | None = None,
+    gpus_per_node: int = 8,
+) -> EvalPlan:
+    from rp_ray.eval.engines import eval_max_model_len
+    from rp_ray.eval.scheduler import request_bound
+
+    if gpus:
+        cfg = cfg.model_copy(update={"num_actors": max(1, gpus // cfg.tensor_parallel_size)})
+    s = setting(cfg, gpu, price, calibration)
+    shape, hw, eff, b = s.shape, s.hw, s.eff, s.dtype_bytes
+    notes: list[str] = []
+    tokens = eval_tokens(cfg, shape)
+    devices = cfg.tensor_parallel_size if hw.gpu else 1
+    threads = 1 if hw.gpu else cfg.cpus_per_actor
+    engine_hw = scaled(hw, threads)
+    rates = engine_rates(engine_hw, eff, devices)
+    max_len = eval_max_model_len(cfg)
+    seqs, _ = engine_sizes(cfg, hw, max_len)
+    rank, slots = engine_lora(cfg, hw, notes)
+    at = engine_at(cfg, shape, engine_hw, b, [])
+    em = at(max_len)
+    run_names = (["base"] if cfg.include_base else []) + list(cfg.adapters)
+    rows = list(zip(tokens.lengths, tokens.supervised))
+    mean_request = (tokens.tokens + tokens.supervised_tokens) / max(1, len(rows))
+    kv_tokens = em.sequences(shape, mean_request) * (mean_request + mem.VLLM_BLOCK / 2)
+    if cfg.backend == "hf":
+        batch = cfg.shard_size
+    else:
+        batch = request_bound(
+            {"max_num_seqs": seqs, "kv_tokens": kv_tokens, "block_size": mem.VLLM_BLOCK}, mean_request, cfg.max_inflight
+        )
+    lora_n = shape.lora_params(rank, "all") if rank else 0
+    groups = (
+        [run_names] if not cfg.merge_adapter else ([["base"]] if cfg.include_base else []) + [[a] for a in cfg.adapters]
+    )
+    runs: dict[str, RunPlan] = {}
+    pass_s, steps, batch_sum = 0.0, 0, 0.0
+    for group in groups:
+        one = prediction_pass(
+            shape,
+            rates,
+            b,
+            rows,
+            group,
+            actors=cfg.num_actors,
+            batch=batch,
+            backend=cfg.backend,
+            shard_size=cfg.shard_size,
+            lora_params=lora_n,
+            gpu=hw.gpu,
+            start_gap_s=eff.eval_startup_s,
+        )
+        pass_s += one.seconds
+        steps += one.steps_total
+        batch_sum += one.batch_steps
+        for name, rp in one.runs.items():
+            runs[name] = rp
+    if cfg.backend == "hf":
+        notes.append("backend hf: one left-padded generate batch per shard and run, no continuous batching")
+    startup = eff.eval_startup_s + shape.weight_bytes(b, shape.mxfp4 and hw.gpu) / devices / LOAD_BANDWIDTH
+    other = eff.eval_other_s + eff.eval_scoring_s_per_sample * len(rows) * len(run_names)
+    engine = EnginePlan(
+        em,
+        seqs,
+        batch,
+        max_len,
+        em.longest(shape),
+        rank,
+        slots if rank else 0,
+        rates,
+        steps,
+        batch_sum / steps if steps else 0.0,
+        at,
+    )
+    plan = EvalPlan(
+        cfg,
+        s,
+        tokens,
+        cfg.num_actors,
+        devices,
+        engine,
+        [runs[n] for n in run_names],
+        len(groups),
+        pass_s,
+        startup,
+        other,
+        notes=notes,
+    )
+    from rp_ray.plan.checks import engine_problems
+
+    plan.problems = engine_problems(cfg, at, shape, engine_hw, gpus_per_node)
+    return plan
+
+
+@dataclass
+class PassResult:
+    seconds: float  # first engine ready -> last reply
+    busiest_steps: int  # decode steps of the engine with the most
+    steps_total: int
+    batch_steps: float  # running sequences summed over steps
+    runs: dict[str, RunPlan]
+
+
+def prediction_pass(
+    shape: ModelShape,
+    rates: tp.EngineRates,
+    dtype_bytes: int,
+    rows: list[tuple[int, int]],
+    group: list[str],
+    *,
+    actors: int,
+    batch: int,
+    backend: str,
+    shard_size: int,
+    lora_params: int,
+    gpu: bool,
+    start_gap_s: float,
+) -> PassResult:
+    """One prediction pass of every run in ``group`` over ``rows`` ((prompt, reply) tokens) on ``actors`` engines.
+
+    Requests go out shard by shard, every run of a row together, to whichever engine has room: taken here as dealt
+    in turn. A run named ``base`` goes without LoRA; the others add ``lora_params`` to every prompt token.
+    """
+    requests = [(name, p, r) for p, r in rows for name in group]
+    engine_s, steps, runs = [], [], {name: RunPlan(name, 0, 0, 0, 0.0, 0.0) for name in group}
+    batch_steps = 0.0
+    for e in range(actors):
+        mine = requests[e::actors]
+        pre = dict.fromkeys(group, 0.0)
+        for name, p, _ in mine:
+            pre[name] += tp.prefill_flops(shape, p, lora_params if name != "base" else 0) / rates.flops
+        if backend == "hf":
+            dec = _hf_decode(shape, rates, dtype_bytes, mine, shard_size)
+        else:
+            dec = tp.simulate_decode(shape, rates, dtype_bytes, [(p, r) for _, p, r in mine], batch)
+        engine_s.append(sum(pre.values()) + dec.seconds)
+        steps.append(dec.steps)
+        batch_steps += dec.mean_batch * dec.steps
+        replies = max(1, sum(r for _, _, r in mine))
+        for name in group:
+            mine_run = [(p, r) for n, p, r in mine if n == name]
+            rp = runs[name]
+            rp.requests += len(mine_run)
+            rp.prompt_tokens += sum(p for p, _ in mine_run)
+            rp.reply_tokens += sum(r for _, r in mine_run)
+            rp.prefill_s += pre[name] / actors  # the pool's time: engines work side by side
+            rp.decode_s += dec.seconds * sum(r for _, r in mine_run) / replies / actors
+    # GPU engines start side by side; CPU engines build one after another, the first predicting meanwhile
+    seconds = max(engine_s, default=0.0) if gpu else tp.staggered_finish(sum(engine_s), actors, start_gap_s)
+    return PassResult(seconds, max(steps, default=0), sum(steps), batch_steps, runs)
+
+
+def _hf_decode(
+    shape: ModelShape, rates: tp.EngineRates, b: int, mine: list[tuple[str, int, int]], size: int
+) -> tp.DecodeResult:
+    """transformers generate: a batch decodes until its longest reply is done, padded rows included."""
+    seconds, steps = 0.0, 0
+    for i in range(0, len(mine), size):
+        batch = mine[i : i + size]
+        longest, width = max(r for _, _, r in batch), max(p for _, p, _ in batch)
+        for k in range(0, longest, 16):  # costed every 16 steps: contexts grow slowly
+            n = min(16, longest - k)
+            ctx = len(batch) * (width + k + n / 2)
+            win = min(ctx, len(batch) * shape.sliding_window) if shape.sliding_window else ctx
+            seconds += n * tp.decode_step_seconds(shape, rates, b, len(batch), ctx, win)
+        steps += longest
+    return tp.DecodeResult(seconds, steps, float(size))
+
+
+# -- serving ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServePlan:
+    cfg: ServeConfig
+    s: Setting
+    gpus_per_replica: int
+    engine: EnginePlan
+    context_tokens: int
+    reply_tokens: int
+    sequences: int  # at context_tokens
+    step_s: float  # a decode step at the engine's batch
+    single_step_s: float  # a decode step of one sequence
+    prefill_s: float  # one request's prompt
+    requests_per_s: float  # per replica, at its batch
+    load_rps: float | None
+    replicas: int | None
+    max_replicas: int | None
+    target_ongoing: int | None
+    gpus: int | None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.engine.batch / self.step_s if self.step_s else 0.0
+
+
+def _serve_deployment(tree: dict[str, Any]) -> dict[str, Any]:
+    apps = tree.get("applications") or [{}]
+    for d in apps[0].get("deployments") or []:
+        if d.get("name") == "ChatServer":
+            return d
+    return {}
+
+
+def plan_serve(
+    cfg: ServeConfig,
+    tree: dict[str, Any] | None = None,
+    gpu: str | None = None,
+    gpus: int | None = None,
+    price: float | None = None,
+    calibration: Calibration | None = None,
+    gpus_per_node: int = 8,
+    context_tokens: int = 1536,
+    reply_tokens: int = 200,
+    requests_per_s: float | None = None,
+) -> ServePlan:
+    s = setting(cfg, gpu, price, calibration)
+    shape, hw, eff, b = s.shape, s.hw, s.eff, s.dtype_bytes
+    notes: list[str] = []
+    devices = cfg.tensor_parallel_size if hw.gpu else 1
+    rates = engine_rates(hw, eff, devices)
+    seqs, _ = engine_sizes(cfg, hw, cfg.max_model_len)
+    rank, slots = engine_lora(cfg, hw, notes)
+    at = engine_at(cfg, shape, hw, b, [])
+    em = at(cfg.max_model_len)
+    context = min(context_tokens, cfg.max_model_len)
+    fit = em.sequences(shape, context)
+    batch = max(1, min(seqs, fit))
+    mid = context - reply_tokens / 2
+    win = min(mid, shape.sliding_window) if shape.sliding_window else mid
+    step = tp.decode_step_seconds(shape, rates, b, batch, batch * mid, batch * win)
+    single = tp.decode_step_seconds(shape, rates, b, 1, mid, win)
+    prompt = max(1, context - reply_tokens)
+    prefill = tp.prefill_flops(shape, prompt) / rates.flops
+    per_replica = 1 / (prefill + reply_tokens * step / batch)
+    dep = _serve_deployment(tree or {})
+    auto = dep.get("autoscaling_config") or {}
+    engine = EnginePlan(em, seqs, batch, cfg.max_model_len, em.longest(shape), rank, slots, rates, 0, float(batch), at)
+    plan = ServePlan(
+        cfg,
+        s,
+        devices,
+        engine,
+        context,
+        reply_tokens,
+        fit,
+        step,
+        single,
+        prefill,
+        per_replica,
+        requests_per_s,
+        tp.replicas_for(requests_per_s, per_replica) if requests_per_s else None,
+        auto.get("max_replicas"),
+        auto.get("target_ongoing_requests"),
+        gpus,
+        notes=notes,
+    )
+    from rp_ray.plan.checks import engine_problems
+
+    plan.problems = engine_problems(cfg, at, shape, hw, gpus_per_node)
+    return plan
+
+
+def make_plan(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    gpu: str | None = None,
+    gpus: int | None = None,
+    price: float | None = None,
+    calibration: Calibration | None = None,
+    gpus_per_node: int = 8,
+    context_tokens: int = 1536,
+    reply_tokens: int = 200,
+    requests_per_s: float | None = None,
+) -> TrainPlan | EvalPlan | ServePlan:
+    """The plan of a config file of any kind."""
+    kind, cfg, tree = load_job(path, overrides)
+    common = dict(gpu=gpu, gpus=gpus, price=price, calibration=calibration, gpus_per_node=gpus_per_node)
+    if kind == "train":
+        return plan_train(cfg, **common)
+    if kind == "eval":
+        return plan_eval(cfg, **common)
+    return plan_serve(
+        cfg, tree, context_tokens=context_tokens, reply_tokens=reply_tokens, requests_per_s=requests_per_s, **common
+    )
