@@ -11,10 +11,12 @@ from conftest import REPO
 
 from rp_ray.cli.main import main
 from rp_ray.config import ConfigError, EvalConfig, ServeConfig, TrainConfig, load_config, read_yaml_mapping
-from rp_ray.plan import Calibration, check, make_plan, plan_train, refuse, render
+from rp_ray.plan import Calibration, check, make_plan, plan_eval, plan_train, predicted, refuse, render
 from rp_ray.plan import memory as mem
+from rp_ray.plan.calibration import LOAD_BANDWIDTH, defaults
 from rp_ray.plan.hardware import GIB, hardware
 from rp_ray.plan.planner import job_kind, train_setup
+from rp_ray.plan.runs import calibrate
 from rp_ray.plan.shapes import ModelShape, model_shape
 from rp_ray.plan.throughput import train_flops
 from rp_ray.plan.tokens import MEASURED_STATS, eval_tokens, train_tokens
@@ -224,6 +226,97 @@ def test_shipped_gpu_configs_pass_every_check():
     ]:
         for gpu in ("H100", "H800"):
             assert check(load_config(cls, path), gpu) == [], (path, gpu)
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+
+
+def write_training_summary(out: Path, cfg: TrainConfig, tokens: int, steps: int, train_s: float, wall_s: float):
+    """A finished run's training_summary.json, written by training's own writer."""
+    from rp_ray.train.state import TrainState
+    from rp_ray.train.summary import write_summary
+
+    out.mkdir(parents=True, exist_ok=True)
+    history = [{"step": i + 1, "loss": 4.0 - i / steps, "lr": 1e-3} for i in range(steps)]
+    state = TrainState(step=steps, tokens=tokens, train_seconds=train_s, history=history, world_size=cfg.num_workers)
+    state.total_steps = steps
+    write_summary(state, cfg, {"wall_seconds": wall_s}, out)
+
+
+def test_calibration_round_trip_training(tiny_llama3, tmp_path):
+    """A run twice as slow as the default efficiency says halves the fitted HFU; the next plan predicts it. A second
+    run with other micro-batches separates the per-micro-batch overhead from the HFU."""
+    cal = tmp_path / "calibration.json"
+    cfg = load_config(TrainConfig, JOBS / "tiny_llama3.yaml", [f"model.path={tiny_llama3}", "max_steps=20"])
+    plan = plan_train(cfg, gpu="cpu", calibration=NO_CALIBRATION)
+    startup = 40.0
+    weights = plan.s.shape.weight_bytes(4) / LOAD_BANDWIDTH
+    write_training_summary(
+        tmp_path / "a", cfg, plan.tokens_trained, 20, 2 * plan.train_s, 2 * plan.train_s + startup + weights
+    )
+    lines = calibrate([tmp_path / "a"], cal)
+    assert "fit over 1 run(s)" in lines[-2] and str(cal) in lines[-1]
+    eff = Calibration.load(cal).efficiency("cpu", False)
+    assert eff.train_hfu == pytest.approx(defaults("cpu", False).train_hfu / 2, rel=0.01)
+    assert eff.train_startup_s == pytest.approx(startup, abs=0.2) and "calibrated" in eff.sources["train_hfu"]
+    again = plan_train(cfg, gpu="cpu", calibration=Calibration.load(cal))
+    assert again.train_s == pytest.approx(2 * plan.train_s, rel=0.01)
+    assert again.total_s == pytest.approx(2 * plan.train_s + startup + weights, rel=0.01)
+
+    # two runs made of x / hfu + micro-batches x overhead: the fit recovers both
+    hfu, overhead = 0.1, 0.05
+    other = load_config(
+        TrainConfig,
+        JOBS / "tiny_llama3.yaml",
+        [f"model.path={tiny_llama3}", "max_steps=10", "per_device_batch_size=1", "gradient_accumulation_steps=4"],
+    )
+    for name, c in (("a", cfg), ("b", other)):
+        p = plan_train(c, gpu="cpu", calibration=NO_CALIBRATION)
+        x = p.busiest_flops / p.worker.peak_flops
+        measured = x / hfu + p.total_steps * c.gradient_accumulation_steps * overhead
+        write_training_summary(tmp_path / name, c, p.tokens_trained, p.total_steps, measured, measured + startup)
+    calibrate([tmp_path / "a", tmp_path / "b"], cal)
+    eff = Calibration.load(cal).efficiency("cpu", False)
+    assert eff.train_hfu == pytest.approx(hfu, rel=0.01) and eff.train_overhead_s == pytest.approx(overhead, rel=0.01)
+    assert json.loads(cal.read_text())["kinds"]["cpu"]["train/dense"]["fit"]["n_runs"] == 2  # a refold replaces
+
+
+def test_calibration_round_trip_evaluation(tiny_llama3, tmp_path):
+    """An eval output dir in the pipeline's own formats (fingerprint, engines.json, eval_summary.json): the fitted
+    scale makes the next plan predict the measured prediction time, start-up and the rest of the job."""
+    from rp_ray.eval.engines import Run
+    from rp_ray.eval.pipeline import fingerprint
+
+    cal = tmp_path / "calibration.json"
+    cfg = load_config(EvalConfig, JOBS / "eval_tiny_llama3.yaml", [f"model.path={tiny_llama3}", "adapters={}"])
+    plan = plan_eval(cfg, gpu="cpu", calibration=NO_CALIBRATION)
+    out = tmp_path / "eval"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "run_config.json").write_text(json.dumps(fingerprint(cfg, Run("base", None))))
+    predict_s, prep_s, rest = 3 * plan.pass_s, 25.0, 12.0
+    run = plan.runs[0]
+    group = {
+        "prep_s": prep_s,
+        "predict_s": predict_s,
+        "requests": run.requests,
+        "prompt_tokens": run.prompt_tokens,
+        "reply_tokens": run.reply_tokens,
+        "engines": [{"index": 0, "bound": plan.engine.batch, "requests": run.requests, "ready_s": prep_s}],
+    }
+    (out / "engines.json").write_text(json.dumps({"base": group}))
+    wall = prep_s + predict_s + rest
+    (out / "eval_summary.json").write_text(json.dumps({"base": {"job_wall_seconds": wall}}))
+    calibrate([out], cal)
+    again = plan_eval(cfg, gpu="cpu", calibration=Calibration.load(cal))
+    assert again.pass_s == pytest.approx(predict_s, rel=0.02)
+    assert again.startup_s == pytest.approx(prep_s, rel=0.01)
+    assert again.total_s == pytest.approx(wall, rel=0.02)
+    assert predicted(again)["predict_runtime"] == pytest.approx(predict_s, rel=0.02)
+
+
+def test_calibrate_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["plan", "--calibrate", str(tmp_path)]) == 2
+    assert "neither a training output_dir" in capsys.readouterr().err
 
 
 def test_render_names_every_memory_part():

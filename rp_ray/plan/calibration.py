@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from rp_ray.plan.hardware import Hardware
 
 CALIBRATION_ENV = "RP_RAY_CALIBRATION"
 VERSION = 1
@@ -74,7 +72,7 @@ def defaults(kind: str, moe: bool) -> Efficiency:
             sources={
                 "train_hfu": "the README's checkpointing bench (65M model, 2 threads, one step)",
                 "eval_compute": "the README's eval bench (75% of the measured float32 matmul limit)",
-                "eval_startup_s": "the README's eval bench (first engine ready after 19 s)",
+                "eval_startup_s": "the README's eval bench (its first engine's start-up)",
                 "*": "assumed",
             },
         )
@@ -196,17 +194,3 @@ def fit(job: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             if vals:
                 out[key] = round(max(0.0, sum(vals) / len(vals)), 1)
     return {k: v for k, v in out.items() if v is not None}
-
-
-def observation_note(obs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in obs.items())
-
-
-def as_dict(eff: Efficiency) -> dict[str, Any]:
-    return asdict(eff)
-
-
-def worker_hardware(hw: Hardware, threads: int) -> Hardware:
-    from rp_ray.plan.hardware import scaled
-
-    return scaled(hw, threads)

@@ -1,0 +1,205 @@
+"""Finished runs: what they measured, and what the plan's own model says they should have taken, folded into the
+calibration file.
+
+A training ``output_dir`` holds ``training_summary.json`` (its config, tokens, steps, training and wall seconds); an
+evaluation ``output_dir`` holds ``eval_summary.json`` (per run: the job's wall time), ``engines.json`` (per pass:
+each engine's start-up, batch bound and requests; prompt and reply tokens; prediction time) and
+``<run>/run_config.json`` (model, data, sampling). Each run is re-planned from its own config at the kind's default
+efficiencies, on the data it read (so the plan and the calibration share one model of time); measured tokens that
+differ from the plan's (a run stopped early, replies longer than the labels) scale the plan's figures.
+
+The hardware kind is what the summary records (``hardware``: a device name), else ``--gpu``, else ``cpu`` for a
+run that did not use GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rp_ray.config import ConfigError, DataConfig, EvalConfig, ModelConfig, SamplingConfig, TrainConfig
+from rp_ray.plan.calibration import LOAD_BANDWIDTH, Calibration, defaults, section
+from rp_ray.plan.hardware import kind_of_device_name
+
+
+def _kind(recorded: str | None, gpu: str | None, used_gpu: bool, where: Path) -> str:
+    if recorded:
+        kind = "cpu" if recorded == "cpu" else kind_of_device_name(recorded)
+        if kind:
+            return kind
+    if gpu:
+        return gpu
+    if not used_gpu:
+        return "cpu"
+    raise ConfigError(f"{where}: a GPU run that does not record its GPU; say which with --gpu (e.g. --gpu H800)")
+
+
+def _defaults_only() -> Calibration:
+    return Calibration(path=None)
+
+
+def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, Any]]:
+    """(kind, section, figures) of a finished training run."""
+    from rp_ray.plan.planner import plan_train
+
+    path = out_dir / "training_summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    cfg = TrainConfig.model_validate(summary["config"])
+    kind = _kind(summary.get("hardware"), gpu, cfg.use_gpu, path)
+    plan = plan_train(cfg, gpu=kind, calibration=_defaults_only())
+    # a run that stopped early or resumed from a checkpoint trained part of what the plan covers
+    done = float(summary["tokens"]) / plan.tokens_trained if plan.tokens_trained else 1.0
+    train_s = float(summary["train_seconds"])
+    wall = summary.get("wall_seconds")
+    weights = plan.s.shape.weight_bytes(plan.s.dtype_bytes) / (plan.world if cfg.deepspeed.stage == 3 else 1)
+    obs = {
+        "x_s": plan.busiest_flops * done / plan.worker.peak_flops,
+        "count": plan.total_steps * cfg.gradient_accumulation_steps * done,
+        "measured_s": train_s,
+        "startup_s": (float(wall) - train_s - weights / LOAD_BANDWIDTH) if wall is not None else None,
+        "model": cfg.model.path,
+        "tokens": int(summary["tokens"]),
+        "planned_tokens": plan.tokens_trained,
+        "planned_peak_memory_gib": round((plan.memory.total - plan.memory.get("runtime reserve")) / 2**30, 2),
+    }
+    if "peak_memory_gib" in summary:
+        obs["peak_memory_gib"] = summary["peak_memory_gib"]
+    return kind, section("train", bool(plan.s.shape.experts)), obs
+
+
+def _eval_config(run_cfg: dict[str, Any], engines: list[dict[str, Any]], use_gpu: bool, group: dict[str, Any]):
+    """The EvalConfig a pass ran with, as far as its files tell (what they do not: defaults, or the pass's own
+    records when it has them)."""
+    data = DataConfig(
+        dataset_dir=run_cfg["dataset_dir"],
+        train=[],
+        val=run_cfg["val"],
+        cutoff_len=run_cfg["cutoff_len"],
+        max_samples=run_cfg.get("max_samples"),
+        use_sample=run_cfg.get("use_sample", False),
+    )
+    return EvalConfig(
+        model=ModelConfig.model_validate(run_cfg["model"]),
+        data=data,
+        sampling=SamplingConfig.model_validate(run_cfg["sampling"]),
+        backend=run_cfg.get("backend", "vllm"),
+        shard_size=run_cfg.get("shard_size", 64),
+        num_actors=max(1, len(engines)),
+        use_gpu=use_gpu,
+        tensor_parallel_size=int(group.get("tensor_parallel_size") or 1),
+        cpus_per_actor=int(group.get("cpus_per_actor") or 1),
+    )
+
+
+def observe_eval(out_dir: Path, gpu: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, section, figures) of each prediction pass of a finished evaluation."""
+    from rp_ray.plan.hardware import scaled
+    from rp_ray.plan.planner import engine_rates, prediction_pass, setting, vllm_lora_rank
+    from rp_ray.plan.tokens import eval_tokens
+
+    engines = json.loads((out_dir / "engines.json").read_text(encoding="utf-8"))
+    summary = json.loads((out_dir / "eval_summary.json").read_text(encoding="utf-8"))
+    wall = max((res.get("job_wall_seconds", 0.0) for res in summary.values()), default=0.0)
+    out = []
+    for group_key, g in engines.items():
+        group = group_key.split(",")
+        run_cfg = json.loads((out_dir / group[0] / "run_config.json").read_text(encoding="utf-8"))
+        recorded = g.get("hardware")
+        kind = _kind(recorded, gpu, bool(g.get("use_gpu", gpu is not None and gpu != "cpu")), out_dir / "engines.json")
+        cfg = _eval_config(run_cfg, g["engines"], kind != "cpu", g)
+        s = setting(cfg, kind, None, _defaults_only())
+        shape, hw, b = s.shape, s.hw, s.dtype_bytes
+        tokens = eval_tokens(cfg, shape)
+        # replies as long as the engines made them (the plan takes the labels' lengths)
+        scale = g["reply_tokens"] / max(1, tokens.supervised_tokens * len(group))
+        rows = [(p, max(0, round(r * scale))) for p, r in zip(tokens.lengths, tokens.supervised)]
+        devices = cfg.tensor_parallel_size if hw.gpu else 1
+        rates = engine_rates(
+            scaled(hw, 1 if hw.gpu else cfg.cpus_per_actor), defaults(kind, bool(shape.experts)), devices
+        )
+        bounds = sorted(int(e.get("bound") or 1) for e in g["engines"])
+        ready = sorted(float(e["ready_s"]) for e in g["engines"])
+        gap = (ready[-1] - ready[0]) / (len(ready) - 1) if len(ready) > 1 else 0.0
+        adapters = [
+            a
+            for n in group
+            if (a := json.loads((out_dir / n / "run_config.json").read_text(encoding="utf-8")).get("adapter"))
+        ]
+        lora_rank = vllm_lora_rank(cfg, adapters, []) or 0
+        one = prediction_pass(
+            shape,
+            rates,
+            b,
+            rows,
+            group,
+            actors=cfg.num_actors,
+            batch=bounds[len(bounds) // 2],
+            backend=cfg.backend,
+            shard_size=cfg.shard_size,
+            lora_params=shape.lora_params(lora_rank, "all") if lora_rank else 0,
+            gpu=hw.gpu,
+            start_gap_s=gap,
+        )
+        weights = shape.weight_bytes(b, shape.mxfp4 and hw.gpu) / devices
+        eff = defaults(kind, bool(shape.experts))
+        samples = int(g["requests"])
+        obs = {
+            "x_s": one.seconds,
+            "count": one.busiest_steps,
+            "measured_s": float(g["predict_s"]),
+            "eval_startup_s": float(g["prep_s"]) - weights / LOAD_BANDWIDTH,
+            "eval_other_s": wall - float(g["prep_s"]) - float(g["predict_s"]) - eff.eval_scoring_s_per_sample * samples,
+            "model": cfg.model.path,
+            "requests": samples,
+            "prompt_tokens": g["prompt_tokens"],
+            "planned_prompt_tokens": tokens.tokens * len(group),
+            "reply_tokens": g["reply_tokens"],
+            "label_tokens": tokens.supervised_tokens * len(group),
+        }
+        out.append((kind, section("eval", bool(shape.experts)), obs))
+    return out
+
+
+def modelled_seconds(kind: str, sect: str, obs: dict[str, Any], eff) -> float:
+    """An observed run's time as the plan models it with efficiencies ``eff`` (``x_s`` is at the kind's defaults)."""
+    if sect.startswith("train"):
+        return obs["x_s"] / eff.train_hfu + obs["count"] * eff.train_overhead_s
+    scale = eff.eval_compute / defaults(kind, sect.endswith("moe")).eval_compute
+    return obs["x_s"] / scale + obs["count"] * eff.eval_step_overhead_s
+
+
+def calibrate(dirs: list[str | Path], path: str | Path | None = None, gpu: str | None = None) -> list[str]:
+    """Fold each output dir's runs into the calibration file; returns, in words, what each run measured, what the
+    plan said of it before and after, and the fit."""
+    calib = Calibration.load(path)
+    lines = []
+    for d in map(Path, dirs):
+        if (d / "training_summary.json").is_file():
+            found = [observe_train(d, gpu)]
+        elif (d / "engines.json").is_file() and (d / "eval_summary.json").is_file():
+            found = observe_eval(d, gpu)
+        else:
+            raise ConfigError(
+                f"{d}: neither a training output_dir (training_summary.json) nor an evaluation output_dir "
+                "(engines.json and eval_summary.json); pass the output_dir of a finished run"
+            )
+        for i, (kind, sect, obs) in enumerate(found):
+            moe = sect.endswith("moe")
+            before = calib.efficiency(kind, moe)
+            key = str(d.resolve()) + (f"#{i}" if len(found) > 1 else "")
+            fitted = calib.add(kind, sect, key, obs)
+            after = calib.efficiency(kind, moe)
+            was, now = modelled_seconds(kind, sect, obs, before), modelled_seconds(kind, sect, obs, after)
+            lines.append(
+                f"{d} ({kind}, {sect}): measured {obs['measured_s']:.1f} s; the plan said {was:.1f} s before, "
+                f"{now:.1f} s now"
+            )
+            if "peak_memory_gib" in obs:
+                planned = obs["planned_peak_memory_gib"]
+                lines.append(f"  peak memory: measured {obs['peak_memory_gib']} GiB, planned {planned} GiB")
+            fit_text = ", ".join(f"{k}={v}" for k, v in fitted.items() if k != "n_runs")
+            lines.append(f"  fit over {fitted['n_runs']} run(s) of {kind} {sect}: {fit_text}")
+    saved = calib.save()
+    lines.append(f"calibration written to {saved}")
+    return lines
