@@ -38,9 +38,6 @@ class ChatError(Exception):
     """A failure the user should read as one line (the server is down, the key is wrong, ...)."""
 
 
-# -- pure helpers ------------------------------------------------------------------------------------------------
-
-
 def server_root(base_url: str) -> str:
     """The app's root URL from what a user may type: with or without a trailing ``/`` or ``/v1``."""
     url = base_url.strip().rstrip("/")
@@ -144,9 +141,6 @@ def _server_message(e: Any) -> str:
     return str(getattr(e, "message", e))
 
 
-# -- the loop ------------------------------------------------------------------------------------------------------
-
-
 def stream_reply(client, model: str, messages: Messages, kw: dict[str, Any], out: TextIO) -> str:
     """Stream a chat completion's text to ``out`` (terminal escapes made visible); the whole reply."""
     stream = client.chat.completions.create(model=model, messages=messages, stream=True, **kw)
@@ -208,8 +202,6 @@ class ChatREPL:
         self.session = ChatSession(*self.lookup(model), system)
         self.context = self._context()
 
-    # -- server calls ------------------------------------------------------------------------------------------
-
     def models(self) -> list[Any]:
         return list(self.client.models.list().data)
 
@@ -236,8 +228,6 @@ class ChatREPL:
         """Prompt tokens of ``messages`` as the server builds the prompt; estimated when it cannot count."""
         return self._ask_tokenize({"messages": messages}, "count", estimate_tokens(messages))
 
-    # -- output ------------------------------------------------------------------------------------------------
-
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
@@ -248,8 +238,6 @@ class ChatREPL:
         s = self.session
         if s.greeting:
             self.say(f"{s.name}> {printable(s.greeting)}")
-
-    # -- one line ----------------------------------------------------------------------------------------------
 
     def handle(self, line: str) -> bool:
         """Run one input line; False when the chat should end."""
@@ -333,9 +321,6 @@ class ChatREPL:
                 break
         self.say("bye")
         return 0
-
-
-# -- command line --------------------------------------------------------------------------------------------------
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -69,9 +69,8 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
     col = attr.columns.messages
     messages = row.get(col)
     if not isinstance(messages, list):
-        raise Dropped(
-            "missing_messages", f"column {col!r} is {'missing' if col not in row else type(messages).__name__}"
-        )
+        what = "missing" if col not in row else type(messages).__name__
+        raise Dropped("missing_messages", f"column {col!r} is {what}")
     t = attr.tags
     pairs: list[tuple[str, str]] = []
     for i, m in enumerate(messages):

@@ -74,6 +74,7 @@ class LoraRecipe:
     def setup(self) -> None:
         import ray.train
         import ray.train.torch
+        from ray.util.metrics import Gauge
 
         cfg = self.cfg
         ctx = ray.train.get_context()
@@ -105,7 +106,7 @@ class LoraRecipe:
         self.resumed = self._resume()
         self.state.starts.append(self.state.step)
         rank0 = self.world.rank == 0
-        self.gauges = self._gauges() if rank0 else {}
+        self.gauges = {k: Gauge(f"rp_ray_train_{k}", description=d) for k, d in GAUGES.items()} if rank0 else {}
         # rank 0 logs to the trackers live; the driver adds the artifacts to MLflow's run once the summary exists
         resumed_at = self.state.step + 1 if self.resumed else None
         self.tracker = Tracker.start(cfg, resumed_at=resumed_at) if rank0 else Tracker()
@@ -121,12 +122,6 @@ class LoraRecipe:
         if self.world.rank == 0:
             log.info("resumed from checkpoint at step %d", self.state.step)
         return True
-
-    @staticmethod
-    def _gauges() -> dict[str, Any]:
-        from ray.util.metrics import Gauge
-
-        return {k: Gauge(f"rp_ray_train_{k}", description=d) for k, d in GAUGES.items()}
 
     def train(self) -> None:
         self.clock = Clock(start_step=self.state.step)

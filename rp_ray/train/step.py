@@ -128,13 +128,9 @@ def adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:
     import deepspeed
     from peft import get_peft_model_state_dict
 
-    model = engine.module
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    gather = (
-        deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if stage == 3 else contextlib.nullcontext()
-    )
-    with gather:
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if stage == 3 else contextlib.nullcontext():
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
 
 
 def validation_loss(engine, rows: list[dict], world: World, micro_batch: int, pad_id: int) -> tuple[float, int]:
