@@ -76,6 +76,8 @@ def test_hub_models_use_shipped_shapes_and_measured_statistics():
     assert shape.experts == 32 and shape.mxfp4
     assert round(shape.total_params / 1e9, 1) == 20.9 and round(shape.active_params / 1e9, 1) == 3.6
     assert shape.lora_modules("all").keys() == {"q_proj", "k_proj", "v_proj", "o_proj"}  # experts are not Linear
+    by_id = model_shape(oss.model.model_copy(update={"path": "openai/gpt-oss-20b", "cache_dir": "/nonexistent"}))
+    assert by_id.total_params == shape.total_params and "shipped shape" in by_id.source
     converted = model_shape(oss.model.model_copy(update={"path": "/mnt/shared/models/gpt-oss-20b-bf16"}))
     assert not converted.mxfp4 and converted.total_params == shape.total_params
 
@@ -90,6 +92,7 @@ def test_kind_is_read_from_the_config():
     assert job_kind({"model": {}, "num_epochs": 1}) == "train"
     assert job_kind({"model": {}, "adapters": {}}) == "eval"
     assert job_kind({"applications": [{"args": {}}]}) == "serve"
+    assert job_kind({"model": {}, "adapter_root": "outputs"}) == "serve"
     assert job_kind({"model": {}}, ["per_device_batch_size=2"]) == "train"
     with pytest.raises(ConfigError, match="cannot tell"):
         job_kind({"model": {}, "num_epochs": 1, "sampling": {}})

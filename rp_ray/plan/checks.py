@@ -14,15 +14,23 @@ lengths are given), so a job's entry point can call it first; ``rp-ray plan`` ru
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 from rp_ray.config import ConfigError, EvalConfig, ServeConfig, TrainConfig
+from rp_ray.llm.models import resolve_dtype
 from rp_ray.plan import memory as mem
+from rp_ray.plan import throughput as tp
+from rp_ray.plan.calibration import Calibration
 from rp_ray.plan.hardware import DEFAULT_GPU, GIB, Hardware, hardware
-from rp_ray.plan.shapes import ModelShape
-
-if TYPE_CHECKING:
-    from rp_ray.plan.planner import TrainPlan
+from rp_ray.plan.planner import (
+    TrainPlan,
+    engine_adapters,
+    engine_at,
+    largest_micro_batch,
+    memory_fixes,
+    train_setup,
+)
+from rp_ray.plan.shapes import ModelShape, model_shape
 
 DEFAULT_SUPERVISED_SHARE = 0.3  # labelled share of a row when the data is not read
 
@@ -141,8 +149,6 @@ def zero3_problem(
 
 
 def train_problems(plan: TrainPlan, gpus_per_node: int = 8) -> list[str]:
-    from dataclasses import replace
-
     cfg, hw = plan.cfg, plan.s.hw
     out = [
         micro_batch_problem(
@@ -156,8 +162,6 @@ def train_problems(plan: TrainPlan, gpus_per_node: int = 8) -> list[str]:
         )
     ]
     if cfg.deepspeed.stage == 3 and hw.gpu:
-        from rp_ray.plan.planner import train_setup
-
         setup = replace(train_setup(cfg, plan.s.shape, plan.s.dtype_bytes, plan.world, hw), stage=2)
         z2 = mem.train_memory(
             plan.s.shape, setup, hw, cfg.per_device_batch_size, plan.seq_len, plan.tokens.supervised_share
@@ -179,7 +183,6 @@ def engine_problems(
 ) -> list[str]:
     """The checks of a vLLM engine (an eval with backend=hf has none but the node's)."""
     from rp_ray.eval.engines import eval_max_model_len
-    from rp_ray.plan.planner import engine_adapters
 
     is_eval = isinstance(cfg, EvalConfig)
     out = []
@@ -208,15 +211,8 @@ def check(
     ``H100`` for GPU configs), one message each, empty when none. Reads the model's config.json (and adapters'
     adapter_config.json), no data: training rows are taken at ``data.cutoff_len`` unless ``lengths`` (the encoded
     rows' lengths) are given."""
-    from rp_ray.plan import throughput as tp
-    from rp_ray.plan.calibration import Calibration
-    from rp_ray.plan.planner import train_setup
-    from rp_ray.plan.shapes import model_shape
-
     if hw is None or isinstance(hw, str):
         hw = hardware(hw or (DEFAULT_GPU if cfg.use_gpu else "cpu"), probe=False)
-    from rp_ray.llm.models import resolve_dtype
-
     shape = model_shape(cfg.model)
     b = 4 if resolve_dtype(cfg.model.dtype, hw.gpu) == "float32" else 2
     out: list[str | None] = []
@@ -226,20 +222,7 @@ def check(
         seq = max(lengths) if lengths else cfg.data.cutoff_len
         share = supervised_share if supervised_share is not None else DEFAULT_SUPERVISED_SHARE
         m = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq, share)
-        from dataclasses import replace
-
-        from rp_ray.plan.planner import largest_micro_batch
-
-        alts = {}
-        if not m.fits:
-            if not cfg.gradient_checkpointing:
-                alts["gradient_checkpointing=true"] = mem.train_memory(
-                    shape, replace(setup, checkpointing=True), hw, cfg.per_device_batch_size, seq, share
-                ).total
-            if cfg.deepspeed.stage != 3 and world > 1:
-                alts["deepspeed.stage=3"] = mem.train_memory(
-                    shape, replace(setup, stage=3), hw, cfg.per_device_batch_size, seq, share
-                ).total
+        alts = memory_fixes(shape, setup, hw, cfg.per_device_batch_size, seq, share) if not m.fits else {}
         largest = largest_micro_batch(shape, setup, hw, seq, share)
         out.append(micro_batch_problem(m, cfg.per_device_batch_size, seq, largest, alts, hw, world))
         if cfg.deepspeed.stage == 3 and hw.gpu:
@@ -251,8 +234,6 @@ def check(
             z2 = mem.train_memory(shape, replace(setup, stage=2), hw, cfg.per_device_batch_size, seq, share)
             out.append(zero3_problem(gather, compute, shape.weight_bytes(b), z2.fits, z2.total))
         return [p for p in out if p]
-    from rp_ray.plan.planner import engine_at
-
     return engine_problems(cfg, engine_at(cfg, shape, hw, b, []), shape, hw, gpus_per_node)
 
 

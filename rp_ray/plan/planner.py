@@ -38,11 +38,13 @@ ASSUMED_LORA_RANK = 8  # an adapter that is not here to read
 
 
 def job_kind(tree: dict[str, Any], overrides: list[str] | None = None) -> str:
-    """``serve`` for a Serve config file (``applications:``), else ``train`` or ``eval`` by the keys only one of the
-    two configs has."""
+    """``serve`` for a Serve config file (``applications:``) or serving keys, else ``train`` or ``eval`` by the keys
+    only one of the two configs has."""
     if isinstance(tree.get("applications"), list):
         return "serve"
     keys = set(tree) | {k.split(".")[0] for k, _ in parse_overrides(overrides or [])}
+    if keys & (set(ServeConfig.model_fields) - set(EvalConfig.model_fields) - set(TrainConfig.model_fields)):
+        return "serve"  # a Serve config's args on their own
     train_only = keys & (set(TrainConfig.model_fields) - set(EvalConfig.model_fields))
     eval_only = keys & (set(EvalConfig.model_fields) - set(TrainConfig.model_fields))
     if train_only and not eval_only:
@@ -168,6 +170,22 @@ def train_setup(cfg: TrainConfig, shape: ModelShape, dtype_bytes: int, world: in
     )
 
 
+def memory_fixes(
+    shape: ModelShape, setup: mem.TrainSetup, hw: Hardware, micro_batch: int, seq_len: int, share: float
+) -> dict[str, float]:
+    """The step's peak bytes with each other setting that lowers it: gradient checkpointing, ZeRO-3."""
+    from dataclasses import replace
+
+    out = {}
+    if not setup.checkpointing:
+        alt = replace(setup, checkpointing=True)
+        out["gradient_checkpointing=true"] = mem.train_memory(shape, alt, hw, micro_batch, seq_len, share).total
+    if setup.stage != 3 and setup.world > 1:
+        alt = replace(setup, stage=3)
+        out["deepspeed.stage=3"] = mem.train_memory(shape, alt, hw, micro_batch, seq_len, share).total
+    return out
+
+
 def largest_micro_batch(
     shape: ModelShape, setup: mem.TrainSetup, hw: Hardware, seq_len: int, share: float, limit: int = 256
 ) -> int:
@@ -189,9 +207,10 @@ def plan_train(
     price: float | None = None,
     calibration: Calibration | None = None,
     gpus_per_node: int = 8,
+    tokens: SplitTokens | None = None,
 ) -> TrainPlan:
-    from dataclasses import replace
-
+    """The plan of a training config; ``tokens``: the train split as already encoded (a job's driver has it),
+    else it is read and encoded here."""
     from rp_ray.train.batching import steps_per_epoch
 
     if gpus:
@@ -201,7 +220,7 @@ def plan_train(
     world = cfg.num_workers
     threads = 1 if hw.gpu else max(1, min(int(cfg.cpus_per_worker), hw.cores // world or 1))
     worker = scaled(hw, threads)
-    tokens = train_tokens(cfg, shape)
+    tokens = tokens or train_tokens(cfg, shape)
     setup = train_setup(cfg, shape, b, world, hw)
     flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
     lengths = tokens.lengths
@@ -246,18 +265,7 @@ def plan_train(
     seq_len = max(lengths)
     share = tokens.supervised_share
     memory = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq_len, share)
-    alternatives: dict[str, float] = {}
-    if not memory.fits:
-        if not cfg.gradient_checkpointing:
-            alt = replace(setup, checkpointing=True)
-            alternatives["gradient_checkpointing=true"] = mem.train_memory(
-                shape, alt, hw, cfg.per_device_batch_size, seq_len, share
-            ).total
-        if cfg.deepspeed.stage != 3 and world > 1:
-            alt = replace(setup, stage=3)
-            alternatives["deepspeed.stage=3"] = mem.train_memory(
-                shape, alt, hw, cfg.per_device_batch_size, seq_len, share
-            ).total
+    alternatives = memory_fixes(shape, setup, hw, cfg.per_device_batch_size, seq_len, share) if not memory.fits else {}
     val_s = 0.0
     if val_lengths:
         evals = total_steps // cfg.eval_every_steps + (total_steps % cfg.eval_every_steps != 0)
@@ -515,6 +523,8 @@ def plan_eval(
             runs[name] = rp
     if cfg.backend == "hf":
         notes.append("backend hf: one left-padded generate batch per shard and run, no continuous batching")
+    if cfg.merge_adapter and cfg.adapters:
+        notes.append("merge_adapter: each adapter is merged into a copy of the weights first (not timed here)")
     startup = eff.eval_startup_s + shape.weight_bytes(b, shape.mxfp4 and hw.gpu) / devices / LOAD_BANDWIDTH
     other = eff.eval_other_s + eff.eval_scoring_s_per_sample * len(rows) * len(run_names)
     engine = EnginePlan(

@@ -94,7 +94,7 @@ def _tail(s: Setting, problems: list[str], notes: list[str]) -> list[str]:
 
 def render_train(p: TrainPlan) -> str:
     cfg, s, t, sch = p.cfg, p.s, p.tokens, p.schedule
-    unit = "GPU" if s.hw.gpu else "core"
+    unit = "GPU" if s.hw.gpu else "worker"
     device = "GPU" if s.hw.gpu else "worker"
     mem_lines = [f"            {n:<22} {_gib(b):>10}  {note}" for n, b, note in p.memory.lines]
     verdict = "fits" if p.memory.fits else "DOES NOT FIT"
@@ -136,7 +136,7 @@ def render_train(p: TrainPlan) -> str:
 
 def render_eval(p: EvalPlan) -> str:
     cfg, s, t, e = p.cfg, p.s, p.tokens, p.engine
-    unit = "GPU" if s.hw.gpu else "core"
+    unit = "GPU" if s.hw.gpu else "engine"
     kv = e.memory
     lines = [
         f"plan      eval: {cfg.model.path}, runs {', '.join(r.name for r in p.runs)}; {p.actors} engine(s) x "

@@ -72,6 +72,21 @@ class SplitTokens:
     source: str
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], datasets: list[str], cutoff_len: int) -> SplitTokens:
+        """A split already encoded by ``rp_ray.preparation.encode_split`` (``input_ids`` and ``labels`` per row)."""
+        from rp_ray.llm.template import IGNORE_INDEX
+
+        lengths = [len(r["input_ids"]) for r in rows]
+        return cls(
+            datasets,
+            lengths,
+            [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows],
+            sum(n >= cutoff_len for n in lengths),
+            True,
+            "exact: the rows the job encoded",
+        )
+
     @property
     def examples(self) -> int:
         return len(self.lengths)
@@ -124,19 +139,14 @@ def train_tokens(cfg: TrainConfig, shape: ModelShape, split: str = "train") -> S
     convs = _conversations(cfg.data, split)
     tok = _tokenizer(shape, cfg.model)
     if tok is not None:
-        from rp_ray.llm.template import IGNORE_INDEX, get_template
+        from rp_ray.llm.template import get_template
         from rp_ray.preparation import encode_split
 
         tpl = get_template(cfg.model.template)
-        rows, stats = encode_split(tok, tpl, convs, cfg.data.cutoff_len, cfg.model.enable_thinking)
-        return SplitTokens(
-            names,
-            [len(r["input_ids"]) for r in rows],
-            [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows],
-            stats.truncated,
-            True,
-            f"exact: encoded with the tokenizer in {shape.local_dir}, as training encodes it",
-        )
+        rows, _ = encode_split(tok, tpl, convs, cfg.data.cutoff_len, cfg.model.enable_thinking)
+        out = SplitTokens.from_rows(rows, names, cfg.data.cutoff_len)
+        out.source = f"exact: encoded with the tokenizer in {shape.local_dir}, as training encodes it"
+        return out
     est = _estimated(cfg.model, cfg.data, names, convs)
     lengths = [min(n, cfg.data.cutoff_len) for n in est.totals]
     supervised = [min(s, n) for s, n in zip(est.supervised, lengths)]
