@@ -249,10 +249,9 @@ class HfEngine:
         if seed is not None:
             torch.manual_seed(seed)
         kwargs = dict(max_new_tokens=max_tokens, eos_token_id=self.stops, pad_token_id=self.pad)
-        if sampling.greedy:
-            kwargs |= dict(do_sample=False)
-        else:
-            kwargs |= dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        kwargs["do_sample"] = not sampling.greedy
+        if not sampling.greedy:
+            kwargs |= dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         with torch.no_grad():
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         return [g[width:].tolist() for g in gen]

@@ -117,7 +117,6 @@ def score_pairs_parallel(preds: Sequence[str], labels: Sequence[str], chunk_size
     if not ray.is_initialized():
         ray.init()
     task = ray.remote(num_cpus=1)(score_pairs)
-    refs = [
-        task.remote(preds[i : i + chunk_size], labels[i : i + chunk_size]) for i in range(0, len(preds), chunk_size)
-    ]
+    starts = range(0, len(preds), chunk_size)
+    refs = [task.remote(preds[i : i + chunk_size], labels[i : i + chunk_size]) for i in starts]
     return [s for chunk in ray.get(refs) for s in chunk]

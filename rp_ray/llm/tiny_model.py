@@ -251,9 +251,8 @@ def pretrain_lm(model, tok, docs: list[list[str]], cfg: PretrainConfig, seed: in
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
-            log.info(
-                "pretrain step %d/%d | loss %.4f | %.0f s", step + 1, cfg.steps, losses[-1], time.perf_counter() - t0
-            )
+            elapsed = time.perf_counter() - t0
+            log.info("pretrain step %d/%d | loss %.4f | %.0f s", step + 1, cfg.steps, losses[-1], elapsed)
     model.eval()
     return losses
 
