@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from conftest import (
     MAX_TOKENS,
     MODELS,
     PROMPTS,
+    REPO,
     SERVE_CONFIG,
     SESSION_RAY_TMP,
     SYSTEM,
@@ -327,6 +329,73 @@ def test_adapters_load_and_unload_at_run_time_without_a_restart(app, tiny_llama3
         _remove_cards(app, "live-card")
         httpx.post(f"{app.url}/v1/unload_lora_adapter", json={"lora_name": "a1-live"}, headers=AUTH, timeout=60)
     _ok(app)
+
+
+def scrape_metrics(names: set[str], timeout_s: float = 120) -> dict:
+    """The metric families of every node's Ray metrics export port, once all of ``names`` are there (Ray's agent
+    exports what the replicas report every few seconds)."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        families = {}
+        for node in ray.nodes():
+            if node["Alive"] and node.get("MetricsExportPort"):
+                text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30)
+                families |= {f.name: f for f in text_string_to_metric_families(text.text)}
+        if names <= set(families) or time.monotonic() > deadline:
+            return families
+        time.sleep(2)
+
+
+SERVE_METRICS = {
+    "ray_rp_ray_requests",
+    "ray_rp_ray_time_to_first_token_seconds",
+    "ray_rp_ray_inter_token_latency_seconds",
+    "ray_rp_ray_prompt_tokens",
+    "ray_rp_ray_generation_tokens",
+    "ray_vllm_num_requests_running",
+    "ray_vllm_num_requests_waiting",
+    "ray_vllm_kv_cache_usage_perc",
+}
+
+
+def test_metrics_for_prometheus_and_the_grafana_dashboard(app):
+    """After 20 requests, Ray's metrics export (not the API port) has rp_ray's counters and latency histograms by
+    route and model, and vLLM's running/waiting/KV-cache gauges; the dashboard JSON draws only metrics that exist."""
+    models = ["base", "a1", "haruhi", "aoi"]
+    for i in range(20):  # every model streamed and not (inter-token latency needs a stream)
+        if (i // 4) % 2:
+            ask(app, models[i % 4], PROMPTS[i % 4])
+        else:
+            stream = client(app).chat.completions.create(
+                model=models[i % 4], messages=[{"role": "user", "content": PROMPTS[i % 4]}], max_tokens=8, stream=True
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
+    assert _post(app, {"model": "nobody", "messages": USER}).status_code == 404
+    families = scrape_metrics(SERVE_METRICS)
+    assert set(families) >= SERVE_METRICS, [n for n in sorted(families) if "rp_ray" in n or "vllm" in n]
+
+    def samples(name: str, suffix: str = "") -> list:
+        return [x for x in families[name].samples if x.name == name + suffix]
+
+    chat = "/v1/chat/completions"
+    ok = {(x.labels["route"], x.labels["model"], x.labels["status"]) for x in samples("ray_rp_ray_requests", "_total")}
+    assert {(chat, m, "200") for m in models} <= ok and (chat, "", "404") in ok
+    for name in ("ray_rp_ray_time_to_first_token_seconds", "ray_rp_ray_inter_token_latency_seconds"):
+        assert families[name].type == "histogram"
+        counts = {x.labels["model"]: x.value for x in samples(name, "_count") if x.labels["route"] == chat}
+        assert set(models) <= set(counts) and all(v > 0 for v in counts.values())
+    for name in ("ray_rp_ray_prompt_tokens", "ray_rp_ray_generation_tokens"):
+        assert {x.labels["model"] for x in samples(name, "_total") if x.value > 0} >= set(models)
+
+    dashboard = json.loads((REPO / "serve_configs" / "grafana_dashboard.json").read_text(encoding="utf-8"))
+    assert dashboard["title"] and dashboard["schemaVersion"] >= 30 and dashboard["panels"]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert all(panel["type"] in ("timeseries", "stat", "gauge") and panel["gridPos"] for panel in dashboard["panels"])
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", m) for e in exprs for m in re.findall(r"\b(ray_[a-z_]+)", e)}
+    assert used and used <= set(families), used - set(families)
 
 
 def _post(app, body, headers=AUTH, **kw):

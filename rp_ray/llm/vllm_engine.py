@@ -153,11 +153,16 @@ class AsyncEngine:
 
     ``engine_args(dirs)`` gives the ``AsyncEngineArgs`` keywords for the adapter folders the engine loads: ``adapters``
     plus, on CPU engines serving any, the zero adapter, written to a temporary folder that :meth:`shutdown` removes.
-    The engine environment (:func:`apply_engine_env`) is set before the engine starts.
+    The engine environment (:func:`apply_engine_env`) is set before the engine starts. ``stat_loggers``: vLLM's
+    (with ``disable_log_stats`` off in the arguments).
     """
 
     def __init__(
-        self, settings: VllmSettings, adapters: dict[str, str], engine_args: Callable[[dict[str, str]], dict[str, Any]]
+        self,
+        settings: VllmSettings,
+        adapters: dict[str, str],
+        engine_args: Callable[[dict[str, str]], dict[str, Any]],
+        stat_loggers: list | None = None,
     ):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -168,7 +173,7 @@ class AsyncEngine:
             dirs = with_zero_adapter(adapters, settings, Path(self.workdir))
             self.loras = lora_requests(dirs)
             apply_engine_env(settings)
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(dirs)))
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(dirs)), stat_loggers=stat_loggers)
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise

@@ -43,6 +43,7 @@ from rp_ray.serve.chat import ChatCompletionRequest, ChatServing
 from rp_ray.serve.completion import CompletionRequest
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
 from rp_ray.serve.engine import ChatEngine
+from rp_ray.serve.metrics import CountRequests, ServeMetrics
 from rp_ray.serve.protocol import (
     APIError,
     Delta,
@@ -64,6 +65,7 @@ api = FastAPI(
     description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
 )
 api.add_middleware(RequireKey)
+api.add_middleware(CountRequests)  # outermost: 401s count too
 
 
 @api.exception_handler(APIError)
@@ -134,6 +136,7 @@ class ChatServer:
         self.serving = ChatServing(self.cfg, characters)
         api.state.api_key = load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
         self.engine = ChatEngine(self.cfg, adapter_dirs)
+        api.state.metrics = ServeMetrics()
         # the served adapters: the configured ones (fixed) and those loaded at run time (the registry's); the
         # serving logic and the catalog read the table from cfg.adapters
         self.configured = set(adapter_dirs)
@@ -238,7 +241,8 @@ class ChatServer:
     async def chat(self, request: Request):
         req = await self._read(request, ChatCompletionRequest)
         s = self.serving
-        return await self._complete(req, s.prepare(req), completion_id(), s.stream, s.collect, s.response)
+        prepared = s.prepare(req)
+        return await self._complete(request, req, prepared, completion_id(), s.stream, s.collect, s.response)
 
     @api.post(
         "/v1/completions",
@@ -249,7 +253,8 @@ class ChatServer:
         req = await self._read(request, CompletionRequest)
         s = self.serving
         prepared, cid = s.prepare_completion(req), completion_id("cmpl")
-        return await self._complete(req, prepared, cid, s.completion_stream, s.collect_text, s.completion_response)
+        stream, collect, respond = s.completion_stream, s.collect_text, s.completion_response
+        return await self._complete(request, req, prepared, cid, stream, collect, respond)
 
     @api.post(
         "/tokenize",
@@ -311,10 +316,15 @@ class ChatServer:
     def _json(body) -> Response:
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _complete(self, req, prepared: PreparedChat, cid: str, stream, collect, respond) -> Response:
+    async def _complete(
+        self, request: Request, req, prepared: PreparedChat, cid: str, stream, collect, respond
+    ) -> Response:
         """Run a chat or text completion on the engine: its event stream, or, once the engine is done, its
-        response; past the deadline the engine request is cancelled (a whole reply's answer is then a 504)."""
+        response; past the deadline the engine request is cancelled (a whole reply's answer is then a 504). Its
+        latency and tokens go to the metrics, under the (served) model it names."""
+        request.state.model = req.model
         gen = self.engine.generate(prepared.prompt, prepared.sampling, prepared.adapter, cid)
+        gen = api.state.metrics.observe(gen, request.url.path, req.model, len(prepared.prompt))
         deadline = time.monotonic() + self.cfg.request_timeout_s
 
         def cancel() -> None:

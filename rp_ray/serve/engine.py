@@ -35,7 +35,8 @@ def chat_engine_kwargs(cfg: ServeConfig, adapter_dirs: dict[str, str]) -> dict[s
         cfg.model.path, cfg, cfg.model.dtype, cfg.max_model_len, list(adapter_dirs.values()), cfg.seed
     )
     loras = {"max_loras": min(cfg.max_loras, kwargs["max_loras"]), "max_cpu_loras": max(1, len(adapter_dirs))}
-    return kwargs | loras | cpu_executor_kwargs(cfg)
+    stats = {"disable_log_stats": False}  # the engine's stats, exported as Ray metrics (``rp_ray.serve.metrics``)
+    return kwargs | loras | stats | cpu_executor_kwargs(cfg)
 
 
 class ChatEngine:
@@ -50,7 +51,9 @@ class ChatEngine:
             args.update(chat_engine_kwargs(cfg, dirs))
             return args
 
-        self.vllm = AsyncEngine(cfg, adapter_dirs, engine_args)
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        self.vllm = AsyncEngine(cfg, adapter_dirs, engine_args, stat_loggers=[RayPrometheusStatLogger])
         self.engine, self.loras = self.vllm.llm, self.vllm.loras
         self.max_lora_rank: int | None = args.get("max_lora_rank") if args.get("enable_lora") else None
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
