@@ -81,12 +81,10 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
     system = ""
     if t.system_tag and pairs and pairs[0][0] == t.system_tag:
         system, pairs = pairs[0][1], pairs[1:]
-    elif attr.columns.system:
-        value = row.get(attr.columns.system)
+    elif system_col := attr.columns.system:
+        value = row.get(system_col)
         if value is not None and not isinstance(value, str):
-            raise Dropped(
-                "bad_message", f"system column {attr.columns.system!r} is {type(value).__name__}, not a string"
-            )
+            raise Dropped("bad_message", f"system column {system_col!r} is {type(value).__name__}, not a string")
         system = value or ""
 
     known = {t.user_tag, t.assistant_tag, t.observation_tag, t.function_tag, t.system_tag} - {None}

@@ -91,8 +91,7 @@ def write_summary(state: TrainState, cfg: TrainConfig, extra: dict[str, Any], ou
     steps, losses = [h["step"] for h in hist], [h["loss"] for h in hist]
     ax.plot(steps, losses, lw=1, alpha=0.4, label="train")
     ax.plot(steps, smoothed(losses), lw=1.8, label="train (smoothed)")
-    if state.eval_history:
-        ev = state.eval_history
+    if ev := state.eval_history:
         ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", lw=1.8, label="validation")
     ax.legend()
     title = f"LoRA on {Path(cfg.model.path).name} ({cfg.model.template})"

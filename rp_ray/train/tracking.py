@@ -190,16 +190,15 @@ class MLflowBackend(Backend):
         key = hashlib.sha1(str(out).encode()).hexdigest()[:16]
         run = self._unfinished_run(experiment_id, key) if cfg.resume else None
         if run is not None:
-            self.run_id = run.info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.update_run(run.info.run_id, status="RUNNING")
             known = set(run.data.params)
-            log.info("mlflow: continuing run %s (%s) of %s", run.info.run_name, self.run_id, uri)
+            log.info("mlflow: continuing run %s (%s) of %s", run.info.run_name, run.info.run_id, uri)
         else:
             tags = {"rp_ray.output_dir": str(out), "rp_ray.run_key": key}
             run = self.client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
-            self.run_id = run.info.run_id
             known = set()
-            log.info("mlflow: run %s (%s) in %s", run.info.run_name, self.run_id, uri)
+            log.info("mlflow: run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
+        self.run_id = run.info.run_id
         # a param, once logged, cannot change: a continued run keeps those it has and adds only new keys
         params = [entities.Param(k, param_value(v)) for k, v in flat_config(cfg).items() if k not in known]
         for i in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
