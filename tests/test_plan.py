@@ -234,8 +234,11 @@ def test_shipped_gpu_configs_pass_every_check():
 # -- calibration ---------------------------------------------------------------------------------------------------
 
 
-def write_training_summary(out: Path, cfg: TrainConfig, tokens: int, steps: int, train_s: float, wall_s: float):
-    """A finished run's training_summary.json, written by training's own writer."""
+def write_training_summary(
+    out: Path, cfg: TrainConfig, tokens: int, steps: int, train_s: float, wall_s: float, **measured
+):
+    """A finished run's training_summary.json, written by training's own writer (``measured``: more figures a run
+    records, such as its peak memory)."""
     from rp_ray.train.state import TrainState
     from rp_ray.train.summary import write_summary
 
@@ -243,7 +246,7 @@ def write_training_summary(out: Path, cfg: TrainConfig, tokens: int, steps: int,
     history = [{"step": i + 1, "loss": 4.0 - i / steps, "lr": 1e-3} for i in range(steps)]
     state = TrainState(step=steps, tokens=tokens, train_seconds=train_s, history=history, world_size=cfg.num_workers)
     state.total_steps = steps
-    write_summary(state, cfg, {"wall_seconds": wall_s}, out)
+    write_summary(state, cfg, {"wall_seconds": wall_s, **measured}, out)
 
 
 def test_calibration_round_trip_training(tiny_llama3, tmp_path):
@@ -254,10 +257,18 @@ def test_calibration_round_trip_training(tiny_llama3, tmp_path):
     plan = plan_train(cfg, gpu="cpu", calibration=NO_CALIBRATION)
     startup = 40.0
     weights = plan.s.shape.weight_bytes(4) / LOAD_BANDWIDTH
+    rss = predicted(plan)["peak_memory_gib"] + 0.5  # the worker process is half a GiB larger than assumed
     write_training_summary(
-        tmp_path / "a", cfg, plan.tokens_trained, 20, 2 * plan.train_s, 2 * plan.train_s + startup + weights
+        tmp_path / "a",
+        cfg,
+        plan.tokens_trained,
+        20,
+        2 * plan.train_s,
+        2 * plan.train_s + startup + weights,
+        peak_memory_gib=rss,
     )
     lines = calibrate([tmp_path / "a"], cal)
+    assert f"peak memory: measured {rss} GiB" in "\n".join(lines)
     assert "fit over 1 run(s)" in lines[-2] and str(cal) in lines[-1]
     eff = Calibration.load(cal).efficiency("cpu", False)
     assert eff.train_hfu == pytest.approx(defaults("cpu", False).train_hfu / 2, rel=0.01)
@@ -265,6 +276,7 @@ def test_calibration_round_trip_training(tiny_llama3, tmp_path):
     again = plan_train(cfg, gpu="cpu", calibration=Calibration.load(cal))
     assert again.train_s == pytest.approx(2 * plan.train_s, rel=0.01)
     assert again.total_s == pytest.approx(2 * plan.train_s + startup + weights, rel=0.01)
+    assert predicted(again)["peak_memory_gib"] == pytest.approx(rss, abs=0.01)
 
     # two runs made of x / hfu + micro-batches x overhead: the fit recovers both
     hfu, overhead = 0.1, 0.05

@@ -49,6 +49,7 @@ class Efficiency:
     eval_startup_s: float  # until the first engine predicts, before its weights load
     eval_other_s: float  # the driver's data checks and Ray start-up
     eval_scoring_s_per_sample: float
+    train_worker_runtime_gib: float = 1.0  # a CPU worker's own process (GPU memory plans keep a fixed reserve)
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -185,6 +186,10 @@ def fit(job: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         starts = [r["startup_s"] for r in runs if r.get("startup_s") is not None]
         if starts:
             out["train_startup_s"] = round(max(0.0, sum(starts) / len(starts)), 1)
+        # a CPU worker's peak RSS is its tensors plus the process itself
+        rss = [r["peak_memory_gib"] - r["planned_tensors_gib"] for r in runs if r.get("cpu") and "peak_memory_gib" in r]
+        if rss:
+            out["train_worker_runtime_gib"] = round(max(0.1, sum(rss) / len(rss)), 3)
     else:
         out["scale"] = round(1 / u, 4) if u > 0 else None
         if multi:

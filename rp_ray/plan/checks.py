@@ -162,7 +162,7 @@ def train_problems(plan: TrainPlan, gpus_per_node: int = 8) -> list[str]:
         )
     ]
     if cfg.deepspeed.stage == 3 and hw.gpu:
-        setup = replace(train_setup(cfg, plan.s.shape, plan.s.dtype_bytes, plan.world, hw), stage=2)
+        setup = replace(train_setup(cfg, plan.s.shape, plan.s.dtype_bytes, plan.world, hw, plan.s.eff), stage=2)
         z2 = mem.train_memory(
             plan.s.shape, setup, hw, cfg.per_device_batch_size, plan.seq_len, plan.tokens.supervised_share
         )
@@ -218,7 +218,8 @@ def check(
     out: list[str | None] = []
     if isinstance(cfg, TrainConfig):
         world = cfg.num_workers
-        setup = train_setup(cfg, shape, b, world, hw)
+        eff = Calibration.load().efficiency(hw.kind, bool(shape.experts))
+        setup = train_setup(cfg, shape, b, world, hw, eff)
         seq = max(lengths) if lengths else cfg.data.cutoff_len
         share = supervised_share if supervised_share is not None else DEFAULT_SUPERVISED_SHARE
         m = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq, share)
@@ -226,7 +227,6 @@ def check(
         largest = largest_micro_batch(shape, setup, hw, seq, share)
         out.append(micro_batch_problem(m, cfg.per_device_batch_size, seq, largest, alts, hw, world))
         if cfg.deepspeed.stage == 3 and hw.gpu:
-            eff = Calibration.load().efficiency(hw.kind, bool(shape.experts))
             mean = (sum(lengths) / len(lengths)) if lengths else cfg.data.cutoff_len / 2
             flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
             compute = cfg.per_device_batch_size * flops.sequence(mean, shape) / (hw.peak_flops * eff.train_hfu)

@@ -18,7 +18,7 @@ Training, per GPU (bytes; ``b`` = bytes per weight element, 2 for bf16, 4 for fl
 - communication buckets: the gradient reduce bucket (DeepSpeed's ``reduce_bucket_size``, 5e7 elements, or the
   LoRA gradients when fewer);
 - runtime: CUDA context, cuBLAS and NCCL workspaces (1 GiB) and the caching allocator's fragmentation (5% of the
-  tensors). On a CPU worker: the Python, torch, Ray and DeepSpeed process itself (1 GiB).
+  tensors). On a CPU worker: the Python, torch, Ray and DeepSpeed process itself (1 GiB until calibrated).
 
 vLLM, per GPU of an engine: ``gpu_memory_utilization`` (vLLM's default, 0.92) of the memory, less the weights (MXFP4
 experts stay MXFP4 on GPUs), the LoRA slots (``max_loras x max_lora_rank``, every adaptable layer), the profiling
@@ -108,6 +108,7 @@ class TrainSetup:
     lora_rank: int
     lora_modules: int
     eager_attention: bool
+    cpu_worker_runtime: float = CPU_WORKER_RUNTIME  # a CPU worker's process itself (calibrated from runs)
 
 
 def train_memory(
@@ -162,7 +163,7 @@ def train_memory(
         out.add("runtime reserve", GPU_RUNTIME + FRAGMENTATION * tensors, "CUDA context, workspaces, fragmentation")
         out.capacity = hw.memory_bytes
     else:
-        out.add("runtime reserve", CPU_WORKER_RUNTIME, "the worker process")
+        out.add("runtime reserve", setup.cpu_worker_runtime, "the worker process: Python, torch, Ray, DeepSpeed")
         out.capacity = max(0.0, (hw.memory_bytes - CPU_DRIVER) / w)
     return out
 

@@ -148,7 +148,9 @@ class TrainPlan:
         return self.model_flops / (self.train_s * self.world * self.worker.peak_flops) if self.train_s else 0.0
 
 
-def train_setup(cfg: TrainConfig, shape: ModelShape, dtype_bytes: int, world: int, hw: Hardware) -> mem.TrainSetup:
+def train_setup(
+    cfg: TrainConfig, shape: ModelShape, dtype_bytes: int, world: int, hw: Hardware, eff: Efficiency | None = None
+) -> mem.TrainSetup:
     from rp_ray.llm.models import resolve_attn_implementation
 
     try:
@@ -167,6 +169,7 @@ def train_setup(cfg: TrainConfig, shape: ModelShape, dtype_bytes: int, world: in
         lora_rank=cfg.lora.rank,
         lora_modules=len(modules),
         eager_attention=attn == "eager",
+        cpu_worker_runtime=(eff.train_worker_runtime_gib if eff else 1.0) * 2**30,
     )
 
 
@@ -221,7 +224,7 @@ def plan_train(
     threads = 1 if hw.gpu else max(1, min(int(cfg.cpus_per_worker), hw.cores // world or 1))
     worker = scaled(hw, threads)
     tokens = tokens or train_tokens(cfg, shape)
-    setup = train_setup(cfg, shape, b, world, hw)
+    setup = train_setup(cfg, shape, b, world, hw, eff)
     flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
     lengths = tokens.lengths
     if cfg.eval_every_steps and not cfg.data.val and cfg.val_size:

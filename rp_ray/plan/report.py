@@ -244,12 +244,16 @@ def short_block(plan: TrainPlan | EvalPlan) -> str:
 
 def predicted(plan: TrainPlan | EvalPlan) -> dict[str, Any]:
     """What a summary records as predicted, beside its measured figures (same names, same units)."""
-    base = {"hardware": plan.s.hw.kind, "device_hours": round(plan.device_hours, 4)}
+    s = plan.s
+    base = {"hardware": s.hw.kind, "device_hours": round(plan.device_hours, 4)}
     if isinstance(plan, TrainPlan):
         return base | {
             "wall_seconds": round(plan.total_s, 1),
             "train_seconds": round(plan.train_s, 1),
-            "peak_memory_gib": round((plan.memory.total - plan.memory.get("runtime reserve")) / GIB, 2),
+            # GPU: allocated tensors (torch.cuda.max_memory_allocated); CPU: the worker process's peak RSS
+            "peak_memory_gib": round(
+                (plan.memory.total - (plan.memory.get("runtime reserve") if s.hw.gpu else 0)) / GIB, 2
+            ),
             "tokens_per_s": round(plan.tokens_trained / plan.train_s, 1) if plan.train_s else None,
             "tokens": plan.tokens_trained,
             "mfu": round(plan.mfu, 4),

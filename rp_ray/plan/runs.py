@@ -42,6 +42,7 @@ def _defaults_only() -> Calibration:
 def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, Any]]:
     """(kind, section, figures) of a finished training run."""
     from rp_ray.plan.planner import plan_train
+    from rp_ray.plan.report import predicted
 
     path = out_dir / "training_summary.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
@@ -61,7 +62,9 @@ def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, A
         "model": cfg.model.path,
         "tokens": int(summary["tokens"]),
         "planned_tokens": plan.tokens_trained,
-        "planned_peak_memory_gib": round((plan.memory.total - plan.memory.get("runtime reserve")) / 2**30, 2),
+        "planned_tensors_gib": round((plan.memory.total - plan.memory.get("runtime reserve")) / 2**30, 3),
+        "planned_peak_memory_gib": predicted(plan)["peak_memory_gib"],
+        "cpu": not plan.s.hw.gpu,
     }
     if "peak_memory_gib" in summary:
         obs["peak_memory_gib"] = summary["peak_memory_gib"]
