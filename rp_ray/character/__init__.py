@@ -5,6 +5,7 @@ engine); ``rp_ray.serve`` imports this package, never the reverse.
 - ``card``: Character Card V1/V2/V3 (JSON or PNG), rp_ray's settings inside a card (``data.extensions["rp_ray"]``),
   the file registry of imported cards.
 - ``png``: PNG text chunks (stdlib only).
+- ``keys``: lorebook keys matched as SillyTavern matches them (regexes on RE2), their limits, entry decorators.
 - ``lorebook``: which entries a chat brings in (``activate``), standalone lorebook files.
 - ``prompt``: a card's system prompt and turns, the typed ``Prompt`` a chat request is built from.
 - ``scenes``: ChatHaruhi scene corpora and BM25 retrieval.
