@@ -133,11 +133,9 @@ class PaddingStats:
 
     def add_plan(self, plan: Plan, lengths: list[int]) -> None:
         """Count every micro-batch of every rank of a global plan."""
-        for step in plan:
-            for rank in step:
-                for mb in rank:
-                    self.real_tokens += sum(lengths[i] for i in mb)
-                    self.padded_tokens += _positions(mb, lengths)
+        micro_batches = [mb for step in plan for rank in step for mb in rank]
+        self.real_tokens += sum(lengths[i] for mb in micro_batches for i in mb)
+        self.padded_tokens += sum(_positions(mb, lengths) for mb in micro_batches)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
