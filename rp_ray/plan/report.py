@@ -25,6 +25,13 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f} GiB" if x >= GIB / 10 or x == 0 else f"{x / 2**20:.1f} MiB"
 
 
+def _flop(n: float) -> str:
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} FLOP"
+
+
 def _count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
@@ -117,8 +124,7 @@ def render_train(p: TrainPlan) -> str:
         f"LoRA      {_count(p.lora_params)} parameters; FLOPs per token: forward 2N + 2n, backward 2N + 4n"
         f"{', recomputation 2N + 2n' if cfg.gradient_checkpointing else ''}, N = {_count(s.shape.active_params)} "
         f"active, n = LoRA; attention {f.pair_executed // s.shape.q_width} w per attended pair",
-        f"          = {_count(f.dense_model)}FLOP per token model, {_count(f.dense_executed)}FLOP executed "
-        "(+ attention)",
+        f"          = {_flop(f.dense_model)} per token model, {_flop(f.dense_executed)} executed, plus attention",
         f"memory    per {device}, micro-batch {cfg.per_device_batch_size} x {p.seq_len} tokens "
         f"(the longest row), checkpointing {'on' if cfg.gradient_checkpointing else 'off'}:",
         *mem_lines,

@@ -254,9 +254,5 @@ def staggered_finish(work_s: float, engines: int, start_gap_s: float) -> float:
     return hi
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def replicas_for(load_rps: float, per_replica_rps: float) -> int:
     return max(1, math.ceil(load_rps / per_replica_rps)) if per_replica_rps > 0 else 0

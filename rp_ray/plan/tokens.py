@@ -259,15 +259,3 @@ def _fit(estimates: list[float], stats: list[SplitStats], total: int) -> list[in
         scale = 1 + (total - sum(rows)) / free
         rows = [r * scale if r < cap else r for r in rows]
     return [max(1, round(r)) for r in rows]
-
-
-def describe(t: SplitTokens) -> dict[str, Any]:
-    """The figures a report prints."""
-    return {
-        "examples": t.examples,
-        "tokens": t.tokens,
-        "supervised": t.supervised_tokens,
-        "mean": round(t.mean),
-        "max": t.max,
-        "truncated": t.truncated,
-    }
