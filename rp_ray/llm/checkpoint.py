@@ -151,8 +151,6 @@ def _read(t: _Tensor, handles: dict[str, Any], weight_map: dict[str, str]):
 
     out_dtype = getattr(torch, t.dtype)
     tensors = [handles[weight_map[s]].get_tensor(s) for s in t.sources]
-    # an MXFP4 pair dequantizes to bf16, as transformers' Mxfp4Config(dequantize=True) load does: a float32 copy
-    # then holds the very values that load gives
     value = convert_moe_packed_tensors(*tensors) if len(tensors) == 2 else tensors[0]
     value = value.to(out_dtype).contiguous()
     if tuple(value.shape) != t.shape:  # the plan's shape arithmetic and the dequantizer disagree: stop, write nothing

@@ -140,11 +140,7 @@ def hf_cached(model_id: str, cache: Path | None) -> Path | None:
 
 
 def resolve_model_path(path: str, hub: Hub = "huggingface", cache_dir: str | Path | None = None) -> Path:
-    """``model.path`` as an absolute local folder, without going online (see the module docstring).
-
-    A local path (existing, or not shaped like a model id) comes back absolute, unchecked: ``check_model_dir``
-    says what is wrong with it. A model id not in the cache is a HubError naming the download command.
-    """
+    """``model.path`` as an absolute local folder, without going online (see the module docstring)."""
     local = Path(path).expanduser()
     if local.exists() or not is_model_id(path):
         return Path(os.path.abspath(local))
