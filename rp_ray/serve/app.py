@@ -57,6 +57,7 @@ from rp_ray.serve.protocol import (
 from rp_ray.serve.serving import PreparedChat
 
 log = logging.getLogger(__name__)
+UNHEALTHY = "engine unhealthy (details in the replica's log)"
 
 
 api = FastAPI(
@@ -154,7 +155,9 @@ class ChatServer:
         try:
             await asyncio.wait_for(self.engine.check_health(), 10)
         except Exception as e:  # noqa: BLE001 -- any failure means unhealthy
-            return error_response(503, f"engine unhealthy: {type(e).__name__}: {e}", "service_unavailable")
+            # the exception's text stays in the replica's log: it may name paths and internals
+            log.warning("health check failed: %s: %s", type(e).__name__, e)
+            return error_response(503, UNHEALTHY, "service_unavailable")
         return {"status": "ok"}
 
     @api.get("/v1/models", summary="The base model, the served adapters and the characters")
@@ -310,6 +313,8 @@ class ChatServer:
             json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
         except ValueError as e:  # not JSON, not UTF-8, a lone surrogate, an integer of more digits than Python converts
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the body is JSON nested too deeply", code="invalid_json") from None
         return parse_body(payload, model)
 
     @staticmethod
