@@ -153,14 +153,11 @@ class AsyncVllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         params = sampling_params(self.sampling, req.max_tokens, req.seed, self.stops, final_only=True)
+        prompt, request_id = {"prompt_token_ids": req.prompt_ids}, f"{req.run}-{req.row}-{uuid.uuid4().hex[:8]}"
+        lora = self.vllm.lora(req.run if req.adapter else None)
         final = None
         try:
-            async for out in self.vllm.llm.generate(
-                {"prompt_token_ids": req.prompt_ids},
-                params,
-                f"{req.run}-{req.row}-{uuid.uuid4().hex[:8]}",
-                lora_request=self.vllm.lora(req.run if req.adapter else None),
-            ):
+            async for out in self.vllm.llm.generate(prompt, params, request_id, lora_request=lora):
                 final = out
         except (asyncio.CancelledError, EngineDeadError):
             raise  # the engine is gone: the actor fails and the driver hands its rows to another
