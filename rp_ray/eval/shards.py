@@ -1,9 +1,8 @@
 """Shard files: the unit of resume of batch evaluation.
 
-The val rows are cut into shards of ``shard_size``; ``<run>/shards/shard_NNNNN.jsonl`` holds one output line per
-row of that shard, in input order, and is written (atomically) the moment the last of its rows is predicted. A
-rerun with the same settings skips every (run, shard) whose file exists, so a killed job loses at most the
-shards that were in flight.
+The val rows are cut into shards of ``shard_size``; ``<run>/shards/shard_NNNNN.jsonl`` holds one output line per row of
+that shard, in input order, and is written (atomically) the moment the last of its rows is predicted. A rerun with the
+same settings skips every (run, shard) whose file exists, so a killed job loses at most the shards that were in flight.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The driver side of a training run: data through Ray Data, a TorchTrainer, and the run's outputs.
 
-``run_training(cfg)`` validates and reports the data, encodes it (in the driver, which holds the tokenizer), hands
-the rows to every worker through Ray Data, runs
-``train_loop_per_worker`` under Ray Train with checkpointing and fault tolerance,
-then copies the final adapter out and writes the training summary and loss plot.
+``run_training(cfg)`` validates and reports the data, encodes it (in the driver, which holds the tokenizer), hands the
+rows to every worker through Ray Data, runs ``train_loop_per_worker`` under Ray Train with checkpointing and fault
+tolerance, then copies the final adapter out and writes the training summary and loss plot.
 """
 
 from __future__ import annotations
