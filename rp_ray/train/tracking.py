@@ -322,21 +322,16 @@ class Tracker:
         ones already started are closed first.
         """
         started: list[Backend] = []
-        try:
-            for name in dict.fromkeys(cfg.report_to):  # a name given twice starts once
+        for name in dict.fromkeys(cfg.report_to):  # a name given twice starts once
+            try:
                 if name not in BACKENDS:
                     raise TrackerError(f"report_to: unknown tracker {name!r}; choose from {', '.join(BACKENDS)}")
-                try:
-                    started.append(
-                        TensorBoardBackend(cfg, resumed_at) if name == "tensorboard" else BACKENDS[name](cfg)
-                    )
-                except TrackerError:
+                started.append(TensorBoardBackend(cfg, resumed_at) if name == "tensorboard" else BACKENDS[name](cfg))
+            except Exception as e:
+                _abort_all(started)
+                if isinstance(e, TrackerError):
                     raise
-                except Exception as e:
-                    raise TrackerError(f"report_to {name}: could not start ({type(e).__name__}: {e})") from e
-        except TrackerError:
-            _abort_all(started)
-            raise
+                raise TrackerError(f"report_to {name}: could not start ({type(e).__name__}: {e})") from e
         return cls(started)
 
     @property
