@@ -59,14 +59,6 @@ PROJECT = "rp_ray"  # MLflow experiment, wandb and SwanLab project
 MLFLOW_PARAM_MAX_CHARS = 6000  # MLflow refuses longer param values
 MLFLOW_PARAMS_PER_BATCH = 100  # MLflow's limit of params in one log_batch call
 
-# What to install for each backend, for the error raised when it is missing.
-INSTALL_HINT = {
-    "tensorboard": "pip install tensorboardX",
-    "mlflow": "pip install mlflow-skinny",
-    "wandb": "pip install wandb",
-    "swanlab": "pip install swanlab",
-}
-
 
 class TrackerError(RuntimeError):
     """A tracker named in report_to cannot start; the message says which and what to do."""
@@ -95,14 +87,14 @@ def run_name(cfg: TrainConfig) -> str:
     return Path(cfg.output_dir).resolve().name or "train"
 
 
-def _require(name: str, module: str):
-    """Import the package of the backend ``name``; a TrackerError saying what to install when it is missing."""
+def _require(backend: Backend, module: str):
+    """Import ``module`` for ``backend``; a TrackerError saying what to install when it is missing."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise TrackerError(
-            f"report_to includes {name} but its package is not installed: {INSTALL_HINT[name]} "
-            f"(or remove {name} from report_to)"
+            f"report_to includes {backend.name} but its package is not installed: pip install {backend.package} "
+            f"(or remove {backend.name} from report_to)"
         ) from e
 
 
@@ -116,6 +108,7 @@ class Backend:
     """One tracker. ``log`` and ``finish`` may raise: :class:`Tracker` contains the failure."""
 
     name = "backend"
+    package = ""  # what to install for it (the error when it is missing says so)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -128,11 +121,11 @@ class Backend:
 
 
 class TensorBoardBackend(Backend):
-    name = "tensorboard"
+    name, package = "tensorboard", "tensorboardX"
 
     def __init__(self, cfg: TrainConfig, resumed_at: int | None = None):
-        tbx = _require("tensorboard", "tensorboardX")
-        hparams = _require("tensorboard", "tensorboardX.summary").hparams
+        tbx = _require(self, "tensorboardX")
+        hparams = _require(self, "tensorboardX.summary").hparams
         import yaml
 
         self.logdir = Path(cfg.output_dir).resolve() / "runs" / (cfg.run_name or "train")
@@ -170,7 +163,7 @@ class TensorBoardBackend(Backend):
 
 
 class MLflowBackend(Backend):
-    name = "mlflow"
+    name, package = "mlflow", "mlflow-skinny"
 
     def __init__(self, cfg: TrainConfig):
         out = Path(cfg.output_dir).resolve()
@@ -180,11 +173,11 @@ class MLflowBackend(Backend):
             # full mlflow package with SQLAlchemy); the file store is what tracking_uri=None promises.
             # setdefault: an explicit MLFLOW_ALLOW_FILE_STORE=false still wins
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        entities = _require("mlflow", "mlflow.entities")
+        entities = _require(self, "mlflow.entities")
         self._metric = entities.Metric
         # the client API with an explicit URI, not mlflow.start_run(): no process-wide active run or tracking URI
         # is set, so nothing else in the worker process (Ray's own MLflow hooks, user code) is affected
-        self.client = _require("mlflow", "mlflow.tracking").MlflowClient(tracking_uri=uri)
+        self.client = _require(self, "mlflow.tracking").MlflowClient(tracking_uri=uri)
         experiment_id = self._experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT)
         # the output_dir identifies a training run across restarts; its hash keeps the search filter free of quotes
         key = hashlib.sha1(str(out).encode()).hexdigest()[:16]
@@ -242,10 +235,10 @@ class MLflowBackend(Backend):
 
 
 class WandbBackend(Backend):
-    name = "wandb"
+    name = package = "wandb"
 
     def __init__(self, cfg: TrainConfig):
-        self._wandb = _require("wandb", "wandb")
+        self._wandb = _require(self, "wandb")
         out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         self.name_ = run_name(cfg)
@@ -274,10 +267,10 @@ class WandbBackend(Backend):
 
 
 class SwanLabBackend(Backend):
-    name = "swanlab"
+    name = package = "swanlab"
 
     def __init__(self, cfg: TrainConfig):
-        self._swanlab = _require("swanlab", "swanlab")
+        self._swanlab = _require(self, "swanlab")
         self.run = self._swanlab.init(
             project=PROJECT,
             experiment_name=run_name(cfg),
