@@ -208,9 +208,8 @@ def plan_requests(cfg: EvalConfig, writer: ShardWriter, todo: dict[str, list[int
     """The requests of every unfinished (run, shard): one per (row, run) whose prompt leaves room to generate; the
     other rows are given their ``too_long`` error at once.
 
-    In input order, shard by shard, every run of a row together, so shards complete early and in order. The ``hf``
-    engine generates a shard's rows of one run as one batch: its requests go out run by run within a shard, each
-    carrying the size of its batch.
+    In input order, shard by shard, every run of a row together, so shards complete early and in order; for the
+    ``hf`` engine (:class:`~rp_ray.eval.engines.HfEngine`) run by run within a shard, each carrying its batch's size.
     """
     max_len = eval_max_model_len(cfg)
     planned: list[tuple[int, Row, Run]] = []

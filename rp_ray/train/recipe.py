@@ -94,9 +94,8 @@ class LoraRecipe:
         if self.per_epoch == 0:
             raise ValueError(
                 f"{len(self.rows)} training examples are fewer than one optimizer step of num_workers x "
-                f"per_device_batch_size x gradient_accumulation_steps = "
-                f"{self.world.size * cfg.per_device_batch_size * cfg.gradient_accumulation_steps}; "
-                f"lower them or add data"
+                f"per_device_batch_size x gradient_accumulation_steps = {math.prod(self.sizes.values())}; "
+                "lower them or add data"
             )
         self.total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * self.per_epoch)
         self.engine, self.scheduler = setup(cfg, self.world, self.total_steps)
