@@ -158,14 +158,11 @@ def trainer_for(cfg: TrainConfig, name: str, datasets: dict[str, ray.data.Datase
 
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     loop_config = {"cfg": cfg.model_dump(), "pad_id": pad_id, "fail_at_step": int(fail_at) if fail_at else None}
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=cfg.storage_path,
