@@ -13,24 +13,11 @@ lengths are given), so a job's entry point can call it first; ``rp-ray plan`` ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable
 
-from rp_ray.config import ConfigError, EvalConfig, ServeConfig, TrainConfig
-from rp_ray.llm.models import resolve_dtype
 from rp_ray.plan import memory as mem
-from rp_ray.plan import throughput as tp
-from rp_ray.plan.calibration import Calibration
-from rp_ray.plan.hardware import DEFAULT_GPU, GIB, Hardware, hardware
-from rp_ray.plan.planner import (
-    TrainPlan,
-    engine_adapters,
-    engine_at,
-    largest_micro_batch,
-    memory_fixes,
-    train_setup,
-)
-from rp_ray.plan.shapes import ModelShape, model_shape
+from rp_ray.plan.hardware import GIB, Hardware
+from rp_ray.plan.shapes import ModelShape
 
 DEFAULT_SUPERVISED_SHARE = 0.3  # labelled share of a row when the data is not read
 
@@ -143,102 +130,3 @@ def zero3_problem(
         f"weights (forward and backward) in {gather_s:.2f} s against {compute_s:.2f} s of compute, "
         f"{gather_s / compute_s:.1f}x as long. Fix: {fix}, or a larger per_device_batch_size"
     )
-
-
-# -- on plans ----------------------------------------------------------------------------------------------------------
-
-
-def train_problems(plan: TrainPlan, gpus_per_node: int = 8) -> list[str]:
-    cfg, hw = plan.cfg, plan.s.hw
-    out = [
-        micro_batch_problem(
-            plan.memory,
-            cfg.per_device_batch_size,
-            plan.seq_len,
-            plan.largest_micro_batch,
-            plan.alternatives,
-            hw,
-            plan.world,
-        )
-    ]
-    if cfg.deepspeed.stage == 3 and hw.gpu:
-        setup = replace(train_setup(cfg, plan.s.shape, plan.s.dtype_bytes, plan.world, hw, plan.s.eff), stage=2)
-        z2 = mem.train_memory(
-            plan.s.shape, setup, hw, cfg.per_device_batch_size, plan.seq_len, plan.tokens.supervised_share
-        )
-        out.append(
-            zero3_problem(
-                plan.gather_s, plan.micro_compute_s, plan.s.shape.weight_bytes(plan.s.dtype_bytes), z2.fits, z2.total
-            )
-        )
-    return [p for p in out if p]
-
-
-def engine_problems(
-    cfg: EvalConfig | ServeConfig,
-    engine_at: Callable[[int], mem.EngineMemory],
-    shape: ModelShape,
-    hw: Hardware,
-    gpus_per_node: int = 8,
-) -> list[str]:
-    """The checks of a vLLM engine (an eval with backend=hf has none but the node's)."""
-    from rp_ray.eval.engines import eval_max_model_len
-
-    is_eval = isinstance(cfg, EvalConfig)
-    out = []
-    if not is_eval or cfg.backend == "vllm":
-        max_len = eval_max_model_len(cfg) if is_eval else cfg.max_model_len
-        devices = cfg.tensor_parallel_size if hw.gpu else 1
-        out.append(kv_cache_problem(engine_at, shape, max_len, hw, devices))
-        out += lora_rank_problems(cfg.max_lora_rank, engine_adapters(cfg))
-    if hw.gpu:
-        out.append(tensor_parallel_problem(cfg.tensor_parallel_size, gpus_per_node))
-    return [p for p in out if p]
-
-
-# -- on configs --------------------------------------------------------------------------------------------------------
-
-
-def check(
-    cfg: TrainConfig | EvalConfig | ServeConfig,
-    hw: Hardware | str | None = None,
-    *,
-    gpus_per_node: int = 8,
-    lengths: Sequence[int] | None = None,
-    supervised_share: float | None = None,
-) -> list[str]:
-    """Every problem of ``cfg`` on ``hw`` (a table kind or a :class:`Hardware`; None: the config's own device,
-    ``H100`` for GPU configs), one message each, empty when none. Reads the model's config.json (and adapters'
-    adapter_config.json), no data: training rows are taken at ``data.cutoff_len`` unless ``lengths`` (the encoded
-    rows' lengths) are given."""
-    if hw is None or isinstance(hw, str):
-        hw = hardware(hw or (DEFAULT_GPU if cfg.use_gpu else "cpu"), probe=False)
-    shape = model_shape(cfg.model)
-    b = 4 if resolve_dtype(cfg.model.dtype, hw.gpu) == "float32" else 2
-    out: list[str | None] = []
-    if isinstance(cfg, TrainConfig):
-        world = cfg.num_workers
-        eff = Calibration.load().efficiency(hw.kind, bool(shape.experts))
-        setup = train_setup(cfg, shape, b, world, hw, eff)
-        seq = max(lengths) if lengths else cfg.data.cutoff_len
-        share = supervised_share if supervised_share is not None else DEFAULT_SUPERVISED_SHARE
-        m = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq, share)
-        alts = memory_fixes(shape, setup, hw, cfg.per_device_batch_size, seq, share) if not m.fits else {}
-        largest = largest_micro_batch(shape, setup, hw, seq, share)
-        out.append(micro_batch_problem(m, cfg.per_device_batch_size, seq, largest, alts, hw, world))
-        if cfg.deepspeed.stage == 3 and hw.gpu:
-            mean = (sum(lengths) / len(lengths)) if lengths else cfg.data.cutoff_len / 2
-            flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
-            compute = cfg.per_device_batch_size * flops.sequence(mean, shape) / (hw.peak_flops * eff.train_hfu)
-            gather = tp.zero3_gather_seconds(shape, b, world, hw, gpus_per_node)
-            z2 = mem.train_memory(shape, replace(setup, stage=2), hw, cfg.per_device_batch_size, seq, share)
-            out.append(zero3_problem(gather, compute, shape.weight_bytes(b), z2.fits, z2.total))
-        return [p for p in out if p]
-    return engine_problems(cfg, engine_at(cfg, shape, hw, b, []), shape, hw, gpus_per_node)
-
-
-def refuse(cfg: TrainConfig | EvalConfig | ServeConfig, hw: Hardware | str | None = None, **kwargs) -> None:
-    """:func:`check`, raising one ConfigError with every problem (each line names the key and the fix)."""
-    problems = check(cfg, hw, **kwargs)
-    if problems:
-        raise ConfigError("this config cannot run as set:\n" + "\n".join(f"  - {p}" for p in problems))

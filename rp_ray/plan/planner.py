@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,13 @@ from rp_ray.config import (
 from rp_ray.plan import memory as mem
 from rp_ray.plan import throughput as tp
 from rp_ray.plan.calibration import LOAD_BANDWIDTH, Calibration, Efficiency
+from rp_ray.plan.checks import (
+    kv_cache_problem,
+    lora_rank_problems,
+    micro_batch_problem,
+    tensor_parallel_problem,
+    zero3_problem,
+)
 from rp_ray.plan.hardware import DEFAULT_GPU, Hardware, hardware, scaled
 from rp_ray.plan.shapes import ModelShape, model_shape
 from rp_ray.plan.tokens import SplitTokens, eval_tokens, train_tokens
@@ -306,8 +313,6 @@ def plan_train(
         model_flops=sched.model_flops * runs,
         busiest_flops=sum(sched.step_flops) * runs,
     )
-    from rp_ray.plan.checks import train_problems
-
     plan.problems = train_problems(plan, gpus_per_node)
     return plan
 
@@ -557,8 +562,6 @@ def plan_eval(
         other,
         notes=notes,
     )
-    from rp_ray.plan.checks import engine_problems
-
     plan.problems = engine_problems(cfg, at, shape, engine_hw, gpus_per_node)
     return plan
 
@@ -728,10 +731,59 @@ def plan_serve(
         gpus,
         notes=notes,
     )
-    from rp_ray.plan.checks import engine_problems
-
     plan.problems = engine_problems(cfg, at, shape, hw, gpus_per_node)
     return plan
+
+
+# -- problems of a plan ---------------------------------------------------------------------------------------------
+
+
+def train_problems(plan: TrainPlan, gpus_per_node: int = 8) -> list[str]:
+    cfg, hw = plan.cfg, plan.s.hw
+    out = [
+        micro_batch_problem(
+            plan.memory,
+            cfg.per_device_batch_size,
+            plan.seq_len,
+            plan.largest_micro_batch,
+            plan.alternatives,
+            hw,
+            plan.world,
+        )
+    ]
+    if cfg.deepspeed.stage == 3 and hw.gpu:
+        setup = replace(train_setup(cfg, plan.s.shape, plan.s.dtype_bytes, plan.world, hw, plan.s.eff), stage=2)
+        z2 = mem.train_memory(
+            plan.s.shape, setup, hw, cfg.per_device_batch_size, plan.seq_len, plan.tokens.supervised_share
+        )
+        out.append(
+            zero3_problem(
+                plan.gather_s, plan.micro_compute_s, plan.s.shape.weight_bytes(plan.s.dtype_bytes), z2.fits, z2.total
+            )
+        )
+    return [p for p in out if p]
+
+
+def engine_problems(
+    cfg: EvalConfig | ServeConfig,
+    engine_at: Callable[[int], mem.EngineMemory],
+    shape: ModelShape,
+    hw: Hardware,
+    gpus_per_node: int = 8,
+) -> list[str]:
+    """The checks of a vLLM engine (an eval with backend=hf has none but the node's)."""
+    from rp_ray.eval.engines import eval_max_model_len
+
+    is_eval = isinstance(cfg, EvalConfig)
+    out = []
+    if not is_eval or cfg.backend == "vllm":
+        max_len = eval_max_model_len(cfg) if is_eval else cfg.max_model_len
+        devices = cfg.tensor_parallel_size if hw.gpu else 1
+        out.append(kv_cache_problem(engine_at, shape, max_len, hw, devices))
+        out += lora_rank_problems(cfg.max_lora_rank, engine_adapters(cfg))
+    if hw.gpu:
+        out.append(tensor_parallel_problem(cfg.tensor_parallel_size, gpus_per_node))
+    return [p for p in out if p]
 
 
 def make_plan(

@@ -1,0 +1,63 @@
+"""Refusing a config that cannot run, before anything is scheduled: :func:`check` runs the checks of
+``rp_ray.plan.checks`` on a config without reading data (rows taken at ``data.cutoff_len`` unless the encoded lengths
+are given), so a job's entry point can call it first; ``rp-ray plan`` runs the same checks on its plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from rp_ray.config import ConfigError, EvalConfig, ServeConfig, TrainConfig
+from rp_ray.llm.models import resolve_dtype
+from rp_ray.plan import memory as mem
+from rp_ray.plan import throughput as tp
+from rp_ray.plan.calibration import Calibration
+from rp_ray.plan.checks import DEFAULT_SUPERVISED_SHARE, micro_batch_problem, zero3_problem
+from rp_ray.plan.hardware import DEFAULT_GPU, Hardware, hardware
+from rp_ray.plan.planner import engine_at, engine_problems, largest_micro_batch, memory_fixes, train_setup
+from rp_ray.plan.shapes import model_shape
+
+
+def check(
+    cfg: TrainConfig | EvalConfig | ServeConfig,
+    hw: Hardware | str | None = None,
+    *,
+    gpus_per_node: int = 8,
+    lengths: Sequence[int] | None = None,
+    supervised_share: float | None = None,
+) -> list[str]:
+    """Every problem of ``cfg`` on ``hw`` (a table kind or a :class:`Hardware`; None: the config's own device,
+    ``H100`` for GPU configs), one message each, empty when none. Reads the model's config.json (and adapters'
+    adapter_config.json), no data: training rows are taken at ``data.cutoff_len`` unless ``lengths`` (the encoded
+    rows' lengths) are given."""
+    if hw is None or isinstance(hw, str):
+        hw = hardware(hw or (DEFAULT_GPU if cfg.use_gpu else "cpu"), probe=False)
+    shape = model_shape(cfg.model)
+    b = 4 if resolve_dtype(cfg.model.dtype, hw.gpu) == "float32" else 2
+    out: list[str | None] = []
+    if isinstance(cfg, TrainConfig):
+        world = cfg.num_workers
+        eff = Calibration.load().efficiency(hw.kind, bool(shape.experts))
+        setup = train_setup(cfg, shape, b, world, hw, eff)
+        seq = max(lengths) if lengths else cfg.data.cutoff_len
+        share = supervised_share if supervised_share is not None else DEFAULT_SUPERVISED_SHARE
+        m = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq, share)
+        alts = memory_fixes(shape, setup, hw, cfg.per_device_batch_size, seq, share) if not m.fits else {}
+        largest = largest_micro_batch(shape, setup, hw, seq, share)
+        out.append(micro_batch_problem(m, cfg.per_device_batch_size, seq, largest, alts, hw, world))
+        if cfg.deepspeed.stage == 3 and hw.gpu:
+            mean = (sum(lengths) / len(lengths)) if lengths else cfg.data.cutoff_len / 2
+            flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
+            compute = cfg.per_device_batch_size * flops.sequence(mean, shape) / (hw.peak_flops * eff.train_hfu)
+            gather = tp.zero3_gather_seconds(shape, b, world, hw, gpus_per_node)
+            z2 = mem.train_memory(shape, replace(setup, stage=2), hw, cfg.per_device_batch_size, seq, share)
+            out.append(zero3_problem(gather, compute, shape.weight_bytes(b), z2.fits, z2.total))
+        return [p for p in out if p]
+    return engine_problems(cfg, engine_at(cfg, shape, hw, b, []), shape, hw, gpus_per_node)
+
+
+def refuse(cfg: TrainConfig | EvalConfig | ServeConfig, hw: Hardware | str | None = None, **kwargs) -> None:
+    """:func:`check`, raising one ConfigError with every problem (each line names the key and the fix)."""
+    problems = check(cfg, hw, **kwargs)
+    if problems:
+        raise ConfigError("this config cannot run as set:\n" + "\n".join(f"  - {p}" for p in problems))
