@@ -7,8 +7,8 @@
 - ``tensor_parallel_size`` above the GPUs of a node (a vLLM engine's GPUs share one node);
 - ZeRO-3 whose per-micro-batch all-gather of the frozen weights takes longer than the micro-batch's compute.
 
-:func:`check` runs them on a config without reading data (rows taken at ``data.cutoff_len`` unless the encoded
-lengths are given), so a job's entry point can call it first; ``rp-ray plan`` runs the same checks on its plan.
+``rp_ray.plan.planner`` composes them into a plan's problems; ``rp_ray.plan.refusal.check`` runs them on a config
+before launch, without reading data.
 """
 
 from __future__ import annotations
