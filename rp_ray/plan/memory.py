@@ -29,6 +29,7 @@ runtime (1.5 GiB), is the KV cache. A CPU engine's KV cache is ``cpu_kv_cache_gi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rp_ray.plan.hardware import GIB, Hardware
@@ -45,6 +46,19 @@ CPU_DRIVER = 2.0 * GIB  # the driver, Ray's own processes and object store on a 
 VLLM_MEMORY_UTILIZATION = 0.92  # vLLM 0.32's gpu_memory_utilization default; rp_ray does not set it
 VLLM_RUNTIME = 1.5 * GIB
 VLLM_BLOCK = 16  # tokens per KV block
+
+
+def largest_that_fits(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest ``n`` of 0 to ``limit`` for which ``fits(n)`` (0: none), by bisection (``fits`` holds up to a
+    point and not beyond it)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass
@@ -187,14 +201,7 @@ class EngineMemory:
 
     def longest(self, shape: ModelShape) -> int:
         """The longest single sequence the KV cache holds (vLLM refuses a max_model_len above it)."""
-        lo, hi = 0, 1 << 24
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if shape.kv_bytes(mid, self.kv_dtype_bytes) / self.tp <= self.kv_bytes:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return largest_that_fits(lambda n: shape.kv_bytes(n, self.kv_dtype_bytes) / self.tp <= self.kv_bytes, 1 << 24)
 
 
 def engine_memory(

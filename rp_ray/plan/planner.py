@@ -200,14 +200,112 @@ def largest_micro_batch(
     shape: ModelShape, setup: mem.TrainSetup, hw: Hardware, seq_len: int, share: float, limit: int = 256
 ) -> int:
     """The largest micro-batch of ``seq_len``-token rows whose step fits (0: not even one)."""
-    lo, hi = 0, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if mem.train_memory(shape, setup, hw, mid, seq_len, share).fits:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return mem.largest_that_fits(lambda n: mem.train_memory(shape, setup, hw, n, seq_len, share).fits, limit)
+
+
+def train_threads(cfg: TrainConfig, hw: Hardware) -> int:
+    """The threads each worker computes with: one GPU's, or its share of this CPU's cores."""
+    return 1 if hw.gpu else max(1, min(int(cfg.cpus_per_worker), hw.cores // cfg.num_workers or 1))
+
+
+def train_and_validation_lengths(
+    cfg: TrainConfig, shape: ModelShape, lengths: list[int]
+) -> tuple[list[int], list[int]]:
+    """(train rows, validation rows) as token counts: validation held out of the train split (``val_size``) or read
+    from the val split, none when the run does not validate."""
+    if cfg.eval_every_steps and not cfg.data.val and cfg.val_size:
+        held = max(1, round(len(lengths) * cfg.val_size))
+        return lengths[:-held], lengths[-held:]
+    if cfg.eval_every_steps and cfg.data.val:
+        return lengths, train_tokens(cfg, shape, split="val").lengths
+    return lengths, []
+
+
+def optimizer_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in all) of ``rows`` train examples; none per epoch is an error."""
+    from rp_ray.train.batching import steps_per_epoch
+
+    world, micro_batch, accumulation = cfg.num_workers, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(rows, world, micro_batch, accumulation)
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{rows} train examples make no whole optimizer step of num_workers x per_device_batch_size x "
+            f"gradient_accumulation_steps = {world * micro_batch * accumulation} "
+            f"rows; lower gradient_accumulation_steps or per_device_batch_size"
+        )
+    return per_epoch, cfg.max_steps or math.ceil(cfg.num_epochs * per_epoch)
+
+
+def train_schedule(cfg: TrainConfig, shape: ModelShape, flops: tp.TrainFlops, lengths: list[int]) -> tp.Schedule:
+    """One epoch's batch plan of the train rows, as the config's batching settles it."""
+    return tp.epoch_schedule(
+        lengths,
+        shape,
+        flops,
+        world=cfg.num_workers,
+        micro_batch=cfg.per_device_batch_size,
+        accumulation=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+        group_by_length=cfg.group_by_length,
+    )
+
+
+def gradient_reduce_seconds(lora_params: int, dtype_bytes: int, world: int, hw: Hardware, gpus_per_node: int) -> float:
+    """One optimizer step's ring all-reduce of the LoRA gradients, over NVLink within a node, else the node network."""
+    if world <= 1:
+        return 0.0
+    link = hw.interconnect if world <= gpus_per_node else hw.node_network / gpus_per_node
+    return 2 * lora_params * dtype_bytes * (world - 1) / world / max(link * tp.NCCL_EFFICIENCY, 1.0)
+
+
+def communication_seconds(cfg: TrainConfig, s: Setting, lora_params: int, gpus_per_node: int) -> tuple[float, float]:
+    """(a micro-batch's ZeRO-3 all-gathers, none under ZeRO-2; an optimizer step's gradient all-reduce)."""
+    world, b = cfg.num_workers, s.dtype_bytes
+    gather = tp.zero3_gather_seconds(s.shape, b, world, s.hw, gpus_per_node) if cfg.deepspeed.stage == 3 else 0.0
+    return gather, gradient_reduce_seconds(lora_params, b, world, s.hw, gpus_per_node)
+
+
+def epoch_seconds(
+    step_flops: list[float], rate: float, accumulation: int, overhead_s: float, gather_s: float, reduce_s: float
+) -> tuple[float, float]:
+    """(an epoch's seconds, those of its communication not hidden behind compute), from each step's FLOPs at
+    ``rate`` FLOP/s, ``overhead_s`` and ``gather_s`` (ZeRO-3) per micro-batch and ``reduce_s`` per step."""
+    epoch_s, comm_s = 0.0, 0.0
+    for f in step_flops:
+        compute = f / rate + accumulation * overhead_s
+        # ZeRO-3 overlaps a micro-batch's gathers with its compute (overlap_comm): the longer of the two counts
+        gathers = accumulation * gather_s
+        epoch_s += max(compute, gathers) + reduce_s
+        comm_s += max(0.0, gathers - compute) + reduce_s
+    return epoch_s, comm_s
+
+
+def validation_seconds(
+    shape: ModelShape, lora_params: int, val_lengths: list[int], total_steps: int, every: int, world: int, rate: float
+) -> float:
+    """All validations of a run: a forward pass over the validation rows every ``every`` steps and at the end."""
+    if not val_lengths:
+        return 0.0
+    evals = total_steps // every + (total_steps % every != 0)
+    fwd = sum(
+        (2 * shape.active_params + 2 * lora_params) * n + 4 * shape.q_width * shape.attended_pairs(n)
+        for n in val_lengths
+    )
+    return evals * fwd / world / rate
+
+
+def rank_weight_bytes(shape: ModelShape, dtype_bytes: int, world: int, stage: int) -> float:
+    """The weights each training rank loads: all of them, or its 1/world part under ZeRO-3."""
+    return shape.weight_bytes(dtype_bytes) / (world if stage == 3 else 1)
+
+
+def train_step_memory(
+    shape: ModelShape, setup: mem.TrainSetup, hw: Hardware, micro_batch: int, seq_len: int, share: float
+) -> tuple[mem.Breakdown, dict[str, float], int]:
+    """(a step's memory, the fixes that lower it when it does not fit, the largest micro-batch that fits)."""
+    memory = mem.train_memory(shape, setup, hw, micro_batch, seq_len, share)
+    alternatives = memory_fixes(shape, setup, hw, micro_batch, seq_len, share) if not memory.fits else {}
+    return memory, alternatives, largest_micro_batch(shape, setup, hw, seq_len, share)
 
 
 def plan_train(
@@ -221,71 +319,25 @@ def plan_train(
 ) -> TrainPlan:
     """The plan of a training config; ``tokens``: the train split as already encoded (a job's driver has it),
     else it is read and encoded here."""
-    from rp_ray.train.batching import steps_per_epoch
-
     if gpus:
         cfg = cfg.model_copy(update={"num_workers": gpus})
     s = setting(cfg, gpu, price, calibration)
-    shape, hw, eff, b = s.shape, s.hw, s.eff, s.dtype_bytes
-    world = cfg.num_workers
-    threads = 1 if hw.gpu else max(1, min(int(cfg.cpus_per_worker), hw.cores // world or 1))
-    worker = scaled(hw, threads)
+    shape, hw, eff, world, accumulation = s.shape, s.hw, s.eff, cfg.num_workers, cfg.gradient_accumulation_steps
+    worker = scaled(hw, train_threads(cfg, hw))
     tokens = tokens or train_tokens(cfg, shape)
-    setup = train_setup(cfg, shape, b, world, hw, eff)
+    setup = train_setup(cfg, shape, s.dtype_bytes, world, hw, eff)
     flops = tp.train_flops(shape, setup.lora_params, cfg.gradient_checkpointing)
-    lengths = tokens.lengths
-    if cfg.eval_every_steps and not cfg.data.val and cfg.val_size:
-        held = max(1, round(len(lengths) * cfg.val_size))
-        val_lengths, lengths = lengths[-held:], lengths[:-held]
-    elif cfg.eval_every_steps and cfg.data.val:
-        val_lengths = train_tokens(cfg, shape, split="val").lengths
-    else:
-        val_lengths = []
-    per_epoch = steps_per_epoch(len(lengths), world, cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
-    if per_epoch == 0:
-        raise ConfigError(
-            f"{len(lengths)} train examples make no whole optimizer step of num_workers x per_device_batch_size x "
-            f"gradient_accumulation_steps = {world * cfg.per_device_batch_size * cfg.gradient_accumulation_steps} "
-            f"rows; lower gradient_accumulation_steps or per_device_batch_size"
-        )
-    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * per_epoch)
-    sched = tp.epoch_schedule(
-        lengths,
-        shape,
-        flops,
-        world=world,
-        micro_batch=cfg.per_device_batch_size,
-        accumulation=cfg.gradient_accumulation_steps,
-        seed=cfg.seed,
-        group_by_length=cfg.group_by_length,
-    )
+    lengths, val_lengths = train_and_validation_lengths(cfg, shape, tokens.lengths)
+    per_epoch, total_steps = optimizer_steps(cfg, len(lengths))
+    sched = train_schedule(cfg, shape, flops, lengths)
     runs = total_steps / per_epoch  # epochs run, whole or not
     rate = worker.peak_flops * eff.train_hfu
-    micro_compute = sum(sched.step_flops) / (per_epoch * cfg.gradient_accumulation_steps) / rate
-    gather = tp.zero3_gather_seconds(shape, b, world, hw, gpus_per_node) if cfg.deepspeed.stage == 3 else 0.0
-    link = hw.interconnect if world <= gpus_per_node else hw.node_network / gpus_per_node
-    reduce_s = 2 * setup.lora_params * b * (world - 1) / world / max(link * tp.NCCL_EFFICIENCY, 1.0) if world > 1 else 0
-    epoch_s, comm_epoch = 0.0, 0.0
-    for f in sched.step_flops:
-        compute = f / rate + cfg.gradient_accumulation_steps * eff.train_overhead_s
-        # ZeRO-3 overlaps a micro-batch's gathers with its compute (overlap_comm): the longer of the two counts
-        gathers = cfg.gradient_accumulation_steps * gather
-        epoch_s += max(compute, gathers) + reduce_s
-        comm_epoch += max(0.0, gathers - compute) + reduce_s
-    seq_len = max(lengths)
-    share = tokens.supervised_share
-    memory = mem.train_memory(shape, setup, hw, cfg.per_device_batch_size, seq_len, share)
-    alternatives = memory_fixes(shape, setup, hw, cfg.per_device_batch_size, seq_len, share) if not memory.fits else {}
-    val_s = 0.0
-    if val_lengths:
-        evals = total_steps // cfg.eval_every_steps + (total_steps % cfg.eval_every_steps != 0)
-        fwd = sum(
-            (2 * shape.active_params + 2 * setup.lora_params) * n + 4 * shape.q_width * shape.attended_pairs(n)
-            for n in val_lengths
-        )
-        val_s = evals * fwd / world / rate
-    weights = shape.weight_bytes(b) / (world if cfg.deepspeed.stage == 3 else 1)
-    startup = eff.train_startup_s + weights / LOAD_BANDWIDTH
+    gather, reduce_s = communication_seconds(cfg, s, setup.lora_params, gpus_per_node)
+    epoch_s, comm_epoch = epoch_seconds(sched.step_flops, rate, accumulation, eff.train_overhead_s, gather, reduce_s)
+    seq_len, share = max(lengths), tokens.supervised_share
+    memory, alternatives, largest = train_step_memory(shape, setup, hw, cfg.per_device_batch_size, seq_len, share)
+    weights = rank_weight_bytes(shape, s.dtype_bytes, world, cfg.deepspeed.stage)
+    val_s = validation_seconds(shape, setup.lora_params, val_lengths, total_steps, cfg.eval_every_steps, world, rate)
     plan = TrainPlan(
         cfg=cfg,
         s=s,
@@ -300,14 +352,14 @@ def plan_train(
         flops=flops,
         memory=memory,
         seq_len=seq_len,
-        largest_micro_batch=largest_micro_batch(shape, setup, hw, seq_len, share),
+        largest_micro_batch=largest,
         alternatives=alternatives,
         train_s=epoch_s * runs,
         validation_s=val_s,
-        startup_s=startup,
+        startup_s=eff.train_startup_s + weights / LOAD_BANDWIDTH,
         comm_s=comm_epoch * runs,
         gather_s=gather,
-        micro_compute_s=micro_compute,
+        micro_compute_s=sum(sched.step_flops) / (per_epoch * accumulation) / rate,
         tokens_trained=round(sched.tokens * runs),
         supervised_trained=round(sched.tokens * runs * share),
         model_flops=sched.model_flops * runs,
@@ -443,12 +495,17 @@ def engine_lora(cfg: EvalConfig | ServeConfig, hw: Hardware, notes: list[str]) -
     return rank, slots if rank else 0
 
 
+def engine_devices(cfg: EvalConfig | ServeConfig, hw: Hardware) -> int:
+    """The devices one engine spans: its tensor-parallel GPUs, or one CPU."""
+    return cfg.tensor_parallel_size if hw.gpu else 1
+
+
 def engine_at(
     cfg: EvalConfig | ServeConfig, shape: ModelShape, hw: Hardware, dtype_bytes: int, notes: list[str]
 ) -> Callable[[int], mem.EngineMemory]:
     """An engine's memory for a given max_model_len (max_num_batched_tokens is raised to it, as rp_ray sets it)."""
     rank, slots = engine_lora(cfg, hw, notes)
-    devices = cfg.tensor_parallel_size if hw.gpu else 1
+    devices = engine_devices(cfg, hw)
 
     def at(max_model_len: int) -> mem.EngineMemory:
         seqs, batched = engine_sizes(cfg, hw, max_model_len)
@@ -467,6 +524,74 @@ def engine_at(
     return at
 
 
+def engine_setup(
+    cfg: EvalConfig | ServeConfig, s: Setting, engine_hw: Hardware, max_model_len: int, notes: list[str]
+) -> EnginePlan:
+    """An engine at ``max_model_len`` on ``engine_hw`` (a GPU, or an actor's CPU threads): its memory, sizes, LoRA
+    and rates. Its batch and decode steps are the plan's to fill in (``dataclasses.replace``)."""
+    seqs, _ = engine_sizes(cfg, s.hw, max_model_len)
+    rank, slots = engine_lora(cfg, s.hw, notes)
+    at = engine_at(cfg, s.shape, engine_hw, s.dtype_bytes, [])
+    em = at(max_model_len)
+    rates = engine_rates(engine_hw, s.eff, engine_devices(cfg, s.hw))
+    return EnginePlan(em, seqs, 0, max_model_len, em.longest(s.shape), rank, slots, rates, 0, 0.0, at)
+
+
+def eval_engine_hw(cfg: EvalConfig, hw: Hardware) -> Hardware:
+    """The hardware one eval engine computes on: its GPUs, or its actor's ``cpus_per_actor`` threads."""
+    return scaled(hw, 1 if hw.gpu else cfg.cpus_per_actor)
+
+
+def engine_lora_params(shape: ModelShape, lora_rank: int | None) -> int:
+    """The LoRA parameters an engine adds to each prompt token of an adapter's request (all modules at its rank)."""
+    return shape.lora_params(lora_rank, "all") if lora_rank else 0
+
+
+def engine_weight_bytes(shape: ModelShape, dtype_bytes: int, hw: Hardware, devices: int) -> float:
+    """The weights each device of an engine loads (MXFP4 experts stay packed on GPUs)."""
+    return shape.weight_bytes(dtype_bytes, shape.mxfp4 and hw.gpu) / devices
+
+
+def eval_run_names(cfg: EvalConfig) -> list[str]:
+    """The runs of an evaluation: ``base`` (the model alone) when included, then each adapter."""
+    return (["base"] if cfg.include_base else []) + list(cfg.adapters)
+
+
+def pass_groups(cfg: EvalConfig, run_names: list[str]) -> list[list[str]]:
+    """The runs of each prediction pass: all in one, or one a pass when each adapter is merged into the weights."""
+    if not cfg.merge_adapter:
+        return [run_names]
+    return ([["base"]] if cfg.include_base else []) + [[a] for a in cfg.adapters]
+
+
+def eval_batch(
+    cfg: EvalConfig, engine: EnginePlan, shape: ModelShape, tokens: SplitTokens, rows: list[tuple[int, int]]
+) -> int:
+    """The requests an engine runs at once: a generate batch of ``shard_size`` (hf), else vLLM's bound for the mean
+    request (max_num_seqs, its KV cache, ``max_inflight``)."""
+    from rp_ray.eval.scheduler import request_bound
+
+    if cfg.backend == "hf":
+        return cfg.shard_size
+    mean_request = (tokens.tokens + tokens.supervised_tokens) / max(1, len(rows))
+    kv_tokens = engine.memory.sequences(shape, mean_request) * (mean_request + mem.VLLM_BLOCK / 2)
+    return request_bound(
+        {"max_num_seqs": engine.max_num_seqs, "kv_tokens": kv_tokens, "block_size": mem.VLLM_BLOCK},
+        mean_request,
+        cfg.max_inflight,
+    )
+
+
+def eval_notes(cfg: EvalConfig) -> list[str]:
+    """What an eval plan leaves out or simplifies about its backend and merged adapters."""
+    notes = []
+    if cfg.backend == "hf":
+        notes.append("backend hf: one left-padded generate batch per shard and run, no continuous batching")
+    if cfg.merge_adapter and cfg.adapters:
+        notes.append("merge_adapter: each adapter is merged into a copy of the weights first (not timed here)")
+    return notes
+
+
 def plan_eval(
     cfg: EvalConfig,
     gpu: str | None = None,
@@ -475,8 +600,8 @@ def plan_eval(
     calibration: Calibration | None = None,
     gpus_per_node: int = 8,
 ) -> EvalPlan:
+    """The plan of an evaluation config: its prediction passes on ``num_actors`` engines, start-ups and scoring."""
     from rp_ray.eval.engines import eval_max_model_len
-    from rp_ray.eval.scheduler import request_bound
 
     if gpus:
         cfg = cfg.model_copy(update={"num_actors": max(1, gpus // cfg.tensor_parallel_size)})
@@ -484,70 +609,28 @@ def plan_eval(
     shape, hw, eff, b = s.shape, s.hw, s.eff, s.dtype_bytes
     notes: list[str] = []
     tokens = eval_tokens(cfg, shape)
-    devices = cfg.tensor_parallel_size if hw.gpu else 1
-    threads = 1 if hw.gpu else cfg.cpus_per_actor
-    engine_hw = scaled(hw, threads)
-    rates = engine_rates(engine_hw, eff, devices)
-    max_len = eval_max_model_len(cfg)
-    seqs, _ = engine_sizes(cfg, hw, max_len)
-    rank, slots = engine_lora(cfg, hw, notes)
-    at = engine_at(cfg, shape, engine_hw, b, [])
-    em = at(max_len)
-    run_names = (["base"] if cfg.include_base else []) + list(cfg.adapters)
+    devices, engine_hw = engine_devices(cfg, hw), eval_engine_hw(cfg, hw)
+    engine = engine_setup(cfg, s, engine_hw, eval_max_model_len(cfg), notes)
+    run_names = eval_run_names(cfg)
     rows = list(zip(tokens.lengths, tokens.supervised))
-    mean_request = (tokens.tokens + tokens.supervised_tokens) / max(1, len(rows))
-    kv_tokens = em.sequences(shape, mean_request) * (mean_request + mem.VLLM_BLOCK / 2)
-    if cfg.backend == "hf":
-        batch = cfg.shard_size
-    else:
-        batch = request_bound(
-            {"max_num_seqs": seqs, "kv_tokens": kv_tokens, "block_size": mem.VLLM_BLOCK}, mean_request, cfg.max_inflight
-        )
-    lora_n = shape.lora_params(rank, "all") if rank else 0
-    groups = (
-        [run_names] if not cfg.merge_adapter else ([["base"]] if cfg.include_base else []) + [[a] for a in cfg.adapters]
+    batch = eval_batch(cfg, engine, shape, tokens, rows)
+    lora_n = engine_lora_params(shape, engine.lora_rank)
+    groups = pass_groups(cfg, run_names)
+    done = prediction_passes(
+        cfg,
+        shape,
+        engine.rates,
+        b,
+        rows,
+        groups,
+        batch=batch,
+        lora_params=lora_n,
+        gpu=hw.gpu,
+        start_gap_s=eff.eval_startup_s,
     )
-    runs: dict[str, RunPlan] = {}
-    pass_s, steps, batch_sum = 0.0, 0, 0.0
-    for group in groups:
-        one = prediction_pass(
-            shape,
-            rates,
-            b,
-            rows,
-            group,
-            actors=cfg.num_actors,
-            batch=batch,
-            backend=cfg.backend,
-            shard_size=cfg.shard_size,
-            lora_params=lora_n,
-            gpu=hw.gpu,
-            start_gap_s=eff.eval_startup_s,
-        )
-        pass_s += one.seconds
-        steps += one.steps_total
-        batch_sum += one.batch_steps
-        for name, rp in one.runs.items():
-            runs[name] = rp
-    if cfg.backend == "hf":
-        notes.append("backend hf: one left-padded generate batch per shard and run, no continuous batching")
-    if cfg.merge_adapter and cfg.adapters:
-        notes.append("merge_adapter: each adapter is merged into a copy of the weights first (not timed here)")
-    startup = eff.eval_startup_s + shape.weight_bytes(b, shape.mxfp4 and hw.gpu) / devices / LOAD_BANDWIDTH
-    other = eff.eval_other_s + eff.eval_scoring_s_per_sample * len(rows) * len(run_names)
-    engine = EnginePlan(
-        em,
-        seqs,
-        batch,
-        max_len,
-        em.longest(shape),
-        rank,
-        slots if rank else 0,
-        rates,
-        steps,
-        batch_sum / steps if steps else 0.0,
-        at,
-    )
+    notes += eval_notes(cfg)
+    steps = done.steps_total
+    engine = replace(engine, batch=batch, decode_steps=steps, mean_batch=done.batch_steps / steps if steps else 0.0)
     plan = EvalPlan(
         cfg,
         s,
@@ -555,14 +638,14 @@ def plan_eval(
         cfg.num_actors,
         devices,
         engine,
-        [runs[n] for n in run_names],
+        [done.runs[n] for n in run_names],
         len(groups),
-        pass_s,
-        startup,
-        other,
+        done.seconds,
+        eff.eval_startup_s + engine_weight_bytes(shape, b, hw, devices) / LOAD_BANDWIDTH,
+        eff.eval_other_s + eff.eval_scoring_s_per_sample * len(rows) * len(run_names),
         notes=notes,
     )
-    plan.problems = engine_problems(cfg, at, shape, engine_hw, gpus_per_node)
+    plan.problems = engine_problems(cfg, engine.at_len, shape, engine_hw, gpus_per_node)
     return plan
 
 
@@ -576,25 +659,25 @@ class PassResult:
 
 
 def prediction_pass(
+    cfg: EvalConfig,
     shape: ModelShape,
     rates: tp.EngineRates,
     dtype_bytes: int,
     rows: list[tuple[int, int]],
     group: list[str],
     *,
-    actors: int,
     batch: int,
-    backend: str,
-    shard_size: int,
     lora_params: int,
     gpu: bool,
     start_gap_s: float,
 ) -> PassResult:
-    """One prediction pass of every run in ``group`` over ``rows`` ((prompt, reply) tokens) on ``actors`` engines.
+    """One prediction pass of every run in ``group`` over ``rows`` ((prompt, reply) tokens) on ``cfg.num_actors``
+    engines of ``cfg.backend`` (hf: generate batches of ``cfg.shard_size``).
 
     Requests go out shard by shard, every run of a row together, to whichever engine has room: taken here as dealt
     in turn. A run named ``base`` goes without LoRA; the others add ``lora_params`` to every prompt token.
     """
+    actors = cfg.num_actors
     requests = [(name, p, r) for p, r in rows for name in group]
     engine_s, steps, runs = [], [], {name: RunPlan(name, 0, 0, 0, 0.0, 0.0) for name in group}
     batch_steps = 0.0
@@ -603,8 +686,8 @@ def prediction_pass(
         pre = dict.fromkeys(group, 0.0)
         for name, p, _ in mine:
             pre[name] += tp.prefill_flops(shape, p, lora_params if name != "base" else 0) / rates.flops
-        if backend == "hf":
-            dec = _hf_decode(shape, rates, dtype_bytes, mine, shard_size)
+        if cfg.backend == "hf":
+            dec = _hf_decode(shape, rates, dtype_bytes, mine, cfg.shard_size)
         else:
             dec = tp.simulate_decode(shape, rates, dtype_bytes, [(p, r) for _, p, r in mine], batch)
         engine_s.append(sum(pre.values()) + dec.seconds)
@@ -622,6 +705,29 @@ def prediction_pass(
     # GPU engines start side by side; CPU engines build one after another, the first predicting meanwhile
     seconds = max(engine_s, default=0.0) if gpu else tp.staggered_finish(sum(engine_s), actors, start_gap_s)
     return PassResult(seconds, max(steps, default=0), sum(steps), batch_steps, runs)
+
+
+def prediction_passes(
+    cfg: EvalConfig,
+    shape: ModelShape,
+    rates: tp.EngineRates,
+    dtype_bytes: int,
+    rows: list[tuple[int, int]],
+    groups: list[list[str]],
+    **pass_args: Any,
+) -> PassResult:
+    """The prediction passes of ``groups``, one after another (``pass_args``: those of :func:`prediction_pass`),
+    as one result: their seconds, steps and runs summed."""
+    runs: dict[str, RunPlan] = {}
+    seconds, busiest, steps, batch_steps = 0.0, 0, 0, 0.0
+    for group in groups:
+        one = prediction_pass(cfg, shape, rates, dtype_bytes, rows, group, **pass_args)
+        seconds += one.seconds
+        busiest += one.busiest_steps
+        steps += one.steps_total
+        batch_steps += one.batch_steps
+        runs.update(one.runs)
+    return PassResult(seconds, busiest, steps, batch_steps, runs)
 
 
 def _hf_decode(
@@ -690,18 +796,16 @@ def plan_serve(
     reply_tokens: int = 200,
     requests_per_s: float | None = None,
 ) -> ServePlan:
+    """The plan of a serving config: what a replica holds and serves, and the replicas a load of ``requests_per_s``
+    chats of ``context_tokens`` (``reply_tokens`` of them the reply) needs."""
     s = setting(cfg, gpu, price, calibration)
-    shape, hw, eff, b = s.shape, s.hw, s.eff, s.dtype_bytes
+    shape, hw, b = s.shape, s.hw, s.dtype_bytes
     notes: list[str] = []
-    devices = cfg.tensor_parallel_size if hw.gpu else 1
-    rates = engine_rates(hw, eff, devices)
-    seqs, _ = engine_sizes(cfg, hw, cfg.max_model_len)
-    rank, slots = engine_lora(cfg, hw, notes)
-    at = engine_at(cfg, shape, hw, b, [])
-    em = at(cfg.max_model_len)
+    engine = engine_setup(cfg, s, hw, cfg.max_model_len, notes)
+    rates = engine.rates
     context = min(context_tokens, cfg.max_model_len)
-    fit = em.sequences(shape, context)
-    batch = max(1, min(seqs, fit))
+    fit = engine.memory.sequences(shape, context)
+    batch = max(1, min(engine.max_num_seqs, fit))
     mid = context - reply_tokens / 2
     win = min(mid, shape.sliding_window) if shape.sliding_window else mid
     step = tp.decode_step_seconds(shape, rates, b, batch, batch * mid, batch * win)
@@ -711,12 +815,11 @@ def plan_serve(
     per_replica = 1 / (prefill + reply_tokens * step / batch)
     dep = _serve_deployment(tree or {})
     auto = dep.get("autoscaling_config") or {}
-    engine = EnginePlan(em, seqs, batch, cfg.max_model_len, em.longest(shape), rank, slots, rates, 0, float(batch), at)
     plan = ServePlan(
         cfg,
         s,
-        devices,
-        engine,
+        engine_devices(cfg, hw),
+        replace(engine, batch=batch, mean_batch=float(batch)),
         context,
         reply_tokens,
         fit,
@@ -731,7 +834,7 @@ def plan_serve(
         gpus,
         notes=notes,
     )
-    plan.problems = engine_problems(cfg, at, shape, hw, gpus_per_node)
+    plan.problems = engine_problems(cfg, engine.at_len, shape, hw, gpus_per_node)
     return plan
 
 
@@ -778,8 +881,7 @@ def engine_problems(
     out = []
     if not is_eval or cfg.backend == "vllm":
         max_len = eval_max_model_len(cfg) if is_eval else cfg.max_model_len
-        devices = cfg.tensor_parallel_size if hw.gpu else 1
-        out.append(kv_cache_problem(engine_at, shape, max_len, hw, devices))
+        out.append(kv_cache_problem(engine_at, shape, max_len, hw, engine_devices(cfg, hw)))
         out += lora_rank_problems(cfg.max_lora_rank, engine_adapters(cfg))
     if hw.gpu:
         out.append(tensor_parallel_problem(cfg.tensor_parallel_size, gpus_per_node))

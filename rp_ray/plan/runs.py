@@ -21,6 +21,7 @@ from typing import Any
 from rp_ray.config import ConfigError, DataConfig, EvalConfig, ModelConfig, SamplingConfig, TrainConfig
 from rp_ray.plan.calibration import LOAD_BANDWIDTH, Calibration, defaults, section
 from rp_ray.plan.hardware import kind_of_device_name
+from rp_ray.plan.tokens import SplitTokens
 
 
 def _kind(recorded: str | None, gpu: str | None, used_gpu: bool, where: Path) -> str:
@@ -41,7 +42,7 @@ def _defaults_only() -> Calibration:
 
 def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, Any]]:
     """(kind, section, figures) of a finished training run."""
-    from rp_ray.plan.planner import plan_train
+    from rp_ray.plan.planner import plan_train, rank_weight_bytes
     from rp_ray.plan.report import predicted
 
     path = out_dir / "training_summary.json"
@@ -53,7 +54,7 @@ def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, A
     done = float(summary["tokens"]) / plan.tokens_trained if plan.tokens_trained else 1.0
     train_s = float(summary["train_seconds"])
     wall = summary.get("wall_seconds")
-    weights = plan.s.shape.weight_bytes(plan.s.dtype_bytes) / (plan.world if cfg.deepspeed.stage == 3 else 1)
+    weights = rank_weight_bytes(plan.s.shape, plan.s.dtype_bytes, plan.world, cfg.deepspeed.stage)
     obs = {
         "x_s": plan.busiest_flops * done / plan.worker.peak_flops,
         "count": plan.total_steps * cfg.gradient_accumulation_steps * done,
@@ -95,73 +96,87 @@ def _eval_config(run_cfg: dict[str, Any], engines: list[dict[str, Any]], use_gpu
     )
 
 
-def observe_eval(out_dir: Path, gpu: str | None) -> list[tuple[str, str, dict[str, Any]]]:
-    """(kind, section, figures) of each prediction pass of a finished evaluation."""
-    from rp_ray.plan.hardware import scaled
-    from rp_ray.plan.planner import engine_rates, prediction_pass, setting, vllm_lora_rank
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _observed_rows(tokens: SplitTokens, reply_tokens: int, runs: int) -> list[tuple[int, int]]:
+    """(prompt, reply) tokens of each row, the replies as long as the engines made them (the plan takes the labels'
+    lengths): ``reply_tokens`` of ``runs`` runs spread over the rows by their labels."""
+    scale = reply_tokens / max(1, tokens.supervised_tokens * runs)
+    return [(p, max(0, round(r * scale))) for p, r in zip(tokens.lengths, tokens.supervised)]
+
+
+def _median_bound(engines: list[dict[str, Any]]) -> int:
+    """The batch bound the engines of a pass had, the median one."""
+    bounds = sorted(int(e.get("bound") or 1) for e in engines)
+    return bounds[len(bounds) // 2]
+
+
+def _start_gap(engines: list[dict[str, Any]]) -> float:
+    """The mean seconds between one engine of a pass being ready and the next."""
+    ready = sorted(float(e["ready_s"]) for e in engines)
+    return (ready[-1] - ready[0]) / (len(ready) - 1) if len(ready) > 1 else 0.0
+
+
+def observe_pass(
+    out_dir: Path, group_key: str, g: dict[str, Any], gpu: str | None, wall: float
+) -> tuple[str, str, dict[str, Any]]:
+    """(kind, section, figures) of one prediction pass (``g``: its record in engines.json) of a finished evaluation
+    that took ``wall`` seconds."""
+    from rp_ray.plan.planner import (
+        engine_devices,
+        engine_lora_params,
+        engine_rates,
+        engine_weight_bytes,
+        eval_engine_hw,
+        prediction_pass,
+        setting,
+        vllm_lora_rank,
+    )
     from rp_ray.plan.tokens import eval_tokens
 
-    engines = json.loads((out_dir / "engines.json").read_text(encoding="utf-8"))
-    summary = json.loads((out_dir / "eval_summary.json").read_text(encoding="utf-8"))
+    group = group_key.split(",")
+    run_cfg = _read_json(out_dir / group[0] / "run_config.json")
+    kind = _kind(
+        g.get("hardware"), gpu, bool(g.get("use_gpu", gpu is not None and gpu != "cpu")), out_dir / "engines.json"
+    )
+    cfg = _eval_config(run_cfg, g["engines"], kind != "cpu", g)
+    s = setting(cfg, kind, None, _defaults_only())
+    shape, hw, b, eff = s.shape, s.hw, s.dtype_bytes, defaults(kind, bool(s.shape.experts))
+    tokens = eval_tokens(cfg, shape)
+    rows = _observed_rows(tokens, g["reply_tokens"], len(group))
+    devices = engine_devices(cfg, hw)
+    rates = engine_rates(eval_engine_hw(cfg, hw), eff, devices)
+    adapters = [a for n in group if (a := _read_json(out_dir / n / "run_config.json").get("adapter"))]
+    lora_n = engine_lora_params(shape, vllm_lora_rank(cfg, adapters, []))
+    batch, gap = _median_bound(g["engines"]), _start_gap(g["engines"])
+    one = prediction_pass(
+        cfg, shape, rates, b, rows, group, batch=batch, lora_params=lora_n, gpu=hw.gpu, start_gap_s=gap
+    )
+    samples = int(g["requests"])
+    obs = {
+        "x_s": one.seconds,
+        "count": one.busiest_steps,
+        "measured_s": float(g["predict_s"]),
+        "eval_startup_s": float(g["prep_s"]) - engine_weight_bytes(shape, b, hw, devices) / LOAD_BANDWIDTH,
+        "eval_other_s": wall - float(g["prep_s"]) - float(g["predict_s"]) - eff.eval_scoring_s_per_sample * samples,
+        "model": cfg.model.path,
+        "requests": samples,
+        "prompt_tokens": g["prompt_tokens"],
+        "planned_prompt_tokens": tokens.tokens * len(group),
+        "reply_tokens": g["reply_tokens"],
+        "label_tokens": tokens.supervised_tokens * len(group),
+    }
+    return kind, section("eval", bool(shape.experts)), obs
+
+
+def observe_eval(out_dir: Path, gpu: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, section, figures) of each prediction pass of a finished evaluation."""
+    engines = _read_json(out_dir / "engines.json")
+    summary = _read_json(out_dir / "eval_summary.json")
     wall = max((res.get("job_wall_seconds", 0.0) for res in summary.values()), default=0.0)
-    out = []
-    for group_key, g in engines.items():
-        group = group_key.split(",")
-        run_cfg = json.loads((out_dir / group[0] / "run_config.json").read_text(encoding="utf-8"))
-        recorded = g.get("hardware")
-        kind = _kind(recorded, gpu, bool(g.get("use_gpu", gpu is not None and gpu != "cpu")), out_dir / "engines.json")
-        cfg = _eval_config(run_cfg, g["engines"], kind != "cpu", g)
-        s = setting(cfg, kind, None, _defaults_only())
-        shape, hw, b = s.shape, s.hw, s.dtype_bytes
-        tokens = eval_tokens(cfg, shape)
-        # replies as long as the engines made them (the plan takes the labels' lengths)
-        scale = g["reply_tokens"] / max(1, tokens.supervised_tokens * len(group))
-        rows = [(p, max(0, round(r * scale))) for p, r in zip(tokens.lengths, tokens.supervised)]
-        devices = cfg.tensor_parallel_size if hw.gpu else 1
-        rates = engine_rates(
-            scaled(hw, 1 if hw.gpu else cfg.cpus_per_actor), defaults(kind, bool(shape.experts)), devices
-        )
-        bounds = sorted(int(e.get("bound") or 1) for e in g["engines"])
-        ready = sorted(float(e["ready_s"]) for e in g["engines"])
-        gap = (ready[-1] - ready[0]) / (len(ready) - 1) if len(ready) > 1 else 0.0
-        adapters = [
-            a
-            for n in group
-            if (a := json.loads((out_dir / n / "run_config.json").read_text(encoding="utf-8")).get("adapter"))
-        ]
-        lora_rank = vllm_lora_rank(cfg, adapters, []) or 0
-        one = prediction_pass(
-            shape,
-            rates,
-            b,
-            rows,
-            group,
-            actors=cfg.num_actors,
-            batch=bounds[len(bounds) // 2],
-            backend=cfg.backend,
-            shard_size=cfg.shard_size,
-            lora_params=shape.lora_params(lora_rank, "all") if lora_rank else 0,
-            gpu=hw.gpu,
-            start_gap_s=gap,
-        )
-        weights = shape.weight_bytes(b, shape.mxfp4 and hw.gpu) / devices
-        eff = defaults(kind, bool(shape.experts))
-        samples = int(g["requests"])
-        obs = {
-            "x_s": one.seconds,
-            "count": one.busiest_steps,
-            "measured_s": float(g["predict_s"]),
-            "eval_startup_s": float(g["prep_s"]) - weights / LOAD_BANDWIDTH,
-            "eval_other_s": wall - float(g["prep_s"]) - float(g["predict_s"]) - eff.eval_scoring_s_per_sample * samples,
-            "model": cfg.model.path,
-            "requests": samples,
-            "prompt_tokens": g["prompt_tokens"],
-            "planned_prompt_tokens": tokens.tokens * len(group),
-            "reply_tokens": g["reply_tokens"],
-            "label_tokens": tokens.supervised_tokens * len(group),
-        }
-        out.append((kind, section("eval", bool(shape.experts)), obs))
-    return out
+    return [observe_pass(out_dir, group_key, g, gpu, wall) for group_key, g in engines.items()]
 
 
 def modelled_seconds(kind: str, sect: str, obs: dict[str, Any], eff) -> float:
