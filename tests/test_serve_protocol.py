@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_adapter
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from rp_ray.character.card import CardError, check_name, rp_settings
 from rp_ray.character.catalog import load_characters_file as load_cards
@@ -322,7 +323,9 @@ def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_d
         "lorebooks": {"aoi": str(fixtures / "world_info.json")},
         "scenes": {"haruhi": "scenes/h.jsonl", "aoi": "scenes"},
     }
-    conf, _, personas = build_app(args)._bound_deployment.init_args  # (config, adapter dirs, characters)
+    # called as `serve run` / `serve deploy` call an application builder (one parameter, checked by Serve)
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    conf, _, personas = app._bound_deployment.init_args  # (config, adapter dirs, characters)
     cards = personas["characters"]
     assert conf["card_registry"] == str(tmp_path / "reg") and conf["scenes"]["haruhi"] == str(
         tmp_path / "scenes/h.jsonl"

@@ -180,7 +180,7 @@ class ChatServer:
         try:
             path = str(resolve_adapter(self.cfg.adapter_root, name, req.lora_path))
             check_rank(name, path, self.engine.max_lora_rank)
-        except (CardError, ValueError) as e:
+        except (CardError, ValueError, OSError) as e:  # OSError: a path the filesystem refuses (too long, ...)
             raise APIError(400, str(e), param="lora_path") from None
         try:
             await self.engine.add_adapter(name, path)
@@ -373,11 +373,16 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+def build_app(args: dict[str, Any]) -> serve.Application:
     """The app for a serve config's ``args`` (a ServeConfig): ``import_path: rp_ray.serve.app:build_app``, called by
     ``serve run`` / ``serve deploy`` with its ``args`` (Serve then applies the config's ``deployments:`` over the
-    defaults); from Python each deployment gets the default options of ``rp_ray.serve.deployments`` and
-    ``deployments[name]`` (a serve config's entry: options it sets) over them.
+    defaults; an application builder takes exactly one parameter). See :func:`app_for`."""
+    return app_for(args)
+
+
+def app_for(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The app for a serve config's ``args``; from Python each deployment gets the default options of
+    ``rp_ray.serve.deployments`` and ``deployments[name]`` (a serve config's entry: options it sets) over them.
 
     Paths are made absolute here, in the process that reads the config, and every adapter, card, lorebook and scene
     corpus is read and checked before any replica starts, so a bad config fails at once with a message instead of
@@ -428,7 +433,7 @@ def deploy_config(
     serve.start(proxy_location=schema.proxy_location, http_options=http.model_dump())
     targets = [
         RunTarget(
-            build_app(appl.args, deployment_overrides(appl)),
+            app_for(appl.args, deployment_overrides(appl)),
             name=appl.name,
             route_prefix=appl.route_prefix,
             logging_config=appl.logging_config if "logging_config" in appl.model_fields_set else None,
