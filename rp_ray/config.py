@@ -324,8 +324,10 @@ class EvalConfig(VllmSettings):
         default_factory=lambda: DataConfig(train=[]),
         description="Val datasets to predict on (data.val); data.train is not read.",
     )
-    adapters: dict[str, str] = Field(
-        default_factory=dict, description="Run name -> peft adapter directory; each adapter is one run beside the base."
+    adapters: dict[Annotated[str, AfterValidator(valid_name)], str] = Field(
+        default_factory=dict,
+        description="Run name -> peft adapter directory; each adapter is one run beside the base (the run name "
+        "names its output folder: letters, digits, '.', '_' or '-').",
     )
     include_base: bool = Field(True, description="Also evaluate the base model (run name `base`).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -459,6 +459,24 @@ def test_cli_show_and_list(tmp_path, capsys):
     assert "no card named 'nobody'" in capsys.readouterr().err
 
 
+def test_cli_shows_card_text_without_letting_it_drive_the_terminal(tmp_path, capsys):
+    """A downloaded card's text may hold escape sequences (here a clipboard write, OSC 52, and a screen clear):
+    `card show` and `card list` print them as text, as the chat REPL does."""
+    from rp_ray.cli.main import main
+
+    osc52, clear = "\x1b]52;c;ZWNobyBwd25lZA==\x07", "\x1b[2J"
+    data = {"name": f"Evil{clear}", "description": f"hi{osc52}", "first_mes": f"hello{clear}"}
+    card = tmp_path / "evil.json"
+    card.write_text(json.dumps({"spec": "chara_card_v2", "spec_version": "2.0", "data": data}))
+    reg = str(tmp_path / "reg")
+    assert main(["card", "import", str(card), "--registry", reg, "--name", "evil"]) == 0
+    assert main(["card", "show", "evil", "--registry", reg]) == 0
+    assert main(["card", "list", "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "hi\\x1b]52;c;ZWNobyBwd25lZA==\\x07" in out and "hello\\x1b[2J" in out and "evil\tEvil\\x1b[2J" in out
+
+
 @pytest.mark.parametrize("file_name", ["broken_base64.png", "not_a_card.json"])
 def test_cli_bad_card_exits_2_without_traceback(tmp_path, file_name):
     path = tmp_path / file_name

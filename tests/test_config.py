@@ -91,3 +91,11 @@ def test_max_lora_rank_takes_only_ranks_vllm_runs():
     with pytest.raises(ConfigError, match="max_lora_rank: got 12"):
         load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["max_lora_rank=12"])
     assert load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml").max_lora_rank is None
+
+
+def test_eval_run_names_cannot_become_paths():
+    """A run name names its output folder: `../../tmp/pwn` would write outside output_dir."""
+    with pytest.raises(ConfigError, match="adapters.*use letters, digits"):
+        load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["adapters={'../../tmp/pwn': 'x'}"])
+    with pytest.raises(ConfigError, match="adapters.*use letters, digits"):
+        load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["adapters={'ok\n': 'x'}"])

@@ -118,6 +118,7 @@ def cmd_card_export(a: argparse.Namespace) -> None:
 
 
 def cmd_card_show(a: argparse.Namespace) -> None:
+    """The card's prompt parts as the model gets them; card text is shown, never obeyed, by the terminal."""
     card = cardmod.CardRegistry(a.registry).get(a.name)
     settings = cardmod.rp_settings(card)
     sampling = settings.sampling.model_dump(exclude_none=True)
@@ -125,16 +126,16 @@ def cmd_card_show(a: argparse.Namespace) -> None:
         f"{a.name}: {card.name!r} ({card.spec}); adapter: {settings.adapter or 'none (base model)'}; "
         f"sampling: {sampling or 'server defaults'}"
     )
-    messages = prompt.build_messages(card, [], user_name=a.user)
-    if messages and messages[0]["role"] == "system":
-        print("\n== system prompt ==")
-        print(messages[0]["content"])
-    if len(messages) > 1:
-        print("\n== after the chat history (system) ==")
-        print(messages[-1]["content"])
-    for i, g in enumerate(prompt.greetings(card, a.user)):
-        print(f"\n== greeting {i + 1} ==")
-        print(g)
+    parts = [("system prompt", prompt.system_prompt(card, user_name=a.user))]
+    note = prompt.depth_prompt(card)
+    if note is not None:
+        parts.append((f"Character's Note ({note[2]}, {note[1]} messages from the end)", note[0]))
+    parts.append(("after the chat history (system)", prompt.post_history(card, a.user) or ""))
+    parts += [(f"greeting {i + 1}", g) for i, g in enumerate(prompt.greetings(card, a.user))]
+    for title, text in parts:
+        if text.strip():
+            print(f"\n== {title} ==")
+            print(chat_repl.printable(text))
 
 
 def cmd_card_list(a: argparse.Namespace) -> None:
@@ -144,7 +145,7 @@ def cmd_card_list(a: argparse.Namespace) -> None:
         print(f"no cards in {reg.root} (rp-ray card import FILE)")
     for n in names:
         card = reg.get(n)
-        print(f"{n}\t{card.name}\t{card.spec}\t{cardmod.rp_settings(card).adapter or '-'}")
+        print(chat_repl.printable(f"{n}\t{card.name}\t{card.spec}\t{cardmod.rp_settings(card).adapter or '-'}"))
 
 
 def cmd_scenes_extract(a: argparse.Namespace) -> None:
