@@ -95,7 +95,7 @@ def test_max_lora_rank_takes_only_ranks_vllm_runs():
 
 def test_eval_run_names_cannot_become_paths():
     """A run name names its output folder: `../../tmp/pwn` would write outside output_dir."""
-    with pytest.raises(ConfigError, match="adapters.*use letters, digits"):
+    with pytest.raises(ConfigError, match="(?s)adapters.*use letters, digits"):
         load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["adapters={'../../tmp/pwn': 'x'}"])
-    with pytest.raises(ConfigError, match="adapters.*use letters, digits"):
+    with pytest.raises(ConfigError, match="(?s)adapters.*use letters, digits"):
         load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["adapters={'ok\n': 'x'}"])
