@@ -98,4 +98,4 @@ def test_eval_run_names_cannot_become_paths():
     with pytest.raises(ConfigError, match="(?s)adapters.*use letters, digits"):
         load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["adapters={'../../tmp/pwn': 'x'}"])
     with pytest.raises(ConfigError, match="(?s)adapters.*use letters, digits"):
-        load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ["adapters={'ok\n': 'x'}"])
+        load_config(EvalConfig, REPO / "jobs/configs/eval_tiny_llama3.yaml", ['adapters={"ok\\n": x}'])
