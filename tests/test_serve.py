@@ -332,22 +332,27 @@ def test_adapters_load_and_unload_at_run_time_without_a_restart(app, tiny_llama3
     _ok(app)
 
 
-def scrape_metrics(names: set[str], timeout_s: float = 120) -> dict:
-    """The metric families of every node's Ray metrics export port, once all of ``names`` are there (Ray's agent
-    exports what the replicas report every few seconds)."""
+def scrape_metrics() -> dict:
+    """The metric families of every node's Ray metrics export port (cluster-internal, not the app's port)."""
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        families = {}
-        for node in ray.nodes():
-            if node["Alive"] and node.get("MetricsExportPort"):
-                text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30)
-                families |= {f.name: f for f in text_string_to_metric_families(text.text)}
-        if names <= set(families) or time.monotonic() > deadline:
-            return families
-        time.sleep(2)
+    families = {}
+    for node in ray.nodes():
+        if node["Alive"] and node.get("MetricsExportPort"):
+            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30)
+            families |= {f.name: f for f in text_string_to_metric_families(text.text)}
+    return families
+
+
+def metric_values(families: dict, name: str, suffix: str, keys: tuple[str, ...]) -> dict[tuple, float]:
+    """A metric's samples (``name + suffix``) summed by the values of the labels ``keys``."""
+    out: dict[tuple, float] = {}
+    for x in families[name].samples if name in families else []:
+        if x.name == name + suffix:
+            key = tuple(x.labels.get(k, "") for k in keys)
+            out[key] = out.get(key, 0.0) + x.value
+    return out
 
 
 SERVE_METRICS = {
@@ -364,9 +369,21 @@ SERVE_METRICS = {
 
 def test_metrics_for_prometheus_and_the_grafana_dashboard(app):
     """After 20 requests, Ray's metrics export (not the API port) has rp_ray's counters and latency histograms by
-    route and model, and vLLM's running/waiting/KV-cache gauges; the dashboard JSON draws only metrics that exist."""
-    models = ["base", "a1", "haruhi", "aoi"]
-    for i in range(20):  # every model streamed and not (inter-token latency needs a stream)
+    route and model, grown by those requests, and vLLM's running/waiting/KV-cache gauges; the dashboard JSON draws
+    only metrics that exist. Ray's agent exports what replicas report every few seconds: the test waits for it."""
+    chat, models = "/v1/chat/completions", ["base", "a1", "haruhi", "aoi"]
+
+    def counts(families: dict) -> dict[str, dict[tuple, float]]:
+        return {
+            "requests": metric_values(families, "ray_rp_ray_requests", "_total", ("route", "model", "status")),
+            "ttft": metric_values(families, "ray_rp_ray_time_to_first_token_seconds", "_count", ("route", "model")),
+            "itl": metric_values(families, "ray_rp_ray_inter_token_latency_seconds", "_count", ("route", "model")),
+            "prompt": metric_values(families, "ray_rp_ray_prompt_tokens", "_total", ("model",)),
+            "generated": metric_values(families, "ray_rp_ray_generation_tokens", "_total", ("model",)),
+        }
+
+    before = counts(scrape_metrics())
+    for i in range(20):  # every model five times, streamed and not (inter-token latency needs a stream)
         if (i // 4) % 2:
             ask(app, models[i % 4], PROMPTS[i % 4])
         else:
@@ -375,21 +392,20 @@ def test_metrics_for_prometheus_and_the_grafana_dashboard(app):
             )
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
     assert _post(app, {"model": "nobody", "messages": USER}).status_code == 404
-    families = scrape_metrics(SERVE_METRICS)
+    wanted = {("requests", (chat, m, "200")): 5 for m in models} | {("requests", (chat, "", "404")): 1}
+    wanted |= {("ttft", (chat, m)): 5 for m in models} | {("itl", (chat, m)): 1 for m in models}
+    wanted |= {(kind, (m,)): 1 for m in models for kind in ("prompt", "generated")}
+
+    def missing(now: dict) -> dict:
+        return {k: n for k, n in wanted.items() if now[k[0]].get(k[1], 0) - before[k[0]].get(k[1], 0) < n}
+
+    deadline = time.monotonic() + 120
+    while (late := missing(counts(families := scrape_metrics()))) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not late, late
     assert set(families) >= SERVE_METRICS, [n for n in sorted(families) if "rp_ray" in n or "vllm" in n]
-
-    def samples(name: str, suffix: str = "") -> list:
-        return [x for x in families[name].samples if x.name == name + suffix]
-
-    chat = "/v1/chat/completions"
-    ok = {(x.labels["route"], x.labels["model"], x.labels["status"]) for x in samples("ray_rp_ray_requests", "_total")}
-    assert {(chat, m, "200") for m in models} <= ok and (chat, "", "404") in ok
     for name in ("ray_rp_ray_time_to_first_token_seconds", "ray_rp_ray_inter_token_latency_seconds"):
         assert families[name].type == "histogram"
-        counts = {x.labels["model"]: x.value for x in samples(name, "_count") if x.labels["route"] == chat}
-        assert set(models) <= set(counts) and all(v > 0 for v in counts.values())
-    for name in ("ray_rp_ray_prompt_tokens", "ray_rp_ray_generation_tokens"):
-        assert {x.labels["model"] for x in samples(name, "_total") if x.value > 0} >= set(models)
 
     dashboard = json.loads((REPO / "serve_configs" / "grafana_dashboard.json").read_text(encoding="utf-8"))
     assert dashboard["title"] and dashboard["schemaVersion"] >= 30 and dashboard["panels"]
