@@ -173,7 +173,8 @@ class AsyncEngine:
             dirs = with_zero_adapter(adapters, settings, Path(self.workdir))
             self.loras = lora_requests(dirs)
             apply_engine_env(settings)
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(dirs)), stat_loggers=stat_loggers)
+            self.args = engine_args(dirs)  # what the engine was built with (its max_lora_rank, ...)
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args), stat_loggers=stat_loggers)
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise

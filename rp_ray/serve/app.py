@@ -175,7 +175,7 @@ class ChatServer:
         name = req.lora_name
         if self.engine.max_lora_rank is None:
             raise APIError(400, "this app's engine serves no adapters (LoRA is off): configure one in adapters")
-        if name in self.cfg.adapters or name in self.serving.catalog.taken or self.serving.catalog.get(name):
+        if name in self.serving.catalog.taken or self.serving.catalog.get(name):  # taken: base, adapters, characters
             raise APIError(400, f"the name {name!r} is taken by a served model; unload it first", param="lora_name")
         try:
             path = str(resolve_adapter(self.cfg.adapter_root, name, req.lora_path))

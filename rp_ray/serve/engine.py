@@ -45,16 +45,13 @@ class ChatEngine:
     def __init__(self, cfg: ServeConfig, adapter_dirs: dict[str, str]):
         self.cfg = cfg
         self._aborts: set[asyncio.Task] = set()
-        args: dict[str, Any] = {}
-
-        def engine_args(dirs: dict[str, str]) -> dict[str, Any]:
-            args.update(chat_engine_kwargs(cfg, dirs))
-            return args
-
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        self.vllm = AsyncEngine(cfg, adapter_dirs, engine_args, stat_loggers=[RayPrometheusStatLogger])
+        self.vllm = AsyncEngine(
+            cfg, adapter_dirs, lambda dirs: chat_engine_kwargs(cfg, dirs), stat_loggers=[RayPrometheusStatLogger]
+        )
         self.engine, self.loras = self.vllm.llm, self.vllm.loras
+        args = self.vllm.args
         self.max_lora_rank: int | None = args.get("max_lora_rank") if args.get("enable_lora") else None
         log.info("engine up: %s, adapters %s", self.cfg.model.path, sorted(adapter_dirs))
 
