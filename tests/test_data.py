@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,62 @@ def test_full_chatharuhi_loads_and_validates():
     counts = {d.name: (d.rows_read, d.kept) for d in report.datasets}
     assert counts == {"haruhi_train": (9792, 9792), "haruhi_val": (664, 664)}
     assert len(train) == 9792 and len(val) == 664
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, nested past Python's recursion limit
+HUGE_INT = "7" * 5000  # valid JSON, more digits than int() converts
+
+
+@pytest.mark.parametrize("layout, where", [("jsonl", "line 2"), ("json", "item 1")])
+@pytest.mark.parametrize(
+    "item, detail", [(DEEP, "nested too deeply"), (f'{{"n": {HUGE_INT}}}', "Exceeds the limit (4300 digits)")]
+)
+def test_json_that_python_cannot_hold_is_a_dropped_row(tmp_path, layout, where, item, detail):
+    """Deep nesting or a 5,000-digit number is one bad row, counted like any other, in either layout."""
+    rows = [json.dumps(good(1)), item, json.dumps(good(2))]
+    p = tmp_path / f"t.{layout}"
+    p.write_text("\n".join(rows) + "\n" if layout == "jsonl" else "[" + ",\n".join(rows) + "]", encoding="utf-8")
+    got = list(read_rows(p))
+    assert [r.drop for r in got] == [None, "unparsable_json", None]
+    assert got[1].where == where and detail in got[1].detail
+    assert [r.value for r in got[::2]] == [good(1), good(2)]
+
+
+def test_lone_surrogate_is_dropped_with_the_row_and_turn_named(tmp_path):
+    """json accepts an unpaired "\\ud800" escape; the row is dropped before the tokenizer would fail on it."""
+    bad = conv(("user", "q\ud800"), ("assistant", "a"))
+    bad_system = conv(("user", "q"), ("assistant", "a"), system="s\udfff")
+    escaped = [json.dumps(r).encode() for r in (bad, bad_system)]  # "\\ud800" in the file, as ASCII
+    (tmp_path / "train.jsonl").write_bytes(jsonl(good(1), escaped[0], good(2), escaped[1]))
+    (tmp_path / "val.json").write_text(json.dumps([good(100), bad]), encoding="utf-8")
+    write_registry(tmp_path, t="train.jsonl", v="val.json")
+    cfg = DataConfig(dataset_dir=str(tmp_path), train=["t"], val=["v"], max_drop_ratio=0.5)
+    train, val, report = load_splits(cfg)
+    v, t = report.datasets
+    assert (len(train), len(val)) == (2, 1)
+    assert t.dropped == {"invalid_unicode": 2} and v.dropped == {"invalid_unicode": 1}
+    assert t.examples["invalid_unicode"] == [
+        "line 2: turn 0: text is not valid Unicode (a lone surrogate \\ud800 at character 1); the JSON escapes half "
+        "of a UTF-16 pair: fix or drop that text",
+        "line 4: system prompt: text is not valid Unicode (a lone surrogate \\udfff at character 1); the JSON "
+        "escapes half of a UTF-16 pair: fix or drop that text",
+    ]
+    assert v.examples["invalid_unicode"][0].startswith("item 1: turn 0: text is not valid Unicode")
+    report.write(tmp_path / "report")  # the report itself is valid UTF-8
+    with pytest.raises(DataQualityError, match="invalid_unicode"):
+        check_drop_ratio(report.model_copy(update={"max_drop_ratio": 0.05}))
+
+
+def test_oversized_line_is_refused_in_bounded_memory(tmp_path):
+    """A line far over max_row_bytes is measured in chunks, never held: peak memory stays about one chunk."""
+    big = json.dumps(conv(("user", "x" * (24 << 20)), ("assistant", "a"))).encode()
+    (tmp_path / "t.jsonl").write_bytes(jsonl(good(1), big, good(2)))
+    del big
+    tracemalloc.start()
+    try:
+        rows = list(read_rows(tmp_path / "t.jsonl", max_row_bytes=4096))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.drop for r in rows] == [None, "too_long", None] and rows[1].size > 24 << 20
+    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB"

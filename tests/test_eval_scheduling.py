@@ -95,9 +95,14 @@ def events(log_dir: Path) -> dict[int, list[dict]]:
 
 
 def fake_adapter(path: Path) -> Path:
-    """An adapter folder the pipeline accepts (the stand-in engine never reads it)."""
+    """An adapter folder the pipeline accepts: a config and whole safetensors weights (the stand-in engine never
+    reads them)."""
+    import torch
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(path / "adapter_model.safetensors"))
     return path
 
 

@@ -340,3 +340,51 @@ def test_render_names_every_memory_part():
     for part in ("weights", "LoRA parameters", "LoRA gradients", "optimizer state", "activations", "logits + loss"):
         assert part in text
     assert "communication buckets" in text and "fits; largest micro-batch that fits" in text
+
+
+# -- jobs: the plan before anything is scheduled ----------------------------------------------------------------------
+
+
+def _nothing_scheduled(monkeypatch, module: str) -> None:
+    """A job that reaches Ray (``ensure_ray``, the first thing that schedules) fails the test."""
+
+    def scheduled(*args, **kwargs):
+        raise AssertionError("the job reached Ray: the config should have been refused before")
+
+    monkeypatch.setattr(f"{module}.ensure_ray", scheduled)
+
+
+def test_a_training_job_that_cannot_run_is_refused_before_scheduling(tiny_llama3, tmp_path, monkeypatch):
+    from rp_ray.train import run_training
+
+    _nothing_scheduled(monkeypatch, "rp_ray.train.driver")
+    cfg = load_config(
+        TrainConfig,
+        JOBS / "tiny_llama3.yaml",
+        [f"model.path={tiny_llama3}", f"output_dir={tmp_path / 'out'}", "per_device_batch_size=1024"],
+    )
+    with pytest.raises(ConfigError, match="300 train examples make no whole optimizer step.*per_device_batch_size"):
+        run_training(cfg)
+
+
+def test_an_eval_job_with_an_adapter_over_max_lora_rank_is_refused_before_scheduling(
+    tiny_llama3, tmp_path, monkeypatch
+):
+    from rp_ray.eval import run_eval
+
+    _nothing_scheduled(monkeypatch, "rp_ray.eval.pipeline")
+    adapter = tmp_path / "big"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 64, "peft_type": "LORA"}))
+    cfg = load_config(
+        EvalConfig,
+        JOBS / "eval_tiny_llama3.yaml",
+        [
+            f"model.path={tiny_llama3}",
+            f"output_dir={tmp_path / 'out'}",
+            f"adapters={{big: {adapter}}}",
+            "max_lora_rank=16",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"this config cannot run as set:\n  - max_lora_rank=16: adapter big"):
+        run_eval(cfg)

@@ -60,6 +60,12 @@ def test_zero2_loss_falls_and_outputs_written(zero2_run):
     assert 1.0 <= s["rank_imbalance"] <= 1.10  # global plan: both ranks take the same length bucket each step
     assert res.plot_path.stat().st_size > 1000 and res.summary_path.is_file()
     assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["r"] == 8
+    # the plan printed before the run, beside what the run measured (the names and units match)
+    assert s["hardware"] == "cpu" and s["setup_seconds"] > 0
+    assert 0.1 < s["peak_memory_gib"] < 24  # a CPU worker's peak RSS: torch, DeepSpeed, the tiny model
+    p = s["predicted"]
+    assert p["hardware"] == "cpu" and p["tokens"] == pytest.approx(s["tokens"], rel=0.02), (p, s["tokens"])
+    assert p["wall_seconds"] > 0 and p["peak_memory_gib"] > 0 and 0 < p["mfu"] < 1 and 0 < s["mfu"] < 1
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,14 +12,19 @@ from rp_ray.data.registry import DatasetAttr
 
 Role = Literal["user", "assistant"]
 
+# json.loads accepts an unpaired "\ud800" escape and returns text that no tokenizer or UTF-8 writer can encode
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 # Why a row was dropped, in the order the data report lists them.
 DROP_REASONS: dict[str, str] = {
     "invalid_utf8": "the line is not valid UTF-8",
     "invalid_json": "the line is not valid JSON",
+    "unparsable_json": "valid JSON that Python's parser cannot hold (nested too deeply, an integer of 4300+ digits)",
     "too_long": "the row is larger than data.max_row_bytes",
     "not_object": "the row is not a JSON object",
     "missing_messages": "the messages column is missing or not a list",
     "bad_message": "a message is not an object with string role and content",
+    "invalid_unicode": "a text holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not valid Unicode",
     "unknown_role": "a message has a role that is none of the registered tags",
     "tool_turn": "a tool call / observation turn (role-play templates have no tool layout)",
     "role_order": "turns do not alternate user, assistant (after an optional leading system)",
@@ -86,6 +92,14 @@ def to_conversation(row: Any, attr: DatasetAttr) -> Conversation:
         if value is not None and not isinstance(value, str):
             raise Dropped("bad_message", f"system column {system_col!r} is {type(value).__name__}, not a string")
         system = value or ""
+
+    for what, text in [("system prompt", system), *((f"turn {i}", c) for i, (_, c) in enumerate(pairs))]:
+        if m := _SURROGATE.search(text):
+            raise Dropped(
+                "invalid_unicode",
+                f"{what}: text is not valid Unicode (a lone surrogate \\u{ord(m.group()):04x} at character "
+                f"{m.start()}); the JSON escapes half of a UTF-16 pair: fix or drop that text",
+            )
 
     known = {t.user_tag, t.assistant_tag, t.observation_tag, t.function_tag, t.system_tag} - {None}
     for role, _ in pairs:

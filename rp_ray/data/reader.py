@@ -1,8 +1,9 @@
 """Read raw rows from a JSON array or JSON Lines file, plain or xz-compressed, turning bad bytes into counted drops.
 
 A whole-file problem (missing, empty, a JSON array that does not parse, a damaged .xz) is a ``DataFileError``
-with the file, position and fix. A per-row problem in a JSON Lines file (bad UTF-8, bad JSON, an oversized line)
-becomes a ``RawRow`` with a drop reason, so it is counted in the data report instead of stopping the run.
+with the file, position and fix. A per-row problem in a JSON Lines file (bad UTF-8, bad JSON, an oversized line), and
+in either layout a row of valid JSON that Python's parser cannot hold (nested too deeply, an integer of thousands of
+digits), becomes a ``RawRow`` with a drop reason, so it is counted in the data report instead of stopping the run.
 
 Memory stays bounded whatever the file holds: both layouts are read as a stream (a JSON array item by item, JSON
 Lines line by line), and a row is never held beyond ``max_row_bytes`` of its text: past that it is skipped to its
@@ -66,6 +67,19 @@ def _is_json_array(path: Path) -> bool:
 
 def _too_long(size: int, max_row_bytes: int) -> str:
     return f"{size} bytes > max_row_bytes={max_row_bytes}"
+
+
+# What json raises for valid JSON that Python cannot hold: RecursionError for nesting deeper than the interpreter's
+# recursion limit, ValueError for an integer of more digits than int() converts (4300 by default). JSONDecodeError
+# is a ValueError too: catch it first.
+UNPARSABLE = (RecursionError, ValueError)
+
+
+def _unparsable(e: Exception) -> str:
+    """The drop detail of an ``UNPARSABLE`` error."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply for Python's JSON parser"
+    return f"{str(e).split(';')[0]} (write such a number as a string)"
 
 
 class _ArrayText:
@@ -186,7 +200,7 @@ class _ArrayText:
         s = self.pos
         try:
             value, end = _DECODER.raw_decode(self.buf, s)
-        except json.JSONDecodeError:
+        except UNPARSABLE:  # not valid JSON, or more than Python holds: delimited by the scan, parsed by the caller
             end = None
         if end is not None and (self.buf[end : end + 1] in _FOLLOWERS if end < len(self.buf) else self.eof):
             self.pos = end
@@ -231,12 +245,15 @@ def _read_array(f: IO[bytes], path: Path, max_row_bytes: int) -> Iterator[RawRow
         if size > max_row_bytes:
             yield RawRow(index, where, drop="too_long", detail=_too_long(size, max_row_bytes), size=size)
         else:
+            row = RawRow(index, where, value=value, size=size)
             if text is not None:  # delimited by the scan: parse it here, for the error position
                 try:
-                    value = json.loads(text)
+                    row = RawRow(index, where, value=json.loads(text), size=size)
                 except json.JSONDecodeError as e:
                     raise t.error(e.msg, t.where(start + e.pos)) from None
-            yield RawRow(index, where, value=value, size=size)
+                except UNPARSABLE as e:  # valid JSON (the scan delimited it): this item only is dropped
+                    row = RawRow(index, where, drop="unparsable_json", detail=_unparsable(e), size=size)
+            yield row
         index += 1
         c = t.next_char()
         if c == ",":
@@ -280,6 +297,8 @@ def _read_lines(f: IO[bytes], max_row_bytes: int) -> Iterator[RawRow]:
                 yield RawRow(index, where, value=json.loads(text), size=size)
             except json.JSONDecodeError as e:
                 yield RawRow(index, where, drop="invalid_json", detail=f"column {e.colno}: {e.msg}", size=size)
+            except UNPARSABLE as e:
+                yield RawRow(index, where, drop="unparsable_json", detail=_unparsable(e), size=size)
         index += 1
 
 

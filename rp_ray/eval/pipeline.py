@@ -43,10 +43,14 @@ from rp_ray.data import Conversation
 from rp_ray.eval.engines import BACKENDS, Request, Run, eval_max_model_len, row_seed, too_long_output
 from rp_ray.eval.metrics import mean_scores, score_pairs_parallel
 from rp_ray.eval.scheduler import Scheduler
-from rp_ray.eval.shards import Row, ShardWriter, shard_path, write_atomic
-from rp_ray.llm.models import load_model, resolve_dtype
+from rp_ray.eval.shards import Row, ShardWriter, shard_done, shard_lines, shard_path
+from rp_ray.files import staged_dir, write_atomic
+from rp_ray.llm.models import load_model, resolve_dtype, weights_problem
 from rp_ray.llm.reply import clean_reply
 from rp_ray.llm.template import encode_prediction, stop_token_ids
+from rp_ray.plan.planner import EvalPlan
+from rp_ray.plan.refusal import job_plan
+from rp_ray.plan.report import predicted
 from rp_ray.preparation import absolute_paths, prepare
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,9 @@ def weights_signature(path: str | None) -> list | None:
 
 
 def fingerprint(cfg: EvalConfig, run: Run) -> dict[str, Any]:
-    """What must match for a rerun to reuse a run's finished shards."""
+    """What must match for a rerun to reuse a run's finished shards: everything that changes a prediction or which
+    rows are predicted. What only changes how fast (num_actors, cpus_per_actor, max_inflight, tensor_parallel_size)
+    may change between a run and its resumption."""
     return {
         "model": cfg.model.model_dump(),
         "model_files": weights_signature(cfg.model.path),
@@ -77,22 +83,58 @@ def fingerprint(cfg: EvalConfig, run: Run) -> dict[str, Any]:
         "backend": cfg.backend,
         "merge_adapter": cfg.merge_adapter,
         "prefix_caching": cfg.prefix_caching,
+        "use_gpu": cfg.use_gpu,  # other kernels, and model.dtype=auto picks another dtype
+        "max_model_len": eval_max_model_len(cfg),  # which rows are too long, and how long a reply may grow
+        "max_row_bytes": cfg.data.max_row_bytes,  # which val rows are read
     }
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_or_write_fingerprint(out: Path, cfg: EvalConfig, run: Run) -> None:
+    """Record the settings of ``run`` in its folder when it starts; refuse, naming the settings that differ, to resume
+    it with others (its finished shards would be mixed with predictions made differently)."""
     path = out / run.name / "run_config.json"
-    fp = fingerprint(cfg, run)
+    fp = json.loads(json.dumps(fingerprint(cfg, run)))  # as read back: tuples are lists
     if path.exists():
         old = json.loads(path.read_text())
         if old != fp:
-            diff = sorted(k for k in fp if old.get(k) != fp[k])
+            diff = "; ".join(
+                f"{k}: {_shown(old.get(k))} -> {_shown(fp.get(k))}"
+                for k in sorted(fp.keys() | old.keys())
+                if old.get(k) != fp.get(k)
+            )
             raise ValueError(
-                f"{out / run.name} holds predictions made with different settings ({', '.join(diff)}); "
+                f"{out / run.name} holds predictions made with different settings ({diff}); "
                 f"use a new output_dir, or delete that folder to start over"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fp, indent=2))
+    write_atomic(path, json.dumps(fp, indent=2))
+
+
+def check_adapter(folder: str, what: str) -> None:
+    """Refuse an adapter folder that is not a whole peft adapter: its config and its complete safetensors weights."""
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{what}: {folder} is not a peft adapter folder (no adapter_config.json)")
+    if problem := weights_problem(folder, "adapter_model.safetensors"):
+        raise ValueError(
+            f"{what}: {folder} is not a complete peft adapter ({problem}), as an interrupted save leaves it; "
+            f"re-run the training that writes it, or point {what} at a complete adapter"
+        )
+
+
+def configured_runs(cfg: EvalConfig) -> list[Run]:
+    """The runs of ``cfg`` as configured: ``base`` (with include_base), then one per adapter (checked whole)."""
+    adapters = [Run(name, os.path.abspath(path)) for name, path in cfg.adapters.items()]
+    for r in adapters:
+        check_adapter(r.adapter, f"adapters.{r.name}")
+    return ([Run("base", None)] if cfg.include_base else []) + adapters
+
+
+MERGE_STAMP = "rp_ray_merged_from.json"  # in a merged model's folder: the base, adapter and dtype it was made from
 
 
 def merge_adapter(base: str, adapter: str, dest: Path, dtype: str = "float32") -> str:
@@ -104,30 +146,40 @@ def merge_adapter(base: str, adapter: str, dest: Path, dtype: str = "float32") -
     """
     from peft import PeftModel
 
-    if (dest / "config.json").exists():
-        return str(dest)
-    model = PeftModel.from_pretrained(load_model(base, dtype), adapter).merge_and_unload()
-    model.save_pretrained(dest, max_shard_size="5GB")
-    for f in Path(base).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-            shutil.copy2(f, dest / f.name)
+    check_adapter(adapter, "adapter")
+    stamp = {"base": weights_signature(base), "adapter": weights_signature(adapter), "dtype": dtype}
+    if dest.is_dir():
+        # the folder is published whole (staged_dir); one from an older, interrupted merge has a config.json but not
+        # its weights, and one merged from another adapter build has another stamp
+        problem = weights_problem(dest)
+        if problem is None:
+            try:
+                made_from = json.loads((dest / MERGE_STAMP).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                made_from = None
+            if made_from == json.loads(json.dumps(stamp)):
+                return str(dest)
+            problem = "it was merged from another base, adapter or dtype"
+        log.warning("merged model %s: %s; merging again", dest, problem)
+    with staged_dir(dest) as tmp:
+        model = PeftModel.from_pretrained(load_model(base, dtype), adapter).merge_and_unload()
+        model.save_pretrained(tmp, max_shard_size="5GB")
+        for f in Path(base).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / MERGE_STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
     return str(dest)
 
 
 def engine_groups(cfg: EvalConfig, out: Path) -> list[tuple[str, list[Run]]]:
     """(model path, runs sharing one engine): base + every adapter via LoRA, or one merged model per adapter."""
-    base = Run("base", None)
-    adapters = [Run(name, os.path.abspath(path)) for name, path in cfg.adapters.items()]
-    for r in adapters:
-        if not (Path(r.adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"adapters.{r.name}: {r.adapter} is not a peft adapter folder (no adapter_config.json)"
-            )
+    runs = configured_runs(cfg)
     if not cfg.merge_adapter:
-        return [(cfg.model.path, ([base] if cfg.include_base else []) + adapters)]
+        return [(cfg.model.path, runs)]
     import ray
 
-    groups = [(cfg.model.path, [base])] if cfg.include_base else []
+    adapters = [r for r in runs if r.adapter is not None]
+    groups = [(cfg.model.path, [r for r in runs if r.adapter is None])] if cfg.include_base else []
     dtype = resolve_dtype(cfg.model.dtype, cfg.use_gpu)
     task = ray.remote(merge_adapter).options(name="merge_adapter", num_cpus=1, num_gpus=int(cfg.use_gpu), max_retries=0)
     merged = ray.get([task.remote(cfg.model.path, r.adapter, out / "merged" / r.name, dtype) for r in adapters])
@@ -163,9 +215,11 @@ def encode_rows(tok, tpl, val: list[Conversation], cfg: EvalConfig) -> list[Row]
     return rows
 
 
-def todo_shards(out: Path, runs: list[Run], n_shards: int) -> dict[str, list[int]]:
-    """Run -> the shards whose file is missing (what a rerun still has to predict)."""
-    return {r.name: [s for s in range(n_shards) if not shard_path(out, r.name, s).exists()] for r in runs}
+def todo_shards(out: Path, runs: list[Run], n_rows: int, shard_size: int) -> dict[str, list[int]]:
+    """Run -> the shards a rerun still has to predict: those whose file is missing or does not hold each of the
+    shard's rows (:func:`~rp_ray.eval.shards.shard_done`)."""
+    sizes = [min(shard_size, n_rows - start) for start in range(0, n_rows, shard_size)]
+    return {r.name: [s for s, n in enumerate(sizes) if not shard_done(shard_path(out, r.name, s), n)] for r in runs}
 
 
 def start_predictors(cfg: EvalConfig, model_path: str, runs: list[Run], stops: list[int]) -> tuple[list[Any], float]:
@@ -257,7 +311,7 @@ def _predict_group(
 
     actors, created = started
     n_shards = -(-len(rows) // cfg.shard_size)
-    todo = todo_shards(out, runs, n_shards)
+    todo = todo_shards(out, runs, len(rows), cfg.shard_size)
     writer = ShardWriter(out, rows, cfg.shard_size, todo, decode)
     requests = plan_requests(cfg, writer, todo, runs)
     msg = "runs %s: %d of %d shards to predict, %d requests (rows x runs) in one pass over %d engine(s)"
@@ -279,6 +333,12 @@ def _predict_group(
         "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
         "reply_tokens": writer.reply_tokens,
         "failures": stats.failures,
+        # what the plan's calibration re-plans the pass with (rp-ray plan --calibrate)
+        "hardware": next((e["device"] for e in stats.engines if e.get("device")), "cpu"),
+        "use_gpu": cfg.use_gpu,
+        "backend": cfg.backend,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "cpus_per_actor": cfg.cpus_per_actor,
         "engines": stats.engines,
     }
     shards_done = len({s for _, s in writer.written})  # a step = a shard, every run of it
@@ -289,13 +349,13 @@ def _finish_run(out: Path, run: Run, n_shards: int, g: GroupStats) -> dict[str, 
     """Join a run's shards into its predictions, score them; returns its ``predict_results`` (written by the job)."""
     lines = []
     for s in range(n_shards):
-        lines += shard_path(out, run.name, s).read_text(encoding="utf-8").splitlines(keepends=True)
-    write_atomic(out / run.name / "generated_predictions.jsonl", lines)
+        lines += shard_lines(shard_path(out, run.name, s))
+    write_atomic(out / run.name / "generated_predictions.jsonl", "".join(lines))
     recs = [json.loads(x) for x in lines]
     ok = [i for i, r in enumerate(recs) if "error" not in r]
     scores = score_pairs_parallel([recs[i]["predict"] for i in ok], [recs[i]["label"] for i in ok])
     per_row = [json.dumps({"index": i} | s) + "\n" for i, s in zip(ok, scores)]
-    write_atomic(out / run.name / "sample_scores.jsonl", per_row)
+    write_atomic(out / run.name / "sample_scores.jsonl", "".join(per_row))
     did = g.shards_done > 0
     runtime = max(g.predict_s, 1e-9)
     return mean_scores(scores) | {
@@ -316,7 +376,7 @@ def _predict_groups(
     """Predict every engine group's unfinished shards and score each run; writes ``engines.json``."""
     tok, tpl = prep.tok, prep.tpl
     stops = stop_token_ids(tok, tpl)
-    busy = [(m, runs) for m, runs in groups if any(todo_shards(out, runs, n_shards).values())]
+    busy = [(m, runs) for m, runs in groups if any(todo_shards(out, runs, len(prep.val), cfg.shard_size).values())]
     # the first group's engines start now and build while the driver encodes the prompts
     started = {busy[0][0]: start_predictors(cfg, busy[0][0], busy[0][1], stops)} if busy else {}
     rows = encode_rows(tok, tpl, prep.val, cfg)
@@ -337,22 +397,33 @@ def _predict_groups(
     return results
 
 
+def run_predicted(plan: EvalPlan | None, name: str) -> dict[str, Any] | None:
+    """What the plan said of the job and of run ``name`` (its requests and tokens), beside what it measured."""
+    if plan is None:
+        return None
+    out = predicted(plan)
+    for run in (r for r in plan.runs if r.name == name):
+        out |= {"requests": run.requests, "prompt_tokens": run.prompt_tokens, "reply_tokens": run.reply_tokens}
+    return out
+
+
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Predict the val set with the base model and/or adapters, score it, write LLaMA-Factory-named outputs."""
     t_job = time.perf_counter()
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     prep = prepare(cfg.model, cfg.data, out / "data", need=("val",))
+    plan = job_plan(cfg)
+    for r in configured_runs(cfg):  # as configured: a merged run's adapter counts too, checked before merging it
+        check_or_write_fingerprint(out, cfg, r)
     hint = f"rerun the same eval with output_dir={out}: finished shards are kept"
     ensure_ray(cfg.num_actors * cfg.cpus_per_actor + 1, resume_hint=hint)
     groups = engine_groups(cfg, out)
-    for _, runs in groups:
-        for r in runs:
-            check_or_write_fingerprint(out, cfg, r)
     results = _predict_groups(cfg, groups, out, prep, -(-len(prep.val) // cfg.shard_size))
     job_wall = round(time.perf_counter() - t_job, 2)
     for name, res in results.items():
         res["job_wall_seconds"] = job_wall  # the whole job: preparation, engines, prediction, scoring
+        res["predicted"] = run_predicted(plan, name)
         (out / name / "predict_results.json").write_text(json.dumps(res, indent=2))
         shown = {k: v for k, v in res.items() if k.startswith(("predict_b", "predict_r", "predict_s", "n_", "job_"))}
         log.info("%s: %s", name, shown)

@@ -16,6 +16,7 @@ from typing import Any
 
 from rp_ray.config import EvalConfig
 from rp_ray.eval.engines import Engine, Output, Request, Run
+from rp_ray.llm.models import device_name
 
 
 class Predictor:
@@ -40,6 +41,7 @@ class Predictor:
             self.waited = time.time() - self.started
         self.engine = engine_cls(EvalConfig.model_validate(cfg), model_path, runs, stops, index)
         self.ready = time.time()
+        self.device = device_name()
         self.bound = 0
         self.slots: asyncio.Semaphore | None = None
 
@@ -53,6 +55,7 @@ class Predictor:
             "waited": self.waited,
             "ready": self.ready,
             "timings": dict(self.engine.timings),
+            "device": self.device,
         }
 
     async def predict(self, reqs: list[Request], bound: int) -> list[tuple[str, int, Output]]:

@@ -235,4 +235,5 @@ class Scheduler:
             **{k: round(v, 2) for k, v in info.get("timings", {}).items()},
             "max_num_seqs": info["max_num_seqs"],
             "kv_tokens": info["kv_tokens"],
+            "device": info.get("device", "cpu"),
         }

@@ -1,19 +1,23 @@
 """Shard files: the unit of resume of batch evaluation.
 
 The val rows are cut into shards of ``shard_size``; ``<run>/shards/shard_NNNNN.jsonl`` holds one output line per row of
-that shard, in input order, and is written (atomically) the moment the last of its rows is predicted. A rerun with the
-same settings skips every (run, shard) whose file exists, so a killed job loses at most the shards that were in flight.
+that shard, in input order, and is written (atomically: ``rp_ray.files.write_atomic``) the moment the last of its rows
+is predicted. A rerun with the same settings skips every (run, shard) whose file holds all of its rows, so a killed job
+loses at most the shards that were in flight.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rp_ray.eval.engines import Output
+from rp_ray.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,45 @@ def shard_path(out: Path, run: str, shard: int) -> Path:
     return out / run / "shards" / f"shard_{shard:05d}.jsonl"
 
 
-def write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+def shard_lines(path: Path) -> list[str]:
+    """The output lines of a shard file, each with its newline (the last one without, if it was cut).
+
+    Split on "\\n" only: ``json.dumps(..., ensure_ascii=False)`` leaves U+2028, U+0085 and the like unescaped in a
+    reply or label, and ``str.splitlines`` would cut a record at them.
+    """
+    *lines, tail = path.read_text(encoding="utf-8").split("\n")
+    return [line + "\n" for line in lines] + ([tail] if tail else [])
+
+
+def shard_done(path: Path, n_rows: int) -> bool:
+    """Whether the shard file ``path`` is finished: it holds ``n_rows`` output lines, each a JSON object.
+
+    Any other file (empty, cut short, a shard of another ``shard_size``) is deleted, with a warning saying why, so
+    that its rows are predicted again.
+    """
+    try:
+        lines = shard_lines(path)
+    except FileNotFoundError:
+        return False
+    except UnicodeDecodeError as e:
+        lines, problem = [], f"is not valid UTF-8 ({e.reason} at byte {e.start})"
+    else:
+        problem = None
+    if problem is None and len(lines) != n_rows:
+        problem = f"holds {len(lines)} lines, {n_rows} expected"
+    for i, line in enumerate(lines if problem is None else [], 1):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            problem = f"line {i} is not a JSON object"
+            break
+    if problem is None:
+        return True
+    log.warning("%s %s (an interrupted or foreign write): predicting its rows again", path, problem)
+    path.unlink(missing_ok=True)
+    return False
 
 
 class ShardWriter:
@@ -85,7 +124,7 @@ class ShardWriter:
             if o.error:
                 rec["error"] = o.error
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-        write_atomic(shard_path(self.out, run, s), lines)
+        write_atomic(shard_path(self.out, run, s), "".join(lines))
         self.written.append((run, s))
 
     @property

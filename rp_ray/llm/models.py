@@ -46,6 +46,38 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+def weights_problem(folder: str | Path, name: str = "model.safetensors") -> str | None:
+    """Why the safetensors weights of ``folder`` are not whole, or None when they are.
+
+    ``name`` is the weights file (``adapter_model.safetensors`` for a peft adapter); a model saved in shards lists
+    them in ``<name>.index.json``. ``save_pretrained`` writes the config first, so an interrupted save leaves a folder
+    whose config looks complete: its weights file is what tells. safetensors' header check refuses a file cut short
+    (its header's tensors not covered by the bytes there).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(folder)
+    index = p / f"{name}.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{index.name} is not a readable safetensors index ({e})"
+    elif (p / name).is_file():
+        files = [name]
+    else:
+        return f"no {name}"
+    for f in files:
+        try:
+            with safe_open(str(p / f), "pt"):
+                pass
+        except FileNotFoundError:
+            return f"no {f} (listed in {index.name})"
+        except (SafetensorError, OSError) as e:
+            return f"{f} is cut short or damaged ({e})"
+    return None
+
+
 def is_mxfp4(config: dict[str, Any]) -> bool:
     """Whether a config.json (as a dict) declares MXFP4-quantized weights (gpt-oss ships its experts that way)."""
     return (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
@@ -88,6 +120,16 @@ def load_tokenizer(path: str | Path, template: Template | None = None):
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token  # LLaMA-Factory does the same
     return tok
+
+
+def device_name(device=None) -> str:
+    """What a job records as its hardware (the plan's calibration reads the kind from it): the name of the CUDA
+    ``device`` (a torch device; None: this process's first GPU, if it has one), else "cpu"."""
+    import torch
+
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def resolve_dtype(dtype: str, use_gpu: bool) -> str:

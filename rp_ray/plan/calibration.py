@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rp_ray.files import write_atomic
+
 CALIBRATION_ENV = "RP_RAY_CALIBRATION"
 VERSION = 1
 LOAD_BANDWIDTH = 1e9  # bytes/s a job reads weights at from shared storage (assumed)
@@ -122,9 +124,7 @@ class Calibration:
     def save(self, path: str | Path | None = None) -> Path:
         p = Path(path).expanduser() if path else (self.path or default_path())
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": VERSION, "kinds": self.kinds}, indent=2, sort_keys=True))
-        os.replace(tmp, p)
+        write_atomic(p, json.dumps({"version": VERSION, "kinds": self.kinds}, indent=2, sort_keys=True))
         self.path = p
         return p
 

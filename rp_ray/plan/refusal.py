@@ -4,6 +4,7 @@ are given), so a job's entry point can call it first; ``rp-ray plan`` runs the s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -14,8 +15,19 @@ from rp_ray.plan import throughput as tp
 from rp_ray.plan.calibration import Calibration
 from rp_ray.plan.checks import DEFAULT_SUPERVISED_SHARE, micro_batch_problem, zero3_problem
 from rp_ray.plan.hardware import DEFAULT_GPU, Hardware, hardware
-from rp_ray.plan.planner import engine_at, engine_problems, largest_micro_batch, memory_fixes, train_setup
+from rp_ray.plan.planner import (
+    EvalPlan,
+    TrainPlan,
+    engine_at,
+    engine_problems,
+    largest_micro_batch,
+    memory_fixes,
+    train_setup,
+)
 from rp_ray.plan.shapes import model_shape
+from rp_ray.plan.tokens import SplitTokens
+
+log = logging.getLogger(__name__)
 
 
 def check(
@@ -58,6 +70,31 @@ def check(
 
 def refuse(cfg: TrainConfig | EvalConfig | ServeConfig, hw: Hardware | str | None = None, **kwargs) -> None:
     """:func:`check`, raising one ConfigError with every problem (each line names the key and the fix)."""
-    problems = check(cfg, hw, **kwargs)
+    refuse_problems(check(cfg, hw, **kwargs))
+
+
+def refuse_problems(problems: list[str]) -> None:
     if problems:
         raise ConfigError("this config cannot run as set:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def job_plan(cfg: TrainConfig | EvalConfig, tokens: SplitTokens | None = None) -> TrainPlan | EvalPlan | None:
+    """The plan a train or eval job makes before anything is scheduled: refused (one ConfigError naming every
+    problem and its fix) when the config cannot run, else logged as one short block and returned for the summary.
+
+    ``tokens``: the train split as the job encoded it. A ConfigError of the planner's is the job's too; any other
+    failure to plan does not stop the job: it logs why it has no plan and goes on without one.
+    """
+    from rp_ray.plan.planner import plan_eval, plan_train
+    from rp_ray.plan.report import short_block
+
+    try:
+        plan = plan_train(cfg, tokens=tokens) if isinstance(cfg, TrainConfig) else plan_eval(cfg)
+    except ConfigError:  # the config itself cannot run (e.g. fewer rows than one optimizer step): say so now
+        raise
+    except Exception as e:  # noqa: BLE001 - a plan is advice: one that cannot be made does not stop the job
+        log.warning("no plan for this job (%s: %s); running without one", type(e).__name__, e)
+        return None
+    refuse_problems(plan.problems)
+    log.info("%s", short_block(plan))
+    return plan

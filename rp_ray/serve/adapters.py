@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rp_ray.character.card import CardError
 from rp_ray.character.names import NAME_RULE, is_name
+from rp_ray.files import write_atomic
 from rp_ray.llm.vllm_engine import adapter_rank
 
 REGISTRY_FILE = ".rp_ray_adapters.json"
@@ -89,19 +88,9 @@ class AdapterRegistry:
             yield
 
     def update(self, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
-        """Apply ``change`` to the listed adapters and write the result (whole: a unique temporary file, fsync,
-        rename); the new table."""
+        """Apply ``change`` to the listed adapters and write the result (whole: ``write_atomic``); the new table."""
         with self._locked():
             table = self.read()
             change(table)
-            fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY_FILE}.", dir=self.root)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(table, f, indent=2, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.file)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.file, json.dumps(table, indent=2, sort_keys=True))
         return table

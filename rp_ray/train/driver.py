@@ -1,6 +1,7 @@
 """The driver side of a training run: data through Ray Data, a TorchTrainer, and the run's outputs.
 
-``run_training(cfg)`` validates and reports the data, encodes it (in the driver, which holds the tokenizer), hands the
+``run_training(cfg)`` validates and reports the data, encodes it (in the driver, which holds the tokenizer), plans
+the run (``rp_ray.plan``: a config that cannot run is refused here, before anything is scheduled), hands the
 rows to every worker through Ray Data, runs ``train_loop_per_worker`` under Ray Train with checkpointing and fault
 tolerance, then copies the final adapter out and writes the training summary and loss plot.
 """
@@ -11,8 +12,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,12 @@ import ray.train
 
 from rp_ray.cluster import ensure_ray
 from rp_ray.config import TrainConfig
+from rp_ray.files import publish_dir
 from rp_ray.llm.models import check_partitionable
+from rp_ray.plan.planner import TrainPlan
+from rp_ray.plan.refusal import job_plan
+from rp_ray.plan.report import predicted
+from rp_ray.plan.tokens import SplitTokens
 from rp_ray.preparation import Prepared, absolute_paths, encode_split, prepare
 from rp_ray.train.recipe import train_loop_per_worker
 from rp_ray.train.state import ADAPTER_DIR, BEST_ADAPTER_DIR, STATE_FILE, TrainState
@@ -111,7 +115,8 @@ def validation_rows(cfg: TrainConfig, train: list, val: list) -> tuple[list, lis
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Validate + encode data, train LoRA on Ray Train with DeepSpeed, write the adapter and summary."""
+    """Validate + encode data, plan (refusing a config that cannot run), train LoRA on Ray Train with DeepSpeed,
+    write the adapter and summary."""
     cfg = absolute_paths(cfg)
     check_partitionable(cfg.model.path, cfg.deepspeed.stage)
     out = Path(cfg.output_dir)
@@ -119,11 +124,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     need = ("train", "val") if cfg.eval_every_steps and not cfg.val_size else ("train",)
     prep = prepare(cfg.model, cfg.data, out / "data", need=need)
     train, val = validation_rows(cfg, prep.train, prep.val)
+    rows, val_rows = encode_rows(cfg, prep, train, val)
+    plan = job_plan(cfg, SplitTokens.from_rows(rows, cfg.data.train, cfg.data.cutoff_len))
     name = run_name_for(cfg, out)
     hint = "run the same command again: it continues from the last checkpoint"
     ensure_ray(cfg.num_workers * cfg.cpus_per_worker, resume_hint=hint)
+    datasets = {"train": ray.data.from_items(rows)} | ({"val": ray.data.from_items(val_rows)} if val_rows else {})
     t0 = time.perf_counter()
-    result = trainer_for(cfg, name, encoded_datasets(cfg, prep, train, val), prep.tok.pad_token_id).fit()
+    result = trainer_for(cfg, name, datasets, prep.tok.pad_token_id).fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -135,20 +143,20 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         "examples": len(train),
         "validation_examples": len(val),
         "data_report": str(prep.report_path),
+        "predicted": predicted(plan) if plan else None,
     }
-    return write_outputs(cfg, out, result.checkpoint, extra)
+    return write_outputs(cfg, out, result.checkpoint, extra, plan)
 
 
-def encoded_datasets(cfg: TrainConfig, prep: Prepared, train: list, val: list) -> dict[str, ray.data.Dataset]:
-    """The train (and validation) rows, encoded in the driver (which holds the tokenizer), as Ray datasets."""
+def encode_rows(cfg: TrainConfig, prep: Prepared, train: list, val: list) -> tuple[list[dict], list[dict]]:
+    """The train (and validation) rows, encoded in the driver (which holds the tokenizer)."""
     rows, stats = encode_split(prep.tok, prep.tpl, train, cfg.data.cutoff_len, cfg.model.enable_thinking)
     log.info("encoded %s", stats.summary())
-    datasets = {"train": ray.data.from_items(rows)}
+    val_rows: list[dict] = []
     if val:
         val_rows, _ = encode_split(prep.tok, prep.tpl, val, cfg.data.cutoff_len, cfg.model.enable_thinking)
-        datasets["val"] = ray.data.from_items(val_rows)
         log.info("validation: %d conversations, every %d steps", len(val_rows), cfg.eval_every_steps)
-    return datasets
+    return rows, val_rows
 
 
 def trainer_for(cfg: TrainConfig, name: str, datasets: dict[str, ray.data.Dataset], pad_id: int):
@@ -175,17 +183,23 @@ def trainer_for(cfg: TrainConfig, name: str, datasets: dict[str, ray.data.Datase
     )
 
 
-def write_outputs(cfg: TrainConfig, out: Path, checkpoint: ray.train.Checkpoint, extra: dict[str, Any]) -> TrainResult:
-    """The adapter (the best one when asked and validation ran), the summary and loss plot, and MLflow's artifacts."""
+def write_outputs(
+    cfg: TrainConfig, out: Path, checkpoint: ray.train.Checkpoint, extra: dict[str, Any], plan: TrainPlan | None = None
+) -> TrainResult:
+    """The adapter (the best one when asked and validation ran), the summary and loss plot, and MLflow's artifacts;
+    with the run's ``plan``, the MFU it achieved (the plan's model FLOPs per token on the device's peak)."""
     adapter_dir = out / ADAPTER_DIR
     with checkpoint.as_directory() as d:
         state = TrainState.from_json((Path(d) / STATE_FILE).read_text())
         best = Path(d) / BEST_ADAPTER_DIR
         use_best = cfg.load_best_adapter and state.best_step is not None and best.is_dir()
-        publish_adapter(best if use_best else Path(d) / ADAPTER_DIR, adapter_dir)
+        publish_dir(best if use_best else Path(d) / ADAPTER_DIR, adapter_dir)
     if use_best:
         log.info("adapter: the best validation loss, step %d (%.4f)", state.best_step, state.best_loss)
     extra["adapter_step"] = state.best_step if use_best else state.step
+    if plan and plan.tokens_trained and state.train_seconds:
+        flops = plan.model_flops * state.tokens / plan.tokens_trained
+        extra["mfu"] = round(flops / (state.train_seconds * plan.world * plan.worker.peak_flops), 4)
     summary_path, plot_path, summary = write_summary(state, cfg, extra, out)
     # rank 0 logged the metrics live and left MLflow's run open: the artifacts exist only now (the other trackers
     # were closed by rank 0: a second writer would start a new run, or for TensorBoard rewrite step 0)
@@ -197,17 +211,3 @@ def write_outputs(cfg: TrainConfig, out: Path, checkpoint: ray.train.Checkpoint,
             log.warning("the run's artifacts were not added to MLflow: %s", e)
     log.info("adapter: %s | summary: %s | loss plot: %s", adapter_dir, summary_path, plot_path)
     return TrainResult(adapter_dir, summary_path, plot_path, summary)
-
-
-def publish_adapter(src: Path, dest: Path) -> None:
-    """Copy ``src`` next to ``dest`` under a unique name, then swap it in: a server loading ``dest`` at any moment
-    sees the old adapter or the new one, never a missing or half-written folder."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from rp_ray.config import TrainConfig
+from rp_ray.llm.models import device_name
 from rp_ray.train.batching import PaddingStats, Plan, collate, imbalance, plan_epoch, steps_per_epoch
-from rp_ray.train.state import TrainState, restore_checkpoint, save_checkpoint
+from rp_ray.train.state import TrainState, peak_memory_gib, restore_checkpoint, save_checkpoint
 from rp_ray.train.step import World, adapter_state, optimizer_step, setup, validation_loss
 from rp_ray.train.tracking import Tracker
 
@@ -70,6 +71,7 @@ class LoraRecipe:
         self.plans: dict[int, Plan] = {}
         self.padding = PaddingStats()
         self.imbalances: list[float] = []
+        self.t_setup = time.perf_counter()
 
     def setup(self) -> None:
         import ray.train
@@ -124,6 +126,8 @@ class LoraRecipe:
 
     def train(self) -> None:
         self.clock = Clock(start_step=self.state.step)
+        if not self.state.setup_seconds:  # the first attempt's: a resumed one also reads a checkpoint
+            self.state.setup_seconds = self.clock.t_attempt - self.t_setup
         self.engine.train()
         try:
             for step in range(self.state.step, self.total_steps):
@@ -216,6 +220,8 @@ class LoraRecipe:
         self.clock.t_checkpoint = now
         self.state.padding_ratio = self.padding.ratio
         self.state.rank_imbalance = sum(self.imbalances) / len(self.imbalances)
+        self.state.hardware = device_name(self.world.device)
+        self.state.peak_memory_gib = max(self.state.peak_memory_gib, peak_memory_gib(self.world.device))
 
     def save(self, metrics: dict[str, Any]) -> None:
         """Save a checkpoint on every rank and report it with ``metrics`` to Ray Train."""

@@ -54,6 +54,9 @@ class TrainState:
     world_size: int = 1
     padding_ratio: float = 0.0
     rank_imbalance: float = 1.0
+    hardware: str = ""  # the device rank 0 trained on: the GPU's name, or "cpu"
+    peak_memory_gib: float = 0.0  # rank 0: GPU tensors allocated at the peak, or on CPU the process's peak RSS
+    setup_seconds: float = 0.0  # the first attempt's worker set-up: model load, DeepSpeed, data, until step 1
 
     @property
     def best_loss(self) -> float | None:
@@ -74,6 +77,16 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> TrainState:
         return cls(**json.loads(text))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The peak a plan predicts, measured the same way: GPU tensors at their peak (``max_memory_allocated``), or on
+    CPU this process's peak resident set (Linux reports ``ru_maxrss`` in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def save_checkpoint(

@@ -83,6 +83,9 @@ def write_summary(state: TrainState, cfg: TrainConfig, extra: dict[str, Any], ou
         "loss_curve": hist,
         "world_size": state.world_size,
         "starts": state.starts,
+        "hardware": state.hardware,
+        "peak_memory_gib": round(state.peak_memory_gib, 3),
+        "setup_seconds": round(state.setup_seconds, 2),
         "config": cfg.model_dump(),
     } | extra
     summary_path = out / "training_summary.json"
