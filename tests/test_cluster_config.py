@@ -441,3 +441,31 @@ def test_driver_check_refuses_drivers_older_than_r580(raw, tmp_path, version, ok
     else:
         assert res.returncode != 0
         assert "needs NVIDIA driver R580 or newer" in res.stderr and f"reports '{version or ''}" in res.stderr
+
+
+# --- what a job on a node can reach through the instance metadata service -----------------------------------------
+
+
+def test_every_node_has_its_own_least_privilege_role_and_imdsv2(raw):
+    """Without IamInstanceProfile Ray gives the head its default role (full EC2 and S3), which any job on the head can
+    use through the instance metadata service; the head and the workers name roles of their own, and the metadata
+    service answers only IMDSv2 sessions one hop away."""
+    profiles = {}
+    for name, nt in raw["available_node_types"].items():
+        profile = nt["node_config"].get("IamInstanceProfile")
+        assert profile and set(profile) <= {"Arn", "Name"}, name
+        arn = profile.get("Arn", "")
+        assert arn.startswith("arn:aws:iam::") and ":instance-profile/" in arn, (name, arn)
+        assert "ray-autoscaler" not in arn, name  # Ray's default role's name
+        profiles[name] = arn
+        meta = nt["node_config"].get("MetadataOptions")
+        assert meta == {"HttpEndpoint": "enabled", "HttpTokens": "required", "HttpPutResponseHopLimit": 1}, name
+    head = raw["head_node_type"]
+    assert all(arn != profiles[head] for name, arn in profiles.items() if name != head), "workers get no EC2 rights"
+    # `ray up` keeps a configured head profile (Ray attaches its default one only when the head names none)
+    assert (
+        prepare_config(raw)["available_node_types"][head]["node_config"]["IamInstanceProfile"]["Arn"] == profiles[head]
+    )
+    text = CLUSTER_YAML.read_text(encoding="utf-8")
+    for must in ("iam:PassRole", "arn:aws:s3:::BUCKET/*", "Block Public Access"):
+        assert must in text, must
