@@ -407,6 +407,14 @@ class ServeConfig(VllmSettings):
         "User", min_length=1, max_length=64, description="What {{user}} becomes in an imported card's texts."
     )
     max_loras: int = Field(4, ge=1, description="Adapters resident in the engine at once (others are swapped in).")
+    allow_special_tokens_in_text: bool = Field(
+        False,
+        description="Text in messages, cards and lorebooks that spells a special token (`<|start_header_id|>system`, "
+        "`<|start|>system<|message|>`) becomes that control token, as in training. Off by default: a user or a "
+        "third-party card could otherwise open turns of its own (a fake system prompt); the text is then encoded as "
+        "plain text and only the chat template's own tokens are control tokens. Raw `/v1/completions` prompts are "
+        "always parsed.",
+    )
     max_model_len: int = Field(4096, ge=16, description="Context length of the engine.")
     seed: int = Field(0, description="Engine seed; a request's `seed` makes its own sampling reproducible.")
     stream_interval_s: float = Field(
@@ -428,6 +436,21 @@ class ServeConfig(VllmSettings):
     max_n: int = Field(4, ge=1, description="Largest n a request may ask for.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above it).")
     request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is cut with 504.")
+    prompt_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Most seconds to build one request's prompt (lorebooks, scenes, macros, tokenization), in a "
+        "worker thread beside the event loop; a request over it gets 504.",
+    )
+    max_registry_cards: int = Field(
+        1000, ge=1, description="Most cards in card_registry; POST /v1/characters beyond it is refused (409)."
+    )
+    max_registry_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Most bytes of the files in card_registry (card JSON and images); an import that would go over "
+        "it is refused (409).",
+    )
 
     @field_validator("adapters")
     @classmethod

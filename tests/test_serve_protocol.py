@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -299,9 +300,11 @@ def test_build_app_refuses_bad_configs_before_any_replica_starts(tiny_llama3, tm
             build_app(base | change)
 
 
-def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_data(tiny_llama3, tmp_path, monkeypatch):
+def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_data(
+    tiny_llama3, tmp_path, monkeypatch, caplog
+):
     """Relative paths resolve where the config is read; the replicas get card JSON, lorebooks and corpora as data;
-    a bad card, lorebook or corpus fails there, naming the file and the field."""
+    a bad lorebook or corpus fails there, naming the file and the field; a stale card is left out with a warning."""
     CharacterCardError = CardError
     from rp_ray.character.card import CardRegistry
     from rp_ray.character.scenes import CharacterScenes, write_scene_corpus
@@ -336,13 +339,18 @@ def test_build_app_reads_imported_cards_lorebooks_and_scenes_and_sends_them_as_d
     assert personas["scenes"] == {n: {"key": "h", "persona": "P", "scenes": ["A:「x」"]} for n in ("haruhi", "aoi")}
     for change, err, match in [
         ({"card_registry": "nowhere"}, ConfigError, "nowhere: no such folder"),
-        ({"adapters": {}, "characters_file": None}, ConfigError, "field data.extensions.rp_ray.adapter: 'a1'"),
         ({"lorebooks": {"haruhi": "x.json"}}, ConfigError, "lorebooks.haruhi: no imported card named 'haruhi'"),
         ({"lorebooks": {"aoi": "x.json"}}, CharacterCardError, "x.json: no such file"),
         ({"scenes": {"nobody": "scenes"}}, ConfigError, "scenes.nobody: no character named 'nobody'"),
     ]:
         with pytest.raises(err, match=match):
             build_app(args | change)
+
+    def served_cards(**change) -> set[str]:
+        return set(build_app(args | change)._bound_deployment.init_args[2]["cards"])
+
+    assert served_cards(adapters={}, characters_file=None, scenes={}) == set()
+    assert "field data.extensions.rp_ray.adapter: 'a1'" in caplog.text
     CardRegistry("reg").import_file(fixtures / "v2_card.json", name="a1")
-    with pytest.raises(ConfigError, match=r"reg/a1.json: the card's name 'a1' .* is taken by a served adapter"):
-        build_app(args)
+    assert served_cards() == {"aoi"}
+    assert re.search(r"reg/a1.json is not served: .*the card's name 'a1' .* is taken by a served adapter", caplog.text)

@@ -20,10 +20,11 @@ Formats read (the card JSON is kept exactly as it came; the pydantic models only
   PNG gives the V3 card. Files are told apart by their bytes (PNG signature), never by their extension.
 
 Fields missing from a card read as empty (``""``, ``[]``, ``{}``) and ``null`` reads as missing; nothing is added to
-the stored JSON. A present field of the wrong type is an error. Limits: each text field at most 64 KiB (UTF-8), a
-JSON card file at most 2 MiB (in a PNG, the card chunk at most the base64 of that, compressed or not), a PNG card
-at most 20 MiB, JSON nesting at most 64 levels, a lorebook at most ``MAX_BOOK_ENTRIES`` entries, and an entry's keys
-as ``keys.check_keys`` says. Every problem is a ``CardError`` naming the file, the field and the fix.
+the stored JSON. A present field of the wrong type is an error. Limits: each text field at most 64 KiB (UTF-8), the
+name at most ``MAX_NAME_CHARS`` characters (it replaces every ``{{char}}``), a JSON card file at most 2 MiB (in a
+PNG, the card chunk at most the base64 of that, compressed or not), a PNG card at most 20 MiB, JSON nesting at most
+64 levels, a lorebook at most ``MAX_BOOK_ENTRIES`` entries, and an entry's keys as ``keys.check_keys`` says. Every
+problem is a ``CardError`` naming the file, the field and the fix.
 
 rp_ray's own settings for a card (the served adapter it speaks through and its default sampling) live inside the
 card, in ``data.extensions["rp_ray"] = {"adapter": ..., "sampling": {"temperature", "top_p", "top_k",
@@ -40,10 +41,8 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import re
 import unicodedata
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,10 +52,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from rp_ray.character import png
 from rp_ray.character.keys import check_keys
 from rp_ray.character.names import NAME_RULE, is_name
+from rp_ray.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_BYTES = 64 * 1024
+# every {{char}} / <BOT> in the card's texts and in a chat's messages becomes the name, so a long one multiplies them
+MAX_NAME_CHARS = 256
 MAX_JSON_BYTES = 2 * 1024 * 1024
 MAX_PNG_BYTES = 20 * 1024 * 1024
 MAX_BOOK_ENTRIES = 1024
@@ -173,6 +175,11 @@ class CardData(SpecModel):
     def _named(cls, name: str) -> str:
         if not name.strip():
             raise ValueError("the name is empty; give the character a name")
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(
+                f"the name is {len(name)} characters, over the limit of {MAX_NAME_CHARS} (it replaces every "
+                f"{{{{char}}}} in the card and the chat); shorten it"
+            )
         return name
 
 
@@ -288,14 +295,31 @@ def _upgrade_v1(obj: dict[str, Any], source: str) -> dict[str, Any]:
 MAX_DEPTH = 64
 
 
+# json.loads accepts an unpaired "\ud800" escape; no UTF-8 writer (the registry's, a PNG export's) can store it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(source: str, text: str) -> CardError:
+    m = _SURROGATE.search(text)
+    return CardError(
+        f"{source}: text {text[:40]!r} is not valid Unicode (a lone surrogate \\u{ord(m.group()):04x} at character "
+        f"{m.start()}); the JSON escapes half of a UTF-16 pair: fix or drop that text"
+    )
+
+
 def _check_depth(obj: Any, source: str) -> None:
-    """JSON nested deeper than ``MAX_DEPTH`` is refused (it would only exhaust the stack later)."""
+    """JSON nested deeper than ``MAX_DEPTH`` is refused (it would only exhaust the stack later), and so is text
+    (a key too) holding a lone surrogate: the free-form fields (extensions) are stored as they came."""
     stack = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise CardError(f"{source}: JSON nested more than {MAX_DEPTH} levels deep; flatten the card's extensions")
-        if isinstance(value, dict):
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise _lone_surrogate(source, value)
+        elif isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
@@ -517,26 +541,14 @@ def check_name(name: str, what: str = "card name") -> str:
 
 
 def _write_atomic(path: Path, data: bytes, overwrite: bool = True) -> None:
-    """Write ``path`` whole or not at all (a temp file renamed over it), so a server reading the registry never sees
-    half a card; with ``overwrite=False`` an existing file is kept and a ``CardError`` raised (no race between two
-    writers: the rename is a hard link that fails when the name exists)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
+    """Write ``path`` whole or not at all, so a server reading the registry never sees half a card; with
+    ``overwrite=False`` an existing file is kept and a ``CardError`` raised (no race between two writers)."""
     try:
-        if overwrite:
-            os.replace(tmp, path)
-            return
-        exists = CardError(f"a card named {path.stem!r} is already in {path.parent}; import it under another name")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise exists from None
-        except OSError:  # a file system without hard links: check, then rename
-            if path.exists():
-                raise exists from None
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_atomic(path, data, exclusive=not overwrite)
+    except FileExistsError:
+        raise CardError(
+            f"a card named {path.stem!r} is already in {path.parent}; import it under another name"
+        ) from None
 
 
 class CardRegistry:
@@ -573,12 +585,14 @@ class CardRegistry:
                 f"or --name to import under another name"
             )
         self.root.mkdir(parents=True, exist_ok=True)
+        _write_atomic(p, dump_json(card_to_json(card)).encode("utf-8"), overwrite=overwrite)
+        # the image only once the JSON holds the name: two imports racing for one name must not leave one's card
+        # beside the other's image (the JSON's no-clobber link is the claim)
         img = self.root / f"{name}.png"
         if image is not None:
             _write_atomic(img, image)
         elif img.exists():
             img.unlink()
-        _write_atomic(p, dump_json(card_to_json(card)).encode("utf-8"), overwrite=overwrite)
         return name
 
     def import_file(

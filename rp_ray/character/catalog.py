@@ -30,9 +30,11 @@ the folder is no longer served after the next rescan.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from rp_ray.character.card import (
+    MAX_JSON_BYTES,
     SPEC_V2,
     Card,
     CardError,
@@ -53,6 +56,7 @@ from rp_ray.character.card import (
     card_from_dict,
     card_to_json,
     check_name,
+    dump_json,
     parse_card,
     read_card_file,
     rp_settings,
@@ -62,7 +66,16 @@ from rp_ray.character.card import (
 from rp_ray.character.lorebook import activate, entry_text, load_lorebook_file
 from rp_ray.character.names import is_name, valid_name
 from rp_ray.character.png import is_png
-from rp_ray.character.prompt import Prompt, Turn, apply_macros, card_turns, leading_system, system_prompt
+from rp_ray.character.prompt import (
+    Prompt,
+    Turn,
+    apply_macros,
+    card_macro_texts,
+    card_turns,
+    leading_system,
+    macro_growth,
+    system_prompt,
+)
 from rp_ray.character.scenes import (
     INDEX_FILE,
     CharacterScenes,
@@ -83,8 +96,8 @@ ENTRY_SETTINGS = ("display_name", "adapter", "greeting", "sampling")  # a charac
 
 
 class ImportRefused(CardError):
-    """An uploaded card that is not imported: ``status`` 400 (the card or a parameter) or 409 (no registry, or the
-    name is taken), ``param`` and ``code`` as the HTTP error reports them."""
+    """An uploaded card that is not imported: ``status`` 400 (the card or a parameter) or 409 (no registry, the
+    name is taken, or the registry is at its quota), ``param`` and ``code`` as the HTTP error reports them."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -118,15 +131,36 @@ class Character:
     memory: SceneMemory | None = None
     user_name: str = "User"
 
-    def lore(self, texts: Sequence[str], count_tokens: CountTokens) -> list:
+    def lore(self, texts: Sequence[str], count_tokens: CountTokens, deadline: float | None = None) -> list:
         """The entries every book activates over ``texts``, by insertion_order (book order on ties)."""
         found = [
-            (e.insertion_order, b, e) for b, book in enumerate(self.books) for e in activate(book, texts, count_tokens)
+            (e.insertion_order, b, e)
+            for b, book in enumerate(self.books)
+            for e in activate(book, texts, count_tokens, deadline=deadline)
         ]
         return [e for _, _, e in sorted(found, key=lambda t: (t[0], t[1]))]
 
-    def prompt(self, messages: Sequence[Turn], count_tokens: CountTokens) -> Prompt:
-        """The chat's prompt (rules in the module docstring)."""
+    def check_macros(self, turns: Sequence[Turn], max_chars: int) -> None:
+        """A ``ValueError`` when the chat's messages, their macros expanded, would be over ``max_chars``: each
+        ``{{char}}`` becomes the card's name, so a short message may ask for a huge prompt."""
+        texts = [m.content for m in turns]
+        size = sum(map(len, texts)) + macro_growth(texts, self.card.name, self.user_name)
+        if size > max_chars:
+            raise ValueError(
+                f"the messages with their macros expanded ({{{{char}}}} and <BOT> become the character's name, "
+                f"{len(self.card.name)} characters; {{{{user}}}} and <USER> become {self.user_name!r}) would be {size} "
+                f"characters, over the limit of {max_chars} (max_body_bytes); send fewer macros"
+            )
+
+    def prompt(
+        self,
+        messages: Sequence[Turn],
+        count_tokens: CountTokens,
+        max_chars: int | None = None,
+        deadline: float | None = None,
+    ) -> Prompt:
+        """The chat's prompt (rules in the module docstring); ``max_chars`` bounds the messages once their macros
+        are expanded (``check_macros``), ``deadline`` (``time.monotonic``) the lorebook scan."""
         own, system, turns = leading_system(messages)
         if own:
             return Prompt(system, turns)
@@ -134,7 +168,9 @@ class Character:
         scenes = self.memory.recall(last_user, count_tokens) if self.memory else []
         if self.plain:
             return Prompt(join_system_prompt(self.card.data.system_prompt, scenes), turns, scenes=tuple(scenes))
-        entries = self.lore([m.content for m in turns], count_tokens)
+        if max_chars is not None:
+            self.check_macros(turns, max_chars)
+        entries = self.lore([m.content for m in turns], count_tokens, deadline)
         system = system_prompt(self.card, user_name=self.user_name, lore=entries, scenes=scenes)
         lore = tuple(
             {
@@ -150,6 +186,12 @@ class Character:
 
     def entry(self) -> dict[str, Any]:
         """The character's fields in its ``/v1/models`` entry."""
+        return dict(self._entry)
+
+    @functools.cached_property
+    def _entry(self) -> dict[str, Any]:
+        # built once per Character (the catalog makes one when it reads the card): the model list is fetched often
+        # and its greetings are the card's texts with their macros expanded
         d, s, user = self.card.data, self.settings, self.user_name
         if self.plain:
             return {
@@ -237,9 +279,16 @@ def check_characters(cards: Mapping[str, Card], served_adapters: Collection[str]
 
 
 def check_card(
-    name: str, card: Card, source: str, taken: Mapping[str, str], served_adapters: Collection[str]
+    name: str,
+    card: Card,
+    source: str,
+    taken: Mapping[str, str],
+    served_adapters: Collection[str],
+    user_name: str = "User",
+    books: Sequence[Lorebook] | None = None,
 ) -> RpRaySettings:
-    """An imported card's rp_ray settings, after checking its registry name is free and its adapter is served."""
+    """An imported card's rp_ray settings, after checking its registry name is free, its adapter is served and its
+    macros, expanded, add at most the card JSON limit to its texts and ``books`` (default: its own lorebook)."""
     if name in taken:
         raise ConfigError(
             f"{source}: the card's name {name!r} (the model a request names) is taken by {taken[name]}; import the "
@@ -251,6 +300,14 @@ def check_card(
             f"{source}: field data.extensions.rp_ray.adapter: {settings.adapter!r} is not a served adapter "
             f"(adapters: {sorted(served_adapters)}); bind the card to one of them (`rp-ray card import FILE --adapter "
             f"NAME --force`, or ?adapter=NAME on POST /v1/characters) or serve that adapter"
+        )
+    books = [card.book] if books is None and card.book is not None else books or []
+    growth = macro_growth(card_macro_texts(card, books), card.name, user_name)
+    if growth > MAX_JSON_BYTES:
+        raise ConfigError(
+            f"{source}: expanding its macros ({{{{char}}}} and <BOT> become field data.name, {len(card.name)} "
+            f"characters) would add {growth} characters to the card's texts and lorebooks, over the limit of "
+            f"{MAX_JSON_BYTES >> 20} MiB; use {{{{char}}}} less often or shorten the name"
         )
     return settings
 
@@ -296,27 +353,44 @@ def _taken(cfg: ServeConfig, characters: Collection[str]) -> dict[str, str]:
     }
 
 
-def _registry_cards(cfg: ServeConfig, taken: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def _registry_cards(cfg: ServeConfig, taken: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The registry's servable cards as JSON, and the names of those skipped (logged with the file and the reason):
+    one stale card (its adapter no longer served, its name now taken) must not stop the whole app, as a replica's
+    rescan skips it too."""
     if cfg.card_registry is None:
-        return {}
+        return {}, set()
     root = Path(cfg.card_registry)
     if not root.is_dir():
         raise ConfigError(
             f"card_registry {root}: no such folder; create it (mkdir -p), or import a card into it with "
             f"`rp-ray card import FILE --registry {root}`"
         )
-    registry, cards = CardRegistry(root), {}
+    registry, cards, skipped = CardRegistry(root), {}, set()
     for name in registry.names():
         path = registry.path(name)
-        card = read_card_file(path)
-        check_card(name, card, str(path), taken, cfg.adapters)
+        try:
+            card = read_card_file(path)
+            check_card(name, card, str(path), taken, cfg.adapters, cfg.user_name)
+        except (CardError, ConfigError) as e:
+            log.warning("card registry: %s is not served: %s", path, e)
+            skipped.add(name)
+            continue
         cards[name] = card_to_json(card)
-    return cards
+    return cards, skipped
 
 
-def _scenes(cfg: ServeConfig, characters: Mapping[str, Card], cards: Collection[str]) -> dict[str, dict[str, Any]]:
+def _skipped(what: str, name: str) -> None:
+    log.warning("%s.%s: the card %r is not served (the warning above says why); skipped", what, name, name)
+
+
+def _scenes(
+    cfg: ServeConfig, characters: Mapping[str, Card], cards: Collection[str], skipped: Collection[str] = ()
+) -> dict[str, dict[str, Any]]:
     scenes = {}
     for name, path in cfg.scenes.items():
+        if name in skipped and name not in characters:
+            _skipped("scenes", name)
+            continue
         if name not in cards and name not in characters:
             raise ConfigError(
                 f"scenes.{name}: no character named {name!r} (characters_file: {sorted(characters) or 'none'}; "
@@ -338,11 +412,15 @@ def load_catalog(cfg: ServeConfig, characters: Mapping[str, Card]) -> dict[str, 
     """Check ``characters`` (characters_file's cards) and read and check ``cfg``'s card registry, lorebooks and scene
     corpora (its paths already absolute): the plain data the replicas get, ``{"characters": {name: card JSON},
     "cards": {name: card JSON}, "lorebooks": {name: lorebook}, "scenes": {name: {key, persona, scenes}}}``. Problems
-    are ``CardError`` / ``ConfigError`` naming the file, the field and the fix."""
+    are ``CardError`` / ``ConfigError`` naming the file, the field and the fix; but a bad card file in the registry
+    is skipped with a warning naming it and the reason (with the lorebook and scenes configured for it)."""
     check_characters(characters, served_adapters=cfg.adapters, reserved={cfg.base_name})
-    cards = _registry_cards(cfg, _taken(cfg, characters))
+    cards, skipped = _registry_cards(cfg, _taken(cfg, characters))
     lorebooks = {}
     for name, path in cfg.lorebooks.items():
+        if name in skipped:
+            _skipped("lorebooks", name)
+            continue
         if name not in cards:
             raise ConfigError(
                 f"lorebooks.{name}: no imported card named {name!r} in card_registry ({cfg.card_registry}); "
@@ -353,7 +431,7 @@ def load_catalog(cfg: ServeConfig, characters: Mapping[str, Card]) -> dict[str, 
         "characters": {name: card_to_json(card) for name, card in characters.items()},
         "cards": cards,
         "lorebooks": lorebooks,
-        "scenes": _scenes(cfg, characters, cards),
+        "scenes": _scenes(cfg, characters, cards, skipped),
     }
 
 
@@ -378,7 +456,12 @@ class Catalog:
         self.registry = CardRegistry(cfg.card_registry) if cfg.card_registry else None
         self.cards: dict[str, Character] = {}
         for name, raw in data.get("cards", {}).items():
-            self.cards[name] = self._character(name, card_from_dict(raw, f"card {name}"))
+            try:  # checked where the config was read, but not with its standalone lorebook
+                self.cards[name] = self._character(name, card_from_dict(raw, f"card {name}"))
+            except (CardError, ConfigError) as e:
+                log.warning("card registry: %s is not served: %s", name, e)
+        # prompts are built in worker threads (they may rescan the registry) while the event loop lists and imports
+        self._lock = threading.RLock()
         # registry name -> mtime_ns of the file its card was read from
         self._files = {n: m for n in self.cards if (m := self._mtime(n)) is not None}
         self._dir_mtime: int | None = None
@@ -389,8 +472,9 @@ class Catalog:
         return _taken(self.cfg, self.plain)
 
     def _character(self, name: str, card: Card, source: str | None = None) -> Character:
-        settings = check_card(name, card, source or f"card {name!r}", self.taken, self.cfg.adapters)
         books = tuple(b for b in (card.book, self.books.get(name)) if b is not None)
+        source = source or f"card {name!r}"
+        settings = check_card(name, card, source, self.taken, self.cfg.adapters, self.cfg.user_name, books)
         return Character(name, card, settings, False, books, self.memories.get(name), self.cfg.user_name)
 
     def _mtime(self, name: str) -> int | None:
@@ -412,8 +496,13 @@ class Catalog:
     def refresh(self) -> None:
         """Sync the imported cards with the registry folder when it changed: new and changed card files are read
         (a bad one is logged and not served), removed ones dropped."""
-        if self.registry is None or not self._registry_changed():
+        if self.registry is None:
             return
+        with self._lock:
+            if self._registry_changed():
+                self._rescan()
+
+    def _rescan(self) -> None:
         found = {n: m for n in self.registry.names() if (m := self._mtime(n)) is not None}
         for name in [n for n in self.cards if n not in found]:
             log.info("card registry: %s was removed; no longer served", name)
@@ -441,7 +530,33 @@ class Catalog:
 
     def all(self) -> list[Character]:
         self.refresh()
-        return [*self.plain.values(), *self.cards.values()]
+        with self._lock:
+            return [*self.plain.values(), *self.cards.values()]
+
+    def _check_quota(self, adding: int) -> None:
+        """Refuse an import that would put more cards or bytes in the registry folder than the serve config allows
+        (``max_registry_cards``, ``max_registry_bytes``): every import writes to storage the replicas share."""
+        count = size = 0
+        with os.scandir(self.registry.root) as found:
+            for f in found:
+                if f.is_file(follow_symlinks=False):
+                    size += f.stat(follow_symlinks=False).st_size
+                    count += f.name.endswith(".json") and is_name(f.name.removesuffix(".json"))
+        cards, most = self.cfg.max_registry_cards, self.cfg.max_registry_bytes
+        fix = f"remove cards from {self.registry.root} or raise it in the serve config"
+        if count >= cards:
+            raise ImportRefused(
+                409,
+                f"the card registry holds {count} cards, its limit (max_registry_cards={cards}); {fix}",
+                code="card_registry_full",
+            )
+        if size + adding > most:
+            raise ImportRefused(
+                409,
+                f"the card registry holds {size} bytes and this card needs {adding} more, over its limit "
+                f"(max_registry_bytes={most}); {fix}",
+                code="card_registry_full",
+            )
 
     def _upload(self, raw: bytes, adapter: str | None, name: str | None) -> tuple[Card, str]:
         """The uploaded card (bound to ``adapter`` when given) and its registry name."""
@@ -471,6 +586,10 @@ class Catalog:
         under ``name`` (default: the character's name as a slug) and serve it; an ``ImportRefused`` says what is
         wrong."""
         card, name = self._upload(raw, adapter, name)
+        with self._lock:
+            return self._import(card, name, raw)
+
+    def _import(self, card: Card, name: str, raw: bytes) -> Character:
         self.refresh()
         if name in self.taken or name in self.cards or self.registry.path(name).exists():
             what = self.taken.get(name, "an imported card")
@@ -484,8 +603,10 @@ class Catalog:
             character = self._character(name, card, UPLOAD)
         except (CardError, ConfigError) as e:
             raise ImportRefused(400, str(e), code="invalid_card") from None
+        image = raw if is_png(raw) else None
+        self._check_quota(len(dump_json(card_to_json(card)).encode("utf-8")) + len(image or b""))
         try:
-            self.registry.add(card, name, image=raw if is_png(raw) else None)
+            self.registry.add(card, name, image=image)
         except CardError as e:
             raise ImportRefused(409, str(e), param="name", code="name_taken") from None
         self.cards[name] = character

@@ -11,6 +11,8 @@ Activation (``activate``), following Character Card V2/V3:
   ``secondary_keys`` (with no secondary keys it acts as a plain entry).
 - With the book's ``recursive_scanning``, the window followed by the text of the activated entries is scanned
   again, round after round, until a round adds nothing or ``MAX_RECURSION_ROUNDS`` rounds have run.
+- A ``deadline`` (``time.monotonic``) stops the scan with a ``TimeoutError`` once passed: a served prompt has a
+  time budget, and the thread building it cannot be stopped from outside.
 - V3 decorators, lines at the top of ``content`` starting with ``@@`` (``@@@`` fallbacks too), never reach the
   prompt. Honoured: ``@@activate`` (always in), ``@@dont_activate`` (never in), ``@@scan_depth N`` (this entry's
   window), ``@@additional_keys a,b`` (more keys), ``@@exclude_keys a,b`` (out when one matches); others ignored.
@@ -33,6 +35,7 @@ every other field kept under ``extensions["sillytavern"]``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,11 @@ def entry_matches(
     return not any(key_matches(k, hay, **opts) for k in deco.exclude_keys)
 
 
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError("the lorebook scan ran past the prompt's deadline")
+
+
 def _window(messages: Sequence[str], depth: int) -> str:
     return "\n".join(messages[-depth:]) if depth > 0 else ""
 
@@ -107,6 +115,7 @@ def activate(
     *,
     default_scan_depth: int = DEFAULT_SCAN_DEPTH,
     default_token_budget: int = DEFAULT_TOKEN_BUDGET,
+    deadline: float | None = None,
 ) -> list[BookEntry]:
     """The entries to insert for a chat whose message texts are ``messages`` (oldest first), within the budget,
     ordered by ``insertion_order`` (rules in the module docstring)."""
@@ -120,13 +129,16 @@ def activate(
 
     def scan(lore: Haystack | None) -> dict[int, BookEntry]:
         hays = {k: w if lore is None else w + lore for k, w in windows.items()}
-        return {
-            i: e
-            for i, e, d in live
-            if i not in active
-            and not d.dont_activate
-            and (lore is None and (e.constant or d.activate) or entry_matches(e, hays[own_depth[i]], book, d))
-        }
+        found = {}
+        for i, e, d in live:
+            _check_deadline(deadline)  # per entry: one round over a large book and a long lore can take a while
+            if (
+                i not in active
+                and not d.dont_activate
+                and (lore is None and (e.constant or d.activate) or entry_matches(e, hays[own_depth[i]], book, d))
+            ):
+                found[i] = e
+        return found
 
     active |= scan(None)
     if book.recursive_scanning:

@@ -17,8 +17,10 @@ served chat is built from.
 
 ``creator_notes`` never reach a prompt. Macros are replaced in every text, history included: ``{{char}}`` (the
 card's name), ``{{user}}`` (``user_name``), and the legacy ``<BOT>`` / ``<USER>``; macro names are matched
-case-insensitively, as SillyTavern does. ``greetings`` gives ``[first_mes, *alternate_greetings]`` (empty ones
-dropped) with macros applied.
+case-insensitively, as SillyTavern does, in one pass (a name holding ``{{user}}`` is not expanded again). Every macro
+may become a name of up to 256 characters, so serving bounds what they add (``macro_growth``): at most the card JSON
+limit to a card's texts and lorebooks (``card_macro_texts``), and a chat's messages to ``max_body_bytes`` characters
+once expanded. ``greetings`` gives ``[first_mes, *alternate_greetings]`` (empty ones dropped) with macros applied.
 
 A served chat (``Prompt``) is the system text of part 1 and the messages of parts 2 and 3 (``card_turns``), laid
 out by the chat template message by message. A request whose messages start with system messages keeps them
@@ -28,11 +30,11 @@ out by the chat template message by message. A request whose messages start with
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rp_ray.character.card import BookEntry, Card
+from rp_ray.character.card import BookEntry, Card, Lorebook
 from rp_ray.character.lorebook import entry_text
 from rp_ray.character.scenes import SCENE_SEP, SCENES_HEADER
 from rp_ray.data import Message
@@ -44,8 +46,8 @@ DEFAULT_SYSTEM = (
 SCENES_TITLE = SCENES_HEADER.lstrip("\n")
 EXAMPLE_TITLE = "[Example Chat]"
 START = re.compile(r"<start>", re.IGNORECASE)
-_CHAR = re.compile(r"\{\{char\}\}|<bot>", re.IGNORECASE)
-_USER = re.compile(r"\{\{user\}\}|<user>", re.IGNORECASE)
+# one pass for both macros, so a name holding {{user}} is not expanded again
+_MACRO = re.compile(r"(\{\{char\}\}|<bot>)|\{\{user\}\}|<user>", re.IGNORECASE)
 _ORIGINAL = re.compile(r"\{\{original\}\}", re.IGNORECASE)
 
 
@@ -81,8 +83,31 @@ def leading_system(messages: Sequence[Turn]) -> tuple[bool, str, list[Message]]:
 
 def apply_macros(text: str, char: str, user: str = "User") -> str:
     """``{{char}}`` / ``<BOT>`` -> ``char``, ``{{user}}`` / ``<USER>`` -> ``user`` (case-insensitive)."""
-    text = _CHAR.sub(lambda _: char, text)
-    return _USER.sub(lambda _: user, text)
+    return _MACRO.sub(lambda m: char if m.group(1) else user, text)
+
+
+def macro_growth(texts: Iterable[str], char: str, user: str = "User") -> int:
+    """How many characters ``apply_macros`` adds to ``texts`` (counted without building them): what a caller bounds
+    before expanding text it does not control, since each macro may become a name of up to 256 characters."""
+    grow_char, grow_user = len(char), len(user)
+    total = 0
+    for text in texts:
+        for m in _MACRO.finditer(text):
+            total += (grow_char if m.group(1) else grow_user) - (m.end() - m.start())
+    return total
+
+
+def card_macro_texts(card: Card, books: Iterable[Lorebook] = ()) -> Iterator[str]:
+    """Every text of a card (and of the lorebooks it is served with) that its prompts and greetings expand macros
+    in."""
+    d = card.data
+    yield from (d.system_prompt, d.description, d.personality, d.scenario, d.mes_example)
+    yield from (d.post_history_instructions, d.first_mes, *d.alternate_greetings)
+    note = depth_prompt(card)
+    if note is not None:
+        yield note[0]
+    for book in books:
+        yield from (e.content for e in book.entries)
 
 
 def _original(text: str, default: str) -> str:

@@ -34,8 +34,10 @@ way); the base gpt-oss was trained on OpenAI's rendering, where history replies 
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from rp_ray.config import Family
@@ -149,8 +151,59 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source_len, new_target_len
 
 
-def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False) if text else []
+def _ids(tok: PreTrainedTokenizerBase, text: str, literal: bool = False) -> list[int]:
+    """``text``'s ids; ``literal``: text that spells a special token (``<|eot_id|>``) stays text, as serving encodes
+    what users and cards wrote."""
+    if not text:
+        return []
+    if literal:
+        return _literal_tokenizer(tok).encode(text, add_special_tokens=False).ids
+    return tok.encode(text, add_special_tokens=False)
+
+
+_LITERAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _literal_tokenizer(tok: PreTrainedTokenizerBase) -> Tokenizer:
+    """A copy of ``tok``'s Rust tokenizer that never matches special tokens in text (``encode_special_tokens``, what
+    ``split_special_tokens=True`` sets). A copy, because that call sets the flag on the shared tokenizer for its
+    duration: a prompt built in one thread while another encodes could lose it and parse the text's special tokens
+    after all."""
+    lit = _LITERAL.get(tok)
+    if lit is None:
+        lit = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        lit.encode_special_tokens = True
+        lit.no_truncation()  # what a call on ``tok`` may have left set; ids here are never cut or padded
+        lit.no_padding()
+        _LITERAL[tok] = lit
+    return lit
+
+
+def text_ids(tok: PreTrainedTokenizerBase, text: str, special_tokens_in_text: bool = True) -> list[int]:
+    """Ids of a text inside a message (a lorebook entry, a scene), as ``chat_prompt_ids`` encodes it."""
+    return _ids(tok, text, literal=not special_tokens_in_text)
+
+
+def _slot_ids(tok: PreTrainedTokenizerBase, tpl: Template, slot: str, content: str, literal: bool) -> list[int]:
+    """``slot`` with ``{content}`` replaced by ``content``, encoded. ``literal``: the slot's own special tokens stay
+    control tokens and everything else is text, so a message or card that spells ``<|start_header_id|>system`` cannot
+    open a turn of its own. The slot is cut at its special tokens exactly where the tokenizer cuts a string at its
+    added tokens, so text without special-token spellings gets the same ids either way."""
+    if not literal:
+        return _ids(tok, slot.replace("{content}", content, 1))
+    ids: list[int] = []
+    for piece in _special_split(tpl).split(slot):
+        if piece in tpl.special_tokens:
+            ids.append(tok.convert_tokens_to_ids(piece))
+        else:
+            ids += _ids(tok, piece.replace("{content}", content, 1), literal=True)
+    return ids
+
+
+def _special_split(tpl: Template) -> re.Pattern[str]:
+    """Splits a string at the template's special tokens, keeping them (longest first, as a tokenizer matches)."""
+    words = sorted(tpl.special_tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(w) for w in words) + ")")
 
 
 def _remove_thought(tpl: Template, content: str) -> str:
@@ -282,7 +335,12 @@ def encode_prediction(
 
 
 def chat_prompt_ids(
-    tok: PreTrainedTokenizerBase, tpl: Template, system: str, messages: list[Message], enable_thinking: bool = False
+    tok: PreTrainedTokenizerBase,
+    tpl: Template,
+    system: str,
+    messages: list[Message],
+    enable_thinking: bool = False,
+    special_tokens_in_text: bool = True,
 ) -> list[int]:
     """Generation prompt for a chat (serving and live chat), for messages in any order a chat template accepts.
 
@@ -294,27 +352,39 @@ def chat_prompt_ids(
     For gpt_oss, earlier replies lose any reasoning block and the empty one goes after the last reply header
     (thinking off). The ids are those of LLaMA-Factory's slots: a chat of user/assistant turns ending with a user
     message gets exactly ``encode_oneturn``'s prediction prompt, the layout a LoRA trained here saw.
+
+    ``special_tokens_in_text`` false (what serving does unless its config allows them): text in ``system`` and the
+    messages that spells a special token stays text (see ``_slot_ids``); only the template's own tokens, and the
+    reasoning block's words that open a continued gpt_oss reply, are control tokens. True is LLaMA-Factory's
+    parsing, which training and evaluation keep.
     """
+    literal = not special_tokens_in_text
     ids = [tok.bos_token_id] if tpl.bos else []
     system = system or tpl.default_system
     if system:
-        ids += _ids(tok, tpl.system_slot.replace("{content}", system, 1))
+        ids += _slot_ids(tok, tpl, tpl.system_slot, system, literal)
     end = len(messages) - 1
     for i, m in enumerate(messages):
         if m.role == "user":
-            ids += _ids(tok, tpl.user_block.replace("{content}", m.content, 1))
+            ids += _slot_ids(tok, tpl, tpl.user_block, m.content, literal)
         elif m.role == "system":
             if m.content:
-                ids += _ids(tok, tpl.system_slot.replace("{content}", m.content, 1))
+                ids += _slot_ids(tok, tpl, tpl.system_slot, m.content, literal)
         elif i < end:
             content = _remove_thought(tpl, m.content) if tpl.thought_words is not None else m.content
-            ids += _ids(tok, tpl.reply_header) + _ids(tok, tpl.assistant_slot.replace("{content}", content, 1))
+            ids += _ids(tok, tpl.reply_header) + _slot_ids(tok, tpl, tpl.assistant_slot, content, literal)
     continued = messages[-1].content if messages and messages[-1].role == "assistant" else None
     ids += _ids(tok, tpl.reply_header)
     if tpl.thought_words is not None and not enable_thinking and not _has_thought(tpl, continued or ""):
         ids += _ids(tok, tpl.empty_thought)
-    if continued is not None:
-        ids += _ids(tok, continued)  # no end-of-turn token: the reply goes on from here
+    if continued is not None:  # no end-of-turn token: the reply goes on from here
+        if literal and tpl.thought_words is not None:
+            # a reasoning block the client started is the template's own structure (``_has_thought`` saw it above)
+            words = re.compile("(" + "|".join(re.escape(w) for w in tpl.thought_words) + ")")
+            for piece in words.split(continued):
+                ids += _ids(tok, piece, literal=piece not in tpl.thought_words)
+        else:
+            ids += _ids(tok, continued, literal)
     return ids
 
 

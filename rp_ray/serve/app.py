@@ -6,7 +6,14 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming an
 ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``POST /v1/characters`` (import a card file into the card
 registry), ``GET /health`` (no key), and the chat page at ``/``: what OpenAI clients and SillyTavern (chat and text
 completion modes) call. The request's ``model`` names the base model, a served adapter, or a character.
-The routes are thin (the serving logic is ``rp_ray.serve.chat``, see the package docstring). From Python,
+The routes are thin (the serving logic is ``rp_ray.serve.chat``, see the package docstring).
+
+Hostile callers: routes taking JSON require ``Content-Type: application/json`` and the card import the file's bytes as
+``application/octet-stream``, ``image/png`` or ``application/json`` (415 otherwise): an HTML form on another site
+can send none of these without a CORS preflight, which this app never grants; write requests from another site's
+page (its ``Origin``) are refused with 403 (``auth.SameOrigin``). A request's prompt is built in a worker thread
+within ``prompt_timeout_s`` (504 past it), so a slow one (a large lorebook, long macros) does not hold up the event
+loop that streams every other reply of the replica. From Python,
 :func:`deploy_config` deploys a serve config as ``serve run`` does and :func:`run_local` the default app for a
 ``ServeConfig``.
 """
@@ -17,10 +24,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,7 +45,7 @@ from rp_ray.llm.hub import resolve_model
 from rp_ray.llm.models import check_model_dir
 from rp_ray.llm.vllm_engine import max_lora_rank
 from rp_ray.serve.adapters import AdapterRegistry, check_rank, resolve_adapter
-from rp_ray.serve.auth import RequireKey, error_response, load_api_key
+from rp_ray.serve.auth import RequireKey, SameOrigin, error_response, load_api_key
 from rp_ray.serve.chat import ChatCompletionRequest, ChatServing
 from rp_ray.serve.completion import CompletionRequest
 from rp_ray.serve.deployments import APP_IMPORT_PATH, deployment_overrides, load_serve_config, merged_options
@@ -58,6 +65,10 @@ from rp_ray.serve.serving import PreparedChat
 
 log = logging.getLogger(__name__)
 UNHEALTHY = "engine unhealthy (details in the replica's log)"
+JSON_TYPE = "application/json"
+# the card file's bytes; none of these is a type an HTML form posts, so another site's page cannot import a card
+CARD_TYPES = ("application/octet-stream", "image/png", JSON_TYPE)
+T = TypeVar("T")
 
 
 api = FastAPI(
@@ -66,7 +77,8 @@ api = FastAPI(
     description="OpenAI-compatible role-play chat: base model, LoRA adapters and character cards.",
 )
 api.add_middleware(RequireKey)
-api.add_middleware(CountRequests)  # outermost: 401s count too
+api.add_middleware(SameOrigin)  # before the key: a browser sends the chat page's Basic auth to any site's request
+api.add_middleware(CountRequests)  # outermost: 401s and 403s count too
 
 
 @api.exception_handler(APIError)
@@ -119,6 +131,18 @@ async def read_raw(request: Request, cap: int) -> bytes:
             raise APIError(413, f"request body over {cap} bytes", code="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def check_media_type(request: Request, allowed: Collection[str], what: str) -> None:
+    """A 415 unless the request's Content-Type (its media type, parameters ignored) is one of ``allowed``."""
+    got = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if got not in allowed:
+        raise APIError(
+            415,
+            f"Content-Type {got or '(none)'}: {what} with Content-Type {' or '.join(allowed)}; the types an HTML form "
+            f"sends are refused so that another site's page cannot post here",
+            code="unsupported_media_type",
+        )
 
 
 @serve.deployment(name="ChatServer", **merged_options()["ChatServer"])
@@ -226,11 +250,12 @@ class ChatServer:
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in CARD_TYPES},
             },
         },
     )
     async def import_character(self, request: Request):
+        check_media_type(request, CARD_TYPES, "send the card file's bytes")
         raw = await read_raw(request, MAX_PNG_BYTES)
         q = request.query_params
         entry = self.serving.import_card(raw, q.get("adapter") or None, q.get("name") or None)
@@ -244,7 +269,7 @@ class ChatServer:
     async def chat(self, request: Request):
         req = await self._read(request, ChatCompletionRequest)
         s = self.serving
-        prepared = s.prepare(req)
+        prepared = await self._build(lambda deadline: s.prepare(req, deadline))
         return await self._complete(request, req, prepared, completion_id(), s.stream, s.collect, s.response)
 
     @api.post(
@@ -255,7 +280,7 @@ class ChatServer:
     async def completions(self, request: Request):
         req = await self._read(request, CompletionRequest)
         s = self.serving
-        prepared, cid = s.prepare_completion(req), completion_id("cmpl")
+        prepared, cid = await self._build(lambda _: s.prepare_completion(req)), completion_id("cmpl")
         stream, collect, respond = s.completion_stream, s.collect_text, s.completion_response
         return await self._complete(request, req, prepared, cid, stream, collect, respond)
 
@@ -265,7 +290,8 @@ class ChatServer:
         openapi_extra=_body(TokenizeRequest),
     )
     async def tokenize(self, request: Request):
-        return self._json(self.serving.tokenize(await self._read(request, TokenizeRequest)))
+        req = await self._read(request, TokenizeRequest)
+        return self._json(await self._build(lambda deadline: self.serving.tokenize(req, deadline)))
 
     @api.post("/detokenize", summary="vLLM's detokenize: token ids to text", openapi_extra=_body(DetokenizeRequest))
     async def detokenize(self, request: Request):
@@ -305,9 +331,11 @@ class ChatServer:
 
     async def _read(self, request: Request, model: type[BaseModel]) -> Any:
         """The JSON body validated as ``model`` (see ``parse_body``), refusing more than ``max_body_bytes`` before
-        reading them all; the runtime adapters synced first."""
+        reading them all (a 413 whatever the type), then any Content-Type but JSON (415); the runtime adapters synced
+        first."""
         await self._sync_adapters()
         raw = await read_raw(request, self.serving.limits.max_body_bytes)
+        check_media_type(request, (JSON_TYPE,), "send the body as JSON")
         try:
             payload = json.loads(raw)
             json.dumps(payload, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is no text
@@ -316,6 +344,17 @@ class ChatServer:
         except RecursionError:
             raise APIError(400, "the body is JSON nested too deeply", code="invalid_json") from None
         return parse_body(payload, model)
+
+    async def _build(self, build: Callable[[float], T]) -> T:
+        """``build(deadline)`` (a request's prompt) in a worker thread: Serve runs this replica's routes on one event
+        loop, which must keep streaming the other replies meanwhile. Past ``prompt_timeout_s`` the answer is a 504;
+        the thread cannot be stopped, so the builders check the deadline where they loop, and the late result is
+        dropped."""
+        timeout = self.cfg.prompt_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(build, time.monotonic() + timeout), timeout)
+        except TimeoutError:  # waiting gave up, or the builder saw its deadline pass
+            raise self.serving.prompt_timeout_error() from None
 
     @staticmethod
     def _json(body) -> Response:

@@ -4,6 +4,13 @@ Clients send ``Authorization: Bearer <key>`` (the OpenAI clients do). Browsers o
 HTTP Basic auth with the key as password (any user name): the page at ``/`` answers 401 with a Basic challenge,
 so the browser asks once and then sends the key with the page's own API calls. ``RequireKey`` is the ASGI
 middleware that checks it on every route but ``/health``.
+
+A browser resends Basic credentials by itself, also with a request another site's page makes, so ``SameOrigin``
+refuses every write request (POST, PUT, PATCH, DELETE) whose ``Origin`` header is not the server's own origin (its
+scheme, host and port as the request's ``Host`` names them, or ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` behind a
+proxy: headers another site's page cannot set without a CORS preflight this app never grants). Clients that send
+no ``Origin`` (the openai package, SillyTavern's server) are not concerned; the routes' Content-Type rules
+(``app.py``) keep out the HTML form posts that browsers send without a preflight.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import binascii
 import hmac
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -110,4 +118,59 @@ class RequireKey:
             response = error_response(401, "invalid API key", "authentication_error", "invalid_api_key")
         else:
             return await self.app(scope, receive, send)
+        await response(scope, receive, send)
+
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """A request header's first value (a forwarded header's first hop), None when absent."""
+    value = next((v for k, v in scope["headers"] if k == name), None)
+    return None if value is None else value.decode("latin-1").split(",")[0].strip()
+
+
+def origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin (``https://host[:port]``), the scheme's port when none is given; None for
+    what is no origin (``null``, a bare word)."""
+    try:
+        url = urlsplit(origin.strip())
+        scheme, host, port = url.scheme.lower(), url.hostname, url.port
+    except ValueError:  # a port that is no number
+        return None
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    return scheme, host.lower(), port or DEFAULT_PORTS[scheme]
+
+
+def own_origin(scope: Scope) -> str:
+    """The origin the client reached: the scheme and the Host header, as a proxy in front reports them."""
+    scheme = _header(scope, b"x-forwarded-proto") or scope.get("scheme", "http")
+    host = _header(scope, b"x-forwarded-host") or _header(scope, b"host") or ""
+    return f"{scheme}://{host}"
+
+
+class SameOrigin:
+    """ASGI middleware: a write request with an ``Origin`` header naming another site is refused with 403 (see the
+    module docstring)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in WRITE_METHODS:
+            return await self.app(scope, receive, send)
+        origin = _header(scope, b"origin")
+        own = own_origin(scope)
+        if origin is None or (origin_key(origin) is not None and origin_key(origin) == origin_key(own)):
+            return await self.app(scope, receive, send)
+        response = error_response(
+            403,
+            f"cross-site request refused: its Origin {origin!r} is not this server's origin {own!r}; call the API "
+            "from the server's own chat page, or from a client that sends no Origin header (such as the openai "
+            "package or SillyTavern's server)",
+            "permission_error",
+            "cross_origin_request",
+        )
         await response(scope, receive, send)

@@ -219,10 +219,11 @@ class ChatServing(CompletionServing):
     """One replica's whole API: chat completions here (request -> prompt ids, adapter and sampling; engine deltas ->
     the response or its stream), text completions, tokenize and the model list from its bases."""
 
-    def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
-        """The engine input of a chat request, or a 4xx ``APIError`` saying what is wrong with it."""
+    def prepare(self, req: ChatCompletionRequest, deadline: float | None = None) -> PreparedChat:
+        """The engine input of a chat request, or a 4xx ``APIError`` saying what is wrong with it; a
+        ``TimeoutError`` once ``deadline`` (``time.monotonic``) passes while its prompt is built."""
         adapter, character = self.resolve_model(req.model)
-        prompt, ids = self.chat_prompt(req.messages, character)
+        prompt, ids = self.chat_prompt(req.messages, character, deadline)
         debug = prompt.debug() if req.rp_debug else None
         return PreparedChat(ids, adapter, self.sampling_params(req, character, ids, None), debug)
 

@@ -20,7 +20,7 @@ from rp_ray.character.catalog import Catalog, Character, ImportRefused
 from rp_ray.character.prompt import Prompt, Turn, leading_system
 from rp_ray.config import ServeConfig
 from rp_ray.llm.models import load_tokenizer
-from rp_ray.llm.template import chat_prompt_ids, get_template, stop_token_ids
+from rp_ray.llm.template import chat_prompt_ids, get_template, stop_token_ids, text_ids
 from rp_ray.serve.protocol import (
     APIError,
     Delta,
@@ -79,7 +79,7 @@ class Serving:
 
     def _count_tokens(self, text: str) -> int:
         """Tokens of a text in the prompt (lorebook entries, scenes), as the served tokenizer counts them."""
-        return len(self.tok.encode(text, add_special_tokens=False)) if text else 0
+        return len(text_ids(self.tok, text, self.cfg.allow_special_tokens_in_text))
 
     # -- models --------------------------------------------------------------------------------------------
 
@@ -130,15 +130,28 @@ class Serving:
 
     # -- prompts -------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: Sequence[Turn], character: Character | None) -> tuple[Prompt, list[int]]:
+    def chat_prompt(
+        self, messages: Sequence[Turn], character: Character | None, deadline: float | None = None
+    ) -> tuple[Prompt, list[int]]:
         """A chat's prompt (the character's built around the messages, or the messages' own leading system
-        messages) and its ids in the training template's layout; a 400 for messages no prompt is built from."""
+        messages) and its ids in the training template's layout; a 400 for messages no prompt is built from (their
+        macros expanded may be at most ``max_body_bytes`` characters); past ``deadline`` (``time.monotonic``) a
+        ``TimeoutError``."""
         try:
             if character is not None:
-                prompt = character.prompt(messages, self.count_tokens)
+                prompt = character.prompt(messages, self.count_tokens, self.limits.max_body_bytes, deadline)
             else:
                 prompt = Prompt(*leading_system(messages)[1:])
-            ids = chat_prompt_ids(self.tok, self.tpl, prompt.system, prompt.turns, self.cfg.model.enable_thinking)
+            if deadline is not None and time.monotonic() > deadline:  # the answer is a 504 by now: skip tokenizing
+                raise TimeoutError("the prompt's deadline passed before it was tokenized")
+            ids = chat_prompt_ids(
+                self.tok,
+                self.tpl,
+                prompt.system,
+                prompt.turns,
+                self.cfg.model.enable_thinking,
+                special_tokens_in_text=self.cfg.allow_special_tokens_in_text,
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         return prompt, ids
@@ -167,7 +180,7 @@ class Serving:
         sampling = character.settings.sampling if character else None
         return req.to_sampling_params(SamplingDefaults(max_tokens, stop_ids, sampling))
 
-    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+    def tokenize(self, req: TokenizeRequest, deadline: float | None = None) -> TokenizeResponse:
         """vLLM's ``/tokenize``: a prompt as ``/v1/completions`` encodes it (the BOS unless ``add_special_tokens``
         is false), or messages as ``/v1/chat/completions`` builds their prompt."""
         _, character = self.resolve_model(req.model)
@@ -175,7 +188,7 @@ class Serving:
             raise APIError(400, "give either prompt or messages", param="prompt")
         if req.messages is not None:
             self.limits.check_messages(req.messages)
-            ids = self.chat_prompt(req.messages, character)[1]
+            ids = self.chat_prompt(req.messages, character, deadline)[1]
         else:
             ids = self.encode_text(req.prompt, add_bos=req.add_special_tokens)
         strs = self.tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
@@ -199,6 +212,15 @@ class Serving:
 
     def timeout_error(self) -> APIError:
         return APIError(504, f"no complete reply within {self.cfg.request_timeout_s} s", "timeout", code="timeout")
+
+    def prompt_timeout_error(self) -> APIError:
+        return APIError(
+            504,
+            f"the prompt was not built within prompt_timeout_s={self.cfg.prompt_timeout_s} s (lorebook scans, scene "
+            f"memory, macros and tokenization); send a shorter chat, or use a character with a smaller lorebook",
+            "timeout",
+            code="prompt_timeout",
+        )
 
     async def _events(
         self,
