@@ -69,8 +69,11 @@ async def wait_ready(url: str, model: str, timeout: float = 900) -> None:
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int) -> tuple[float, float, int, int]:
-    """(latency, time to the first visible text, content chunks, completion tokens) of one streamed request."""
+async def one(
+    c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int, key: str | None = None
+) -> tuple[float, float, int, int]:
+    """(latency, time to the first visible text, content chunks, completion tokens) of one streamed request (with
+    ``key``, else this bench's own)."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": text}],
@@ -81,7 +84,7 @@ async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens:
     }
     t0 = time.perf_counter()
     ttft, pieces, tokens = None, 0, 0
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {key or KEY}"}
     async with c.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {await r.aread()}")
@@ -96,6 +99,11 @@ async def one(c: httpx.AsyncClient, url: str, model: str, text: str, max_tokens:
                     ttft = time.perf_counter() - t0
     total = time.perf_counter() - t0
     return total, ttft if ttft is not None else total, pieces, tokens
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of the sorted ``xs`` (nearest rank)."""
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 async def load(url: str, models: tuple[str, ...], texts: list[str], clients: int, max_tokens: int) -> dict:
@@ -117,10 +125,6 @@ async def load(url: str, models: tuple[str, ...], texts: list[str], clients: int
         wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
     ttft = sorted(r[1] for r in results)
-
-    def pct(xs, q):
-        return xs[min(len(xs) - 1, int(q * len(xs)))]
-
     return {
         "requests": len(results),
         "wall_s": round(wall, 2),

@@ -155,3 +155,55 @@ def test_served_text_is_literal_while_other_threads_encode(llama3_tok):
         got = [pool.submit(f, i) for i in range(200) for f in (served, raw)]
     results = [g.result() for g in got]
     assert all(r == want for r in results[0::2]) and all(r == parsed for r in results[1::2])
+
+
+def test_literal_encoding_lets_other_threads_run(llama3_tok):
+    """A serving thread tokenizing a long prompt must not hold the GIL throughout (``Tokenizer.encode`` does, and
+    the replica's event loop, which streams every other reply, stood still for the whole 1.8 s of a 1.7M-character
+    text); the ratio bound leaves room for a loaded machine."""
+    import threading
+    import time
+
+    from rp_ray.llm.template import text_ids
+
+    text = "春日说：今天SOS团做什么？ Haruhi says hello. " * 50_000
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    t0 = time.perf_counter()
+    ids = text_ids(llama3_tok, text, special_tokens_in_text=False)
+    took = time.perf_counter() - t0
+    done.set()
+    ticker.join()
+    assert len(ids) > 100_000
+    assert max(gaps) < 0.5 * took, (max(gaps), took)
+
+
+def test_a_prompt_longer_than_the_context_can_spell_is_refused_before_tokenizing(tiny_llama3, monkeypatch):
+    """No token spells more characters than the vocabulary's longest, so a prompt of more than max_model_len x that
+    many characters cannot fit: a 400 without tokenizing it (megabytes of tokenizing only to refuse them)."""
+    from rp_ray.serve import serving as serving_module
+    from rp_ray.serve.protocol import APIError
+
+    s = serving_for(tiny_llama3, allow=False)
+    longest = max(map(len, s.tok.get_vocab()))
+    assert s.max_prompt_chars == 512 * longest
+
+    def tokenized(*args, **kwargs):
+        raise AssertionError("tokenized a prompt that cannot fit")
+
+    monkeypatch.setattr(serving_module, "chat_prompt_ids", tokenized)
+    too_long = [Message("user", "x" * (s.max_prompt_chars + 1))]
+    with pytest.raises(APIError, match="characters .* more than max_model_len=512 tokens can hold") as e:
+        s.chat_prompt(too_long, None)
+    assert e.value.status == 400

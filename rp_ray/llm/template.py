@@ -157,7 +157,9 @@ def _ids(tok: PreTrainedTokenizerBase, text: str, literal: bool = False) -> list
     if not text:
         return []
     if literal:
-        return _literal_tokenizer(tok).encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: it releases the GIL while it runs (encode holds it), so a long prompt tokenized
+        # in a serving thread does not stall the replica's event loop (a 1.7M-character text: 1.8 s vs 0.17 s)
+        return _literal_tokenizer(tok).encode_batch([text], add_special_tokens=False)[0].ids
     return tok.encode(text, add_special_tokens=False)
 
 

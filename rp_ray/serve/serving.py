@@ -76,6 +76,9 @@ class Serving:
         self.limits = Limits.from_config(cfg)
         self.created = int(time.time())
         self.count_tokens = functools.lru_cache(maxsize=4096)(self._count_tokens)
+        # no token spells more characters than the longest one in the vocabulary (byte-level: a character a byte at
+        # most), so a prompt of more than max_model_len x this many characters cannot fit whatever its tokens
+        self.max_prompt_chars = self.cfg.max_model_len * max(map(len, self.tok.get_vocab()))
 
     def _count_tokens(self, text: str) -> int:
         """Tokens of a text in the prompt (lorebook entries, scenes), as the served tokenizer counts them."""
@@ -144,6 +147,7 @@ class Serving:
                 prompt = Prompt(*leading_system(messages)[1:])
             if deadline is not None and time.monotonic() > deadline:  # the answer is a 504 by now: skip tokenizing
                 raise TimeoutError("the prompt's deadline passed before it was tokenized")
+            self.check_prompt_chars(prompt)
             ids = chat_prompt_ids(
                 self.tok,
                 self.tpl,
@@ -179,6 +183,16 @@ class Serving:
         stop_ids = [] if getattr(req, "ignore_eos", False) else self.stop_ids
         sampling = character.settings.sampling if character else None
         return req.to_sampling_params(SamplingDefaults(max_tokens, stop_ids, sampling))
+
+    def check_prompt_chars(self, prompt: Prompt) -> None:
+        """A 400, before tokenizing, for a prompt (a character's with its macros expanded) of more characters than
+        ``max_model_len`` tokens can spell: tokenizing megabytes only to refuse them costs a replica seconds."""
+        chars = len(prompt.system) + sum(len(t.content) for t in prompt.turns)
+        if chars > self.max_prompt_chars:
+            raise ValueError(
+                f"the prompt is {chars:,} characters (card, lorebook and messages with their macros expanded): more "
+                f"than max_model_len={self.cfg.max_model_len} tokens can hold; send a shorter chat"
+            )
 
     def tokenize(self, req: TokenizeRequest, deadline: float | None = None) -> TokenizeResponse:
         """vLLM's ``/tokenize``: a prompt as ``/v1/completions`` encodes it (the BOS unless ``add_special_tokens``
