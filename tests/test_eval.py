@@ -33,6 +33,7 @@ KEYS = {
     "predict_samples_per_second",
     "predict_steps_per_second",
     "predict_model_preparation_time",
+    "predicted",  # the plan the job made before it started, under the same names
     "n_total",
     "n_scored",
     "n_error",
@@ -74,6 +75,11 @@ def test_one_output_per_row_in_order_with_every_key(greedy_run):
         assert set(results) == KEYS
         assert (results["n_total"], results["n_scored"], results["n_error"]) == (100, 100, 0)
         assert results["predict_samples_per_second"] > 0 and results["predict_model_preparation_time"] > 0
+        planned = results["predicted"]
+        assert planned["hardware"] == "cpu" and planned["requests"] == 100 and planned["job_wall_seconds"] > 0
+    engines = json.loads((greedy_run.output_dir / "engines.json").read_text())
+    (one_pass,) = engines.values()
+    assert one_pass["hardware"] == "cpu" and one_pass["backend"] == "vllm" and not one_pass["use_gpu"]
 
 
 def test_adapter_predictions_differ_from_base(greedy_run):
