@@ -154,7 +154,7 @@ def ray_env(ray_tmp: str) -> dict[str, str]:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    return env | LOCAL_SERVE_ENV | haproxy_env(Path(ray_tmp) / "haproxy")
+    return env | LOCAL_SERVE_ENV | haproxy_env(Path(ray_tmp) / "hp")  # short: HAProxy caps its sockets' paths
 
 
 def start_ray_head(env: dict[str, str], num_cpus: int, *extra: str) -> str:

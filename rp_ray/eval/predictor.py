@@ -41,7 +41,7 @@ class Predictor:
             self.waited = time.time() - self.started
         self.engine = engine_cls(EvalConfig.model_validate(cfg), model_path, runs, stops, index)
         self.ready = time.time()
-        self.device = device_name()
+        self.device = device_name() if cfg.get("use_gpu") else "cpu"  # no torch import for a CPU engine that has none
         self.bound = 0
         self.slots: asyncio.Semaphore | None = None
 
