@@ -3,7 +3,7 @@
 1. Runs the demo (``jobs/demo.py``: its training (a) and its evaluation (c), serving beside the evaluation as the
    demo does) with an empty calibration file, so the plans its jobs print are the uncalibrated defaults.
 2. Folds those two runs into a fresh calibration file (``rp-ray plan --calibrate``).
-3. Runs, as a user would (``rp-ray train`` / ``rp-ray eval`` in their own processes, the calibration file in
+3. Runs, as a user would (``jobs/train.py`` / ``jobs/eval.py`` in their own processes, the calibration file in
    ``RP_RAY_CALIBRATION``), (b) a training run of the eval bench's 65M-parameter llama (vocab 8000, hidden 768,
    10 layers) on the shipped sample and (d) the eval bench's run of ours (``bench/eval_speed.py``'s config: that
    model plus one LoRA adapter, the first 200 rows of the full val split, greedy, 64 new tokens). The plan each
@@ -13,6 +13,7 @@
    re-planned with the calibration they were folded into.
 
 Usage: .venv/bin/python bench/plan_accuracy.py [--reuse-demo] [--steps 8] [--rows 200] [--max-new-tokens 64]
+       .venv/bin/python bench/plan_accuracy.py --reference   # where the CPU default per decode step comes from
 
 Give it the machine to itself: the times it compares are wall-clock times. About 15 minutes on 2 cores.
 """
@@ -36,7 +37,6 @@ from rp_ray.plan.runs import calibrate
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-RP_RAY = str(Path(PY).with_name("rp-ray"))
 DEMO_TRAIN = REPO / "outputs/train/tiny-llama3"
 DEMO_EVAL = REPO / "outputs/eval/tiny-llama3"
 TRAIN_CONFIG = REPO / "jobs/configs/tiny_llama3.yaml"
@@ -76,6 +76,54 @@ def eval_row(name: str, results: dict, pred: dict) -> tuple[str, str, float, flo
     return (name, "time (s)", pred["job_wall_seconds"], measured, TIME_BAND)
 
 
+def bench_model() -> tuple[Path, Path]:
+    """The eval bench's 65M-parameter llama and its LoRA adapter (built once, cached under outputs/bench)."""
+    model = build_tiny_model(
+        "llama3", REPO / "outputs/bench/llama3-65m", vocab_size=8000, hidden_size=768, num_layers=10
+    )
+    adapter = REPO / "outputs/bench/llama3-65m-lora"
+    if not (adapter / "adapter_model.safetensors").exists():
+        random_lora_adapter(model, adapter, seed=0)
+    return model, adapter
+
+
+def reference(work: Path) -> None:
+    """Two short evaluations of very different sizes, base model and one adapter (as evaluations compare them), 40
+    full-split val rows, 32 new tokens: the demo's model and its adapter (decode steps mostly fixed cost) and the 65M
+    model and its adapter (mostly compute), folded together so that the fit tells vLLM's fixed cost per decode step
+    on this CPU from its compute efficiency. Other runs than the ones the accuracy table checks (the demo's adapter
+    must exist: run the bench once without --reference first)."""
+    model, adapter = bench_model()
+    calib_file, none = work / "reference.json", work / "uncalibrated.json"
+    calib_file.unlink(missing_ok=True)
+    none.unlink(missing_ok=True)
+    dirs = []
+    demo_adapter = DEMO_TRAIN / "adapter"
+    for name, path, lora in (
+        ("ref-demo-model", REPO / "outputs/tiny-llama3", demo_adapter),
+        ("ref-65m", model, adapter),
+    ):
+        out = work / name
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        overrides = [
+            f"model.path={path}",
+            f"output_dir={out}",
+            "adapters={}",
+            f"adapters.lora={lora}",
+            f"data.dataset_dir={REPO / 'data'}",
+            "data.use_sample=false",
+            "data.max_samples=40",
+            "sampling.max_new_tokens=32",
+        ]
+        run(
+            [PY, "jobs/eval.py", "--config", str(EVAL_CONFIG), *overrides],
+            work / "uncalibrated.json",
+            out.with_suffix(".log"),
+        )
+        dirs.append(out)
+    print("\n".join(calibrate(dirs, calib_file)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reuse-demo", action="store_true", help="use the demo's outputs already there (step 1 skipped)")
@@ -83,9 +131,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200, help="val rows of the 65M eval (the eval bench's default)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--work", default=str(REPO / "outputs/bench/plan_accuracy"))
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="instead: the two short evaluations the CPU default of eval_step_overhead_s comes from",
+    )
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.reference:
+        reference(work)
+        return
     uncalibrated, calib_file = work / "uncalibrated.json", work / "calibration.json"
     uncalibrated.unlink(missing_ok=True)
     calib_file.unlink(missing_ok=True)
@@ -95,12 +151,7 @@ def main() -> None:
     print("\n".join(calibrate([DEMO_TRAIN, DEMO_EVAL], calib_file)))
     calib = Calibration.load(calib_file)
 
-    model = build_tiny_model(
-        "llama3", REPO / "outputs/bench/llama3-65m", vocab_size=8000, hidden_size=768, num_layers=10
-    )
-    adapter = REPO / "outputs/bench/llama3-65m-lora"
-    if not (adapter / "adapter_model.safetensors").exists():
-        random_lora_adapter(model, adapter, seed=0)
+    model, adapter = bench_model()
     train_out, eval_out = work / "train-65m", work / "eval-65m"
     train_overrides = [
         f"model.path={model}",
@@ -112,7 +163,7 @@ def main() -> None:
         "per_device_batch_size=2",
         "checkpoint_every_steps=1000",
     ]
-    run([RP_RAY, "train", "--config", str(TRAIN_CONFIG), *train_overrides], calib_file, work / "train-65m.log")
+    run([PY, "jobs/train.py", "--config", str(TRAIN_CONFIG), *train_overrides], calib_file, work / "train-65m.log")
     eval_overrides = [
         f"model.path={model}",
         f"output_dir={eval_out}",
@@ -127,7 +178,7 @@ def main() -> None:
     ]
     if eval_out.exists():
         subprocess.run(["rm", "-rf", str(eval_out)], check=True)
-    run([RP_RAY, "eval", "--config", str(EVAL_CONFIG), *eval_overrides], calib_file, work / "eval-65m.log")
+    run([PY, "jobs/eval.py", "--config", str(EVAL_CONFIG), *eval_overrides], calib_file, work / "eval-65m.log")
 
     demo_train = json.loads((DEMO_TRAIN / "training_summary.json").read_text())
     demo_eval = json.loads((DEMO_EVAL / "eval_summary.json").read_text())

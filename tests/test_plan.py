@@ -388,3 +388,42 @@ def test_an_eval_job_with_an_adapter_over_max_lora_rank_is_refused_before_schedu
     )
     with pytest.raises(ConfigError, match=r"this config cannot run as set:\n  - max_lora_rank=16: adapter big"):
         run_eval(cfg)
+
+
+# -- calibration from one run ------------------------------------------------------------------------------------------
+
+
+def test_a_runs_own_steps_give_the_relative_cost_of_attention(tiny_llama3):
+    """Steps whose seconds are 1 per dense FLOP-second and 3 per attention one (at their mean row length): the
+    regression over the run's steps finds the 3; steps all of one size tell nothing."""
+    from rp_ray.plan.runs import attention_cost
+
+    cfg = load_config(TrainConfig, JOBS / "tiny_llama3.yaml", [f"model.path={tiny_llama3}"])
+    plan = plan_train(cfg, gpu="cpu", calibration=NO_CALIBRATION)
+    rows, shape, flops = cfg.per_device_batch_size * cfg.gradient_accumulation_steps, plan.s.shape, plan.flops
+
+    def seconds(tokens: int) -> float:
+        per_rank = tokens / cfg.num_workers
+        return 1e-9 * (
+            flops.dense_executed * per_rank + 3 * flops.pair_executed * rows * shape.attended_pairs(per_rank / rows)
+        )
+
+    curve = [
+        {"step": i, "tokens": t, "seconds": seconds(t)}
+        for i, t in enumerate([9000, 2000, 4000, 6000, 8000, 3000, 7000])
+    ]
+    assert attention_cost(curve, plan, cfg) == pytest.approx(3.0, rel=1e-3)
+    alike = [{"step": i, "tokens": 5000, "seconds": seconds(5000)} for i in range(8)]
+    assert attention_cost(alike, plan, cfg) is None
+
+
+def test_runs_of_one_size_fit_the_figure_they_tell():
+    """One size of run tells one figure: a run mostly fixed cost per step at the defaults (a tiny model's decode
+    steps) fits the overhead and keeps the default efficiency; one mostly compute fits the efficiency."""
+    from rp_ray.plan.calibration import fit
+
+    cpu = defaults("cpu", False)
+    tiny = fit("eval", [{"x_s": 1.0, "count": 100, "measured_s": 5.0}], cpu)
+    assert tiny["scale"] == 1.0 and tiny["eval_step_overhead_s"] == pytest.approx(0.04)
+    big = fit("eval", [{"x_s": 10.0, "count": 10, "measured_s": 20.0}], cpu)
+    assert big["scale"] == pytest.approx(0.5) and "eval_step_overhead_s" not in big

@@ -5,16 +5,20 @@
 ``run_config.json``), predicts each with the plan's own model of time, and fits per hardware kind and job
 (training or evaluation, dense or MoE model):
 
-- training: ``time = X / HFU + micro-batches x overhead`` where ``X`` is the busiest rank's executed FLOPs over the
-  device's peak, and start-up = wall time - training time (less the weights at ``LOAD_BANDWIDTH``);
+- training: ``time = X / HFU + micro-batches x overhead`` where ``X`` is the busiest rank's executed FLOPs (attention's
+  weighted by its relative cost) over the device's peak, and start-up = wall time - training time (less the weights
+  at ``LOAD_BANDWIDTH``);
 - evaluation: ``time = X / scale + decode steps x overhead`` where ``X`` is the prediction pass at the default
   efficiencies (the compute efficiency of prefill and the bandwidth efficiency of decode are scaled together: one
   pass's time does not tell them apart), start-up = the first engine's start, and the rest of the job (data checks,
   scoring) per job.
 
-With one run of a kind only its efficiency is fitted (the overhead keeps its default); from two runs of different
-sizes both are, by least squares on relative error. Each run's figures are kept in the file, so folding more runs
-refits over all of them; a run folded again replaces its old figures. Default location:
+A training run that recorded its steps' tokens and seconds also gives the relative cost of attention's FLOPs (its
+steps regressed on their dense and their attention FLOPs: length-grouped batches make steps of very different row
+lengths). Runs of one size tell one figure: the efficiency when their time is mostly compute at the defaults, else
+(mostly fixed cost per step, as a tiny model's) the overhead, the other keeping its default; runs of different sizes
+tell both, by least squares on relative error. Each run's figures are kept in
+the file, so folding more runs refits over all of them; a run folded again replaces its old figures. Default location:
 ``~/.cache/rp_ray/calibration.json`` (``$RP_RAY_CALIBRATION`` or ``--calibration FILE`` elsewhere).
 """
 
@@ -52,7 +56,14 @@ class Efficiency:
     eval_other_s: float  # the driver's data checks and Ray start-up
     eval_scoring_s_per_sample: float
     train_worker_runtime_gib: float = 1.0  # a CPU worker's own process (GPU memory plans keep a fixed reserve)
+    # seconds an attention-score FLOP takes over a dense-layer one: score matrices of small heads on CPU run far
+    # below the dense layers' matmul rate (1: the same rate, as fused attention kernels on GPU)
+    train_attention_cost: float = 1.0
     sources: dict[str, str] = field(default_factory=dict)
+
+    def train_x(self, dense_flops: float, pair_flops: float) -> float:
+        """FLOPs as the dense layers' rate counts them: attention's weighted by its relative cost."""
+        return dense_flops + self.train_attention_cost * pair_flops
 
 
 GPU_CHECK = "the GPU check on one H200 (README: GPU check)"
@@ -68,7 +79,7 @@ def defaults(kind: str, moe: bool) -> Efficiency:
             train_startup_s=30.0,
             eval_compute=0.75,
             eval_bandwidth=0.6,
-            eval_step_overhead_s=0.0,
+            eval_step_overhead_s=0.04,
             eval_startup_s=20.0,
             eval_other_s=10.0,
             eval_scoring_s_per_sample=0.002,
@@ -76,6 +87,8 @@ def defaults(kind: str, moe: bool) -> Efficiency:
                 "train_hfu": "the README's checkpointing bench (65M model, 2 threads, one step)",
                 "eval_compute": "the README's eval bench (75% of the measured float32 matmul limit)",
                 "eval_startup_s": "the README's eval bench (its first engine's start-up)",
+                "eval_step_overhead_s": "bench/plan_accuracy.py --reference: two evaluations with an adapter (the "
+                "demo's model and the 65M bench model), fitted together: 41 ms per decode step",
                 "*": "assumed",
             },
         )
@@ -150,7 +163,8 @@ class Calibration:
         """Record one run's figures (replacing an earlier fold of the same run) and refit the section."""
         entry = self.kinds.setdefault(kind, {}).setdefault(sect, {"runs": {}})
         entry["runs"][run] = obs
-        entry["fit"] = fit(sect.split("/")[0], list(entry["runs"].values()))
+        job, moe = sect.split("/")
+        entry["fit"] = fit(job, list(entry["runs"].values()), defaults(kind, moe == "moe"))
         return entry["fit"]
 
 
@@ -171,14 +185,35 @@ def _least_squares(rows: list[tuple[float, float, float]]) -> tuple[float, float
     return (sx / sxx if sxx else 0.0), 0.0
 
 
-def fit(job: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The section's fitted figures over ``runs`` (see the module docstring)."""
+def _one_size(
+    job: str, rows: list[tuple[float, float, float]], base: Efficiency, fitted: tuple[float, float]
+) -> tuple[float, float | None]:
+    """(u, overhead or None) from runs of one size, which tell one figure only: the efficiency when their time is
+    mostly compute at the defaults, else (most of it fixed cost per step, as a tiny model's) the overhead, the
+    efficiency kept at its default."""
+    u0 = 1 / base.train_hfu if job == "train" else 1.0  # eval: X is already at the default efficiencies
+    o0 = base.train_overhead_s if job == "train" else base.eval_step_overhead_s
+    if sum(m * o0 for _, m, _ in rows) <= sum(x * u0 for x, _, _ in rows):
+        return fitted[0], None
+    return u0, max(0.0, sum((t - x * u0) / m for x, m, t in rows if m) / len(rows))
+
+
+def fit(job: str, runs: list[dict[str, Any]], base: Efficiency | None = None) -> dict[str, Any]:
+    """The section's fitted figures over ``runs`` (see the module docstring); ``base``: the kind's defaults."""
     runs = [r for r in runs if r.get("measured_s", 0) > 0 and r.get("x_s", 0) > 0]
     if not runs:
         return {"n_runs": 0}
-    u, o = _least_squares([(r["x_s"], r["count"], r["measured_s"]) for r in runs])
+    costs = [r["attention_cost"] for r in runs if job == "train" and r.get("attention_cost") is not None]
+    cost = sum(costs) / len(costs) if costs else 1.0
+    rows = [(r["x_s"] + (cost - 1) * r.get("x_pair_s", 0.0), r["count"], r["measured_s"]) for r in runs]
+    u, o = _least_squares(rows)
     out: dict[str, Any] = {"n_runs": len(runs)}
     multi = len({round(r["count"] / r["x_s"], 6) for r in runs}) > 1
+    if not multi and base is not None:
+        u, o = _one_size(job, rows, base, (u, o))
+        multi = o is not None
+    if costs:
+        out["train_attention_cost"] = round(cost, 3)
     if job == "train":
         out["train_hfu"] = round(1 / u, 4) if u > 0 else None
         if multi:

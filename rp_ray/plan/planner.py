@@ -140,6 +140,7 @@ class TrainPlan:
     supervised_trained: int
     model_flops: float
     busiest_flops: float  # executed FLOPs of the busiest rank, summed over steps
+    busiest_pair_flops: float  # the attention-score part of them
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -333,7 +334,8 @@ def plan_train(
     runs = total_steps / per_epoch  # epochs run, whole or not
     rate = worker.peak_flops * eff.train_hfu
     gather, reduce_s = communication_seconds(cfg, s, setup.lora_params, gpus_per_node)
-    epoch_s, comm_epoch = epoch_seconds(sched.step_flops, rate, accumulation, eff.train_overhead_s, gather, reduce_s)
+    weighted = [eff.train_x(f - p, p) for f, p in zip(sched.step_flops, sched.step_pair_flops)]
+    epoch_s, comm_epoch = epoch_seconds(weighted, rate, accumulation, eff.train_overhead_s, gather, reduce_s)
     seq_len, share = max(lengths), tokens.supervised_share
     memory, alternatives, largest = train_step_memory(shape, setup, hw, cfg.per_device_batch_size, seq_len, share)
     weights = rank_weight_bytes(shape, s.dtype_bytes, world, cfg.deepspeed.stage)
@@ -359,11 +361,12 @@ def plan_train(
         startup_s=eff.train_startup_s + weights / LOAD_BANDWIDTH,
         comm_s=comm_epoch * runs,
         gather_s=gather,
-        micro_compute_s=sum(sched.step_flops) / (per_epoch * accumulation) / rate,
+        micro_compute_s=sum(weighted) / (per_epoch * accumulation) / rate,
         tokens_trained=round(sched.tokens * runs),
         supervised_trained=round(sched.tokens * runs * share),
         model_flops=sched.model_flops * runs,
         busiest_flops=sum(sched.step_flops) * runs,
+        busiest_pair_flops=sum(sched.step_pair_flops) * runs,
     )
     plan.problems = train_problems(plan, gpus_per_node)
     return plan

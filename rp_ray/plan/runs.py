@@ -15,6 +15,7 @@ run that did not use GPUs.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, A
     weights = rank_weight_bytes(plan.s.shape, plan.s.dtype_bytes, plan.world, cfg.deepspeed.stage)
     obs = {
         "x_s": plan.busiest_flops * done / plan.worker.peak_flops,
+        "x_pair_s": plan.busiest_pair_flops * done / plan.worker.peak_flops,
         "count": plan.total_steps * cfg.gradient_accumulation_steps * done,
         "measured_s": train_s,
         "startup_s": (float(wall) - train_s - weights / LOAD_BANDWIDTH) if wall is not None else None,
@@ -69,7 +71,41 @@ def observe_train(out_dir: Path, gpu: str | None) -> tuple[str, str, dict[str, A
     }
     if "peak_memory_gib" in summary:
         obs["peak_memory_gib"] = summary["peak_memory_gib"]
+    cost = attention_cost(summary.get("loss_curve", []), plan, cfg)
+    if cost is not None:
+        obs["attention_cost"] = cost
     return kind, section("train", bool(plan.s.shape.experts)), obs
+
+
+def attention_cost(curve: list[dict[str, Any]], plan, cfg: TrainConfig, min_steps: int = 5) -> float | None:
+    """Seconds per attention-score FLOP over seconds per dense FLOP, from one run's own steps: each step's seconds
+    regressed on its dense and its attention FLOPs on a rank (the step's rows taken at its mean length: length-grouped
+    batches make steps of very different lengths, so the two parts grow apart, dense ~ tokens, attention ~ tokens x
+    length). None when the run recorded too few steps, or steps too alike to tell the parts apart. The first step is
+    left out (warm-up)."""
+    shape, flops = plan.s.shape, plan.flops
+    rows = cfg.per_device_batch_size * cfg.gradient_accumulation_steps  # a rank's rows per step
+    pts = []
+    for h in curve[1:]:
+        if "seconds" in h and "tokens" in h and h["tokens"] > 0:
+            per_rank = h["tokens"] / cfg.num_workers
+            dense = flops.dense_executed * per_rank
+            pair = flops.pair_executed * rows * shape.attended_pairs(per_rank / rows)
+            pts.append((dense, pair, float(h["seconds"])))
+    if len(pts) < min_steps:
+        return None
+    sdd = sum(d * d for d, _, _ in pts)
+    spp = sum(p * p for _, p, _ in pts)
+    sdp = sum(d * p for d, p, _ in pts)
+    det = sdd * spp - sdp * sdp
+    if det <= 1e-4 * sdd * spp:  # the two parts grow together: no telling them apart
+        return None
+    sdt = sum(d * t for d, _, t in pts)
+    spt = sum(p * t for _, p, t in pts)
+    a, c = (sdt * spp - spt * sdp) / det, (sdd * spt - sdp * sdt) / det
+    if a <= 0 or c <= 0:
+        return None
+    return round(min(100.0, max(0.5, c / a)), 3)
 
 
 def _eval_config(run_cfg: dict[str, Any], engines: list[dict[str, Any]], use_gpu: bool, group: dict[str, Any]):
@@ -143,7 +179,9 @@ def observe_pass(
     )
     cfg = _eval_config(run_cfg, g["engines"], kind != "cpu", g)
     s = setting(cfg, kind, None, _defaults_only())
-    shape, hw, b, eff = s.shape, s.hw, s.dtype_bytes, defaults(kind, bool(s.shape.experts))
+    # X: the pass at the default efficiencies without fixed cost per step (the fit adds that as count x overhead)
+    eff = replace(defaults(kind, bool(s.shape.experts)), eval_step_overhead_s=0.0)
+    shape, hw, b = s.shape, s.hw, s.dtype_bytes
     tokens = eval_tokens(cfg, shape)
     rows = _observed_rows(tokens, g["reply_tokens"], len(group))
     devices = engine_devices(cfg, hw)
@@ -182,7 +220,8 @@ def observe_eval(out_dir: Path, gpu: str | None) -> list[tuple[str, str, dict[st
 def modelled_seconds(kind: str, sect: str, obs: dict[str, Any], eff) -> float:
     """An observed run's time as the plan models it with efficiencies ``eff`` (``x_s`` is at the kind's defaults)."""
     if sect.startswith("train"):
-        return obs["x_s"] / eff.train_hfu + obs["count"] * eff.train_overhead_s
+        x = obs["x_s"] + (eff.train_attention_cost - 1) * obs.get("x_pair_s", 0.0)
+        return x / eff.train_hfu + obs["count"] * eff.train_overhead_s
     scale = eff.eval_compute / defaults(kind, sect.endswith("moe")).eval_compute
     return obs["x_s"] / scale + obs["count"] * eff.eval_step_overhead_s
 

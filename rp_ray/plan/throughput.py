@@ -64,6 +64,7 @@ class Schedule:
     steps_per_epoch: int
     micro_batches_per_rank: int  # per step
     step_flops: list[float]  # executed FLOPs of the busiest rank, per step
+    step_pair_flops: list[float]  # the attention-score part of them (per attended pair), per step
     model_flops: float  # model FLOPs of the whole epoch, every rank
     tokens: int  # real tokens of the epoch, every rank
     positions: int  # computed positions (padding included), every rank
@@ -106,25 +107,29 @@ def epoch_schedule(
             pair_cache[n] = shape.attended_pairs(n)
         return pair_cache[n]
 
-    step_flops, model, tokens, positions, largest = [], 0.0, 0, 0, (0, 0)
+    step_flops, step_pairs, model, tokens, positions, largest = [], [], 0.0, 0, 0, (0, 0)
     for step in plan:
-        busiest = 0.0
+        busiest, busiest_pairs = 0.0, 0.0
         for rank in step:
-            work = 0.0
+            work, pair_work = 0.0, 0.0
             for mb in rank:
                 width = max(lengths[i] for i in mb)
                 # right-padded rows: the dense layers and attention compute every position of the padded width
+                pair_work += len(mb) * flops.pair_executed * pairs(width)
                 work += len(mb) * (flops.dense_executed * width + flops.pair_executed * pairs(width))
                 model += sum(flops.dense_model * lengths[i] + flops.pair_model * pairs(lengths[i]) for i in mb)
                 tokens += sum(lengths[i] for i in mb)
                 positions += len(mb) * width
                 largest = max(largest, (len(mb), width), key=lambda x: x[0] * x[1])
-            busiest = max(busiest, work)
+            if work > busiest:
+                busiest, busiest_pairs = work, pair_work
         step_flops.append(busiest)
+        step_pairs.append(busiest_pairs)
     return Schedule(
         len(plan),
         accumulation,
         step_flops,
+        step_pairs,
         model,
         tokens,
         positions,

@@ -158,11 +158,13 @@ class LoraRecipe:
         epoch, in_epoch = divmod(step, self.per_epoch)
         mine = self.plan(epoch)[in_epoch][self.world.rank]
         batches = [collate([self.rows[i] for i in mb], self.pad_id) for mb in mine]
+        t0 = time.perf_counter()
         loss, n_tokens = optimizer_step(self.engine, batches, self.world, cfg.gradient_accumulation_steps)
+        took = time.perf_counter() - t0  # the step alone: what the plan's calibration regresses on its tokens
         lr = self.scheduler.get_last_lr()[0]
         self.state.step = done
         self.state.tokens += n_tokens
-        self.state.history.append({"step": done, "loss": loss, "lr": lr})
+        self.state.history.append({"step": done, "loss": loss, "lr": lr, "tokens": n_tokens, "seconds": round(took, 4)})
         self.clock.tokens_since_log += n_tokens
         metrics = {"step": done, "epoch": done / self.per_epoch, "loss": loss, "lr": lr}
         last = done == self.total_steps

@@ -45,7 +45,8 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "lr"} per optimizer step
+    # {"step", "loss", "lr", "tokens" (all ranks'), "seconds" (the step's own time)} per optimizer step
+    history: list[dict[str, float]] = field(default_factory=list)
     eval_history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "tokens"} per evaluation
     best_step: int | None = None  # step of the lowest validation loss so far
     starts: list[int] = field(default_factory=list)  # the step each attempt started at (0, then resumes)
