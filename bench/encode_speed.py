@@ -1,6 +1,6 @@
 """Load, validate and encode the full ChatHaruhi train split (9,792 conversations) with a tiny model's tokenizer.
 
-Usage: .venv/bin/python bench/encode_speed.py [--data ../shared/datasets/chatharuhi] [--family llama3]
+Usage: .venv/bin/python bench/encode_speed.py [--data data] [--family llama3]
 Prints the wall time of each phase; the target is under 60 s in total on a 2-core box.
 """
 
@@ -18,9 +18,7 @@ from rp_ray.preparation import encode_split
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument(
-        "--data", default="../shared/datasets/chatharuhi", help="folder with dataset_info.json + the full splits"
-    )
+    ap.add_argument("--data", default="data", help="folder with dataset_info.json + the full splits (shipped: data/)")
     ap.add_argument("--family", default="llama3", choices=["llama3", "gpt_oss"])
     ap.add_argument("--cutoff-len", type=int, default=2048)
     a = ap.parse_args()

@@ -2,7 +2,7 @@
 
 One run, same model, rows and decoding for all three: a 65M-parameter llama (the tiny-model builder at vocab 8000,
 hidden 768, 10 layers; random weights, cached under outputs/bench), the first --rows rows of the full ChatHaruhi
-val split (../shared/datasets/chatharuhi; the shipped 100-row sample when it is missing, said in the output),
+val split (shipped in data/, or --data),
 greedy, --max-new-tokens new tokens, base model plus one LoRA adapter (random-init peft LoRA, B non-zero).
 
 - ours: ``run_eval`` (prediction actors holding vLLM's AsyncLLM, base and adapter as requests of one pass).
@@ -304,7 +304,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=8, help="per_device_eval_batch_size (LLaMA-Factory's default: 8)")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "chatharuhi"))
+    ap.add_argument("--data", default=str(REPO / "data"), help="folder with dataset_info.json and the full splits")
     ap.add_argument("--cache", default=str(REPO / "outputs" / "bench"))
     ap.add_argument("--actors", type=int, default=0, help="our engines; 0 = one per core")
     ap.add_argument("--cpus-per-actor", type=int, default=1, help="cores (engine threads) per engine of ours")
@@ -325,10 +325,7 @@ def main() -> None:
     ap.add_argument("--raydata-timeout", type=float, default=900, help="seconds before Ray Data LLM is given up")
     a = ap.parse_args()
     setup_logging()
-    if (Path(a.data) / "haruhi_val.json").exists() and (Path(a.data) / "dataset_info.json").exists():
-        dataset_dir, note = a.data, f"first {a.rows} rows of the full val split ({a.data})"
-    else:
-        dataset_dir, note = str(REPO / "data"), f"NOTE: {a.data} missing: the shipped val sample (100 rows) instead"
+    dataset_dir, note = a.data, f"first {a.rows} rows of the full val split ({a.data})"
     cache = Path(a.cache)
     model = build_tiny_model("llama3", cache / "llama3-65m", vocab_size=8000, hidden_size=768, num_layers=10)
     adapter = cache / "llama3-65m-lora"
@@ -366,6 +363,7 @@ def main() -> None:
             "adapters={}",
             f"adapters.tuned={adapter}",
             f"data.dataset_dir={dataset_dir}",
+            "data.use_sample=false",  # the full split's rows, as the other systems read them
             f"data.max_samples={a.rows}",
             f"sampling.max_new_tokens={a.max_new_tokens}",
             f"num_actors={a.actors or n_cores}",

@@ -6,7 +6,6 @@ realistic text. Usage: .venv/bin/python bench/metric_speed.py [--n 50000]
 
 import argparse
 import time
-from pathlib import Path
 
 from rp_ray.config import DataConfig
 from rp_ray.data import load_splits
@@ -16,10 +15,9 @@ from rp_ray.eval.metrics import mean_scores, score_pairs, score_pairs_parallel
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=50_000)
-    ap.add_argument("--data", default="../shared/datasets/chatharuhi")
+    ap.add_argument("--data", default="data", help="folder with dataset_info.json and the full splits (shipped: data/)")
     a = ap.parse_args()
-    dataset_dir = a.data if (Path(a.data) / "dataset_info.json").exists() else "data"
-    train, val, _ = load_splits(DataConfig(dataset_dir=dataset_dir))
+    train, val, _ = load_splits(DataConfig(dataset_dir=a.data))
     labels = [c.messages[-1].content for c in val]
     preds = labels[1:] + labels[:1]
     score_pairs(preds[:5], labels[:5])  # jieba dictionary load, not part of the figure
