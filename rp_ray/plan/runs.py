@@ -220,8 +220,8 @@ def observe_eval(out_dir: Path, gpu: str | None) -> list[tuple[str, str, dict[st
 def modelled_seconds(kind: str, sect: str, obs: dict[str, Any], eff) -> float:
     """An observed run's time as the plan models it with efficiencies ``eff`` (``x_s`` is at the kind's defaults)."""
     if sect.startswith("train"):
-        x = obs["x_s"] + (eff.train_attention_cost - 1) * obs.get("x_pair_s", 0.0)
-        return x / eff.train_hfu + obs["count"] * eff.train_overhead_s
+        pair = obs.get("x_pair_s", 0.0)
+        return eff.train_x(obs["x_s"] - pair, pair) / eff.train_hfu + obs["count"] * eff.train_overhead_s
     scale = eff.eval_compute / defaults(kind, sect.endswith("moe")).eval_compute
     return obs["x_s"] / scale + obs["count"] * eff.eval_step_overhead_s
 
