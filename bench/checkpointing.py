@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ def one_setting(checkpointing: bool, cutoff: int, micro_batch: int, accumulation
     import torch
     import torch.distributed as dist
 
+    from rp_ray.cluster import free_port
     from rp_ray.config import TrainConfig, load_config
     from rp_ray.llm.models import load_model
     from rp_ray.llm.template import IGNORE_INDEX
@@ -56,10 +56,7 @@ def one_setting(checkpointing: bool, cutoff: int, micro_batch: int, accumulation
         ],
     )
     os.environ.setdefault("LOCAL_RANK", "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     world = World(0, 1, torch.device("cpu"))
     join_deepspeed(world)
     model = prepare_for_lora(cfg, load_model(model_dir))

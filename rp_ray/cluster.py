@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -208,8 +209,44 @@ def wait_for_job_agent(address: str, timeout_s: float = 300.0, poll_s: float = 2
     )
 
 
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out by itself (to outgoing connections and to servers binding port 0)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux: the IANA dynamic range (macOS's default)
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
+# Ports free_port has handed out in this process, never handed out twice.
+_HANDED_OUT: set[int] = set()
+# Below: the well-known services, and Ray's worker ports (10002-19999 by default), which Ray's workers bind as they
+# start, as late as HAProxy does.
+_PORT_FLOOR = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (for local apps and test clusters)."""
-    with socket.socket() as s:
+    """A TCP port nothing listens on right now (for local apps and test clusters), outside the kernel's ephemeral
+    range.
+
+    A port is often bound long after it is chosen (Serve starts HAProxy on its stats and fallback ports only at the
+    first deploy, minutes after the cluster started). A port from the ephemeral range (what binding port 0 gives)
+    can meanwhile become the local end of any outgoing connection or another server's port 0, and the late bind then
+    fails with "Address already in use"; the kernel never hands out a port outside that range by itself.
+    """
+    ephemeral = ephemeral_ports()
+    pick = random.SystemRandom()
+    for _ in range(500):
+        port = pick.randrange(_PORT_FLOOR, 65536)
+        if port in ephemeral or port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use, or in TIME_WAIT: another try
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # every try taken (a machine whose ephemeral range leaves no room): the kernel's pick
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -120,6 +120,22 @@ def test_each_private_cluster_gets_its_own_haproxy_ports_and_files():
     shutil.rmtree(tmp)
 
 
+def test_chosen_ports_are_never_ones_the_kernel_hands_out_by_itself():
+    """Serve binds HAProxy's stats and fallback ports at the first deploy, minutes after they were chosen: a port
+    from the ephemeral range (what binding port 0 gave) was meanwhile taken by another socket in a CI run, and the
+    deploy failed with "Address already in use". Chosen ports lie outside that range, once each, and are free."""
+    import socket
+
+    from rp_ray.cluster import ephemeral_ports, free_port
+
+    ports = [free_port() for _ in range(200)]
+    ephemeral = ephemeral_ports()
+    assert not [p for p in ports if p in ephemeral]
+    assert len(set(ports)) == len(ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free right after it was chosen
+
+
 def test_ensure_ray_gives_its_private_cluster_its_own_haproxy(monkeypatch):
     import os
     from types import SimpleNamespace

@@ -9,13 +9,13 @@ which compares against the model's own mean loss computed by hand.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from rp_ray.cluster import free_port
 from rp_ray.config import ModelConfig, TrainConfig
 from rp_ray.llm.template import IGNORE_INDEX
 from rp_ray.train.batching import collate
@@ -25,12 +25,6 @@ from rp_ray.train.step import World, build_engine, join_deepspeed, optimizer_ste
 VOCAB = 96
 # first loss of the fixed-init model on BATCHES[0] (float32, CPU); pinned when the step was written
 GOLDEN_FIRST_LOSS = 4.60871
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_of(cfg: TrainConfig, model, total_steps: int, world: World):
@@ -46,7 +40,7 @@ def group():
         pytest.skip("a process group is already up in this process")
     old = os.environ.get("LOCAL_RANK")
     os.environ["LOCAL_RANK"] = "0"  # as torchrun sets it; DeepSpeed requires it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield World(rank=0, size=1, device=torch.device("cpu"))
     dist.destroy_process_group()
     if old is None:
@@ -199,7 +193,7 @@ def _cpu_tensor_refused_by_cuda_only_group() -> bool:
 
     code = (
         "import torch, torch.distributed as dist\n"
-        f"dist.init_process_group('cuda:gloo', init_method='tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)\n"
+        f"dist.init_process_group('cuda:gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
         "try:\n    dist.all_reduce(torch.ones(2))\nexcept Exception as e:\n    print('REFUSED', e)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
