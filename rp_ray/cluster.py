@@ -13,6 +13,7 @@ GCS every few seconds and ends the job with exit code 3 and a message saying wha
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import random
@@ -218,16 +219,54 @@ def ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
-# Ports free_port has handed out in this process, never handed out twice.
-_HANDED_OUT: set[int] = set()
 # Below: the well-known services, and Ray's worker ports (10002-19999 by default), which Ray's workers bind as they
 # start, as late as HAProxy does.
 _PORT_FLOOR = 20000
 
 
+def _port_reservations() -> Path:
+    """This user's record of the ports free_port has handed out, one file per port naming the process that holds it:
+    two processes (a test session and the job it runs, two jobs) that each chose a port still free and bind it late
+    must not choose the same one."""
+    return Path(tempfile.gettempdir()) / f"rp_ray-ports-{os.getuid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _reserve(port: int) -> bool:
+    """Records ``port`` as this process's unless a live process holds it (a dead one's is taken over)."""
+    folder = _port_reservations()
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        with open(folder / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released on close
+            entry = folder / str(port)
+            try:
+                holder = int(entry.read_text() or 0)
+            except (FileNotFoundError, ValueError):
+                holder = 0
+            if holder == os.getpid() or _pid_alive(holder):
+                return False
+            entry.write_text(str(os.getpid()))
+            return True
+    except OSError as e:  # an unwritable temp folder: the bind check alone
+        log.debug("no port reservations (%s): the bind check alone", e)
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for local apps and test clusters), outside the kernel's ephemeral
-    range.
+    range, and handed out once on this machine while its process lives.
 
     A port is often bound long after it is chosen (Serve starts HAProxy on its stats and fallback ports only at the
     first deploy, minutes after the cluster started). A port from the ephemeral range (what binding port 0 gives)
@@ -238,15 +277,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     pick = random.SystemRandom()
     for _ in range(500):
         port = pick.randrange(_PORT_FLOOR, 65536)
-        if port in ephemeral or port in _HANDED_OUT:
+        if port in ephemeral:
             continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:  # in use, or in TIME_WAIT: another try
                 continue
-        _HANDED_OUT.add(port)
-        return port
+        if _reserve(port):
+            return port
     with socket.socket() as s:  # every try taken (a machine whose ephemeral range leaves no room): the kernel's pick
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -136,6 +136,36 @@ def test_chosen_ports_are_never_ones_the_kernel_hands_out_by_itself():
         s.bind(("127.0.0.1", ports[-1]))  # free right after it was chosen
 
 
+def test_two_processes_choosing_ports_at_once_never_choose_the_same():
+    """A test session and the job it runs each choose ports they bind later: a port one chose must not be the
+    other's choice too while the first lives (1,000 each from about 17,000 ports collide dozens of times by chance
+    alone)."""
+    import json
+    import subprocess
+    import sys
+
+    from rp_ray.cluster import free_port
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json; from rp_ray.cluster import free_port; "
+            "print(json.dumps([free_port() for _ in range(1000)]), flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        theirs = set(json.loads(child.stdout.readline()))
+        ours = {free_port() for _ in range(1000)}
+    finally:
+        child.communicate("\n", timeout=60)
+    assert len(theirs) == len(ours) == 1000
+    assert not ours & theirs
+
+
 def test_ensure_ray_gives_its_private_cluster_its_own_haproxy(monkeypatch):
     import os
     from types import SimpleNamespace
